@@ -1,0 +1,142 @@
+"""Every knob of comfys3, read from ``COMFYS3_*`` environment variables.
+
+Settings are split by who needs them: a command that never touches S3 (``validate``,
+``workflows``, ``exec``) must work with no S3 variables set, so the S3 block is its own model
+and is only loaded by the code paths that talk to a bucket.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "COMFYS3_"
+S3_ENV_PREFIX = "COMFYS3_S3_"
+
+
+class SettingsError(Exception):
+    """Configuration that cannot work; its message is meant for the person running the worker."""
+
+
+def normalise_prefix(value: str) -> str:
+    """``/a//b/`` -> ``a/b``: keys built from it never start with or double a slash."""
+    return "/".join(part for part in value.strip().split("/") if part)
+
+
+class S3Settings(BaseSettings):
+    """Where jobs arrive and results land. All five connection variables are required."""
+
+    model_config = SettingsConfigDict(env_prefix=S3_ENV_PREFIX, extra="ignore")
+
+    region: str = Field(description="Region of the bucket, e.g. us-east-1.")
+    access_key: SecretStr = Field(description="Access key id.")
+    secret_key: SecretStr = Field(description="Secret access key.")
+    bucket_name: str = Field(description="Bucket holding manifests and results.")
+    endpoint_url: str = Field(description="S3 endpoint, e.g. https://s3.us-east-1.amazonaws.com.")
+    input_dir: str = Field(default="input", description="Prefix where job manifests arrive.")
+    output_dir: str = Field(default="output", description="Prefix where results are written.")
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        default="path",
+        description="Bucket addressing; path style suits most S3-compatible servers.",
+    )
+    max_attempts: int = Field(
+        default=5, ge=1, description="botocore standard-mode retry attempts per S3 call."
+    )
+
+    @field_validator("input_dir", "output_dir")
+    @classmethod
+    def _normalise(cls, value: str) -> str:
+        normalised = normalise_prefix(value)
+        if not normalised:
+            raise ValueError("must name a prefix, not the bucket root")
+        return normalised
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class WorkerSettings(BaseSettings):
+    """How the worker runs jobs: ComfyUI, leases, polling, templates."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    workflows_dir: Path | None = Field(
+        default=None, description="Extra folder of workflow templates, loaded after workflows/."
+    )
+    allow_raw_workflows: bool = Field(
+        default=False, description="Accept manifests that carry a raw ComfyUI graph."
+    )
+    max_manifest_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Manifests larger than this are refused."
+    )
+    comfyui_url: str | None = Field(
+        default=None, description="Attach to this running ComfyUI instead of starting one."
+    )
+    comfyui_path: Path | None = Field(
+        default=None, description="ComfyUI checkout to start (its main.py)."
+    )
+    comfyui_python: str = Field(default="python3", description="Python that runs ComfyUI.")
+    comfyui_args: str = Field(default="", description="Extra ComfyUI arguments, e.g. --cpu.")
+    comfyui_port: int = Field(default=8188, description="Port for a ComfyUI the worker starts.")
+    comfyui_startup_timeout: float = Field(
+        default=300.0, gt=0, description="Seconds to wait for ComfyUI to answer."
+    )
+    job_timeout: float = Field(
+        default=1800.0, gt=0, description="Seconds one prompt may run before it is interrupted."
+    )
+    lease_seconds: float = Field(
+        default=120.0, gt=0, description="A claim not renewed for this long is taken over."
+    )
+    max_attempts: int = Field(default=3, ge=1, description="Attempts before a job fails for good.")
+    poll_min_interval: float = Field(
+        default=0.5, gt=0, description="Poll interval right after finding work (seconds)."
+    )
+    poll_max_interval: float = Field(
+        default=10.0, gt=0, description="Poll interval ceiling when idle (seconds)."
+    )
+    worker_id: str | None = Field(
+        default=None, description="Name of this worker in claims and statuses (default: host-pid)."
+    )
+
+
+def _missing_variables(error: ValidationError, prefix: str) -> list[str]:
+    return [
+        f"{prefix}{str(item['loc'][0]).upper()}"
+        for item in error.errors()
+        if item["type"] == "missing" and item["loc"]
+    ]
+
+
+def _explain(error: ValidationError, prefix: str, what: str) -> SettingsError:
+    """One message for every problem, naming each variable, never echoing a value."""
+    missing = _missing_variables(error, prefix)
+    lines = []
+    if missing:
+        lines.append(f"{what}: missing environment variable(s): {', '.join(missing)}")
+    for item in error.errors():
+        if item["type"] == "missing":
+            continue
+        name = f"{prefix}{str(item['loc'][0]).upper()}" if item["loc"] else prefix
+        lines.append(f"{what}: {name}: {item['msg']}")
+    return SettingsError("\n".join(lines))
+
+
+def load_s3_settings() -> S3Settings:
+    try:
+        return S3Settings()  # type: ignore[call-arg]
+    except ValidationError as error:
+        raise _explain(error, S3_ENV_PREFIX, "S3 settings") from None
+
+
+def load_worker_settings() -> WorkerSettings:
+    try:
+        return WorkerSettings()
+    except ValidationError as error:
+        raise _explain(error, ENV_PREFIX, "worker settings") from None

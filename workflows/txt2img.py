@@ -1,0 +1,44 @@
+"""Text to image with a Stable Diffusion checkpoint (the classic ComfyUI graph)."""
+
+from typing import Annotated
+
+from pydantic import Field
+
+from processor.workflows import Bind, Sampler, Scheduler, WorkflowPayload, random_seed
+
+
+class Payload(WorkflowPayload):
+    """Text to image with a Stable Diffusion checkpoint (the classic ComfyUI graph)."""
+
+    seed: Annotated[int, Bind("3", "seed")] = Field(
+        default_factory=random_seed,
+        ge=0,
+        le=2**64 - 1,
+        description="Noise seed; a random one is chosen (and recorded) when omitted.",
+    )
+    steps: Annotated[int, Bind("3", "steps")] = Field(20, ge=1, le=150, description="Steps.")
+    cfg_scale: Annotated[float, Bind("3", "cfg")] = Field(
+        7.0, ge=0.0, le=30.0, description="Classifier-free guidance scale."
+    )
+    sampler_name: Annotated[Sampler, Bind("3", "sampler_name")] = Field(
+        "euler", description="ComfyUI sampler."
+    )
+    scheduler: Annotated[Scheduler, Bind("3", "scheduler")] = Field(
+        "normal", description="ComfyUI noise schedule."
+    )
+    ckpt_name: Annotated[str, Bind("4", "ckpt_name")] = Field(
+        "v1-5-pruned-emaonly.safetensors",
+        min_length=1,
+        description="Checkpoint file in ComfyUI's checkpoints folder.",
+    )
+    width: Annotated[int, Bind("5", "width")] = Field(
+        512, ge=64, le=4096, multiple_of=8, description="Image width in pixels."
+    )
+    height: Annotated[int, Bind("5", "height")] = Field(
+        512, ge=64, le=4096, multiple_of=8, description="Image height in pixels."
+    )
+    batch_size: Annotated[int, Bind("5", "batch_size")] = Field(
+        1, ge=1, le=64, description="Images made in one run."
+    )
+    prompt: Annotated[str, Bind("6", "text")] = Field("", description="What to draw.")
+    negative_prompt: Annotated[str, Bind("7", "text")] = Field("", description="What to avoid.")
