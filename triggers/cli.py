@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 from importlib.metadata import PackageNotFoundError, version
 
 from processor.settings import SettingsError
@@ -47,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _registrations() -> list:  # type: ignore[type-arg]
-    registrations = [offline_commands.register]
+def _registrations() -> list[Callable[[Any], None]]:
+    registrations: list[Callable[[Any], None]] = [offline_commands.register]
     return registrations
 
 

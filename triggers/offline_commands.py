@@ -102,7 +102,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     workflows = subparsers.add_parser(
         "workflows",
         help="list workflow templates and their fields",
