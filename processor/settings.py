@@ -29,7 +29,11 @@ def normalise_prefix(value: str) -> str:
 class S3Settings(BaseSettings):
     """Where jobs arrive and results land. All five connection variables are required."""
 
-    model_config = SettingsConfigDict(env_prefix=S3_ENV_PREFIX, extra="ignore")
+    # An empty variable (``COMFYS3_S3_REGION=`` from a compose file with the host var unset)
+    # counts as missing, so it is named at start-up instead of failing later inside botocore.
+    model_config = SettingsConfigDict(
+        env_prefix=S3_ENV_PREFIX, extra="ignore", env_ignore_empty=True
+    )
 
     region: str = Field(description="Region of the bucket, e.g. us-east-1.")
     access_key: SecretStr = Field(description="Access key id.")
@@ -88,6 +92,25 @@ class WorkerSettings(BaseSettings):
     comfyui_startup_timeout: float = Field(
         default=300.0, gt=0, description="Seconds to wait for ComfyUI to answer."
     )
+    comfyui_max_restarts: int = Field(
+        default=5, ge=0, description="Restarts of a local ComfyUI that keeps dying, then give up."
+    )
+    comfyui_log_file: Path | None = Field(
+        default=None,
+        description="Log of a local ComfyUI (default: comfys3-comfyui-<port>.log in the temp dir).",
+    )
+    comfyui_reconnect_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds an attached ComfyUI may be unreachable mid-job."
+    )
+    comfyui_input_dir: Path | None = Field(
+        default=None, description="Input folder of an attached ComfyUI, so jobs clean up after."
+    )
+    comfyui_output_dir: Path | None = Field(
+        default=None, description="Output folder of an attached ComfyUI, so jobs clean up after."
+    )
+    comfyui_temp_dir: Path | None = Field(
+        default=None, description="Temp folder of an attached ComfyUI, so jobs clean up after."
+    )
     job_timeout: float = Field(
         default=1800.0, gt=0, description="Seconds one prompt may run before it is interrupted."
     )
@@ -99,7 +122,7 @@ class WorkerSettings(BaseSettings):
         default=0.5, gt=0, description="Poll interval right after finding work (seconds)."
     )
     poll_max_interval: float = Field(
-        default=10.0, gt=0, description="Poll interval ceiling when idle (seconds)."
+        default=5.0, gt=0, description="Poll interval ceiling when idle (seconds)."
     )
     worker_id: str | None = Field(
         default=None, description="Name of this worker in claims and statuses (default: host-pid)."
@@ -124,7 +147,7 @@ def _explain(error: ValidationError, prefix: str, what: str) -> SettingsError:
         if item["type"] == "missing":
             continue
         name = f"{prefix}{str(item['loc'][0]).upper()}" if item["loc"] else prefix
-        lines.append(f"{what}: {name}: {item['msg']}")
+        lines.append(f"{what}: {name}: {item['msg'].removeprefix('Value error, ')}")
     return SettingsError("\n".join(lines))
 
 

@@ -7,12 +7,12 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from processor.settings import SettingsError
 from processor.workflows import WorkflowLoadError
-from triggers import offline_commands
+from triggers import offline_commands, worker_commands
 
 DESCRIPTION = """\
 Run ComfyUI workflows as a batch service. Job manifests (JSON) arrive in an S3 prefix or a
@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _registrations() -> list[Callable[[Any], None]]:
-    registrations: list[Callable[[Any], None]] = [offline_commands.register]
+    registrations: list[Callable[[Any], None]] = [
+        offline_commands.register,
+        worker_commands.register,
+    ]
     return registrations
 
 

@@ -1,0 +1,380 @@
+"""One job, end to end on ComfyUI: stage inputs, queue, follow, publish outputs, report.
+
+This knows nothing of claims or manifests' fate; :mod:`processor.pipeline` decides those. Here
+every failure becomes a :class:`JobOutcome` whose status already says what went wrong, so the
+caller only chooses between "done", "try again" and "give up".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any, Protocol
+
+from processor.comfy import OutputFile, Progress, RunResult
+from processor.comfy_errors import (
+    ComfyError,
+    ComfyInterrupted,
+    ComfyRuntimeError,
+    ComfyTimeout,
+    ComfyUnavailable,
+    ComfyValidationError,
+)
+from processor.errors import ManifestError
+from processor.layout import Layout
+from processor.manifest import (
+    ErrorInfo,
+    Job,
+    JobState,
+    JobStatus,
+    OutputRecord,
+    ProgressInfo,
+    utcnow,
+)
+from processor.outputs import prepare_output
+from processor.storage import ObjectNotFound, Storage, StorageError, validate_key
+
+log = logging.getLogger("comfys3.job")
+
+
+class Comfy(Protocol):
+    """The part of :class:`processor.comfy.ComfyClient` a job needs (a seam for tests)."""
+
+    async def upload_input(self, data: bytes, filename: str, subfolder: str) -> str: ...
+
+    async def queue_prompt(self, graph: dict[str, Any], prompt_id: str) -> None: ...
+
+    async def wait_for(
+        self,
+        prompt_id: str,
+        *,
+        timeout: float,
+        on_progress: Callable[[Progress], None] | None = None,
+        include_temp: bool = False,
+    ) -> RunResult: ...
+
+    async def fetch_output(self, ref: OutputFile) -> bytes: ...
+
+    async def interrupt(self, prompt_id: str | None = None) -> None: ...
+
+
+Cleanup = Callable[[RunResult, str | None], Awaitable[None]]
+ProgressHook = Callable[[str, ProgressInfo], None]
+
+
+class InputMissing(Exception):
+    """An input file the payload names is not in storage; uploading it later will not help
+    this attempt, so the job fails at once, naming it."""
+
+
+class Verdict(enum.Enum):
+    succeeded = "succeeded"
+    skipped = "skipped"
+    retry = "retry"  # failed, and another attempt may succeed
+    failed = "failed"  # failed, and another attempt cannot help
+
+
+@dataclass
+class JobOutcome:
+    verdict: Verdict
+    status: JobStatus
+
+
+@dataclass
+class JobSettings:
+    worker_id: str
+    job_timeout: float
+    progress_interval: float = 1.0
+    upload_concurrency: int = 8
+
+
+def classify(error: BaseException) -> tuple[ErrorInfo, bool]:
+    """An exception -> (what the status says, whether another attempt could succeed)."""
+    details: dict[str, Any] = dict(getattr(error, "details", {}) or {})
+    retry = True
+    if isinstance(error, ManifestError):
+        kind, retry = "invalid_manifest", False
+        details["problems"] = [{"path": p.path, "message": p.message} for p in error.problems]
+    elif isinstance(error, InputMissing):
+        kind, retry = "input_missing", False
+    elif isinstance(error, ComfyValidationError):
+        kind, retry = "validation", False
+        details.setdefault("lines", error.lines)
+    elif isinstance(error, ComfyRuntimeError):
+        kind = "runtime"
+    elif isinstance(error, ComfyTimeout):
+        kind = "timeout"
+    elif isinstance(error, ComfyInterrupted):
+        kind = "interrupted"
+    elif isinstance(error, ComfyUnavailable):
+        kind = "comfyui_unavailable"
+    elif isinstance(error, ComfyError):
+        kind = "comfyui"
+    elif isinstance(error, StorageError):
+        kind = "storage"
+    else:
+        kind = "internal"
+        details["exception_type"] = type(error).__name__
+        details["traceback"] = "".join(traceback.format_exception(error))
+    message = str(error) or type(error).__name__
+    return ErrorInfo(type=kind, message=message, details=details), retry
+
+
+class JobRunner:
+    """Runs jobs on one ComfyUI, reading inputs from and writing results to storage."""
+
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        comfy: Comfy,
+        layout: Layout,
+        settings: JobSettings,
+        inputs: Storage | None = None,
+        cleanup: Cleanup | None = None,
+        on_progress: ProgressHook | None = None,
+    ) -> None:
+        self.storage = storage
+        self.inputs = inputs or storage
+        self.comfy = comfy
+        self.layout = layout
+        self.settings = settings
+        self.cleanup = cleanup
+        self.on_progress = on_progress
+
+    # -- status ---------------------------------------------------------------------------
+
+    async def read_status(self, job_id: str) -> JobStatus | None:
+        try:
+            stored = await self.storage.get(self.layout.status_key(job_id))
+        except ObjectNotFound:
+            return None
+        try:
+            return JobStatus.model_validate_json(stored.data)
+        except ValueError:
+            return None  # a status we cannot read is treated as absent, never as success
+
+    async def write_status(self, status: JobStatus) -> None:
+        status.updated_at = utcnow()
+        await self.storage.put(
+            self.layout.status_key(status.id), status.to_json(), content_type="application/json"
+        )
+
+    # -- one job --------------------------------------------------------------------------
+
+    async def run(
+        self,
+        job: Job,
+        *,
+        attempt: int,
+        max_attempts: int,
+        on_executed: Callable[[], None] | None = None,
+        notes: list[str] | None = None,
+    ) -> JobOutcome:
+        """Run ``job`` once. ``on_executed`` fires when ComfyUI is done with it (success or not),
+        which is when the lane may queue another prompt; publishing happens after."""
+        status = JobStatus(
+            id=job.id,
+            state=JobState.running,
+            attempt=attempt,
+            max_attempts=max_attempts,
+            worker=self.settings.worker_id,
+            manifest_key=job.manifest_key,
+            workflow=job.workflow,
+            payload=job.payload,
+            metadata=job.metadata,
+            notes=list(notes or []),
+        )
+        executed = _Once(on_executed)
+        started = time.monotonic()
+        run_id = str(uuid.uuid4())
+        result: RunResult | None = None
+        subfolder = f"comfys3/{run_id}"
+        try:
+            await self.write_status(status)
+            phase = time.monotonic()
+            staged = await self._stage_inputs(job, subfolder)
+            status.timings["stage"] = _since(phase)
+            graph = job.filled_graph(staged)
+
+            phase = time.monotonic()
+            await self.comfy.queue_prompt(graph, run_id)
+            status.timings["queue"] = _since(phase)
+            phase = time.monotonic()
+            async with self._progress_writer(status) as on_progress:
+                try:
+                    result = await self.comfy.wait_for(
+                        run_id, timeout=self.settings.job_timeout, on_progress=on_progress
+                    )
+                except asyncio.CancelledError:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self.comfy.interrupt(run_id))
+                    raise
+            executed()
+            status.timings["wait"] = _since(phase)
+            status.timings["execute"] = round(result.execution_seconds, 3)
+
+            phase = time.monotonic()
+            status.outputs = await self._publish(job, graph, result)
+            status.texts = result.texts
+            status.timings["publish"] = _since(phase)
+            status.state = JobState.succeeded
+            status.progress = ProgressInfo(fraction=1.0, node=None)
+            verdict = Verdict.succeeded
+        except asyncio.CancelledError:
+            executed()
+            raise
+        except Exception as error:
+            executed()
+            info, retryable = classify(error)
+            status.error = info
+            verdict = Verdict.retry if retryable else Verdict.failed
+            if verdict is Verdict.retry and attempt < max_attempts:
+                status.state = JobState.queued
+                status.notes.append(
+                    f"attempt {attempt} of {max_attempts} failed ({info.type}); it will be retried"
+                )
+            else:
+                status.state = JobState.failed
+                if verdict is Verdict.retry:
+                    status.notes.append(f"gave up after {attempt} attempt(s)")
+                verdict = Verdict.failed
+            log.warning("job %s attempt %d: %s: %s", job.id, attempt, info.type, info.message)
+        finally:
+            if result is not None and self.cleanup is not None:
+                with contextlib.suppress(Exception):
+                    await self.cleanup(result, subfolder if job.inputs else None)
+        status.timings["total"] = _since(started)
+        try:
+            await self.write_status(status)
+        except StorageError as error:
+            log.error("job %s: could not write its status: %s", job.id, error)
+            if verdict is Verdict.succeeded:
+                return JobOutcome(Verdict.retry, status)
+        return JobOutcome(verdict, status)
+
+    async def fail(
+        self, job_id: str, manifest_key: str, error: BaseException, **extra: Any
+    ) -> JobStatus:
+        """Record a job that never got to run (broken manifest, out of attempts)."""
+        info, _ = classify(error)
+        status = JobStatus(
+            id=job_id,
+            state=JobState.failed,
+            worker=self.settings.worker_id,
+            manifest_key=manifest_key,
+            error=info,
+            **extra,
+        )
+        await self.write_status(status)
+        return status
+
+    # -- phases ---------------------------------------------------------------------------
+
+    async def _stage_inputs(self, job: Job, subfolder: str) -> dict[str, str]:
+        async def stage_one(field_name: str, source: str) -> tuple[str, str]:
+            try:
+                key = validate_key(source)
+            except StorageError as error:
+                raise InputMissing(f"input '{field_name}': {error}") from None
+            try:
+                stored = await self.inputs.get(key)
+            except ObjectNotFound:
+                raise InputMissing(
+                    f"input '{field_name}': file {source!r} was not found in storage"
+                ) from None
+            name = await self.comfy.upload_input(stored.data, PurePosixPath(key).name, subfolder)
+            return field_name, name
+
+        pairs = await asyncio.gather(*(stage_one(i.field, i.source) for i in job.inputs))
+        return dict(pairs)
+
+    async def _publish(
+        self, job: Job, graph: dict[str, Any], result: RunResult
+    ) -> list[OutputRecord]:
+        counters: dict[str, int] = {}
+        plan = []
+        for ref in result.files:
+            counters[ref.node_id] = counters.get(ref.node_id, 0) + 1
+            plan.append((ref, counters[ref.node_id]))
+        limit = asyncio.Semaphore(self.settings.upload_concurrency)
+
+        async def publish_one(ref: OutputFile, index: int) -> OutputRecord:
+            async with limit:
+                data = await self.comfy.fetch_output(ref)
+                prepared = prepare_output(data, ref.filename, ref.kind, job.output)
+                class_type = str(graph.get(ref.node_id, {}).get("class_type", "node"))
+                key = self.layout.output_key(job.id, ref.node_id, class_type, index, prepared.ext)
+                await self.storage.put(key, prepared.data, content_type=prepared.content_type)
+                return OutputRecord(
+                    key=key,
+                    node_id=ref.node_id,
+                    kind=ref.kind,
+                    content_type=prepared.content_type,
+                    bytes=len(prepared.data),
+                    sha256=prepared.sha256,
+                )
+
+        return list(await asyncio.gather(*(publish_one(ref, i) for ref, i in plan)))
+
+    @contextlib.asynccontextmanager
+    async def _progress_writer(self, status: JobStatus) -> Any:
+        """Progress reaches the status at most once per ``progress_interval``: often enough to
+        watch, rarely enough that a 50-step job does not become 50 S3 writes."""
+        latest: list[ProgressInfo] = []
+        changed = asyncio.Event()
+
+        def on_progress(progress: Progress) -> None:
+            node = f"{progress.node_id} ({progress.node_type})" if progress.node_id else None
+            info = ProgressInfo(
+                fraction=max(0.0, min(1.0, progress.fraction)),
+                node=node,
+                step=progress.value if progress.max else None,
+                steps=progress.max or None,
+            )
+            latest[:] = [info]
+            changed.set()
+            if self.on_progress is not None:
+                self.on_progress(status.id, info)
+
+        async def writer() -> None:
+            while True:
+                await changed.wait()
+                changed.clear()
+                status.progress = latest[-1]
+                try:
+                    await self.write_status(status)
+                except StorageError as error:
+                    log.warning("job %s: progress not saved: %s", status.id, error)
+                await asyncio.sleep(self.settings.progress_interval)
+
+        task = asyncio.create_task(writer())
+        try:
+            yield on_progress
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+@dataclass
+class _Once:
+    callback: Callable[[], None] | None
+    fired: bool = field(default=False)
+
+    def __call__(self) -> None:
+        if not self.fired and self.callback is not None:
+            self.fired = True
+            self.callback()
+
+
+def _since(start: float) -> float:
+    return round(time.monotonic() - start, 3)

@@ -1,0 +1,67 @@
+"""Where everything lives in the bucket (or the local root). One place, so docs/layout.md and
+the code cannot drift apart.
+
+```
+<input>/<name>.json                  pending manifests (only these are listed by a poll)
+<input>/_claims/<name>.json          who runs a manifest now, and how many attempts went before
+<input>/_done/<name>.json            manifests whose jobs all finished (succeeded or skipped)
+<input>/_failed/<name>.json          manifests that failed for good
+<output>/<job id>/status.json        the job's status document
+<output>/<job id>/<node>_<ClassType>_<nnn>.<ext>    the job's outputs
+```
+Sub-prefixes of ``<input>`` are not listed by a poll (it lists with a delimiter), so the cost of
+a poll depends on the pending work, never on history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from processor.settings import normalise_prefix
+
+CLAIMS = "_claims"
+DONE = "_done"
+FAILED = "_failed"
+
+
+@dataclass(frozen=True)
+class Layout:
+    input_dir: str = "input"
+    output_dir: str = "output"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_dir", normalise_prefix(self.input_dir))
+        object.__setattr__(self, "output_dir", normalise_prefix(self.output_dir))
+
+    @property
+    def claims_prefix(self) -> str:
+        return f"{self.input_dir}/{CLAIMS}"
+
+    def is_manifest(self, key: str) -> bool:
+        path = PurePosixPath(key)
+        return str(path.parent) == self.input_dir and path.suffix == ".json"
+
+    def manifest_key(self, name: str) -> str:
+        return f"{self.input_dir}/{name}.json"
+
+    @staticmethod
+    def manifest_name(key: str) -> str:
+        return PurePosixPath(key).stem
+
+    def done_key(self, name: str) -> str:
+        return f"{self.input_dir}/{DONE}/{name}.json"
+
+    def failed_key(self, name: str) -> str:
+        return f"{self.input_dir}/{FAILED}/{name}.json"
+
+    def job_prefix(self, job_id: str) -> str:
+        return f"{self.output_dir}/{job_id}" if self.output_dir else job_id
+
+    def status_key(self, job_id: str) -> str:
+        return f"{self.job_prefix(job_id)}/status.json"
+
+    def output_key(self, job_id: str, node_id: str, class_type: str, index: int, ext: str) -> str:
+        safe_type = "".join(c for c in class_type if c.isalnum() or c in "-_") or "node"
+        safe_node = "".join(c for c in node_id if c.isalnum() or c in "-_.") or "node"
+        return f"{self.job_prefix(job_id)}/{safe_node}_{safe_type}_{index:03d}{ext}"

@@ -1,0 +1,79 @@
+"""Assembling a worker from settings: storage, ComfyUI, templates, the lane.
+
+Triggers call this instead of wiring the parts themselves, so polling, watching a folder and
+RunPod run exactly the same worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from processor.comfy_process import ComfyEngine
+from processor.jobrun import JobRunner, JobSettings, ProgressHook
+from processor.layout import Layout
+from processor.pipeline import LaneSettings, Worker
+from processor.settings import S3Settings, WorkerSettings
+from processor.storage import LocalStorage, S3Storage, Storage
+from processor.workflows import WorkflowRegistry
+
+LOCAL_INPUT = "input"
+LOCAL_OUTPUT = "output"
+
+
+def worker_name(settings: WorkerSettings) -> str:
+    return settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def s3_layout(settings: S3Settings) -> Layout:
+    return Layout(settings.input_dir, settings.output_dir)
+
+
+def local_layout() -> Layout:
+    return Layout(LOCAL_INPUT, LOCAL_OUTPUT)
+
+
+def open_storage(s3: S3Settings | None, local_root: Path | None) -> Storage:
+    if local_root is not None:
+        return LocalStorage(local_root)
+    assert s3 is not None
+    return S3Storage(s3)
+
+
+@contextlib.asynccontextmanager
+async def open_worker(
+    *,
+    storage: Storage,
+    layout: Layout,
+    settings: WorkerSettings,
+    on_progress: ProgressHook | None = None,
+) -> AsyncIterator[Worker]:
+    """A ready worker: templates loaded, storage open, ComfyUI answering."""
+    registry = WorkflowRegistry.default(settings.workflows_dir)
+    holder = worker_name(settings)
+    engine = ComfyEngine(settings)
+    async with storage, engine as client:
+        runner = JobRunner(
+            storage=storage,
+            comfy=client,
+            layout=layout,
+            settings=JobSettings(worker_id=holder, job_timeout=settings.job_timeout),
+            cleanup=engine.cleanup,
+            on_progress=on_progress,
+        )
+        yield Worker(
+            storage=storage,
+            runner=runner,
+            registry=registry,
+            layout=layout,
+            settings=LaneSettings(
+                lease_seconds=settings.lease_seconds,
+                max_attempts=settings.max_attempts,
+                allow_raw=settings.allow_raw_workflows,
+                max_manifest_bytes=settings.max_manifest_bytes,
+            ),
+            holder=holder,
+        )

@@ -1,0 +1,299 @@
+"""``comfys3 run``, ``comfys3 status`` and ``comfys3 exec``: the commands that run jobs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TextIO
+
+from processor.comfy_process import ComfyEngine
+from processor.errors import ManifestError
+from processor.jobrun import JobRunner, JobSettings, Verdict
+from processor.layout import Layout
+from processor.manifest import Job, JobState, JobStatus, ProgressInfo, load_jobs
+from processor.pipeline import Counts
+from processor.service import (
+    local_layout,
+    open_storage,
+    open_worker,
+    s3_layout,
+    worker_name,
+)
+from processor.settings import WorkerSettings, load_s3_settings, load_worker_settings
+from processor.storage import LocalStorage, ObjectNotFound, Storage, StorageError
+from processor.workflows import WorkflowRegistry
+from triggers import logs
+from triggers.poll import AdaptiveInterval
+from triggers.watch import FolderWatch
+
+SHUTDOWN_GRACE_S = 25.0
+
+
+# -- run ------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    logs.configure(args.log_format)
+    settings = load_worker_settings()
+    if args.local is None:
+        s3 = load_s3_settings()
+        storage, layout = open_storage(s3, None), s3_layout(s3)
+    else:
+        storage, layout = open_storage(None, args.local), local_layout()
+    counts = asyncio.run(_run(args, settings, storage, layout))
+    if args.once:
+        summary = counts.summary()
+        print(
+            f"done: {summary['succeeded']} succeeded, {summary['failed']} failed, "
+            f"{summary['retried']} to retry, {summary['skipped']} skipped "
+            f"({summary['manifests']} manifests)"
+        )
+    return 0
+
+
+async def _run(
+    args: argparse.Namespace, settings: WorkerSettings, storage: Storage, layout: Layout
+) -> Counts:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, stop.set)
+    async with open_worker(storage=storage, layout=layout, settings=settings) as worker:
+        if args.once:
+            return await _until_stopped(worker.run(stop=stop), stop)
+        if args.local is not None:
+            async with FolderWatch(Path(args.local) / layout.input_dir, stop) as watch:
+                return await _until_stopped(worker.run(wait_for_work=watch.wait, stop=stop), stop)
+        interval = AdaptiveInterval(settings.poll_min_interval, settings.poll_max_interval, stop)
+        return await _until_stopped(worker.run(wait_for_work=interval.wait, stop=stop), stop)
+
+
+async def _until_stopped(work: Coroutine[Any, Any, Counts], stop: asyncio.Event) -> Counts:
+    """On SIGTERM the worker stops claiming and finishes what it runs; past the grace period
+    the running jobs are cancelled, which gives their claims back, so nothing is orphaned."""
+    task = asyncio.ensure_future(work)
+    await asyncio.wait({task, asyncio.ensure_future(stop.wait())}, return_when="FIRST_COMPLETED")
+    if not task.done():
+        done, _ = await asyncio.wait({task}, timeout=SHUTDOWN_GRACE_S)
+        if not done:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return Counts()
+    return task.result()
+
+
+# -- status ---------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if args.local is None:
+        s3 = load_s3_settings()
+        storage, layout = open_storage(s3, None), s3_layout(s3)
+    else:
+        storage, layout = open_storage(None, args.local), local_layout()
+
+    async def read() -> bytes | None:
+        async with storage:
+            try:
+                return (await storage.get(layout.status_key(args.job_id))).data
+            except ObjectNotFound:
+                return None
+
+    try:
+        data = asyncio.run(read())
+    except StorageError as error:
+        print(f"comfys3: {error}", file=sys.stderr)
+        return 2
+    if data is None:
+        print(f"comfys3: no status for job {args.job_id!r} at {layout.status_key(args.job_id)}")
+        return 1
+    if args.json:
+        print(data.decode())
+        return 0
+    print(describe_status(JobStatus.model_validate_json(data)))
+    return 0
+
+
+def describe_status(status: JobStatus) -> str:
+    """The status for a person: the state first, then what they would look for next."""
+    lines = [f"job {status.id}: {status.state.value} (attempt {status.attempt})"]
+    if status.workflow:
+        lines.append(f"  workflow  {status.workflow}")
+    if status.worker:
+        lines.append(f"  worker    {status.worker}")
+    if status.manifest_key:
+        lines.append(f"  manifest  {status.manifest_key}")
+    if status.state is JobState.running:
+        progress = status.progress
+        where = f" at {progress.node}" if progress.node else ""
+        lines.append(f"  progress  {progress.fraction:.0%}{where}")
+    lines.append(f"  updated   {status.updated_at.isoformat(timespec='seconds')}")
+    if status.timings:
+        timings = ", ".join(f"{k} {v:.2f}s" for k, v in status.timings.items())
+        lines.append(f"  timings   {timings}")
+    for output in status.outputs:
+        lines.append(f"  output    {output.key} ({output.content_type}, {output.bytes} bytes)")
+    if status.error is not None:
+        lines.append(f"  error     {status.error.type}:")
+        lines += [f"    {line}" for line in status.error.message.splitlines()]
+    for note in status.notes:
+        lines.append(f"  note      {note}")
+    return "\n".join(lines)
+
+
+# -- exec -----------------------------------------------------------------------------------
+
+
+class ProgressBar:
+    """One line on stderr, redrawn in place; plain lines when stderr is not a terminal."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self._last = -1
+
+    def __call__(self, job_id: str, progress: ProgressInfo) -> None:
+        percent = int(progress.fraction * 100)
+        step = f" step {progress.step}/{progress.steps}" if progress.step and progress.steps else ""
+        node = f" {progress.node}" if progress.node else ""
+        filled = percent // 5
+        bar = f"[{'#' * filled}{'.' * (20 - filled)}] {percent:3d}% {job_id}{node}{step}"
+        if self.tty:
+            self.stream.write("\r" + bar.ljust(100)[:100])
+            self.stream.flush()
+        elif percent >= self._last + 10 or percent == 100:
+            self._last = percent
+            self.stream.write(bar + "\n")
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    logs.configure("text", "WARNING")
+    settings = load_worker_settings()
+    if args.comfyui_url:
+        settings = settings.model_copy(update={"comfyui_url": args.comfyui_url})
+    manifest = Path(args.manifest)
+    try:
+        data = manifest.read_bytes()
+    except OSError as error:
+        print(f"comfys3: cannot read {manifest}: {error.strerror}", file=sys.stderr)
+        return 2
+    registry = WorkflowRegistry.default(settings.workflows_dir)
+    try:
+        jobs = load_jobs(
+            data,
+            manifest_key=manifest.name,
+            registry=registry,
+            allow_raw=settings.allow_raw_workflows,
+            max_bytes=settings.max_manifest_bytes,
+        )
+    except ManifestError as error:
+        print(f"{manifest}: invalid manifest", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return asyncio.run(_exec(jobs, settings, out))
+
+
+async def _exec(jobs: list[Job], settings: WorkerSettings, out: Path) -> int:
+    bar = ProgressBar()
+    layout = Layout("input", "")
+    failures = 0
+    async with LocalStorage(out) as storage, LocalStorage(Path.cwd()) as inputs:
+        engine = ComfyEngine(settings)
+        async with engine as client:
+            runner = JobRunner(
+                storage=storage,
+                inputs=inputs,
+                comfy=client,
+                layout=layout,
+                settings=JobSettings(
+                    worker_id=worker_name(settings), job_timeout=settings.job_timeout
+                ),
+                cleanup=engine.cleanup,
+                on_progress=bar,
+            )
+            for job in jobs:
+                outcome = await runner.run(job, attempt=1, max_attempts=1)
+                bar.close()
+                folder = out / layout.job_prefix(job.id)
+                if outcome.verdict is Verdict.succeeded:
+                    print(f"{job.id}: succeeded -> {folder}/")
+                    for output in outcome.status.outputs:
+                        print(f"  {out / output.key}")
+                else:
+                    failures += 1
+                    error = outcome.status.error
+                    print(f"{job.id}: failed ({error.type if error else '?'})", file=sys.stderr)
+                    if error is not None:
+                        for line in error.message.splitlines():
+                            print(f"  {line}", file=sys.stderr)
+                print(f"  status: {folder / 'status.json'}")
+    return 1 if failures else 0
+
+
+# -- registration ---------------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    run = subparsers.add_parser(
+        "run",
+        help="run jobs from S3 (or a local folder) until stopped",
+        description="Poll COMFYS3_S3_INPUT_DIR for job manifests, claim them, run them on "
+        "ComfyUI and write outputs and status.json under COMFYS3_S3_OUTPUT_DIR/<job id>/. "
+        "Many workers may share one bucket. SIGTERM finishes (or gives back) the running "
+        "jobs and exits.",
+    )
+    run.add_argument(
+        "--once", action="store_true", help="drain what is pending, print counts and exit"
+    )
+    run.add_argument(
+        "--local",
+        type=Path,
+        metavar="DIR",
+        help="use a folder instead of S3: manifests in DIR/input, results in DIR/output; "
+        "dropped manifests are picked up at once",
+    )
+    run.add_argument(
+        "--log-format", choices=["text", "json"], default="text", help="log line format"
+    )
+    run.set_defaults(handler=cmd_run)
+
+    status = subparsers.add_parser(
+        "status",
+        help="show a job's status",
+        description="Print the status document of a job for a person (or --json for the "
+        "document itself).",
+    )
+    status.add_argument("job_id", metavar="JOB_ID")
+    status.add_argument("--json", action="store_true", help="print the raw status document")
+    status.add_argument("--local", type=Path, metavar="DIR", help="read from a local folder")
+    status.set_defaults(handler=cmd_status)
+
+    run_one = subparsers.add_parser(
+        "exec",
+        help="run one manifest on a ComfyUI, no S3",
+        description="Run one manifest against a ComfyUI (--comfyui-url, or one started from "
+        "COMFYS3_COMFYUI_PATH) with no S3 at all. Input files are paths relative to the "
+        "current folder; outputs and status.json go to DIR/<job id>/. Exit 0 on success, "
+        "1 with the readable error on failure.",
+    )
+    run_one.add_argument("manifest", metavar="MANIFEST", help="manifest file (JSON)")
+    run_one.add_argument("--out", required=True, metavar="DIR", help="where results go")
+    run_one.add_argument("--comfyui-url", metavar="URL", help="a running ComfyUI to use")
+    run_one.set_defaults(handler=cmd_exec)
+
+
+__all__ = ["describe_status", "register"]
