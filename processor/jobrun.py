@@ -348,21 +348,27 @@ class JobRunner:
         async def writer() -> None:
             while True:
                 await changed.wait()
+                if stopping.is_set():
+                    return
                 changed.clear()
                 status.progress = latest[-1]
                 try:
                     await self.write_status(status)
                 except StorageError as error:
                     log.warning("job %s: progress not saved: %s", status.id, error)
-                await asyncio.sleep(self.settings.progress_interval)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), self.settings.progress_interval)
 
+        # Never cancel the writer mid-write: a write already sent could land after the final
+        # status and turn a finished job back into "running". Ask it to stop and wait instead.
+        stopping = asyncio.Event()
         task = asyncio.create_task(writer())
         try:
             yield on_progress
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            stopping.set()
+            changed.set()
+            await task
 
 
 @dataclass
