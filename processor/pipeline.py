@@ -145,6 +145,7 @@ class Worker:
         stop = stop or asyncio.Event()
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         started = 0
+        idle = False
 
         def limited() -> bool:
             if max_manifests is not None and started >= max_manifests:
@@ -174,10 +175,14 @@ class Worker:
                     self._start(key, lease, slot)
                 self._reap()
                 if claimed:
+                    idle = False
                     if wait_for_work is not None:
                         await wait_for_work(True)
                     continue
                 if wait_for_work is not None:
+                    if not idle:
+                        log.info("idle: nothing to claim in %s", self.layout.input_dir)
+                    idle = True
                     await wait_for_work(False)
                 elif self._inflight:
                     await asyncio.wait(

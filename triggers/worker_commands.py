@@ -68,7 +68,8 @@ async def _run(
         if args.once:
             return await _until_stopped(worker.run(stop=stop), stop)
         if args.local is not None:
-            async with FolderWatch(Path(args.local) / layout.input_dir, stop) as watch:
+            folder = Path(args.local) / layout.input_dir
+            async with FolderWatch(folder, stop, settings.poll_max_interval) as watch:
                 return await _until_stopped(worker.run(wait_for_work=watch.wait, stop=stop), stop)
         interval = AdaptiveInterval(settings.poll_min_interval, settings.poll_max_interval, stop)
         return await _until_stopped(worker.run(wait_for_work=interval.wait, stop=stop), stop)
