@@ -231,6 +231,12 @@ class JobRunner:
             verdict = Verdict.succeeded
         except asyncio.CancelledError:
             executed()
+            status.state = JobState.queued
+            status.notes.append(
+                f"attempt {attempt} was stopped with its worker; the job was given back"
+            )
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.write_status(status))
             raise
         except Exception as error:
             executed()

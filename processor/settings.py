@@ -124,6 +124,11 @@ class WorkerSettings(BaseSettings):
     poll_max_interval: float = Field(
         default=5.0, gt=0, description="Poll interval ceiling when idle (seconds)."
     )
+    shutdown_grace: float = Field(
+        default=25.0,
+        ge=0,
+        description="On SIGTERM, seconds to let running jobs finish before giving them back.",
+    )
     worker_id: str | None = Field(
         default=None, description="Name of this worker in claims and statuses (default: host-pid)."
     )

@@ -29,9 +29,11 @@ def test_dropped_manifest_is_picked_up_by_the_folder_watch(
         status_path = tmp_path / "output" / "dropped" / "status.json"
         (tmp_path / "input" / "dropped.json").write_text(json.dumps({"workflow": "solid"}))
         status = wait_until(
-            lambda: status_path.exists()
-            and json.loads(status_path.read_text())["state"] == "succeeded"
-            and json.loads(status_path.read_text()),
+            lambda: (
+                status_path.exists()
+                and json.loads(status_path.read_text())["state"] == "succeeded"
+                and json.loads(status_path.read_text())
+            ),
             20,
             "the dropped manifest to run",
         )
@@ -45,3 +47,59 @@ def test_dropped_manifest_is_picked_up_by_the_folder_watch(
     assert (tmp_path / "input" / "_done" / "dropped.json").exists()
     for line in err.strip().splitlines():  # --log-format json: every line is a JSON object
         assert isinstance(json.loads(line), dict)
+
+
+def start_local_worker(
+    root: Path, fake: Any, **settings: str
+) -> tuple[subprocess.Popen[str], Path]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMFYS3_")}
+    env["COMFYS3_COMFYUI_URL"] = fake.url
+    env.update({f"COMFYS3_{k.upper()}": v for k, v in settings.items()})
+    log = root / "worker.log"
+    worker = subprocess.Popen(
+        comfys3("run", "--local", str(root)),
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True,
+    )  # fmt: skip
+    return worker, log
+
+
+def read_status(root: Path, job_id: str) -> dict[str, Any] | None:
+    path = root / "output" / job_id / "status.json"
+    try:
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
+
+
+def test_sigterm_lets_the_running_job_finish(tmp_path: Path, fake_comfyui: Any) -> None:
+    fake_comfyui.state.exec_delay = 1.5
+    (tmp_path / "input").mkdir()
+    (tmp_path / "input" / "slow.json").write_text(json.dumps({"workflow": "solid"}))
+    worker, log = start_local_worker(tmp_path, fake_comfyui)
+    wait_until(
+        lambda: (read_status(tmp_path, "slow") or {}).get("state") == "running", 30, "running"
+    )
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0, log.read_text()[-2000:]
+    status = read_status(tmp_path, "slow")
+    assert status is not None and status["state"] == "succeeded"
+    assert not list((tmp_path / "input" / "_claims").glob("*.json"))
+
+
+def test_sigterm_past_the_grace_gives_the_job_back(tmp_path: Path, fake_comfyui: Any) -> None:
+    fake_comfyui.state.exec_delay = 30
+    (tmp_path / "input").mkdir()
+    (tmp_path / "input" / "long.json").write_text(json.dumps({"workflow": "solid"}))
+    worker, log = start_local_worker(tmp_path, fake_comfyui, shutdown_grace="0.5")
+    wait_until(
+        lambda: (read_status(tmp_path, "long") or {}).get("state") == "running", 30, "running"
+    )
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0, log.read_text()[-2000:]
+    status = read_status(tmp_path, "long")
+    assert status is not None and status["state"] == "queued"
+    assert any("given back" in note for note in status["notes"])
+    claim = json.loads((tmp_path / "input" / "_claims" / "long.json").read_text())
+    assert claim["state"] == "released" and claim["last_error"] == "worker stopped"
+    assert (tmp_path / "input" / "long.json").exists()  # still pending for the next worker
+    assert fake_comfyui.stats()["interrupted"]  # the prompt did not keep the GPU busy

@@ -31,9 +31,6 @@ from triggers import logs
 from triggers.poll import AdaptiveInterval
 from triggers.watch import FolderWatch
 
-SHUTDOWN_GRACE_S = 25.0
-
-
 # -- run ------------------------------------------------------------------------------------
 
 
@@ -66,22 +63,28 @@ async def _run(
             loop.add_signal_handler(signum, stop.set)
     async with open_worker(storage=storage, layout=layout, settings=settings) as worker:
         if args.once:
-            return await _until_stopped(worker.run(stop=stop), stop)
+            return await _until_stopped(worker.run(stop=stop), stop, settings.shutdown_grace)
         if args.local is not None:
             folder = Path(args.local) / layout.input_dir
             async with FolderWatch(folder, stop, settings.poll_max_interval) as watch:
-                return await _until_stopped(worker.run(wait_for_work=watch.wait, stop=stop), stop)
+                return await _until_stopped(
+                    worker.run(wait_for_work=watch.wait, stop=stop), stop, settings.shutdown_grace
+                )
         interval = AdaptiveInterval(settings.poll_min_interval, settings.poll_max_interval, stop)
-        return await _until_stopped(worker.run(wait_for_work=interval.wait, stop=stop), stop)
+        return await _until_stopped(
+            worker.run(wait_for_work=interval.wait, stop=stop), stop, settings.shutdown_grace
+        )
 
 
-async def _until_stopped(work: Coroutine[Any, Any, Counts], stop: asyncio.Event) -> Counts:
+async def _until_stopped(
+    work: Coroutine[Any, Any, Counts], stop: asyncio.Event, grace: float
+) -> Counts:
     """On SIGTERM the worker stops claiming and finishes what it runs; past the grace period
     the running jobs are cancelled, which gives their claims back, so nothing is orphaned."""
     task = asyncio.ensure_future(work)
     await asyncio.wait({task, asyncio.ensure_future(stop.wait())}, return_when="FIRST_COMPLETED")
     if not task.done():
-        done, _ = await asyncio.wait({task}, timeout=SHUTDOWN_GRACE_S)
+        done, _ = await asyncio.wait({task}, timeout=grace)
         if not done:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
