@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,12 +67,22 @@ def problems_from_validation(
                 message += f"; known fields: {', '.join(known)}"
             problems.append(Problem(path, message))
             continue
-        message = item["msg"]
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "missing":
             message = "required field is missing"
-        elif "input" in item and item["type"] not in {"model_type", "dict_type"}:
+        elif "input" in item and not isinstance(item["input"], dict | list):
+            # A whole object echoed back is noise; a scalar shows what was actually sent.
             shown = repr(item["input"])
             if len(shown) <= 80:
                 message += f" (got {shown})"
+        if item["type"] == "literal_error":
+            message += _closest_choice(item)
         problems.append(Problem(path, message))
     return problems
+
+
+def _closest_choice(item: Any) -> str:
+    """A misspelt enum value ('eulr') gets the nearest allowed one named."""
+    expected = re.findall(r"'([^']*)'", str(item.get("ctx", {}).get("expected", "")))
+    close = difflib.get_close_matches(str(item.get("input")), expected, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""

@@ -28,6 +28,8 @@ MAX_BATCH = 1000
 
 def check_job_id(value: str) -> str:
     """Ids become key prefixes and folder names, so nothing that could climb out of one."""
+    if len(value) > 128:
+        raise ValueError(f"is {len(value)} characters; the limit is 128")
     if not re.fullmatch(JOB_ID_PATTERN, value):
         raise ValueError("must be 1-128 characters of A-Z a-z 0-9 . _ -")
     if ".." in value or value.startswith("."):
@@ -54,6 +56,11 @@ class JobManifest(BaseModel):
         None,
         description="Job id; default: the manifest file's name without .json. "
         "1-128 of A-Z a-z 0-9 . _ -",
+        # In the JSON Schema only, so editors flag a bad id; the validator gives the message.
+        json_schema_extra={
+            "pattern": JOB_ID_PATTERN,
+            "not": {"type": "string", "pattern": r"^\.|\.\."},
+        },
     )
     workflow: str | None = Field(None, description="Name of a workflow template.")
     payload: dict[str, Any] = Field(
@@ -81,6 +88,13 @@ class JobManifest(BaseModel):
     def _id(cls, value: str | None) -> str | None:
         return None if value is None else check_job_id(value)
 
+    @field_validator("batch")
+    @classmethod
+    def _batch(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if value is not None and not value:
+            raise ValueError("is empty; give at least one entry, or leave 'batch' out")
+        return value
+
     @model_validator(mode="after")
     def _one_source(self) -> JobManifest:
         if self.workflow is None and self.graph is None:
@@ -89,8 +103,6 @@ class JobManifest(BaseModel):
             raise ValueError("give either 'workflow' or 'graph', not both")
         if self.graph is not None and (self.payload or self.batch):
             raise ValueError("a raw 'graph' takes no 'payload' or 'batch'")
-        if self.batch is not None and not self.batch:
-            raise ValueError("'batch' is empty")
         return self
 
 
@@ -191,7 +203,8 @@ def resolve_jobs(
             (f"{job_id}-{n:0{width}d}", n, {**manifest.payload, **entry}, f"batch[{n - 1}]")
             for n, entry in enumerate(manifest.batch, start=1)
         ]
-    jobs, problems = [], []
+    jobs: list[Job] = []
+    problems: list[Problem] = []
     for entry_id, index, values, where in entries:
         try:
             check_job_id(entry_id)
@@ -200,8 +213,10 @@ def resolve_jobs(
             problems.append(Problem("id", f"batch job id {entry_id!r} {error}"))
             continue
         except ManifestError as error:
-            prefix = "" if where == "payload" else f"{where}: "
-            problems += [Problem(p.path, prefix + p.message) for p in error.problems]
+            for problem in error.problems:
+                problem = _locate_batch_problem(problem, where, manifest)
+                if problem not in problems:  # a bad shared value is reported once, not per entry
+                    problems.append(problem)
             continue
         jobs.append(
             Job(
@@ -219,6 +234,20 @@ def resolve_jobs(
     return jobs
 
 
+def _locate_batch_problem(problem: Problem, where: str, manifest: JobManifest) -> Problem:
+    """Point a batch problem at the entry that caused it (``batch[1].steps``), or at the shared
+    ``payload`` when the bad value came from there, so the path names what to edit."""
+    if where == "payload" or not problem.path.startswith("payload"):
+        return problem
+    rest = problem.path[len("payload") :]
+    field_name = rest.lstrip(".").split(".", 1)[0].split("[", 1)[0]
+    index = int(where[len("batch[") : -1])
+    entry = (manifest.batch or [])[index]
+    if field_name and field_name not in entry and field_name in manifest.payload:
+        return problem
+    return Problem(f"{where}{rest}", problem.message)
+
+
 def load_jobs(
     data: bytes,
     *,
@@ -228,8 +257,29 @@ def load_jobs(
     max_bytes: int = 1_048_576,
 ) -> list[Job]:
     """Bytes of a manifest -> runnable jobs, or a ManifestError listing every problem."""
-    manifest = parse_manifest(parse_manifest_bytes(data, max_bytes=max_bytes))
+    document = parse_manifest_bytes(data, max_bytes=max_bytes)
+    try:
+        manifest = parse_manifest(document)
+    except ManifestError as error:
+        # The shape is wrong, but the payload may be checkable anyway: report its problems in
+        # the same round instead of after the user has fixed the shape.
+        raise ManifestError(error.problems + _payload_problems(document, registry)) from None
     return resolve_jobs(manifest, manifest_key=manifest_key, registry=registry, allow_raw=allow_raw)
+
+
+def _payload_problems(document: dict[str, Any], registry: WorkflowRegistry) -> list[Problem]:
+    """Problems of the template and payload of a manifest whose shape failed, when both can be
+    told apart from the shape errors (a string workflow, a payload object, no batch)."""
+    name, payload = document.get("workflow"), document.get("payload", {})
+    if not isinstance(name, str) or not isinstance(payload, dict) or "batch" in document:
+        return []
+    if name not in registry.workflows:
+        return [Problem("workflow", registry.unknown_message(name))]
+    try:
+        registry.workflows[name].validate_payload(payload)
+    except ManifestError as error:
+        return error.problems
+    return []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -132,6 +132,18 @@ class WorkerSettings(BaseSettings):
     worker_id: str | None = Field(
         default=None, description="Name of this worker in claims and statuses (default: host-pid)."
     )
+    presign_seconds: int = Field(
+        default=3600,
+        ge=1,
+        le=604_800,
+        description="Lifetime of the presigned output URLs a RunPod answer carries (seconds).",
+    )
+    runpod_concurrency: int = Field(
+        default=1, ge=1, description="RunPod jobs one serverless worker runs at once."
+    )
+    refresh_worker: bool = Field(
+        default=False, description="Ask RunPod for a fresh worker after each job."
+    )
 
 
 def _missing_variables(error: ValidationError, prefix: str) -> list[str]:

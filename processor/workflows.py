@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
 import importlib.util
 import json
 import secrets
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,8 +176,8 @@ def _check_bindings(name: str, graph: Graph, bindings: Iterable[FieldBinding]) -
             node = graph.get(target.node)
             if not isinstance(node, dict):
                 problems.append(
-                    f"field '{binding.field}' is bound to node {target.node!r}, "
-                    "which is not in the graph"
+                    f"field '{binding.field}' is bound to node {target.node!r} "
+                    f"input {target.input!r}, but the graph has no node {target.node!r}"
                 )
             elif target.input not in node.get("inputs", {}):
                 problems.append(
@@ -188,13 +190,20 @@ def _check_bindings(name: str, graph: Graph, bindings: Iterable[FieldBinding]) -
 
 
 def _import_module(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"comfys3_workflow_{path.stem}", path)
+    # The module must be in sys.modules while it runs: pydantic resolves string annotations
+    # (``from __future__ import annotations``) through it. The name carries a hash of the path
+    # so a template overriding a built-in one of the same name does not replace its module.
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    module_name = f"comfys3_workflow_{path.stem}_{digest}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise WorkflowLoadError(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
     except Exception as error:  # a template bug must name the file, not crash the worker
+        sys.modules.pop(module_name, None)
         raise WorkflowLoadError(f"{path}: {type(error).__name__}: {error}") from error
     return module
 
@@ -214,6 +223,10 @@ def load_workflow(graph_path: Path) -> Workflow:
     model = getattr(module, "Payload", None)
     if not (isinstance(model, type) and issubclass(model, WorkflowPayload)):
         raise WorkflowLoadError(f"workflow '{name}': {model_path} defines no Payload model")
+    try:
+        model.model_rebuild()
+    except Exception as error:  # an annotation naming something the module never imported
+        raise WorkflowLoadError(f"{model_path}: {type(error).__name__}: {error}") from error
     bindings = _bindings_of(model)
     _check_bindings(name, graph, bindings)
     description = (model.__doc__ or module.__doc__ or "").strip()
