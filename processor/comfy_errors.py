@@ -1,0 +1,191 @@
+"""What can go wrong talking to ComfyUI, as exceptions a person can act on.
+
+Each error carries ``details``: a JSON-ready dict that the status manifest stores, so whoever
+reads the bucket sees the same facts the worker saw (node ids, exception types, tracebacks)
+without access to the worker's logs. ``retryable`` tells the pipeline whether another attempt
+on a healthy ComfyUI could succeed; a bad graph or a node that raises never gets better.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Model files: a value of a combo input that looks like one is "not installed", not "not allowed".
+_MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft", ".onnx")
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    """JSON from ComfyUI, typed: anything that is not an object reads as an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
+class ComfyError(Exception):
+    """Base of every ComfyUI failure; ``str()`` is the readable summary."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.details: dict[str, Any] = details if details is not None else {}
+
+
+class ComfyValidationError(ComfyError):
+    """ComfyUI refused the graph (HTTP 400): nothing was queued, and resubmitting cannot help."""
+
+    def __init__(self, message: str, lines: list[str], details: dict[str, Any]) -> None:
+        text = message if not lines else message + "\n" + "\n".join(f"  - {ln}" for ln in lines)
+        super().__init__(text, details)
+        self.lines = lines
+
+
+class ComfyRuntimeError(ComfyError):
+    """A node raised while the prompt ran; the traceback stays in ``details``."""
+
+    def __init__(
+        self,
+        *,
+        prompt_id: str,
+        node_id: str | None,
+        node_type: str | None,
+        exception_type: str,
+        exception_message: str,
+        traceback: str,
+    ) -> None:
+        where = f"node {node_id} ({node_type})" if node_id else "ComfyUI"
+        message = exception_message.strip() or "(no message)"
+        super().__init__(
+            f"{where} failed: {exception_type}: {message}",
+            {
+                "kind": "runtime_error",
+                "prompt_id": prompt_id,
+                "node_id": node_id,
+                "node_type": node_type,
+                "exception_type": exception_type,
+                "exception_message": exception_message,
+                "traceback": traceback,
+            },
+        )
+        self.node_id = node_id
+        self.node_type = node_type
+        self.exception_type = exception_type
+        self.exception_message = exception_message
+        self.traceback = traceback
+
+
+class ComfyTimeout(ComfyError):
+    """The prompt ran past the job timeout and was interrupted."""
+
+
+class ComfyInterrupted(ComfyError):
+    """Someone (not this client's timeout) interrupted the prompt."""
+
+
+class ComfyUnavailable(ComfyError):
+    """ComfyUI cannot be reached or died; a later attempt on a restarted ComfyUI may succeed."""
+
+    retryable = True
+
+
+def validation_error(status: int, body: Any) -> ComfyValidationError:
+    """Turn a /prompt 400 body into one error whose lines each name a node and what to fix."""
+    if not isinstance(body, dict):
+        text = str(body).strip() or f"HTTP {status}"
+        return ComfyValidationError(
+            f"ComfyUI rejected the prompt: {text}",
+            [],
+            {"kind": "validation_error", "status": status, "body": text},
+        )
+    error = as_dict(body.get("error"))
+    node_errors = as_dict(body.get("node_errors"))
+    lines: list[str] = []
+    for node_id, entry in sorted(node_errors.items(), key=lambda kv: _node_sort_key(kv[0])):
+        if not isinstance(entry, dict):
+            continue
+        class_type = entry.get("class_type") or "?"
+        for item in entry.get("errors") or []:
+            if isinstance(item, dict):
+                lines.append(f"node {node_id} ({class_type}) {describe_node_error(item)}")
+    headline = str(error.get("message") or "invalid prompt").strip().rstrip(".")
+    details_text = str(error.get("details") or "").strip()
+    if details_text and not lines:
+        headline = f"{headline} ({details_text})"
+    return ComfyValidationError(
+        f"ComfyUI rejected the prompt: {headline}",
+        lines,
+        {
+            "kind": "validation_error",
+            "status": status,
+            "error": _without_tracebacks(error),
+            "node_errors": _without_tracebacks(node_errors),
+            "lines": lines,
+        },
+    )
+
+
+def describe_node_error(item: dict[str, Any]) -> str:
+    """One node_errors entry as "input: what is wrong", worded per ComfyUI error type."""
+    kind = str(item.get("type") or "")
+    message = str(item.get("message") or kind or "invalid")
+    details = str(item.get("details") or "")
+    extra = as_dict(item.get("extra_info"))
+    name = str(extra.get("input_name") or "")
+    config = extra.get("input_config")
+    options = as_dict(config[1]) if isinstance(config, list) and len(config) > 1 else {}
+    received = extra.get("received_value")
+    prefix = f"{name}: " if name else ""
+
+    if kind == "value_not_in_list":
+        allowed = config[0] if isinstance(config, list) and config else []
+        allowed = [str(v) for v in allowed] if isinstance(allowed, list) else []
+        if _looks_like_model(received, allowed):
+            listing = ", ".join(allowed) if allowed else "(none)"
+            return f"{prefix}{received!r} is not installed; installed: {listing}"
+        listing = ", ".join(allowed) if allowed else "(none)"
+        return f"{prefix}{received!r} is not one of: {listing}"
+    if kind == "value_smaller_than_min" and "min" in options:
+        return f"{prefix}{received!r} is below the minimum {options['min']}"
+    if kind == "value_bigger_than_max" and "max" in options:
+        return f"{prefix}{received!r} is above the maximum {options['max']}"
+    if kind == "required_input_missing":
+        return f"{prefix or (details + ': ' if details else '')}required input is missing"
+    if kind == "invalid_input_type":
+        wanted = config[0] if isinstance(config, list) and config else "the expected type"
+        why = extra.get("exception_message")
+        return f"{prefix}{received!r} is not a valid {wanted}" + (f" ({why})" if why else "")
+    if kind == "return_type_mismatch":
+        wanted = config[0] if isinstance(config, list) and config else "?"
+        got = extra.get("received_type", "?")
+        link = extra.get("linked_node")
+        source = f" from node {link[0]}" if isinstance(link, list) and link else ""
+        return f"{prefix}linked to an output of type {got}{source}, but needs {wanted}"
+    if kind == "custom_validation_failed":
+        text = details
+        if name and text.startswith(f"{name} - "):
+            text = text[len(name) + 3 :]
+        return f"{prefix}{text or message}"
+    if kind in ("exception_during_validation", "exception_during_inner_validation"):
+        exc_type = extra.get("exception_type")
+        exc_msg = extra.get("exception_message") or details
+        cause = f"{exc_type}: {exc_msg}" if exc_type else exc_msg
+        return f"{prefix}{message.rstrip('.')} ({cause})"
+    if details and details != name:
+        return f"{prefix}{message.rstrip('.')}: {details}"
+    return f"{prefix}{message}"
+
+
+def _looks_like_model(received: Any, allowed: list[str]) -> bool:
+    values = [str(received), *allowed]
+    return any(v.lower().endswith(_MODEL_SUFFIXES) for v in values)
+
+
+def _node_sort_key(node_id: str) -> tuple[int, str]:
+    return (int(node_id), "") if node_id.isdigit() else (1 << 62, node_id)
+
+
+def _without_tracebacks(value: Any) -> Any:
+    """Validation tracebacks point into ComfyUI's own code; they only bloat the status doc."""
+    if isinstance(value, dict):
+        return {k: _without_tracebacks(v) for k, v in value.items() if k != "traceback"}
+    if isinstance(value, list):
+        return [_without_tracebacks(v) for v in value]
+    return value
