@@ -203,7 +203,7 @@ class JobRunner:
             phase = time.monotonic()
             staged = await self._stage_inputs(job, subfolder)
             status.timings["stage"] = _since(phase)
-            graph = job.filled_graph(staged)
+            graph = job.filled_graph(staged, run_id)
 
             phase = time.monotonic()
             await self.comfy.queue_prompt(graph, run_id)

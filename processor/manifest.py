@@ -121,14 +121,19 @@ class Job:
     rerun: bool = False
     batch_index: int | None = None
 
-    def filled_graph(self, staged: dict[str, str]) -> Graph:
-        """The graph with staged input names in place of the user's file references."""
-        if not staged:
-            return self.graph
+    def filled_graph(self, staged: dict[str, str], run_id: str | None = None) -> Graph:
+        """The graph for one run: staged input names in place of the user's file references,
+        and, given a run id, save prefixes unique to the run.
+
+        A unique prefix matters: ComfyUI answers a fully cached run with the files of the
+        earlier run, which the worker has already cleaned up; a new prefix makes SaveImage run.
+        """
         graph = json.loads(json.dumps(self.graph))
         for item in self.inputs:
             for target in item.targets:
                 graph[target.node]["inputs"][target.input] = staged[item.field]
+        if run_id is not None:
+            set_output_prefixes(graph, f"{self.id}/{run_id}")
         return graph
 
 

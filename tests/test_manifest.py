@@ -423,7 +423,18 @@ def test_img2img_input_file_is_listed(registry: WorkflowRegistry) -> None:
     staged = job.filled_graph({"image": "comfys3/redraw-1/photo.png"})
     assert staged["1"]["inputs"]["image"] == "comfys3/redraw-1/photo.png"
     assert job.graph["1"]["inputs"]["image"] == "uploads/photo.png"  # job graph untouched
-    assert job.filled_graph({}) is job.graph
+    run = job.filled_graph({"image": "x.png"}, "run-7")
+    assert run["9"]["inputs"]["filename_prefix"] == f"comfys3/{job.id}/run-7/9"
+    assert job.graph["9"]["inputs"]["filename_prefix"] == f"comfys3/{job.id}/9"  # untouched
+
+
+def test_rerun_of_an_identical_job_gets_a_fresh_save_prefix(registry: WorkflowRegistry) -> None:
+    """ComfyUI answers a fully cached run with the earlier run's files, which the worker has
+    already removed; a prefix per run makes SaveImage run again."""
+    (job,) = load_jobs(b'{"workflow": "solid"}', manifest_key="s.json", registry=registry)
+    first, second = job.filled_graph({}, "run-a"), job.filled_graph({}, "run-b")
+    assert first["3"]["inputs"]["filename_prefix"] != second["3"]["inputs"]["filename_prefix"]
+    assert first is not job.graph
 
 
 def test_raw_graph_allowed_gets_prefixes(registry: WorkflowRegistry) -> None:
