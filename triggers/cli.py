@@ -12,6 +12,7 @@ from typing import Any
 
 from processor.settings import SettingsError
 from processor.workflows import WorkflowLoadError
+from provision import cli as provision_cli
 from triggers import offline_commands, worker_commands
 
 DESCRIPTION = """\
@@ -52,6 +53,7 @@ def _registrations() -> list[Callable[[Any], None]]:
     registrations: list[Callable[[Any], None]] = [
         offline_commands.register,
         worker_commands.register,
+        provision_cli.register,
     ]
     return registrations
 

