@@ -1,0 +1,32 @@
+"""Where jobs and results live: one :class:`Storage` interface, an S3 and a local-folder backend.
+
+Import everything from here; the ``storage_*`` modules are how it is split, not API.
+"""
+
+from __future__ import annotations
+
+from processor.storage_base import (
+    ObjectInfo,
+    ObjectNotFound,
+    PreconditionFailed,
+    Storage,
+    StorageError,
+    StoredObject,
+    folder_prefix,
+    validate_key,
+)
+from processor.storage_local import LocalStorage
+from processor.storage_s3 import S3Storage
+
+__all__ = [
+    "LocalStorage",
+    "ObjectInfo",
+    "ObjectNotFound",
+    "PreconditionFailed",
+    "S3Storage",
+    "Storage",
+    "StorageError",
+    "StoredObject",
+    "folder_prefix",
+    "validate_key",
+]

@@ -1,0 +1,137 @@
+"""The storage contract every backend honours, and the key rules they share.
+
+The pipeline and the claims code are written once against :class:`Storage`; the S3 backend and
+the local-folder backend must therefore agree on every edge (missing keys, conditional writes,
+what a non-recursive listing shows), not only on the happy path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Protocol, Self
+
+MAX_KEY_BYTES = 1024
+
+
+class StorageError(Exception):
+    """A storage operation that failed; the message names the operation and key, never secrets."""
+
+
+class ObjectNotFound(StorageError):
+    """The key does not exist (S3 ``NoSuchKey``, or no such file under the local root)."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write lost: the key exists (``if_none_match``) or changed (``if_match``)."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    data: bytes
+    etag: str
+    content_type: str | None
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    last_modified: datetime
+
+
+class Storage(Protocol):
+    """What the processor needs from a bucket or a folder; both backends share these semantics.
+
+    Prefixes passed to :meth:`list` name a folder: ``"input"`` and ``"input/"`` are the same, and
+    ``"input"`` never matches ``"inputs/x"``. ETags are quoted strings, as S3 sends them.
+    """
+
+    async def get(self, key: str) -> StoredObject: ...
+
+    async def head(self, key: str) -> ObjectInfo | None: ...
+
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> str: ...
+
+    async def list(
+        self, prefix: str, *, recursive: bool = False, limit: int | None = None
+    ) -> list[ObjectInfo]: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def move(self, src: str, dst: str) -> None: ...
+
+    async def presign_get(self, key: str, expires_in: int) -> str: ...
+
+    async def aclose(self) -> None: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+def _key_problem(key: str) -> str | None:
+    if not key:
+        return "it is empty"
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        return f"it is longer than {MAX_KEY_BYTES} bytes"
+    if "://" in key:
+        return "it looks like a URL; give a key inside the bucket or folder"
+    if key.startswith("/"):
+        return "it starts with '/'"
+    if "\\" in key:
+        return "it contains a backslash"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+        return "it contains a control character"
+    for part in key.split("/"):
+        if part == "":
+            return "it has an empty path segment ('//' or a trailing '/')"
+        if part in {".", ".."}:
+            return f"it has a '{part}' path segment"
+    return None
+
+
+def validate_key(key: str) -> str:
+    """Refuse keys that could escape a local root or mean different objects on different backends.
+
+    ``..`` and a leading ``/`` would leave the local folder; empty segments and backslashes are
+    legal on S3 but map to a different (or no) file locally, so a key valid here means the same
+    object everywhere.
+    """
+    if not isinstance(key, str):
+        raise StorageError(f"invalid storage key {key!r}: it is not a string")
+    problem = _key_problem(key)
+    if problem:
+        raise StorageError(f"invalid storage key {key!r}: {problem}")
+    return key
+
+
+def folder_prefix(prefix: str) -> str:
+    """``"input"`` / ``"input/"`` -> ``"input/"``; ``""`` / ``"/"`` -> ``""`` (the root).
+
+    Listing is by folder on both backends, so a prefix is validated like a key and always ends
+    with exactly one slash.
+    """
+    trimmed = prefix.rstrip("/") if prefix != "/" else ""
+    if not trimmed:
+        return ""
+    problem = _key_problem(trimmed)
+    if problem:
+        raise StorageError(f"invalid storage prefix {prefix!r}: {problem}")
+    return trimmed + "/"

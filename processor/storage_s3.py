@@ -1,0 +1,311 @@
+"""S3 backend on aiobotocore: one client (one connection pool) per worker, opened in __aenter__.
+
+Every botocore failure is translated at this boundary into the :mod:`processor.storage_base`
+exceptions, so the pipeline never imports botocore and every message names the bucket, key and
+operation, never a credential.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import random
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import aiohttp
+from aiobotocore.session import AioSession, get_session
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from processor.settings import S3Settings
+from processor.storage_base import (
+    ObjectInfo,
+    ObjectNotFound,
+    PreconditionFailed,
+    StorageError,
+    StoredObject,
+    folder_prefix,
+    validate_key,
+)
+
+# Concurrent conditional writes on AWS answer 409 ConditionalRequestConflict: "try again".
+CONFLICT_RETRIES = 4
+CONFLICT_BACKOFF = 0.05
+LIST_PAGE = 1000
+
+_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+_PRECONDITION_CODES = {"PreconditionFailed", "412"}
+_AUTH_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+}
+_TRANSPORT_ERRORS = (BotoCoreError, aiohttp.ClientError, OSError, asyncio.TimeoutError)
+
+
+@functools.cache
+def _session() -> AioSession:
+    """One botocore session per process: it only caches service models (loading them costs
+    ~100 ms), so every client after the first opens fast. Credentials stay per client."""
+    return get_session()
+
+
+def _error_code(error: ClientError) -> tuple[str, int]:
+    code = str(error.response.get("Error", {}).get("Code", ""))
+    status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return code, status
+
+
+class S3Storage:
+    """A bucket seen through :class:`processor.storage_base.Storage`.
+
+    Timeouts are constructor arguments rather than settings: the defaults suit a worker, and
+    tests pass small ones to learn quickly that an endpoint is unreachable.
+    """
+
+    def __init__(
+        self,
+        settings: S3Settings,
+        *,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        max_pool_connections: int = 32,
+    ) -> None:
+        self._settings = settings
+        self._config = Config(
+            region_name=settings.region,
+            signature_version="s3v4",
+            s3={"addressing_style": settings.addressing_style},
+            retries={"mode": "standard", "max_attempts": settings.retry_attempts},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_pool_connections=max_pool_connections,
+        )
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._client: Any = None
+
+    @property
+    def bucket(self) -> str:
+        return self._settings.bucket_name
+
+    def __repr__(self) -> str:
+        return f"S3Storage(endpoint={self._settings.endpoint_url!r}, bucket={self.bucket!r})"
+
+    async def __aenter__(self) -> Self:
+        if self._client is not None:
+            return self
+        stack = contextlib.AsyncExitStack()
+        session = _session()
+        try:
+            self._client = await stack.enter_async_context(
+                session.create_client(
+                    "s3",
+                    endpoint_url=self._settings.endpoint_url,
+                    region_name=self._settings.region,
+                    aws_access_key_id=self._settings.access_key.get_secret_value(),
+                    aws_secret_access_key=self._settings.secret_key.get_secret_value(),
+                    config=self._config,
+                )
+            )
+        except (*_TRANSPORT_ERRORS, ValueError) as error:
+            await stack.aclose()
+            raise StorageError(
+                f"cannot open an S3 client for {self._settings.endpoint_url}: {error}"
+            ) from None
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    # -- helpers --------------------------------------------------------------------------
+
+    @property
+    def _s3(self) -> Any:
+        if self._client is None:
+            raise StorageError(
+                f"S3 storage for bucket {self.bucket!r} is not open; "
+                "use 'async with S3Storage(...)'"
+            )
+        return self._client
+
+    def _where(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def _translate(self, error: Exception, operation: str, key: str) -> StorageError:
+        where = self._where(key)
+        if not isinstance(error, ClientError):
+            return StorageError(f"S3 {operation} of {where} failed: {error}")
+        code, status = _error_code(error)
+        message = error.response.get("Error", {}).get("Message") or ""
+        detail = f"{code or status}" + (f": {message}" if message else "")
+        if code == "NoSuchBucket":
+            return StorageError(f"S3 {operation} of {where} failed: bucket does not exist")
+        if code in _NOT_FOUND_CODES or (status == 404 and not code):
+            return ObjectNotFound(f"S3 {operation}: no object at {where}")
+        if code in _PRECONDITION_CODES or status == 412:
+            return PreconditionFailed(f"S3 {operation} of {where}: precondition failed ({detail})")
+        if code in _AUTH_CODES or status == 403:
+            return StorageError(
+                f"S3 {operation} of {where} was refused ({detail}); check "
+                "COMFYS3_S3_ACCESS_KEY, COMFYS3_S3_SECRET_KEY and the bucket's permissions"
+            )
+        return StorageError(f"S3 {operation} of {where} failed: {detail}")
+
+    async def _call(self, operation: str, key: str, method: str, **params: Any) -> Any:
+        try:
+            return await getattr(self._s3, method)(Bucket=self.bucket, **params)
+        except (ClientError, *_TRANSPORT_ERRORS) as error:
+            raise self._translate(error, operation, key) from None
+
+    # -- Storage --------------------------------------------------------------------------
+
+    async def get(self, key: str) -> StoredObject:
+        validate_key(key)
+        response = await self._call("get", key, "get_object", Key=key)
+        try:
+            async with response["Body"] as stream:
+                data = await stream.read()
+        except _TRANSPORT_ERRORS as error:
+            raise self._translate(error, "get", key) from None
+        return StoredObject(
+            key=key,
+            data=data,
+            etag=str(response.get("ETag", "")),
+            content_type=response.get("ContentType"),
+        )
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        validate_key(key)
+        try:
+            response = await self._call("head", key, "head_object", Key=key)
+        except ObjectNotFound:
+            return None
+        return ObjectInfo(
+            key=key,
+            size=int(response.get("ContentLength", 0)),
+            etag=str(response.get("ETag", "")),
+            last_modified=response["LastModified"],
+        )
+
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> str:
+        validate_key(key)
+        if if_none_match and if_match is not None:
+            raise StorageError(f"put of {self._where(key)}: if_none_match and if_match exclude")
+        params: dict[str, Any] = {"Key": key, "Body": data, "ContentType": content_type}
+        if if_none_match:
+            params["IfNoneMatch"] = "*"
+        if if_match is not None:
+            params["IfMatch"] = if_match
+        conditional = if_none_match or if_match is not None
+        for attempt in range(CONFLICT_RETRIES + 1):
+            try:
+                response = await self._s3.put_object(Bucket=self.bucket, **params)
+                return str(response.get("ETag", ""))
+            except ClientError as error:
+                code, status = _error_code(error)
+                if conditional and status == 409:
+                    # AWS: a concurrent conditional write is in flight; others use 409 for
+                    # "exists". Retrying tells them apart: the first kind settles quickly.
+                    if attempt < CONFLICT_RETRIES and code == "ConditionalRequestConflict":
+                        await asyncio.sleep(random.uniform(0, CONFLICT_BACKOFF * 2**attempt))
+                        continue
+                    raise PreconditionFailed(
+                        f"S3 put of {self._where(key)}: precondition failed ({code or status})"
+                    ) from None
+                if if_match is not None and (code in _NOT_FOUND_CODES or status == 404):
+                    # If-Match on a vanished object: the version we expected is gone.
+                    raise PreconditionFailed(
+                        f"S3 put of {self._where(key)}: precondition failed (object is gone)"
+                    ) from None
+                raise self._translate(error, "put", key) from None
+            except _TRANSPORT_ERRORS as error:
+                raise self._translate(error, "put", key) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def list(
+        self, prefix: str, *, recursive: bool = False, limit: int | None = None
+    ) -> list[ObjectInfo]:
+        folder = folder_prefix(prefix)
+        found: list[ObjectInfo] = []
+        token: str | None = None
+        while limit is None or len(found) < limit:
+            params: dict[str, Any] = {"Prefix": folder, "MaxKeys": LIST_PAGE}
+            if limit is not None:
+                params["MaxKeys"] = max(1, min(LIST_PAGE, limit - len(found)))
+            if not recursive:
+                params["Delimiter"] = "/"
+            if token:
+                params["ContinuationToken"] = token
+            page: Mapping[str, Any] = await self._call(
+                "list", folder or "(root)", "list_objects_v2", **params
+            )
+            for item in page.get("Contents", []):
+                key = str(item["Key"])
+                if key.endswith("/"):
+                    continue  # a "folder" marker some tools create; not an object to process
+                found.append(
+                    ObjectInfo(
+                        key=key,
+                        size=int(item.get("Size", 0)),
+                        etag=str(item.get("ETag", "")),
+                        last_modified=item["LastModified"],
+                    )
+                )
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                break
+        return found[:limit] if limit is not None else found
+
+    async def delete(self, key: str) -> None:
+        validate_key(key)
+        await self._call("delete", key, "delete_object", Key=key)
+
+    async def move(self, src: str, dst: str) -> None:
+        validate_key(src)
+        validate_key(dst)
+        if src == dst:
+            if await self.head(src) is None:
+                raise ObjectNotFound(f"S3 move: no object at {self._where(src)}")
+            return
+        await self._call(
+            f"move to {self._where(dst)}",
+            src,
+            "copy_object",
+            Key=dst,
+            CopySource={"Bucket": self.bucket, "Key": src},
+        )
+        await self._call("delete (after move)", src, "delete_object", Key=src)
+
+    async def presign_get(self, key: str, expires_in: int) -> str:
+        validate_key(key)
+        try:
+            url = await self._s3.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_in
+            )
+        except (ClientError, *_TRANSPORT_ERRORS) as error:
+            raise self._translate(error, "presign", key) from None
+        return str(url)
