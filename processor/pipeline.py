@@ -263,16 +263,20 @@ class Worker:
     async def _manifest(self, key: str, lease: Lease, slot: _Slot) -> list[JobOutcome]:
         """Everything that happens to one claimed manifest; never raises on a job's failure."""
         outcomes: list[JobOutcome] = []
+        latest: Callable[[], Lease] = lambda: lease  # noqa: E731
         try:
             async with self.claims.heartbeat(lease) as beat:
+                latest = beat
                 outcomes = await self._manifest_jobs(key, lease, slot)
             if beat.lost is not None:
                 log.warning("%s: %s; leaving the manifest to its new holder", key, beat.lost)
                 return outcomes
             await self._settle(key, beat(), outcomes)
         except asyncio.CancelledError:
+            # Give the job back under the newest lease: the first one's ETag is stale after
+            # any renewal, and releasing with it would leave the claim held until it expires.
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.claims.release(lease, error="worker stopped"))
+                await asyncio.shield(self.claims.release(latest(), error="worker stopped"))
             raise
         finally:
             slot.release()

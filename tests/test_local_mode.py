@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +91,15 @@ def test_sigterm_past_the_grace_gives_the_job_back(tmp_path: Path, fake_comfyui:
     fake_comfyui.state.exec_delay = 30
     (tmp_path / "input").mkdir()
     (tmp_path / "input" / "long.json").write_text(json.dumps({"workflow": "solid"}))
-    worker, log = start_local_worker(tmp_path, fake_comfyui, shutdown_grace="0.5")
+    # A short lease renews every 0.3 s, so the claim's first ETag is stale when the job is
+    # given back: the release must use the newest lease.
+    worker, log = start_local_worker(
+        tmp_path, fake_comfyui, shutdown_grace="0.5", lease_seconds="0.9"
+    )
     wait_until(
         lambda: (read_status(tmp_path, "long") or {}).get("state") == "running", 30, "running"
     )
+    time.sleep(1.5)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0, log.read_text()[-2000:]
     status = read_status(tmp_path, "long")
