@@ -46,7 +46,7 @@ class S3Settings(BaseSettings):
         default="path",
         description="Bucket addressing; path style suits most S3-compatible servers.",
     )
-    max_attempts: int = Field(
+    retry_attempts: int = Field(
         default=5, ge=1, description="botocore standard-mode retry attempts per S3 call."
     )
 

@@ -142,7 +142,7 @@ def test_secrets_never_in_repr_or_str(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_secrets_never_in_error_messages(monkeypatch: pytest.MonkeyPatch) -> None:
     set_complete_s3(
-        monkeypatch, COMFYS3_S3_ENDPOINT_URL="ftp://bad.example", COMFYS3_S3_MAX_ATTEMPTS="0"
+        monkeypatch, COMFYS3_S3_ENDPOINT_URL="ftp://bad.example", COMFYS3_S3_RETRY_ATTEMPTS="0"
     )
     monkeypatch.delenv("COMFYS3_S3_REGION")
     with pytest.raises(SettingsError) as caught:
@@ -151,7 +151,7 @@ def test_secrets_never_in_error_messages(monkeypatch: pytest.MonkeyPatch) -> Non
     message = str(error)
     assert "COMFYS3_S3_ENDPOINT_URL" in message
     assert "http://" in message
-    assert "COMFYS3_S3_MAX_ATTEMPTS" in message
+    assert "COMFYS3_S3_RETRY_ATTEMPTS" in message
     assert "COMFYS3_S3_REGION" in message
     for text in (message, repr(error)):
         assert SECRET not in text
