@@ -1,0 +1,89 @@
+"""A worker that starts ComfyUI itself (the fake, as a process that looks like ComfyUI):
+ComfyUI dying mid-job is a retried job, not a lost one, and disk use stays flat."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from processor.layout import Layout
+from processor.manifest import JobState, JobStatus
+from processor.service import open_worker
+from processor.settings import WorkerSettings
+from processor.storage import LocalStorage
+from tests.test_comfy_process import FAKE_DIR, free_port
+
+LAYOUT = Layout("input", "output")
+
+
+def owned_comfyui(tmp_path: Path) -> WorkerSettings:
+    comfy = tmp_path / "comfy"
+    args = (
+        f"--cpu --input-directory {comfy / 'in'} --output-directory {comfy / 'out'} "
+        f"--temp-directory {comfy / 'tmp'}"
+    )
+    return WorkerSettings(
+        comfyui_path=FAKE_DIR,
+        comfyui_python=sys.executable,
+        comfyui_port=free_port(),
+        comfyui_args=args,
+        comfyui_startup_timeout=30,
+        comfyui_log_file=tmp_path / "comfyui.log",
+        job_timeout=30,
+        max_attempts=3,
+        worker_id="owner",
+    )
+
+
+def drop(root: Path, name: str, document: dict[str, object]) -> None:
+    (root / "input").mkdir(parents=True, exist_ok=True)
+    (root / "input" / f"{name}.json").write_text(json.dumps(document))
+
+
+def status_of(root: Path, job_id: str) -> JobStatus:
+    return JobStatus.model_validate_json((root / "output" / job_id / "status.json").read_bytes())
+
+
+async def test_comfyui_dying_mid_job_is_restarted_and_the_job_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = tmp_path / "jobs"
+    # Die when node 2 starts, once: the marker file lets the restarted process live.
+    monkeypatch.setenv("FAKE_COMFYUI_DIE_AT_NODE", "2")
+    monkeypatch.setenv("FAKE_COMFYUI_DIE_MARKER", str(tmp_path / "died-once"))
+    drop(jobs, "victim", {"workflow": "solid"})
+    async with open_worker(
+        storage=LocalStorage(jobs), layout=LAYOUT, settings=owned_comfyui(tmp_path)
+    ) as worker:
+        counts = await worker.run()
+
+    status = status_of(jobs, "victim")
+    assert status.state is JobState.succeeded and status.attempt == 2
+    assert any("attempt 1 failed: comfyui_unavailable" in n for n in status.notes), status.notes
+    assert "died" in " ".join(status.notes)
+    assert counts.retried == 1 and counts.succeeded == 1
+    assert (tmp_path / "died-once").exists()
+
+
+async def test_comfyui_folders_stay_empty_after_jobs(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs"
+    (jobs / "uploads").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "blue").save(jobs / "uploads" / "b.png")
+    for n in range(3):
+        drop(jobs, f"s{n}", {"workflow": "scale", "payload": {"image": "uploads/b.png"}})
+    drop(jobs, "t", {"workflow": "txt2img", "payload": {"steps": 1, "batch_size": 2}})
+
+    async with open_worker(
+        storage=LocalStorage(jobs), layout=LAYOUT, settings=owned_comfyui(tmp_path)
+    ) as worker:
+        counts = await worker.run()
+
+    assert counts.succeeded == 4
+    assert len(status_of(jobs, "t").outputs) == 2
+    comfy = tmp_path / "comfy"
+    leftovers = [p for p in comfy.rglob("*") if p.is_file()]
+    assert leftovers == [], leftovers
