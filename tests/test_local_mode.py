@@ -109,3 +109,32 @@ def test_sigterm_past_the_grace_gives_the_job_back(tmp_path: Path, fake_comfyui:
     assert claim["state"] == "released" and claim["last_error"] == "worker stopped"
     assert (tmp_path / "input" / "long.json").exists()  # still pending for the next worker
     assert fake_comfyui.stats()["interrupted"]  # the prompt did not keep the GPU busy
+
+
+def test_status_command_reads_a_job_for_a_person(tmp_path: Path, fake_comfyui: Any) -> None:
+    (tmp_path / "input").mkdir()
+    (tmp_path / "input" / "shown.json").write_text(
+        json.dumps({"workflow": "solid", "metadata": {"who": "me"}})
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMFYS3_")}
+    env["COMFYS3_COMFYUI_URL"] = fake_comfyui.url
+    done = subprocess.run(
+        comfys3("run", "--once", "--local", str(tmp_path)),
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and "1 succeeded" in done.stdout, done.stderr
+
+    def status(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            comfys3("status", *args, "--local", str(tmp_path)),
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    shown = status("shown")
+    assert shown.returncode == 0
+    assert shown.stdout.startswith("job shown: succeeded (attempt 1)")
+    assert "output/shown/3_SaveImage_001.png (image/png" in shown.stdout
+    raw = status("shown", "--json")
+    assert json.loads(raw.stdout)["metadata"] == {"who": "me"}
+    missing = status("nobody")
+    assert missing.returncode == 1 and "no status for job 'nobody'" in missing.stdout
