@@ -13,7 +13,7 @@ from typing import Any
 from processor.settings import SettingsError
 from processor.workflows import WorkflowLoadError
 from provision import cli as provision_cli
-from triggers import offline_commands, worker_commands
+from triggers import offline_commands, runpod, worker_commands
 
 DESCRIPTION = """\
 Run ComfyUI workflows as a batch service. Job manifests (JSON) arrive in an S3 prefix or a
@@ -53,6 +53,7 @@ def _registrations() -> list[Callable[[Any], None]]:
     registrations: list[Callable[[Any], None]] = [
         offline_commands.register,
         worker_commands.register,
+        runpod.register,
         provision_cli.register,
     ]
     return registrations
