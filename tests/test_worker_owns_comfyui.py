@@ -4,7 +4,6 @@ ComfyUI dying mid-job is a retried job, not a lost one, and disk use stays flat.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,28 +14,13 @@ from processor.manifest import JobState, JobStatus
 from processor.service import open_worker
 from processor.settings import WorkerSettings
 from processor.storage import LocalStorage
-from tests.test_comfy_process import FAKE_DIR, free_port
+from tests.test_comfy_process import local_settings
 
 LAYOUT = Layout("input", "output")
 
 
 def owned_comfyui(tmp_path: Path) -> WorkerSettings:
-    comfy = tmp_path / "comfy"
-    args = (
-        f"--cpu --input-directory {comfy / 'in'} --output-directory {comfy / 'out'} "
-        f"--temp-directory {comfy / 'tmp'}"
-    )
-    return WorkerSettings(
-        comfyui_path=FAKE_DIR,
-        comfyui_python=sys.executable,
-        comfyui_port=free_port(),
-        comfyui_args=args,
-        comfyui_startup_timeout=30,
-        comfyui_log_file=tmp_path / "comfyui.log",
-        job_timeout=30,
-        max_attempts=3,
-        worker_id="owner",
-    )
+    return local_settings(tmp_path / "comfy", job_timeout=30, max_attempts=3, worker_id="owner")
 
 
 def drop(root: Path, name: str, document: dict[str, object]) -> None:
@@ -85,5 +69,6 @@ async def test_comfyui_folders_stay_empty_after_jobs(tmp_path: Path) -> None:
     assert counts.succeeded == 4
     assert len(status_of(jobs, "t").outputs) == 2
     comfy = tmp_path / "comfy"
-    leftovers = [p for p in comfy.rglob("*") if p.is_file()]
+    folders = [comfy / "in", comfy / "out", comfy / "tmp"]
+    leftovers = [p for folder in folders for p in folder.rglob("*") if p.is_file()]
     assert leftovers == [], leftovers
