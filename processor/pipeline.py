@@ -158,6 +158,8 @@ class Worker:
                 try:
                     candidates = await self.pending()
                 except StorageError as error:
+                    if wait_for_work is None:
+                        raise  # a drain that cannot list cannot say it drained anything
                     log.warning("listing %s failed: %s", self.layout.input_dir, error)
                     candidates = []
                 for key in candidates:
@@ -192,7 +194,7 @@ class Worker:
                 else:
                     break
         finally:
-            await self._finish_inflight(stop)
+            await self._finish_inflight()
         return self.counts
 
     async def run_manifest(self, key: str) -> list[JobOutcome] | None:
@@ -255,7 +257,7 @@ class Worker:
                 if not task.cancelled() and task.exception() is not None:
                     log.error("manifest %s crashed: %r", name, task.exception())
 
-    async def _finish_inflight(self, stop: asyncio.Event) -> None:
+    async def _finish_inflight(self) -> None:
         if self._inflight:
             await asyncio.gather(*self._inflight.values(), return_exceptions=True)
         self._reap()

@@ -140,3 +140,18 @@ def test_killed_worker_job_is_taken_over_after_lease(
     assert any("did not finish" in note for note in final["notes"])
     assert keys(client, settings, "input/_claims/") == []
     assert keys(client, settings, "input/", delimiter="/") == []
+
+
+def test_run_once_with_unreachable_s3_fails_readably(
+    moto_s3_settings: S3Settings, fake_comfyui: Any
+) -> None:
+    env = s3_env(moto_s3_settings, comfyui_url=fake_comfyui.url)
+    env.update({"COMFYS3_S3_ENDPOINT_URL": "http://127.0.0.1:9", "COMFYS3_S3_RETRY_ATTEMPTS": "1"})
+    result = subprocess.run(
+        comfys3("run", "--once"), env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("comfys3: ")
+    assert moto_s3_settings.bucket_name in result.stderr
+    assert "Traceback" not in result.stderr
+    assert moto_s3_settings.secret_key.get_secret_value() not in result.stderr

@@ -138,3 +138,17 @@ def test_status_command_reads_a_job_for_a_person(tmp_path: Path, fake_comfyui: A
     assert json.loads(raw.stdout)["metadata"] == {"who": "me"}
     missing = status("nobody")
     assert missing.returncode == 1 and "no status for job 'nobody'" in missing.stdout
+
+
+def test_unreachable_comfyui_is_one_readable_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMFYS3_")}
+    env.update(
+        {"COMFYS3_COMFYUI_URL": "http://127.0.0.1:9", "COMFYS3_COMFYUI_STARTUP_TIMEOUT": "1"}
+    )
+    result = subprocess.run(
+        comfys3("run", "--once", "--local", str(tmp_path)),
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "ComfyUI at http://127.0.0.1:9 was not ready within 1 s" in result.stderr
+    assert "Traceback" not in result.stderr

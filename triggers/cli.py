@@ -10,7 +10,9 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from processor.comfy_errors import ComfyError
 from processor.settings import SettingsError
+from processor.storage import StorageError
 from processor.workflows import WorkflowLoadError
 from provision import cli as provision_cli
 from triggers import offline_commands, runpod, worker_commands
@@ -71,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, WorkflowLoadError) as error:
         print(f"comfys3: {error}", file=sys.stderr)
         return 2
+    except (ComfyError, StorageError) as error:  # ComfyUI or S3 unreachable, refused, ...
+        print(f"comfys3: {error}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `comfys3 workflows | head` is fine
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         return 0
