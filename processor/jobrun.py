@@ -267,9 +267,7 @@ class JobRunner:
                 return JobOutcome(Verdict.retry, status)
         return JobOutcome(verdict, status)
 
-    async def fail(
-        self, job_id: str, manifest_key: str, error: BaseException, **extra: Any
-    ) -> JobStatus:
+    async def fail(self, job_id: str, manifest_key: str, error: BaseException) -> JobStatus:
         """Record a job that never got to run (broken manifest, out of attempts)."""
         info, _ = classify(error)
         status = JobStatus(
@@ -278,7 +276,6 @@ class JobRunner:
             worker=self.settings.worker_id,
             manifest_key=manifest_key,
             error=info,
-            **extra,
         )
         await self.write_status(status)
         return status

@@ -280,6 +280,11 @@ class Worker:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.claims.release(latest(), error="worker stopped"))
             raise
+        except Exception as error:  # storage trouble around the jobs: give the claim back
+            log.error("%s: %s: %s", key, type(error).__name__, error)
+            with contextlib.suppress(Exception):
+                await self.claims.release(latest(), error=f"{type(error).__name__}: {error}")
+            return outcomes
         finally:
             slot.release()
         for outcome in outcomes:
@@ -303,9 +308,8 @@ class Worker:
             )
         except ManifestError as error:
             slot.release()
-            job_id = _declared_id(stored.data) or name
             log.warning("%s is not a valid manifest: %s", key, error)
-            return [JobOutcome(Verdict.failed, await self.runner.fail(job_id, key, error))]
+            return [await self._invalid(key, _declared_id(stored.data) or name, error)]
 
         if lease.attempt > self.settings.max_attempts:
             slot.release()
@@ -334,6 +338,18 @@ class Worker:
             # Let this job reach ComfyUI's queue before the next one takes a slot.
             await asyncio.sleep(0)
         return list(await asyncio.gather(*tasks))
+
+    async def _invalid(self, key: str, job_id: str, error: ManifestError) -> JobOutcome:
+        """A broken manifest fails with a status that says why, but never buries the result
+        of an earlier run of the same id: that status keeps its state and gets a note."""
+        previous = await self.runner.read_status(job_id)
+        if previous is not None and previous.state is JobState.succeeded:
+            previous.notes.append(
+                f"manifest {key} arrived again but was not run, because it is not valid: {error}"
+            )
+            await self.runner.write_status(previous)
+            return JobOutcome(Verdict.failed, previous)
+        return JobOutcome(Verdict.failed, await self.runner.fail(job_id, key, error))
 
     async def _already_done(self, job: Job) -> JobOutcome | None:
         """A manifest whose id already succeeded is not run again unless it asks to be."""

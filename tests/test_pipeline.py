@@ -229,3 +229,20 @@ async def test_progress_is_recorded_while_running(tmp_path: Path, fake_comfyui: 
         await worker.run()
     assert seen and max(seen) > 0 and seen == sorted(seen)
     assert status_of(tmp_path, "slow").progress.fraction == 1.0
+
+
+async def test_broken_reupload_does_not_bury_an_earlier_result(
+    tmp_path: Path, fake_comfyui: Any
+) -> None:
+    settings = worker_settings(fake_comfyui)
+    drop(tmp_path, "keep", {"workflow": "solid"})
+    await drain(tmp_path, settings)
+    drop(tmp_path, "keep", '{"workflow": "solid", "payload": {"width": -1}}')
+
+    counts = await drain(tmp_path, settings)
+
+    assert counts.failed == 1
+    status = status_of(tmp_path, "keep")
+    assert status.state is JobState.succeeded and status.outputs
+    assert any("not valid" in note and "payload.width" in note for note in status.notes)
+    assert (tmp_path / "input" / "_failed" / "keep.json").exists()
