@@ -292,7 +292,12 @@ class ComfyClient:
     # ----------------------------------------------------------------- inputs
 
     async def upload_input(self, data: bytes, filename: str, subfolder: str) -> str:
-        """Store an input file in ComfyUI's input folder; returns the LoadImage value."""
+        """Store an input file in ComfyUI's input folder; returns the LoadImage value.
+
+        Like queueing, it waits while ComfyUI is down (restarting): a retried job stages its
+        inputs first, and must not burn its attempts on a ComfyUI that is still booting.
+        """
+        await self._wait_connected()
         name = _safe_name(filename)
         folder = _safe_subfolder(subfolder)
         form = aiohttp.FormData()
