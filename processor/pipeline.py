@@ -41,29 +41,48 @@ class LaneSettings:
     allow_raw: bool = False
     max_manifest_bytes: int = 1_048_576
     lane_depth: int = 2
+    retry_delay: float = 2.0
 
 
 @dataclass
 class Counts:
-    """What a drain did, for ``--once`` and RunPod's drain answer."""
+    """What a worker did, for ``--once`` and RunPod's drain answer.
 
-    succeeded: int = 0
-    failed: int = 0
-    retried: int = 0
-    skipped: int = 0
-    manifests: int = 0
+    ``statuses`` lists every attempt's outcome in order; the counts are by job, from each
+    job's latest outcome, so a job that failed once and then succeeded counts as succeeded.
+    """
+
     statuses: list[JobStatus] = field(default_factory=list)
+    manifest_names: set[str] = field(default_factory=set)
+    _latest: dict[str, Verdict] = field(default_factory=dict)
 
     def add(self, outcome: JobOutcome) -> None:
         self.statuses.append(outcome.status)
-        if outcome.verdict is Verdict.succeeded:
-            self.succeeded += 1
-        elif outcome.verdict is Verdict.skipped:
-            self.skipped += 1
-        elif outcome.verdict is Verdict.retry:
-            self.retried += 1
-        else:
-            self.failed += 1
+        self._latest[outcome.status.id] = outcome.verdict
+
+    def _count(self, verdict: Verdict) -> int:
+        return sum(1 for v in self._latest.values() if v is verdict)
+
+    @property
+    def succeeded(self) -> int:
+        return self._count(Verdict.succeeded)
+
+    @property
+    def failed(self) -> int:
+        return self._count(Verdict.failed)
+
+    @property
+    def retried(self) -> int:
+        """Jobs whose latest attempt failed and that wait for another one."""
+        return self._count(Verdict.retry)
+
+    @property
+    def skipped(self) -> int:
+        return self._count(Verdict.skipped)
+
+    @property
+    def manifests(self) -> int:
+        return len(self.manifest_names)
 
     def summary(self) -> dict[str, int]:
         return {
@@ -72,6 +91,7 @@ class Counts:
             "failed": self.failed,
             "retried": self.retried,
             "skipped": self.skipped,
+            "attempts": len(self.statuses),
         }
 
 
@@ -111,17 +131,23 @@ class Worker:
         self._slots = asyncio.Semaphore(settings.lane_depth)
         self._inflight: dict[str, asyncio.Task[list[JobOutcome]]] = {}
         self.counts = Counts()
+        # Manifests this worker gave back after a retryable failure, and when it may take them
+        # again: a retry at once would burn every attempt on a ComfyUI still restarting.
+        self._deferred: dict[str, float] = {}
 
     # -- discovery ------------------------------------------------------------------------
 
     async def pending(self) -> list[str]:
         """Manifest keys waiting in the intake prefix, shuffled so workers spread out."""
         listed = await self.storage.list(self.layout.input_dir)
+        now = time.monotonic()
+        self._deferred = {name: t for name, t in self._deferred.items() if t > now}
         keys = [
             info.key
             for info in listed
             if self.layout.is_manifest(info.key)
             and self.layout.manifest_name(info.key) not in self._inflight
+            and self.layout.manifest_name(info.key) not in self._deferred
         ]
         random.shuffle(keys)
         return keys
@@ -191,6 +217,8 @@ class Worker:
                         list(self._inflight.values()), return_when=asyncio.FIRST_COMPLETED
                     )
                     self._reap()
+                elif self._deferred:
+                    await self._sleep_until(min(self._deferred.values()), stop)
                 else:
                     break
         finally:
@@ -236,6 +264,11 @@ class Worker:
             await acquire
         return None
 
+    @staticmethod
+    async def _sleep_until(moment: float, stop: asyncio.Event) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(0.0, moment - time.monotonic()))
+
     async def _try_claim(self, key: str) -> Lease | None:
         try:
             return await self.claims.acquire(self.layout.manifest_name(key))
@@ -245,7 +278,7 @@ class Worker:
 
     def _start(self, key: str, lease: Lease, slot: _Slot) -> asyncio.Task[list[JobOutcome]]:
         name = self.layout.manifest_name(key)
-        self.counts.manifests += 1
+        self.counts.manifest_names.add(name)
         task = asyncio.create_task(self._manifest(key, lease, slot), name=f"manifest {name}")
         self._inflight[name] = task
         return task
@@ -399,6 +432,8 @@ class Worker:
                 first = retry[0].status.error
                 reason = f"{first.type}: {first.message}" if first else "failed"
                 await self.claims.release(lease, error=reason[:2000])
+                delay = min(30.0, self.settings.retry_delay * 2 ** (lease.attempt - 1))
+                self._deferred[name] = time.monotonic() + delay
                 return
             failed = any(o.verdict is Verdict.failed for o in outcomes)
             if outcomes:

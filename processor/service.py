@@ -72,6 +72,7 @@ async def open_worker(
             settings=LaneSettings(
                 lease_seconds=settings.lease_seconds,
                 max_attempts=settings.max_attempts,
+                retry_delay=settings.retry_delay,
                 allow_raw=settings.allow_raw_workflows,
                 max_manifest_bytes=settings.max_manifest_bytes,
             ),

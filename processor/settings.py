@@ -118,6 +118,11 @@ class WorkerSettings(BaseSettings):
         default=120.0, gt=0, description="A claim not renewed for this long is taken over."
     )
     max_attempts: int = Field(default=3, ge=1, description="Attempts before a job fails for good.")
+    retry_delay: float = Field(
+        default=2.0,
+        ge=0,
+        description="Seconds before this worker retries a job it gave back; doubles per attempt.",
+    )
     poll_min_interval: float = Field(
         default=0.5, gt=0, description="Poll interval right after finding work (seconds)."
     )

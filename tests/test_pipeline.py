@@ -28,6 +28,7 @@ def worker_settings(fake: Any, **overrides: Any) -> WorkerSettings:
         "lease_seconds": 30,
         "max_attempts": 3,
         "worker_id": "test-worker",
+        "retry_delay": 0.2,
     }
     values.update(overrides)
     return WorkerSettings(**values)
@@ -113,7 +114,8 @@ async def test_job_that_always_fails_stops_after_max_attempts(
     assert any("gave up after 2" in note for note in doomed.notes)
     assert any("attempt 1 failed" in note for note in doomed.notes)
     assert status_of(tmp_path, "fine").state is JobState.succeeded
-    assert counts.retried == 1 and counts.failed == 1 and counts.succeeded == 1
+    assert (counts.failed, counts.succeeded, counts.retried) == (1, 1, 0)
+    assert counts.summary()["attempts"] == 3 and counts.manifests == 2
     assert (tmp_path / "input" / "_failed" / "doomed.json").exists()
     assert executions(fake_comfyui) == 3  # doomed twice, fine once
 

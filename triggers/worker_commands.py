@@ -48,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(
             f"done: {summary['succeeded']} succeeded, {summary['failed']} failed, "
             f"{summary['retried']} to retry, {summary['skipped']} skipped "
-            f"({summary['manifests']} manifests)"
+            f"({summary['manifests']} manifests, {summary['attempts']} attempts)"
         )
     return 0
 
@@ -177,12 +177,14 @@ class ProgressBar:
             self.stream.write(bar + "\n")
 
     def close(self) -> None:
+        """End this job's bar; the next job starts its own from 0%."""
         if self.tty:
             self.stream.write("\n")
+        self._last = -1
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    logs.configure("text", "WARNING")
+    logs.configure("text", "ERROR")  # a failed job is reported once, below, not also logged
     settings = load_worker_settings()
     if args.comfyui_url:
         settings = settings.model_copy(update={"comfyui_url": args.comfyui_url})
