@@ -255,9 +255,12 @@ class JobRunner:
                 verdict = Verdict.failed
             log.warning("job %s attempt %d: %s: %s", job.id, attempt, info.type, info.message)
         finally:
-            if result is not None and self.cleanup is not None:
+            # Clean up after failures too: an attempt that staged inputs and then failed must
+            # not leave them in ComfyUI's input folder, or a warm worker's disk creeps up.
+            if self.cleanup is not None and (result is not None or job.inputs):
+                done = result or RunResult(run_id, [], {}, [], 0.0)
                 with contextlib.suppress(Exception):
-                    await self.cleanup(result, subfolder if job.inputs else None)
+                    await self.cleanup(done, subfolder if job.inputs else None)
         status.timings["total"] = _since(started)
         try:
             await self.write_status(status)

@@ -84,13 +84,17 @@ async def test_comfyui_folders_stay_empty_after_jobs(tmp_path: Path) -> None:
     for n in range(3):
         drop(jobs, f"s{n}", {"workflow": "scale", "payload": {"image": "uploads/b.png"}})
     drop(jobs, "t", {"workflow": "txt2img", "payload": {"steps": 1, "batch_size": 2}})
+    # A job that fails after its input was staged must not leave the input behind either.
+    (jobs / "uploads" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    drop(jobs, "bad", {"workflow": "scale", "payload": {"image": "uploads/broken.png"}})
 
     async with open_worker(
         storage=LocalStorage(jobs), layout=LAYOUT, settings=owned_comfyui(tmp_path)
     ) as worker:
         counts = await worker.run()
 
-    assert counts.succeeded == 4
+    assert counts.succeeded == 4 and counts.failed == 1
+    assert status_of(jobs, "bad").error is not None
     assert len(status_of(jobs, "t").outputs) == 2
     comfy = tmp_path / "comfy"
     folders = [comfy / "in", comfy / "out", comfy / "tmp"]
