@@ -368,8 +368,6 @@ class Worker:
                     )
                 )
             )
-            # Let this job reach ComfyUI's queue before the next one takes a slot.
-            await asyncio.sleep(0)
         return list(await asyncio.gather(*tasks))
 
     async def _invalid(self, key: str, job_id: str, error: ManifestError) -> JobOutcome:
