@@ -16,7 +16,7 @@ from processor.errors import ManifestError
 from processor.jobrun import JobRunner, JobSettings, Verdict
 from processor.layout import Layout
 from processor.manifest import Job, JobState, JobStatus, ProgressInfo, load_jobs
-from processor.pipeline import Counts
+from processor.pipeline import Counts, WaitForWork
 from processor.service import (
     local_layout,
     open_storage,
@@ -61,36 +61,40 @@ async def _run(
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
-    async with open_worker(storage=storage, layout=layout, settings=settings) as worker:
-        if args.once:
-            return await _until_stopped(worker.run(stop=stop), stop, settings.shutdown_grace)
-        if args.local is not None:
+    async with (
+        open_worker(storage=storage, layout=layout, settings=settings) as worker,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        wait_for_work: WaitForWork | None = None  # --once: drain, then return
+        if args.local is not None and not args.once:
             folder = Path(args.local) / layout.input_dir
-            async with FolderWatch(folder, stop, settings.poll_max_interval) as watch:
-                return await _until_stopped(
-                    worker.run(wait_for_work=watch.wait, stop=stop), stop, settings.shutdown_grace
-                )
-        interval = AdaptiveInterval(settings.poll_min_interval, settings.poll_max_interval, stop)
-        return await _until_stopped(
-            worker.run(wait_for_work=interval.wait, stop=stop), stop, settings.shutdown_grace
-        )
+            watch = FolderWatch(folder, stop, settings.poll_max_interval)
+            wait_for_work = (await stack.enter_async_context(watch)).wait
+        elif not args.once:
+            poll = AdaptiveInterval(settings.poll_min_interval, settings.poll_max_interval, stop)
+            wait_for_work = poll.wait
+        work = worker.run(wait_for_work=wait_for_work, stop=stop)
+        await _until_stopped(work, stop, settings.shutdown_grace)
+        return worker.counts
 
 
 async def _until_stopped(
     work: Coroutine[Any, Any, Counts], stop: asyncio.Event, grace: float
-) -> Counts:
+) -> None:
     """On SIGTERM the worker stops claiming and finishes what it runs; past the grace period
     the running jobs are cancelled, which gives their claims back, so nothing is orphaned."""
     task = asyncio.ensure_future(work)
-    await asyncio.wait({task, asyncio.ensure_future(stop.wait())}, return_when="FIRST_COMPLETED")
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
     if not task.done():
         done, _ = await asyncio.wait({task}, timeout=grace)
         if not done:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            return Counts()
-    return task.result()
+            return
+    task.result()  # a crash of the worker loop surfaces here, as a readable error
 
 
 # -- status ---------------------------------------------------------------------------------
