@@ -48,20 +48,26 @@ class LaneSettings:
 class Counts:
     """What a worker did, for ``--once`` and RunPod's drain answer.
 
-    ``statuses`` lists every attempt's outcome in order; the counts are by job, from each
-    job's latest outcome, so a job that failed once and then succeeded counts as succeeded.
+    ``outcomes`` lists every attempt in order; the counts are by job, from each job's latest
+    outcome, so a job that failed once and then succeeded counts as succeeded.
     """
 
-    statuses: list[JobStatus] = field(default_factory=list)
-    manifest_names: set[str] = field(default_factory=set)
-    _latest: dict[str, Verdict] = field(default_factory=dict)
+    outcomes: list[JobOutcome] = field(default_factory=list)
 
     def add(self, outcome: JobOutcome) -> None:
-        self.statuses.append(outcome.status)
-        self._latest[outcome.status.id] = outcome.verdict
+        self.outcomes.append(outcome)
+
+    def since(self, mark: int) -> Counts:
+        """What happened after ``mark`` outcomes (e.g. during one RunPod drain call)."""
+        return Counts(self.outcomes[mark:])
+
+    @property
+    def statuses(self) -> list[JobStatus]:
+        return [outcome.status for outcome in self.outcomes]
 
     def _count(self, verdict: Verdict) -> int:
-        return sum(1 for v in self._latest.values() if v is verdict)
+        latest = {outcome.status.id: outcome.verdict for outcome in self.outcomes}
+        return sum(1 for v in latest.values() if v is verdict)
 
     @property
     def succeeded(self) -> int:
@@ -82,7 +88,7 @@ class Counts:
 
     @property
     def manifests(self) -> int:
-        return len(self.manifest_names)
+        return len({outcome.status.manifest_key for outcome in self.outcomes})
 
     def summary(self) -> dict[str, int]:
         return {
@@ -91,7 +97,7 @@ class Counts:
             "failed": self.failed,
             "retried": self.retried,
             "skipped": self.skipped,
-            "attempts": len(self.statuses),
+            "attempts": len(self.outcomes),
         }
 
 
@@ -278,7 +284,6 @@ class Worker:
 
     def _start(self, key: str, lease: Lease, slot: _Slot) -> asyncio.Task[list[JobOutcome]]:
         name = self.layout.manifest_name(key)
-        self.counts.manifest_names.add(name)
         task = asyncio.create_task(self._manifest(key, lease, slot), name=f"manifest {name}")
         self._inflight[name] = task
         return task

@@ -10,6 +10,7 @@ from typing import Any
 
 from PIL import Image
 
+from processor.jobrun import JobOutcome, Verdict
 from processor.layout import Layout
 from processor.manifest import JobState, JobStatus
 from processor.pipeline import Counts
@@ -248,3 +249,22 @@ async def test_broken_reupload_does_not_bury_an_earlier_result(
     assert status.state is JobState.succeeded and status.outputs
     assert any("not valid" in note and "payload.width" in note for note in status.notes)
     assert (tmp_path / "input" / "_failed" / "keep.json").exists()
+
+
+def test_counts_are_by_job_and_a_later_window_never_goes_negative() -> None:
+    def outcome(job_id: str, verdict: Verdict) -> JobOutcome:
+        state = JobState.succeeded if verdict is Verdict.succeeded else JobState.queued
+        return JobOutcome(verdict, JobStatus(id=job_id, state=state, manifest_key=f"in/{job_id}"))
+
+    counts = Counts()
+    counts.add(outcome("a", Verdict.retry))
+    mark = len(counts.outcomes)
+    counts.add(outcome("a", Verdict.succeeded))
+    counts.add(outcome("b", Verdict.failed))
+
+    assert counts.summary() == {
+        "manifests": 2, "succeeded": 1, "failed": 1, "retried": 0, "skipped": 0, "attempts": 3,
+    }  # fmt: skip
+    assert counts.since(mark).summary() == {
+        "manifests": 2, "succeeded": 1, "failed": 1, "retried": 0, "skipped": 0, "attempts": 2,
+    }  # fmt: skip

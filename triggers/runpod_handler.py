@@ -161,17 +161,15 @@ class RunpodHandler:
         return await self._answer(worker, key, outcomes, batch=batch)
 
     async def _drain(self, worker: Worker, job: dict[str, Any], drain: Drain) -> dict[str, Any]:
-        # The worker's counts run for its whole life; this drain's share is the difference.
-        before, seen = worker.counts.summary(), len(worker.counts.statuses)
+        # The worker's counts run for its whole life; this drain's share is what came after.
+        mark = len(worker.counts.outcomes)
         with self.relay.watch(job, None):
-            counts = await worker.run(
-                max_manifests=drain.max_manifests, max_seconds=drain.max_seconds
-            )
-        after = counts.summary()
-        answer: dict[str, Any] = {name: after[name] - before[name] for name in after}
+            await worker.run(max_manifests=drain.max_manifests, max_seconds=drain.max_seconds)
+        counts = worker.counts.since(mark)
+        answer: dict[str, Any] = dict(counts.summary())
         answer["jobs"] = [
             {"id": status.id, "state": status.state.value, "status_key": self._status_key(status)}
-            for status in counts.statuses[seen:]
+            for status in counts.statuses
         ]
         return answer
 
