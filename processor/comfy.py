@@ -234,6 +234,15 @@ class ComfyClient:
         if self._listener is not None:
             self._listener.drop()
 
+    def mark_down(self) -> None:
+        """Treat the socket as down now, because the caller knows the server is gone (its
+        process exited) before the websocket thread has noticed. Without this, a prompt
+        queued in that gap is posted to a closed port and its job fails for nothing; with it,
+        the prompt waits for the reconnect like any other."""
+        self._connected.clear()
+        self._arm_down_timer()
+        self.drop_connection()
+
     def mark_dead(self, error: ComfyError | None) -> None:
         """Fail everything now and refuse new prompts with ``error`` (None: accept again)."""
         self._dead = error

@@ -406,6 +406,7 @@ class ComfyEngine:
         if self._client is None:
             return
         tail = self.process.log_tail(20)
+        self._client.mark_down()
         if restarting:
             self._client.fail_pending(
                 ComfyUnavailable(
