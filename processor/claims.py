@@ -221,18 +221,20 @@ class ClaimStore:
             ) from None
         return replace(lease, expires_at=expires_at, etag=etag)
 
-    async def release(self, lease: Lease, *, error: str | None) -> None:
+    async def release(self, lease: Lease, *, error: str | None, charge: bool = True) -> None:
         """Give the job back (e.g. after a failure) so any worker may retry it at once.
 
-        The attempt count stays, so the next holder knows how many tries went before; a
-        release without an error keeps the previous one.
+        The attempt count stays, so the next holder knows how many tries went before, unless
+        ``charge`` is false: a try the job was not to blame for (its worker stopped, ComfyUI
+        died running another job) is taken back. A release without an error keeps the
+        previous one.
         """
         last_error = error if error is not None else lease.last_error
         try:
             await self._write(
                 lease.name,
                 lease.key,
-                attempt=lease.attempt,
+                attempt=lease.attempt if charge else lease.attempt - 1,
                 expires_at=self._clock(),
                 state=RELEASED,
                 last_error=last_error,

@@ -249,10 +249,18 @@ class ComfyClient:
         if error is not None:
             self.fail_pending(error)
 
-    def fail_pending(self, error: ComfyError) -> None:
-        """Fail every prompt being followed, e.g. when the local ComfyUI process died."""
-        for watch in list(self._watches.values()):
-            watch.fail(error)
+    def fail_pending(self, error: ComfyError, *, waiting: ComfyError | None = None) -> None:
+        """Fail every prompt being followed, e.g. when the local ComfyUI process died.
+
+        With ``waiting``, prompts that sat in the queue behind one that was executing get that
+        error instead: ComfyUI runs one prompt at a time and its events arrive in order, so a
+        prompt not yet started while another had started was not the one running.
+        """
+        watches = [w for w in self._watches.values() if not w.done.is_set()]
+        someone_ran = any(w.started for w in watches)
+        for watch in watches:
+            bystander = waiting is not None and someone_ran and not watch.started
+            watch.fail(waiting if bystander and waiting is not None else error)
 
     # ----------------------------------------------------------------- readiness
 

@@ -86,6 +86,15 @@ class ComfyUnavailable(ComfyError):
     retryable = True
 
 
+class ComfyDiedWhileWaiting(ComfyUnavailable):
+    """ComfyUI died while another prompt ran, and this one was only waiting in its queue.
+
+    The prompt that ran is the suspect (a node that runs out of memory kills the process);
+    this one is a bystander, so its attempt is not counted: a job that crashes ComfyUI every
+    time must not use up the attempts of whatever happened to be queued behind it.
+    """
+
+
 def validation_error(status: int, body: Any) -> ComfyValidationError:
     """Turn a /prompt 400 body into one error whose lines each name a node and what to fix."""
     if not isinstance(body, dict):

@@ -138,6 +138,7 @@ class PromptWatch:
     node_types: dict[str, str] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
     queued: bool = False
+    started: bool = False  # ComfyUI began executing it (any execution event seen)
     number: float | None = None  # POST /prompt's queue number, also stored in /history
     cached: list[str] = field(default_factory=list)
     node_fraction: dict[str, float] = field(default_factory=dict)
@@ -183,6 +184,8 @@ class PromptWatch:
 
     def handle(self, kind: str, data: dict[str, Any]) -> bool:
         """Apply one event; True when progress moved enough to tell the callback."""
+        if kind in ("execution_start", "execution_cached", "executing", "progress"):
+            self.started = True
         if kind == "execution_start":
             timestamp = data.get("timestamp")
             if isinstance(timestamp, int | float):

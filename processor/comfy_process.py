@@ -26,7 +26,7 @@ from types import TracebackType
 import aiohttp
 
 from processor.comfy import ComfyClient, RunResult
-from processor.comfy_errors import ComfyUnavailable
+from processor.comfy_errors import ComfyDiedWhileWaiting, ComfyUnavailable
 from processor.settings import SettingsError, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -408,12 +408,18 @@ class ComfyEngine:
         tail = self.process.log_tail(20)
         self._client.mark_down()
         if restarting:
+            details = {"kind": "comfyui_died", "exit_code": code, "log_tail": tail}
             self._client.fail_pending(
                 ComfyUnavailable(
                     f"ComfyUI died ({describe_exit(code)}) while the job ran; it is being "
                     f"restarted. Last lines of {self.process.log_path}:\n{tail}",
-                    {"kind": "comfyui_died", "exit_code": code, "log_tail": tail},
-                )
+                    details,
+                ),
+                waiting=ComfyDiedWhileWaiting(
+                    f"ComfyUI died ({describe_exit(code)}) while another job ran; this one "
+                    "was waiting in its queue, so the attempt does not count",
+                    {**details, "bystander": True},
+                ),
             )
         else:
             self._client.mark_dead(

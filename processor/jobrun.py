@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from processor.comfy import OutputFile, Progress, RunResult
 from processor.comfy_errors import (
+    ComfyDiedWhileWaiting,
     ComfyError,
     ComfyInterrupted,
     ComfyRuntimeError,
@@ -86,6 +87,9 @@ class Verdict(enum.Enum):
 class JobOutcome:
     verdict: Verdict
     status: JobStatus
+    # False when the job is not to blame for this try (ComfyUI died running another prompt,
+    # or the worker stopped): the attempt is not counted against COMFYS3_MAX_ATTEMPTS.
+    charged: bool = True
 
 
 @dataclass
@@ -195,6 +199,7 @@ class JobRunner:
         )
         executed = _Once(on_executed)
         started = time.monotonic()
+        charged = True
         run_id = str(uuid.uuid4())
         result: RunResult | None = None
         subfolder = f"comfys3/{run_id}"
@@ -233,7 +238,8 @@ class JobRunner:
             executed()
             status.state = JobState.queued
             status.notes.append(
-                f"attempt {attempt} was stopped with its worker; the job was given back"
+                f"attempt {attempt} was stopped with its worker; the job was given back "
+                "and this try does not count"
             )
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.write_status(status))
@@ -243,7 +249,14 @@ class JobRunner:
             info, retryable = classify(error)
             status.error = info
             verdict = Verdict.retry if retryable else Verdict.failed
-            if verdict is Verdict.retry and attempt < max_attempts:
+            if isinstance(error, ComfyDiedWhileWaiting):
+                charged = False
+                status.state = JobState.queued
+                status.notes.append(
+                    f"attempt {attempt} did not run: ComfyUI died while another job ran; "
+                    "it will be retried and this try does not count"
+                )
+            elif verdict is Verdict.retry and attempt < max_attempts:
                 status.state = JobState.queued
                 status.notes.append(
                     f"attempt {attempt} of {max_attempts} failed ({info.type}); it will be retried"
@@ -268,7 +281,7 @@ class JobRunner:
             log.error("job %s: could not write its status: %s", job.id, error)
             if verdict is Verdict.succeeded:
                 return JobOutcome(Verdict.retry, status)
-        return JobOutcome(verdict, status)
+        return JobOutcome(verdict, status, charged)
 
     async def fail(self, job_id: str, manifest_key: str, error: BaseException) -> JobStatus:
         """Record a job that never got to run (broken manifest, out of attempts)."""

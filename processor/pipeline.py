@@ -9,7 +9,9 @@ on more work than it can start soon, and other workers get the rest.
 Retries: a failure that another attempt could fix (ComfyUI died, a runtime error, a timeout,
 S3 trouble) releases the claim with its reason; the manifest stays pending and any worker picks
 it up again as the next attempt. A failure no attempt can fix (a broken manifest, a graph
-ComfyUI refuses, a missing input) and an attempt past ``max_attempts`` fail for good.
+ComfyUI refuses, a missing input) and an attempt past ``max_attempts`` fail for good. A try
+the job was not to blame for is not counted: its worker was stopped, or ComfyUI died while
+another job ran and this one only waited in the queue behind it.
 """
 
 from __future__ import annotations
@@ -316,7 +318,9 @@ class Worker:
             # Give the job back under the newest lease: the first one's ETag is stale after
             # any renewal, and releasing with it would leave the claim held until it expires.
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.claims.release(latest(), error="worker stopped"))
+                await asyncio.shield(
+                    self.claims.release(latest(), error="worker stopped", charge=False)
+                )
             raise
         except Exception as error:  # storage trouble around the jobs: give the claim back
             log.error("%s: %s: %s", key, type(error).__name__, error)
@@ -434,7 +438,8 @@ class Worker:
             if retry:
                 first = retry[0].status.error
                 reason = f"{first.type}: {first.message}" if first else "failed"
-                await self.claims.release(lease, error=reason[:2000])
+                charge = any(o.charged for o in retry)
+                await self.claims.release(lease, error=reason[:2000], charge=charge)
                 delay = min(30.0, self.settings.retry_delay * 2 ** (lease.attempt - 1))
                 self._deferred[name] = time.monotonic() + delay
                 return
@@ -458,8 +463,8 @@ def _declared_id(data: bytes) -> str | None:
 
 
 def _previous_error_note(lease: Lease) -> list[str]:
-    if lease.attempt > 1 and lease.last_error:
-        return [f"attempt {lease.attempt - 1} failed: {lease.last_error}"]
+    if lease.last_error:  # also after a try that did not count, when the attempt stays 1
+        return [f"the previous try failed: {lease.last_error}"]
     if lease.attempt > 1:
         return [f"attempt {lease.attempt - 1} did not finish (its worker stopped or died)"]
     return []

@@ -142,6 +142,23 @@ async def test_release_then_reacquire_counts_attempts(storage: Storage) -> None:
     assert (third.attempt, third.last_error) == (3, "node 3: bad checkpoint")
 
 
+async def test_a_release_that_does_not_charge_keeps_the_attempt(storage: Storage) -> None:
+    clock = FakeClock()
+    a = ClaimStore(storage, "claims", "worker-a", LEASE, clock=clock)
+    b = ClaimStore(storage, "claims", "worker-b", LEASE, clock=clock)
+    lease = await a.acquire("job")
+    assert lease is not None
+    await a.release(lease, error="ComfyUI died while another job ran", charge=False)
+    assert (await read_claim(storage, lease.key))["attempt"] == 0
+
+    again = await b.acquire("job")
+    assert again is not None
+    assert (again.attempt, again.last_error) == (1, "ComfyUI died while another job ran")
+    await b.release(again, error="node 3 raised")  # charged: the count moves on
+    third = await a.acquire("job")
+    assert third is not None and third.attempt == 2
+
+
 async def test_finish_deletes_the_claim(storage: Storage) -> None:
     store = ClaimStore(storage, "claims", "worker-a", LEASE, clock=FakeClock())
     lease = await store.acquire("job")

@@ -25,7 +25,7 @@ from processor.comfy import (
     RunResult,
     sniff_content_type,
 )
-from processor.comfy_errors import validation_error
+from processor.comfy_errors import ComfyDiedWhileWaiting, validation_error
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -430,3 +430,39 @@ async def test_wait_ready_names_url_and_log_tail() -> None:
     assert "http://127.0.0.1:9" in message
     assert "CUDA out of memory" in message
     assert caught.value.retryable
+
+
+async def test_a_crash_is_blamed_on_the_running_prompt_not_the_waiting_one(
+    client: ComfyClient, fake_comfyui: Any
+) -> None:
+    fake_comfyui.state.exec_delay = 20.0
+    started = asyncio.Event()
+    await client.queue_prompt(tiny_txt2img(seed=41), "run-suspect")
+    await client.queue_prompt(solid(prefix="bystander"), "run-bystander")
+    suspect = asyncio.ensure_future(
+        client.wait_for("run-suspect", timeout=30, on_progress=lambda _: started.set())
+    )
+    bystander = asyncio.ensure_future(client.wait_for("run-bystander", timeout=30))
+    await asyncio.wait_for(started.wait(), 10)
+
+    client.fail_pending(ComfyUnavailable("died"), waiting=ComfyDiedWhileWaiting("waited"))
+    with pytest.raises(ComfyUnavailable) as ran:
+        await suspect
+    assert not isinstance(ran.value, ComfyDiedWhileWaiting)
+    with pytest.raises(ComfyDiedWhileWaiting, match="waited"):
+        await bystander
+    await client.interrupt("run-suspect")
+
+
+async def test_a_crash_between_prompts_blames_every_prompt(
+    client: ComfyClient, fake_comfyui: Any
+) -> None:
+    """Nobody is known to have been running: no prompt may go uncounted."""
+    fake_comfyui.state.exec_delay = 20.0
+    await client.queue_prompt(tiny_txt2img(seed=42), "run-first")
+    waiter = asyncio.ensure_future(client.wait_for("run-first", timeout=30))
+    client.fail_pending(ComfyUnavailable("died"), waiting=ComfyDiedWhileWaiting("waited"))
+    with pytest.raises(ComfyUnavailable) as caught:
+        await waiter
+    assert not isinstance(caught.value, ComfyDiedWhileWaiting)
+    await client.interrupt("run-first")

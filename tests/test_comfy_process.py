@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from processor.comfy import ComfyClient, ComfyUnavailable
+from processor.comfy_errors import ComfyDiedWhileWaiting
 from processor.comfy_process import ComfyEngine, ComfyProcess, describe_exit
 from processor.settings import SettingsError, WorkerSettings
 from tests.test_comfy_client import load_graph, png_bytes, solid
@@ -131,6 +132,21 @@ async def test_comfyui_dying_mid_run_fails_the_job_and_restarts(
     assert result.files[0].filename.startswith("after")
     assert comfy.process.restarts == 1
     assert comfy.process.pid != first_pid
+
+
+async def test_the_prompt_waiting_behind_one_that_kills_comfyui_is_a_bystander(
+    engine: tuple[ComfyEngine, ComfyClient],
+) -> None:
+    _, client = engine
+    await configure(client.base_url, die_at_node="2", exec_delay=1.0)
+    await client.queue_prompt(solid(prefix="suspect"), "run-suspect")
+    await client.queue_prompt(solid(prefix="waiting"), "run-waiting")
+    with pytest.raises(ComfyUnavailable, match="ComfyUI died") as ran:
+        await client.wait_for("run-suspect", timeout=30)
+    assert not isinstance(ran.value, ComfyDiedWhileWaiting)
+    with pytest.raises(ComfyDiedWhileWaiting, match="while another job ran") as waited:
+        await client.wait_for("run-waiting", timeout=30)
+    assert waited.value.retryable and waited.value.details["bystander"] is True
 
 
 async def test_attached_comfyui_that_vanishes_fails_the_job_as_unreachable(

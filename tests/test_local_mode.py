@@ -107,6 +107,7 @@ def test_sigterm_past_the_grace_gives_the_job_back(tmp_path: Path, fake_comfyui:
     assert any("given back" in note for note in status["notes"])
     claim = json.loads((tmp_path / "input" / "_claims" / "long.json").read_text())
     assert claim["state"] == "released" and claim["last_error"] == "worker stopped"
+    assert claim["attempt"] == 0  # being stopped is not the job's fault: the try does not count
     assert (tmp_path / "input" / "long.json").exists()  # still pending for the next worker
     assert fake_comfyui.stats()["interrupted"]  # the prompt did not keep the GPU busy
 

@@ -113,7 +113,7 @@ async def test_job_that_always_fails_stops_after_max_attempts(
     assert doomed.error is not None and doomed.error.type == "runtime"
     assert "node 2 (ImageInvert)" in doomed.error.message
     assert any("gave up after 2" in note for note in doomed.notes)
-    assert any("attempt 1 failed" in note for note in doomed.notes)
+    assert any("previous try failed: runtime" in note for note in doomed.notes)
     assert status_of(tmp_path, "fine").state is JobState.succeeded
     assert (counts.failed, counts.succeeded, counts.retried) == (1, 1, 0)
     assert counts.summary()["attempts"] == 3 and counts.manifests == 2

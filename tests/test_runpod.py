@@ -418,7 +418,7 @@ async def test_a_retryable_failure_is_retried_before_answering(
 
     assert "error" not in answer, answer
     assert answer["status"]["state"] == "succeeded" and answer["status"]["attempt"] == 2
-    assert any("attempt 1 failed" in note for note in answer["status"]["notes"])
+    assert any("previous try failed: runtime" in note for note in answer["status"]["notes"])
     assert_output_served(s3_client(moto_s3_settings), moto_s3_settings, answer["outputs"][0])
 
 

@@ -49,10 +49,34 @@ async def test_comfyui_dying_mid_job_is_restarted_and_the_job_retried(
 
     status = status_of(jobs, "victim")
     assert status.state is JobState.succeeded and status.attempt == 2
-    assert any("attempt 1 failed: comfyui_unavailable" in n for n in status.notes), status.notes
+    assert any("previous try failed: comfyui_unavailable" in n for n in status.notes), status.notes
     assert "died" in " ".join(status.notes)
     assert counts.succeeded == 1 and counts.summary()["attempts"] == 2
     assert (tmp_path / "died-once").exists()
+
+
+async def test_a_job_that_kills_comfyui_does_not_use_up_the_next_ones_attempts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one attempt allowed, the job that was running when ComfyUI died fails for good,
+    and the one queued behind it runs again, because waiting was not its fault."""
+    jobs = tmp_path / "jobs"
+    monkeypatch.setenv("FAKE_COMFYUI_DIE_AT_NODE", "2")
+    monkeypatch.setenv("FAKE_COMFYUI_DIE_MARKER", str(tmp_path / "died-once"))
+    monkeypatch.setenv("FAKE_COMFYUI_EXEC_DELAY", "1")  # time for the second to be queued
+    drop(jobs, "one", {"workflow": "solid"})
+    drop(jobs, "two", {"workflow": "solid"})
+    settings = owned_comfyui(tmp_path).model_copy(update={"max_attempts": 1})
+    async with open_worker(storage=LocalStorage(jobs), layout=LAYOUT, settings=settings) as worker:
+        counts = await worker.run()
+
+    statuses = {s.state: s for s in (status_of(jobs, "one"), status_of(jobs, "two"))}
+    assert set(statuses) == {JobState.failed, JobState.succeeded}, statuses
+    suspect, bystander = statuses[JobState.failed], statuses[JobState.succeeded]
+    assert suspect.error is not None and "died" in suspect.error.message
+    assert bystander.attempt == 1
+    assert any("while another job ran" in n for n in bystander.notes), bystander.notes
+    assert (counts.succeeded, counts.failed) == (1, 1)
 
 
 async def test_job_with_an_input_survives_a_comfyui_restart(
