@@ -15,7 +15,7 @@ from processor.settings import SettingsError
 from processor.storage import StorageError
 from processor.workflows import WorkflowLoadError
 from provision import cli as provision_cli
-from triggers import offline_commands, runpod, worker_commands
+from triggers import offline_commands, runpod, submit_command, worker_commands
 
 DESCRIPTION = """\
 Run ComfyUI workflows as a batch service. Job manifests (JSON) arrive in an S3 prefix or a
@@ -26,6 +26,7 @@ Start here:
   comfys3 workflows                    list the templates and their fields
   comfys3 validate job.json            check manifests offline
   comfys3 run                          poll S3 and run jobs until stopped
+  comfys3 submit job.json --wait       check a manifest, upload it, follow the job
 
 Settings come from COMFYS3_* environment variables (see README.md).
 """
@@ -55,6 +56,7 @@ def _registrations() -> list[Callable[[Any], None]]:
     registrations: list[Callable[[Any], None]] = [
         offline_commands.register,
         worker_commands.register,
+        submit_command.register,
         runpod.register,
         provision_cli.register,
     ]

@@ -1,0 +1,254 @@
+"""``comfys3 submit``: check manifests the way a worker will, then drop them into the intake.
+
+Checking first is the point. A typo found here costs nothing; the same typo found by a worker
+is a failed status that someone has to notice. ``--wait`` then follows the jobs' statuses
+until they end, so a script can submit and block on the result with one command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from processor.errors import ManifestError
+from processor.layout import Layout
+from processor.manifest import Job, JobState, JobStatus, load_jobs
+from processor.service import local_layout, open_storage, s3_layout
+from processor.settings import load_s3_settings, load_worker_settings
+from processor.storage import ObjectNotFound, PreconditionFailed, Storage
+from processor.workflows import WorkflowRegistry
+
+FINAL = (JobState.succeeded, JobState.failed)
+
+
+@dataclass
+class Submission:
+    """One manifest file, checked: where it goes and which jobs it will become."""
+
+    path: Path
+    key: str
+    data: bytes
+    jobs: list[Job]
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    settings = load_worker_settings()
+    registry = WorkflowRegistry.default(settings.workflows_dir)
+    if args.local is None:
+        s3 = load_s3_settings()
+        storage, layout = open_storage(s3, None), s3_layout(s3)
+    else:
+        storage, layout = open_storage(None, args.local), local_layout()
+
+    submissions: list[Submission] = []
+    problems = 0
+    for path in args.manifests:
+        checked = check(
+            path, layout, registry, settings.allow_raw_workflows, settings.max_manifest_bytes
+        )
+        if isinstance(checked, str):
+            print(checked, file=sys.stderr)
+            problems += 1
+        else:
+            submissions.append(checked)
+    clash = _same_key(submissions)
+    if clash:
+        print(clash, file=sys.stderr)
+        problems += 1
+    if problems:
+        print("comfys3: nothing was submitted", file=sys.stderr)
+        return 1
+    return asyncio.run(_submit(storage, layout, submissions, args))
+
+
+def check(
+    path: Path, layout: Layout, registry: WorkflowRegistry, allow_raw: bool, max_bytes: int
+) -> Submission | str:
+    """A manifest file -> its submission, or the message that says why it cannot go."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        return f"{path}: cannot read it: {error.strerror}"
+    key = layout.manifest_key(path.stem)
+    try:
+        jobs = load_jobs(
+            data, manifest_key=key, registry=registry, allow_raw=allow_raw, max_bytes=max_bytes
+        )
+    except ManifestError as error:
+        lines = [f"{path}: invalid manifest"] + [f"  {problem}" for problem in error.problems]
+        return "\n".join(lines)
+    return Submission(path, key, data, jobs)
+
+
+def _same_key(submissions: list[Submission]) -> str | None:
+    seen: dict[str, Path] = {}
+    for submission in submissions:
+        other = seen.setdefault(submission.key, submission.path)
+        if other != submission.path:
+            return f"{other} and {submission.path} would both be {submission.key}: rename one"
+    return None
+
+
+async def _submit(
+    storage: Storage, layout: Layout, submissions: list[Submission], args: argparse.Namespace
+) -> int:
+    async with storage:
+        refused = 0
+        # What each job's status said before: a job run before keeps its old final status
+        # until a worker claims it again, and that old one must not end the wait.
+        before = {
+            job.id: await read_status(storage, layout, job.id)
+            for submission in submissions
+            for job in submission.jobs
+        }
+        for submission in submissions:
+            try:
+                await storage.put(
+                    submission.key,
+                    submission.data,
+                    content_type="application/json",
+                    if_none_match=True,
+                )
+            except PreconditionFailed:
+                print(
+                    f"{submission.path}: {submission.key} is already waiting to run; "
+                    "not replaced (rename the file to submit it again)",
+                    file=sys.stderr,
+                )
+                refused += 1
+                continue
+            ids = ", ".join(job.id for job in submission.jobs)
+            print(f"submitted {submission.path} -> {submission.key} (job {ids})")
+            for job in submission.jobs:
+                previous = before[job.id]
+                if not job.rerun and previous and previous.state is JobState.succeeded:
+                    print(
+                        f"  warning: job {job.id} already succeeded, so a worker will not run it "
+                        'again; set "rerun": true in the manifest to run it anyway',
+                        file=sys.stderr,
+                    )
+        if refused or not args.wait:
+            return 1 if refused else 0
+        jobs = [job.id for s in submissions for job in s.jobs]
+        stale = {job_id: status for job_id, status in before.items() if status is not None}
+        statuses = await follow(storage, layout, jobs, stale, args.timeout, args.interval)
+    return report(jobs, statuses, args.timeout)
+
+
+async def read_status(storage: Storage, layout: Layout, job_id: str) -> JobStatus | None:
+    try:
+        stored = await storage.get(layout.status_key(job_id))
+    except ObjectNotFound:
+        return None
+    try:
+        return JobStatus.model_validate_json(stored.data)
+    except ValueError:
+        return None  # half-written by a foreign tool: look again on the next round
+
+
+async def follow(
+    storage: Storage,
+    layout: Layout,
+    job_ids: list[str],
+    stale: dict[str, JobStatus],
+    timeout: float | None,
+    interval: float,
+) -> dict[str, JobStatus]:
+    """Poll the jobs' statuses until each is final (or the time is up), printing each change.
+
+    A status counts once it differs from the ``stale`` one read before submitting. Comparing
+    documents, not clocks, keeps this right when the worker's clock is off from ours.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    shown: dict[str, str] = {}
+    latest: dict[str, JobStatus] = {}
+    print(f"waiting for {len(job_ids)} job(s); Ctrl-C stops waiting, not the jobs")
+    while True:
+        for job_id in job_ids:
+            status = await read_status(storage, layout, job_id)
+            if status is None or status == stale.get(job_id):
+                continue
+            latest[job_id] = status
+            line = _progress_line(status)
+            if shown.get(job_id) != line:
+                shown[job_id] = line
+                print(line, flush=True)
+        if all(s in latest and latest[s].state in FINAL for s in job_ids):
+            return latest
+        if deadline is not None and time.monotonic() >= deadline:
+            return latest
+        await asyncio.sleep(interval)
+
+
+def _progress_line(status: JobStatus) -> str:
+    if status.state is JobState.running:
+        node = f" at {status.progress.node}" if status.progress.node else ""
+        return f"{status.id}: running {int(status.progress.fraction * 10) * 10}%{node}"
+    if status.state is JobState.queued and status.error is not None:
+        return f"{status.id}: queued again after {status.error.type}: {status.error.message}"
+    return f"{status.id}: {status.state.value}"
+
+
+def report(job_ids: list[str], statuses: dict[str, JobStatus], timeout: float | None) -> int:
+    """The outcome per job (outputs, or the error), and the exit code a script checks."""
+    unfinished = [j for j in job_ids if j not in statuses or statuses[j].state not in FINAL]
+    failed = [j for j in job_ids if j in statuses and statuses[j].state is JobState.failed]
+    for job_id in job_ids:
+        status = statuses.get(job_id)
+        if status is None or status.state not in FINAL:
+            continue
+        if status.state is JobState.succeeded:
+            for output in status.outputs:
+                print(f"  {job_id}: {output.key}")
+        elif status.error is not None:
+            print(f"  {job_id}: {status.error.type}:", file=sys.stderr)
+            for line in status.error.message.splitlines():
+                print(f"    {line}", file=sys.stderr)
+    if unfinished:
+        print(
+            f"comfys3: {len(unfinished)} job(s) not finished after {timeout:g} s: "
+            f"{', '.join(unfinished)} (they keep running; see `comfys3 status JOB_ID`)",
+            file=sys.stderr,
+        )
+    return 1 if failed or unfinished else 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    submit = subparsers.add_parser(
+        "submit",
+        help="check manifests and drop them into the intake prefix",
+        description="Check each manifest the way a worker will (template, payload, ids), then "
+        "upload it to COMFYS3_S3_INPUT_DIR/<file name>.json, where workers pick it up. If any "
+        "manifest is invalid, nothing is submitted. A manifest of the same name that is still "
+        "waiting is never replaced. With --wait, follow the jobs until they end: exit 0 when "
+        "all succeeded, 1 when any failed or --timeout ran out.",
+    )
+    submit.add_argument("manifests", nargs="+", type=Path, metavar="MANIFEST", help="JSON files")
+    submit.add_argument(
+        "--wait", action="store_true", help="follow the jobs until they succeed or fail"
+    )
+    submit.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --wait: stop waiting after this long (default: no limit)",
+    )
+    submit.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="with --wait: seconds between status reads (default 1)",
+    )
+    submit.add_argument(
+        "--local", type=Path, metavar="DIR", help="submit to a local folder (DIR/input)"
+    )
+    submit.set_defaults(handler=cmd_submit)
+
+
+__all__ = ["check", "follow", "register", "report"]
