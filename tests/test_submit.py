@@ -10,10 +10,13 @@ from typing import Any
 
 import pytest
 
+from processor.service import local_layout
 from processor.settings import S3Settings
+from processor.storage import LocalStorage
 from tests.test_local_mode import read_status, start_local_worker
 from tests.workers import keys, s3_client, s3_env
 from triggers.cli import main
+from triggers.submit_command import follow
 
 
 def use_s3(monkeypatch: pytest.MonkeyPatch, settings: S3Settings) -> None:
@@ -164,3 +167,16 @@ def test_wait_gives_up_after_the_timeout_and_says_the_jobs_keep_running(
     err = capsys.readouterr().err
     assert "1 job(s) not finished after 0.5 s: lonely (they keep running" in err
     assert (tmp_path / "jobs" / "input" / "lonely.json").exists()
+
+
+async def test_wait_says_so_when_no_worker_touches_the_jobs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with LocalStorage(tmp_path) as storage:
+        statuses = await follow(
+            storage, local_layout(), ["lonely"], {}, timeout=0.6, interval=0.1, hint_after=0.2
+        )
+    assert statuses == {}
+    err = capsys.readouterr().err
+    assert err.count("no worker has started these jobs after 0.2 s") == 1
+    assert "input prefix 'input'" in err

@@ -23,6 +23,9 @@ from processor.storage import ObjectNotFound, PreconditionFailed, Storage
 from processor.workflows import WorkflowRegistry
 
 FINAL = (JobState.succeeded, JobState.failed)
+# How long --wait stays quiet before saying that no worker has touched the jobs: long enough
+# for a worker to boot ComfyUI, short enough that a typo in the bucket or prefix shows soon.
+NOBODY_HINT_SECONDS = 60.0
 
 
 @dataclass
@@ -157,6 +160,7 @@ async def follow(
     stale: dict[str, JobStatus],
     timeout: float | None,
     interval: float,
+    hint_after: float = NOBODY_HINT_SECONDS,
 ) -> dict[str, JobStatus]:
     """Poll the jobs' statuses until each is final (or the time is up), printing each change.
 
@@ -164,6 +168,7 @@ async def follow(
     documents, not clocks, keeps this right when the worker's clock is off from ours.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
+    hint_at: float | None = time.monotonic() + hint_after
     shown: dict[str, str] = {}
     latest: dict[str, JobStatus] = {}
     print(f"waiting for {len(job_ids)} job(s); Ctrl-C stops waiting, not the jobs")
@@ -179,6 +184,16 @@ async def follow(
                 print(line, flush=True)
         if all(s in latest and latest[s].state in FINAL for s in job_ids):
             return latest
+        if latest:
+            hint_at = None
+        elif hint_at is not None and time.monotonic() >= hint_at:
+            hint_at = None
+            print(
+                f"no worker has started these jobs after {hint_after:g} s; is one running on "
+                f"this bucket with input prefix {layout.input_dir!r}?",
+                file=sys.stderr,
+                flush=True,
+            )
         if deadline is not None and time.monotonic() >= deadline:
             return latest
         await asyncio.sleep(interval)
@@ -225,7 +240,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "upload it to COMFYS3_S3_INPUT_DIR/<file name>.json, where workers pick it up. If any "
         "manifest is invalid, nothing is submitted. A manifest of the same name that is still "
         "waiting is never replaced. With --wait, follow the jobs until they end: exit 0 when "
-        "all succeeded, 1 when any failed or --timeout ran out.",
+        "all succeeded, 1 when any failed or --timeout ran out. The check uses this machine's "
+        "COMFYS3_WORKFLOWS_DIR and COMFYS3_ALLOW_RAW_WORKFLOWS: set them as your workers do.",
     )
     submit.add_argument("manifests", nargs="+", type=Path, metavar="MANIFEST", help="JSON files")
     submit.add_argument(
