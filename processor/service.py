@@ -12,6 +12,7 @@ import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from processor.claims_check import check_conditional_writes
 from processor.comfy_process import ComfyEngine
 from processor.jobrun import JobRunner, JobSettings, ProgressHook
 from processor.layout import Layout
@@ -51,11 +52,17 @@ async def open_worker(
     settings: WorkerSettings,
     on_progress: ProgressHook | None = None,
 ) -> AsyncIterator[Worker]:
-    """A ready worker: templates loaded, storage open, ComfyUI answering."""
+    """A ready worker: templates loaded, storage open and able to referee claims, ComfyUI
+    answering. Storage is checked before ComfyUI starts, so a wrong bucket fails in a second,
+    not after a model load."""
     registry = WorkflowRegistry.default(settings.workflows_dir)
     holder = worker_name(settings)
     engine = ComfyEngine(settings)
-    async with storage, engine as client:
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(storage)
+        if settings.check_conditional_writes:
+            await check_conditional_writes(storage, layout.claims_prefix, holder)
+        client = await stack.enter_async_context(engine)
         runner = JobRunner(
             storage=storage,
             comfy=client,

@@ -117,6 +117,10 @@ class WorkerSettings(BaseSettings):
     lease_seconds: float = Field(
         default=120.0, gt=0, description="A claim not renewed for this long is taken over."
     )
+    check_conditional_writes: bool = Field(
+        default=True,
+        description="At start, check that storage honours the conditional writes claims need.",
+    )
     max_attempts: int = Field(default=3, ge=1, description="Attempts before a job fails for good.")
     retry_delay: float = Field(
         default=2.0,
