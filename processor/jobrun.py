@@ -266,7 +266,20 @@ class JobRunner:
                 if verdict is Verdict.retry:
                     status.notes.append(f"gave up after {attempt} attempt(s)")
                 verdict = Verdict.failed
-            log.warning("job %s attempt %d: %s: %s", job.id, attempt, info.type, info.message)
+            log.warning(
+                "job %s attempt %d %s: %s: %s",
+                job.id,
+                attempt,
+                "failed" if status.state is JobState.failed else "will be retried",
+                info.type,
+                info.message,
+                extra={
+                    "job_id": job.id,
+                    "attempt": attempt,
+                    "state": status.state.value,
+                    "error_type": info.type,
+                },
+            )
         finally:
             # Clean up after failures too: an attempt that staged inputs and then failed must
             # not leave them in ComfyUI's input folder, or a warm worker's disk creeps up.
@@ -275,6 +288,21 @@ class JobRunner:
                 with contextlib.suppress(Exception):
                     await self.cleanup(done, subfolder if job.inputs else None)
         status.timings["total"] = _since(started)
+        if verdict is Verdict.succeeded:
+            log.info(
+                "job %s succeeded in %.2f s (ComfyUI %.2f s), %d output(s)",
+                job.id,
+                status.timings["total"],
+                status.timings.get("execute", 0.0),
+                len(status.outputs),
+                extra={
+                    "job_id": job.id,
+                    "attempt": attempt,
+                    "state": status.state.value,
+                    "seconds": status.timings["total"],
+                    "outputs": len(status.outputs),
+                },
+            )
         try:
             await self.write_status(status)
         except StorageError as error:

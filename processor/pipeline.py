@@ -306,6 +306,12 @@ class Worker:
         """Everything that happens to one claimed manifest; never raises on a job's failure."""
         outcomes: list[JobOutcome] = []
         latest: Callable[[], Lease] = lambda: lease  # noqa: E731
+        log.info(
+            "claimed %s (attempt %d)",
+            key,
+            lease.attempt,
+            extra={"manifest": key, "attempt": lease.attempt},
+        )
         try:
             async with self.claims.heartbeat(lease) as beat:
                 latest = beat

@@ -7,6 +7,7 @@ RunPod run exactly the same worker.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -20,6 +21,8 @@ from processor.pipeline import LaneSettings, Worker
 from processor.settings import S3Settings, WorkerSettings
 from processor.storage import LocalStorage, S3Storage, Storage
 from processor.workflows import WorkflowRegistry
+
+log = logging.getLogger("comfys3.worker")
 
 LOCAL_INPUT = "input"
 LOCAL_OUTPUT = "output"
@@ -63,6 +66,16 @@ async def open_worker(
         if settings.check_conditional_writes:
             await check_conditional_writes(storage, layout.claims_prefix, holder)
         client = await stack.enter_async_context(engine)
+        log.info(
+            "worker %s ready: %r, manifests from %s/, results to %s/, ComfyUI at %s, templates: %s",
+            holder,
+            storage,
+            layout.input_dir,
+            layout.output_dir,
+            engine.url,
+            ", ".join(registry.names()),
+            extra={"worker": holder, "comfyui": engine.url},
+        )
         runner = JobRunner(
             storage=storage,
             comfy=client,

@@ -46,8 +46,17 @@ def test_dropped_manifest_is_picked_up_by_the_folder_watch(
     assert status["outputs"][0]["key"] == "output/dropped/3_SaveImage_001.png"
     assert (tmp_path / status["outputs"][0]["key"]).read_bytes().startswith(b"\x89PNG")
     assert (tmp_path / "input" / "_done" / "dropped.json").exists()
-    for line in err.strip().splitlines():  # --log-format json: every line is a JSON object
-        assert isinstance(json.loads(line), dict)
+    lines = [json.loads(line) for line in err.strip().splitlines()]  # every line is JSON
+    assert all(isinstance(line, dict) for line in lines)
+    # What an operator follows: the worker ready, each claim, each job's end; no library noise.
+    ready = [line for line in lines if "ready" in line["message"]]
+    assert ready and ready[0]["comfyui"] == fake_comfyui.url, ready
+    assert "templates: img2img, scale, solid, txt2img" in ready[0]["message"]
+    claimed = [line for line in lines if line.get("manifest") == "input/dropped.json"]
+    assert claimed and claimed[0]["attempt"] == 1
+    done = [line for line in lines if line.get("job_id") == "dropped"]
+    assert done and done[-1]["state"] == "succeeded" and done[-1]["outputs"] == 1, done
+    assert not [line for line in lines if line["logger"].startswith("watchfiles")]
 
 
 def start_local_worker(

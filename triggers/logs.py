@@ -33,5 +33,12 @@ def configure(log_format: str = "text", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("botocore", "aiobotocore", "urllib3", "websocket", "aiohttp.access"):
+    for noisy in (
+        "botocore",
+        "aiobotocore",
+        "urllib3",
+        "websocket",
+        "aiohttp.access",
+        "watchfiles",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
