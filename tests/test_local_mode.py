@@ -148,6 +148,10 @@ def test_status_command_reads_a_job_for_a_person(tmp_path: Path, fake_comfyui: A
     assert json.loads(raw.stdout)["metadata"] == {"who": "me"}
     missing = status("nobody")
     assert missing.returncode == 1 and "no status for job 'nobody'" in missing.stdout
+    (tmp_path / "input" / "later.json").write_text(json.dumps({"workflow": "solid"}))
+    waiting = status("later")
+    assert waiting.returncode == 0
+    assert waiting.stdout.startswith("job later: waiting: input/later.json has not been claimed")
 
 
 def test_unreachable_comfyui_is_one_readable_line(tmp_path: Path) -> None:

@@ -107,20 +107,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         storage, layout = open_storage(None, args.local), local_layout()
 
-    async def read() -> bytes | None:
+    async def read() -> tuple[bytes | None, bool]:
+        """The status document, and whether a manifest of that name still waits to be run."""
         async with storage:
             try:
-                return (await storage.get(layout.status_key(args.job_id))).data
+                return (await storage.get(layout.status_key(args.job_id))).data, False
             except ObjectNotFound:
-                return None
+                pass
+            try:
+                waiting = await storage.head(layout.manifest_key(args.job_id)) is not None
+            except StorageError:  # not a usable manifest name: there is simply no such job
+                waiting = False
+            return None, waiting
 
     try:
-        data = asyncio.run(read())
+        data, waiting = asyncio.run(read())
     except StorageError as error:
         print(f"comfys3: {error}", file=sys.stderr)
         return 2
     if data is None:
-        print(f"comfys3: no status for job {args.job_id!r} at {layout.status_key(args.job_id)}")
+        where = layout.status_key(args.job_id)
+        if waiting:
+            print(
+                f"job {args.job_id}: waiting: {layout.manifest_key(args.job_id)} has not been "
+                f"claimed by a worker yet (no status at {where})"
+            )
+            return 0
+        print(f"comfys3: no status for job {args.job_id!r} at {where}")
         return 1
     if args.json:
         print(data.decode())
