@@ -2,7 +2,7 @@
 file (Compose Specification schema), extra_model_paths.yaml (every ComfyUI model folder).
 
 No Docker engine runs here, so the image is never built in tests: these checks are what can be
-known without one.
+known without one, including the comfy-cli calls, checked against the pinned comfy-cli itself.
 """
 
 from __future__ import annotations
@@ -82,6 +82,69 @@ def test_dockerfile_builds_what_the_worker_needs() -> None:
     assert "COPY comfyui/extra_model_paths.yaml /comfyui/extra_model_paths.yaml" in text
     assert 'ENTRYPOINT ["/usr/bin/tini", "--", "/app/start.sh"]' in text
     assert "COMFYS3_COMFYUI_PATH=/comfyui" in text
+
+
+def dockerfile_arg(name: str) -> str:
+    found = re.search(rf"^ARG {name}=(\S+)$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert found, f"ARG {name} has no default in the Dockerfile"
+    return found.group(1)
+
+
+@pytest.fixture(scope="module")
+def comfy_cli(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """comfy-cli at the Dockerfile's pin, in a venv of its own: it builds the image, it is not
+    a dependency of comfys3, and its own pins must not move ours."""
+    venv = tmp_path_factory.mktemp("comfy-cli")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "--quiet",
+         f"comfy-cli=={dockerfile_arg('COMFY_CLI_VERSION')}"],
+        check=True, timeout=600,
+    )  # fmt: skip
+    return venv / "bin" / "comfy"
+
+
+def comfy_help(comfy: Path, *command: str) -> str:
+    result = subprocess.run(
+        [str(comfy), *command, "--help"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "COLUMNS": "250", "NO_COLOR": "1", "HOME": str(comfy.parent)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def has_flag(help_text: str, flag: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text) is not None
+
+
+def test_the_comfy_cli_calls_use_only_flags_that_comfy_cli_has(comfy_cli: Path) -> None:
+    """The image is never built here, so this is how a wrong flag (or a comfy-cli bump that
+    drops one) is caught before a 20-minute build fails on it."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    step = next(line for line in text.splitlines() if "comfy --skip-prompt tracking" in line)
+    device_flags = re.findall(r"set -- ([^;]+);", step)
+    assert len(device_flags) == 2, step  # one set of install flags per DEVICE
+    calls = re.findall(r"\bcomfy ((?:--\S+ (?:\S+ )?)*?)(install|tracking) ([^&]*)", step)
+    assert {command for _, command, _ in calls} == {"install", "tracking"}, step
+
+    top = comfy_help(comfy_cli)
+    for options, command, rest in calls:
+        for flag in re.findall(r"--[\w-]+", options):
+            assert has_flag(top, flag), f"comfy has no global option {flag}"
+        if command == "tracking":
+            assert rest.split()[0] == "disable" and has_flag(
+                comfy_help(comfy_cli, "tracking"), "disable"
+            )
+            continue
+        install = comfy_help(comfy_cli, "install")
+        used = re.findall(r"--[\w-]+", rest + " ".join(device_flags))
+        assert {"--version", "--skip-manager", "--cpu", "--nvidia", "--cuda-version"} <= set(used)
+        for flag in used:
+            assert has_flag(install, flag), f"comfy install has no option {flag}"
+        choices = re.search(r"--cuda-version\s+<([^>]+)>", install)
+        assert choices, "comfy install --cuda-version lists no choices"
+        assert dockerfile_arg("TORCH_CUDA") in choices.group(1).split("|")
 
 
 def test_every_copied_path_exists_and_is_not_dockerignored() -> None:
