@@ -94,6 +94,9 @@ def test_sigterm_lets_the_running_job_finish(tmp_path: Path, fake_comfyui: Any) 
     status = read_status(tmp_path, "slow")
     assert status is not None and status["state"] == "succeeded"
     assert not list((tmp_path / "input" / "_claims").glob("*.json"))
+    text = log.read_text()  # the operator sees the stop asked for, and what the worker did
+    assert "SIGTERM: no new claims; running jobs get up to 25 s to finish" in text
+    assert "stopped: {'manifests': 1, 'succeeded': 1," in text
 
 
 def test_sigterm_past_the_grace_gives_the_job_back(tmp_path: Path, fake_comfyui: Any) -> None:

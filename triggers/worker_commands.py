@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 from collections.abc import Coroutine
@@ -30,6 +31,8 @@ from processor.workflows import WorkflowRegistry
 from triggers import logs
 from triggers.poll import AdaptiveInterval
 from triggers.watch import FolderWatch
+
+log = logging.getLogger("comfys3.worker")
 
 # -- run ------------------------------------------------------------------------------------
 
@@ -58,9 +61,19 @@ async def _run(
 ) -> Counts:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(signum: signal.Signals) -> None:
+        if not stop.is_set():
+            log.info(
+                "%s: no new claims; running jobs get up to %g s to finish, then are given back",
+                signum.name,
+                settings.shutdown_grace,
+            )
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal, signum)
     async with (
         open_worker(storage=storage, layout=layout, settings=settings) as worker,
         contextlib.AsyncExitStack() as stack,
@@ -75,7 +88,9 @@ async def _run(
             wait_for_work = poll.wait
         work = worker.run(wait_for_work=wait_for_work, stop=stop)
         await _until_stopped(work, stop, settings.shutdown_grace)
-        return worker.counts
+    if stop.is_set():
+        log.info("stopped: %s", worker.counts.summary())
+    return worker.counts
 
 
 async def _until_stopped(
