@@ -257,10 +257,10 @@ class ComfyClient:
         prompt not yet started while another had started was not the one running.
         """
         watches = [w for w in self._watches.values() if not w.done.is_set()]
-        someone_ran = any(w.started for w in watches)
+        if waiting is None or not any(w.started for w in watches):
+            waiting = error  # nobody is known to have been running: nobody is cleared
         for watch in watches:
-            bystander = waiting is not None and someone_ran and not watch.started
-            watch.fail(waiting if bystander and waiting is not None else error)
+            watch.fail(error if watch.started else waiting)
 
     # ----------------------------------------------------------------- readiness
 
