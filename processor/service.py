@@ -18,7 +18,7 @@ from processor.comfy_process import ComfyEngine
 from processor.jobrun import JobRunner, JobSettings, ProgressHook
 from processor.layout import Layout
 from processor.pipeline import LaneSettings, Worker
-from processor.settings import S3Settings, WorkerSettings
+from processor.settings import S3Settings, WorkerSettings, load_s3_settings
 from processor.storage import LocalStorage, S3Storage, Storage
 from processor.workflows import WorkflowRegistry
 
@@ -45,6 +45,15 @@ def open_storage(s3: S3Settings | None, local_root: Path | None) -> Storage:
         return LocalStorage(local_root)
     assert s3 is not None
     return S3Storage(s3)
+
+
+def storage_from_env(local_root: Path | None) -> tuple[Storage, Layout]:
+    """The storage a command works on: ``local_root`` when given (``--local DIR``), else S3
+    from the COMFYS3_S3_* variables, which are only required in that case."""
+    if local_root is not None:
+        return LocalStorage(local_root), local_layout()
+    s3 = load_s3_settings()
+    return S3Storage(s3), s3_layout(s3)
 
 
 @contextlib.asynccontextmanager

@@ -17,8 +17,8 @@ from pathlib import Path
 from processor.errors import ManifestError
 from processor.layout import Layout
 from processor.manifest import Job, JobState, JobStatus, load_jobs
-from processor.service import local_layout, open_storage, s3_layout
-from processor.settings import load_s3_settings, load_worker_settings
+from processor.service import storage_from_env
+from processor.settings import load_worker_settings
 from processor.storage import ObjectNotFound, PreconditionFailed, Storage
 from processor.workflows import WorkflowRegistry
 
@@ -41,11 +41,7 @@ class Submission:
 def cmd_submit(args: argparse.Namespace) -> int:
     settings = load_worker_settings()
     registry = WorkflowRegistry.default(settings.workflows_dir)
-    if args.local is None:
-        s3 = load_s3_settings()
-        storage, layout = open_storage(s3, None), s3_layout(s3)
-    else:
-        storage, layout = open_storage(None, args.local), local_layout()
+    storage, layout = storage_from_env(args.local)
 
     submissions: list[Submission] = []
     problems = 0

@@ -18,14 +18,8 @@ from processor.jobrun import JobRunner, JobSettings, Verdict
 from processor.layout import Layout
 from processor.manifest import Job, JobState, JobStatus, ProgressInfo, load_jobs
 from processor.pipeline import Counts, WaitForWork
-from processor.service import (
-    local_layout,
-    open_storage,
-    open_worker,
-    s3_layout,
-    worker_name,
-)
-from processor.settings import WorkerSettings, load_s3_settings, load_worker_settings
+from processor.service import open_worker, storage_from_env, worker_name
+from processor.settings import WorkerSettings, load_worker_settings
 from processor.storage import LocalStorage, ObjectNotFound, Storage, StorageError
 from processor.workflows import WorkflowRegistry
 from triggers import logs
@@ -40,11 +34,7 @@ log = logging.getLogger("comfys3.worker")
 def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(args.log_format)
     settings = load_worker_settings()
-    if args.local is None:
-        s3 = load_s3_settings()
-        storage, layout = open_storage(s3, None), s3_layout(s3)
-    else:
-        storage, layout = open_storage(None, args.local), local_layout()
+    storage, layout = storage_from_env(args.local)
     counts = asyncio.run(_run(args, settings, storage, layout))
     if args.once:
         summary = counts.summary()
@@ -116,11 +106,7 @@ async def _until_stopped(
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    if args.local is None:
-        s3 = load_s3_settings()
-        storage, layout = open_storage(s3, None), s3_layout(s3)
-    else:
-        storage, layout = open_storage(None, args.local), local_layout()
+    storage, layout = storage_from_env(args.local)
 
     async def read() -> tuple[bytes | None, bool]:
         """The status document, and whether a manifest of that name still waits to be run."""
