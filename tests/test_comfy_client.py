@@ -458,11 +458,12 @@ async def test_a_crash_between_prompts_blames_every_prompt(
     client: ComfyClient, fake_comfyui: Any
 ) -> None:
     """Nobody is known to have been running: no prompt may go uncounted."""
-    fake_comfyui.state.exec_delay = 20.0
-    await client.queue_prompt(tiny_txt2img(seed=42), "run-first")
-    waiter = asyncio.ensure_future(client.wait_for("run-first", timeout=30))
+    fake_comfyui.state.gc_pause = 5.0  # after each prompt the queue stalls for 5 s
+    fake_comfyui.state.gc_interval = 0.0
+    await client.run(solid(prefix="before"), "run-before", timeout=30)
+    await client.queue_prompt(solid(prefix="next"), "run-next")  # waits out the stall
+    waiter = asyncio.ensure_future(client.wait_for("run-next", timeout=30))
     client.fail_pending(ComfyUnavailable("died"), waiting=ComfyDiedWhileWaiting("waited"))
     with pytest.raises(ComfyUnavailable) as caught:
         await waiter
     assert not isinstance(caught.value, ComfyDiedWhileWaiting)
-    await client.interrupt("run-first")
