@@ -63,7 +63,7 @@ async def test_a_job_that_kills_comfyui_does_not_use_up_the_next_ones_attempts(
     jobs = tmp_path / "jobs"
     monkeypatch.setenv("FAKE_COMFYUI_DIE_AT_NODE", "2")
     monkeypatch.setenv("FAKE_COMFYUI_DIE_MARKER", str(tmp_path / "died-once"))
-    monkeypatch.setenv("FAKE_COMFYUI_EXEC_DELAY", "1")  # time for the second to be queued
+    monkeypatch.setenv("FAKE_COMFYUI_EXEC_DELAY", "3")  # ~1 s a node: the second gets queued
     drop(jobs, "one", {"workflow": "solid"})
     drop(jobs, "two", {"workflow": "solid"})
     settings = owned_comfyui(tmp_path).model_copy(update={"max_attempts": 1})
