@@ -277,8 +277,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run jobs from S3 (or a local folder) until stopped",
         description="Poll COMFYS3_S3_INPUT_DIR for job manifests, claim them, run them on "
         "ComfyUI and write outputs and status.json under COMFYS3_S3_OUTPUT_DIR/<job id>/. "
-        "Many workers may share one bucket. SIGTERM finishes (or gives back) the running "
-        "jobs and exits.",
+        "Many workers may share one bucket; at start the worker checks that the storage "
+        "honours the conditional writes that keep them from running a job twice. SIGTERM "
+        "finishes (or gives back) the running jobs and exits.",
     )
     run.add_argument(
         "--once", action="store_true", help="drain what is pending, print counts and exit"
