@@ -10,6 +10,7 @@ for before the first claim, with three small writes and a delete.
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 
 from processor.storage_base import PreconditionFailed, Storage, StorageError, folder_prefix
@@ -25,18 +26,19 @@ class ConditionalWritesIgnored(StorageError):
 async def check_conditional_writes(storage: Storage, claims_prefix: str, holder: str) -> None:
     """Raise :class:`ConditionalWritesIgnored`, naming what went through, if ``storage``
     ignores either condition that claims rely on."""
-    key = f"{folder_prefix(claims_prefix)}_probe/{holder}-{uuid.uuid4().hex}.json"
-    body = b'{"probe": "comfys3 checks conditional writes here at start"}'
-    await storage.put(key, body, content_type="application/json", if_none_match=True)
+    # The holder goes in the body, not the key: a worker id need not be a valid key.
+    key = f"{folder_prefix(claims_prefix)}_probe/{uuid.uuid4().hex}.json"
+    data = json.dumps({"probe": "comfys3 checks conditional writes", "holder": holder}).encode()
+    await storage.put(key, data, content_type="application/json", if_none_match=True)
     ignored: list[str] = []
     try:
         try:
-            await storage.put(key, body, content_type="application/json", if_none_match=True)
+            await storage.put(key, data, content_type="application/json", if_none_match=True)
             ignored.append("a create over an existing object (If-None-Match: *) succeeded")
         except PreconditionFailed:
             pass
         try:
-            await storage.put(key, body, content_type="application/json", if_match=_STALE_ETAG)
+            await storage.put(key, data, content_type="application/json", if_match=_STALE_ETAG)
             ignored.append("a replace with a stale ETag (If-Match) succeeded")
         except PreconditionFailed:
             pass

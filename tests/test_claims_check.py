@@ -56,7 +56,7 @@ async def test_real_storage_passes_and_leaves_nothing_behind(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     async with storage_backend(backend, request, tmp_path / "root") as storage:
-        await check_conditional_writes(storage, "input/_claims", "w1")
+        await check_conditional_writes(storage, "input/_claims", "host\\pid 7")
         assert await storage.list("input/_claims/_probe/") == []
 
 
