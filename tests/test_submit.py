@@ -25,6 +25,13 @@ def use_s3(monkeypatch: pytest.MonkeyPatch, settings: S3Settings) -> None:
             monkeypatch.setenv(name, value)
 
 
+@pytest.fixture
+def moto_env(moto_s3_settings: S3Settings, monkeypatch: pytest.MonkeyPatch) -> S3Settings:
+    """A fresh moto bucket, named to `comfys3` by the COMFYS3_S3_* variables."""
+    use_s3(monkeypatch, moto_s3_settings)
+    return moto_s3_settings
+
+
 def write(folder: Path, name: str, document: Any) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
@@ -56,29 +63,21 @@ def test_submit_uploads_the_manifest_to_the_intake(
 
 
 def test_a_manifest_still_waiting_is_not_replaced(
-    moto_s3_settings: S3Settings,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    moto_env: S3Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    use_s3(monkeypatch, moto_s3_settings)
     first = write(tmp_path / "a", "job", {"workflow": "solid"})
     assert main(["submit", str(first)]) == 0
     second = write(tmp_path / "b", "job", {"workflow": "solid", "payload": {"color": 255}})
 
     assert main(["submit", str(second)]) == 1
 
-    assert stored(moto_s3_settings, "input/job.json") == first.read_bytes()
+    assert stored(moto_env, "input/job.json") == first.read_bytes()
     assert "input/job.json is already waiting to run; not replaced" in capsys.readouterr().err
 
 
 def test_one_invalid_manifest_stops_the_whole_submission(
-    moto_s3_settings: S3Settings,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    moto_env: S3Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    use_s3(monkeypatch, moto_s3_settings)
     good = write(tmp_path, "good", {"workflow": "solid"})
     typo = write(tmp_path, "typo", {"workflow": "txt2img", "payload": {"stesp": 20}})
     broken = write(tmp_path, "broken", '{"workflow": ')
@@ -89,7 +88,7 @@ def test_one_invalid_manifest_stops_the_whole_submission(
     assert f"{typo}: invalid manifest" in err and "did you mean 'steps'" in err
     assert f"{broken}: invalid manifest" in err
     assert "nothing was submitted" in err
-    assert keys(s3_client(moto_s3_settings), moto_s3_settings, "input/") == []
+    assert keys(s3_client(moto_env), moto_env, "input/") == []
 
 
 def test_two_files_of_the_same_name_are_refused(
