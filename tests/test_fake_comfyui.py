@@ -74,19 +74,11 @@ def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (20, 10)) -> 
     return buffer.getvalue()
 
 
-@pytest.fixture
-def client(fake_comfyui: FakeComfyUIThread) -> Any:
-    c = ComfyTestClient(fake_comfyui.url)
-    c.connect()
-    yield c
-    c.close()
-
-
 def test_fail_at_node_reports_execution_error_then_recovers(
-    client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
 ) -> None:
     fake_comfyui.state.update({"fail_at_node": "2", "fail_times": 1, "fail_message": "boom"})
-    failed = client.run(INVERT)
+    failed = fake_client.run(INVERT)
     error = failed.last("execution_error")["data"]
     assert (error["node_id"], error["node_type"], error["executed"]) == ("2", "ImageInvert", ["1"])
     assert (error["exception_message"], error["exception_type"]) == ("boom\n", "RuntimeError")
@@ -96,7 +88,7 @@ def test_fail_at_node_reports_execution_error_then_recovers(
     assert (entry["status"]["status_str"], entry["status"]["completed"]) == ("error", False)
     assert entry["outputs"] == {} and entry["meta"] == {}
 
-    again = client.run(INVERT)  # fail_times is used up: node 1 comes from cache, 2 runs now
+    again = fake_client.run(INVERT)  # fail_times is used up: node 1 comes from cache, 2 runs now
     assert again.last("execution_cached")["data"]["nodes"] == ["1"]
     assert "execution_success" in again.types()
     assert fake_comfyui.state.fail_times == 0
@@ -104,30 +96,30 @@ def test_fail_at_node_reports_execution_error_then_recovers(
 
 
 def test_exec_delay_keeps_a_prompt_running_and_progress_counts_steps(
-    client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
 ) -> None:
-    client.run(TXT2IMG)  # warm the model nodes so only sampling is slow
+    fake_client.run(TXT2IMG)  # warm the model nodes so only sampling is slow
     fake_comfyui.state.exec_delay = 60.0  # ~0.6 s per step of 100; the interrupt ends it early
     prompt_id = "slow-one"
-    client.post_prompt(graph(TXT2IMG, n3={"steps": 100, "seed": 9}), prompt_id)
+    fake_client.post_prompt(graph(TXT2IMG, n3={"steps": 100, "seed": 9}), prompt_id)
     first_progress = None
     while first_progress is None:
-        message = client.receive()
+        message = fake_client.receive()
         if message["type"] == "progress":
             first_progress = message["data"]
     assert first_progress == {"value": 1, "max": 100, "prompt_id": prompt_id, "node": "3"}
     assert fake_comfyui.stats()["running"] == prompt_id
-    assert client.get_json("/prompt") == {"exec_info": {"queue_remaining": 1}}
+    assert fake_client.get_json("/prompt") == {"exec_info": {"queue_remaining": 1}}
 
-    status, _, _ = client.request("POST", "/interrupt", {"prompt_id": "someone-else"})
+    status, _, _ = fake_client.request("POST", "/interrupt", {"prompt_id": "someone-else"})
     assert status == 200
     assert fake_comfyui.call(lambda engine: engine._interrupt.is_set()) is False
-    client.request("POST", "/interrupt")  # no body: a global interrupt, as ComfyUI allows
-    tail = client.collect(prompt_id)
+    fake_client.request("POST", "/interrupt")  # no body: a global interrupt, as ComfyUI allows
+    tail = fake_client.collect(prompt_id)
     ending = [m["type"] for m in tail if m["type"] != "status"]
     assert ending[-2:] == ["execution_interrupted", "executing"]
     assert fake_comfyui.stats()["interrupted"] == [prompt_id]
-    assert client.history(prompt_id)[prompt_id]["status"]["status_str"] == "error"
+    assert fake_client.history(prompt_id)[prompt_id]["status"]["status_str"] == "error"
 
 
 def test_drop_ws_at_node_closes_sockets_once_and_the_prompt_still_finishes(
@@ -156,26 +148,26 @@ def test_drop_ws_at_node_closes_sockets_once_and_the_prompt_still_finishes(
 
 
 def test_stats_count_executions_per_prompt_id_and_rejections(
-    client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
 ) -> None:
-    client.run(INVERT, prompt_id="same-id")
-    client.run(graph(INVERT, n3={"filename_prefix": "second"}), prompt_id="same-id")
-    client.run(INVERT, prompt_id="other-id")
-    assert client.post_prompt(graph(INVERT, n1={"width": 0}))[0] == 400
-    stats = client.get_json("/fake/stats")
+    fake_client.run(INVERT, prompt_id="same-id")
+    fake_client.run(graph(INVERT, n3={"filename_prefix": "second"}), prompt_id="same-id")
+    fake_client.run(INVERT, prompt_id="other-id")
+    assert fake_client.post_prompt(graph(INVERT, n1={"width": 0}))[0] == 400
+    stats = fake_client.get_json("/fake/stats")
     assert stats == fake_comfyui.stats()
     assert stats["executed"] == {"same-id": 2, "other-id": 1}
     assert (stats["queued"], stats["rejected"], stats["interrupted"]) == (3, 1, [])
 
 
 def test_prompts_run_one_at_a_time_in_fifo_order(
-    client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
 ) -> None:
     fake_comfyui.state.exec_delay = 0.05
     ids = [f"fifo-{i}" for i in range(3)]
     for i, prompt_id in enumerate(ids):
-        client.post_prompt(graph(INVERT, n1={"color": i}), prompt_id)
-    messages = client.collect(ids[-1])
+        fake_client.post_prompt(graph(INVERT, n1={"color": i}), prompt_id)
+    messages = fake_client.collect(ids[-1])
     events = [
         (m["type"], m["data"].get("prompt_id"))
         for m in messages
@@ -211,17 +203,17 @@ def test_events_go_only_to_the_prompts_client(fake_comfyui: FakeComfyUIThread) -
 
 
 def test_model_nodes_are_deterministic_and_validate_like_comfyui(
-    client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
 ) -> None:
-    first = client.run(TXT2IMG)
+    first = fake_client.run(TXT2IMG)
     images = first.history[first.prompt_id]["outputs"]["9"]["images"]
     assert [i["filename"] for i in images] == ["t2i_00001_.png", "t2i_00002_.png"]
     assert Image.open(fake_comfyui.output_dir / images[0]["filename"]).size == (64, 48)
     progress = [m["data"]["value"] for m in first.ws if m["type"] == "progress"]
     assert progress == [1, 2, 3]
 
-    same_seed = client.run(graph(TXT2IMG, n9={"filename_prefix": "again"}))
-    other_seed = client.run(graph(TXT2IMG, n3={"seed": 6}, n9={"filename_prefix": "other"}))
+    same_seed = fake_client.run(graph(TXT2IMG, n9={"filename_prefix": "again"}))
+    other_seed = fake_client.run(graph(TXT2IMG, n3={"seed": 6}, n9={"filename_prefix": "other"}))
     read = lambda name: (fake_comfyui.output_dir / name).read_bytes()  # noqa: E731
     assert read("again_00001_.png") == read("t2i_00001_.png")
     assert read("other_00001_.png") != read("t2i_00001_.png")
@@ -230,7 +222,7 @@ def test_model_nodes_are_deterministic_and_validate_like_comfyui(
     assert other_seed.last("execution_cached")["data"]["nodes"] == ["4", "6", "7", "5"]
 
     bad = graph(TXT2IMG, n3={"sampler_name": "nope", "steps": 0, "cfg": 101, "denoise": "x"})
-    status, body = client.post_prompt(bad)
+    status, body = fake_client.post_prompt(bad)
     kinds = {e["extra_info"]["input_name"]: e["type"] for e in body["node_errors"]["3"]["errors"]}
     assert status == 400 and kinds == {
         "sampler_name": "value_not_in_list",
@@ -239,18 +231,18 @@ def test_model_nodes_are_deterministic_and_validate_like_comfyui(
         "denoise": "invalid_input_type",
     }
     fake_comfyui.state.installed_checkpoints = ["only.safetensors"]
-    status, body = client.post_prompt(TXT2IMG)
+    status, body = fake_client.post_prompt(TXT2IMG)
     assert status == 400 and body["node_errors"]["4"]["errors"][0]["type"] == "value_not_in_list"
 
 
 def test_loadimage_subfolder_reupload_and_save_subfolder(
-    client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
 ) -> None:
-    assert client.upload("pic.png", png_bytes((255, 0, 0)), subfolder="job1") == (
+    assert fake_client.upload("pic.png", png_bytes((255, 0, 0)), subfolder="job1") == (
         200,
         {"name": "pic.png", "subfolder": "job1", "type": "input"},
     )
-    assert client.upload("pic.png", png_bytes((0, 255, 0)), subfolder="job1")[1]["name"] == (
+    assert fake_client.upload("pic.png", png_bytes((0, 255, 0)), subfolder="job1")[1]["name"] == (
         "pic (1).png"
     )
     load = {
@@ -260,17 +252,17 @@ def test_loadimage_subfolder_reupload_and_save_subfolder(
             "inputs": {"images": ["1", 0], "filename_prefix": "jobs/j1/out"},
         },
     }
-    first = client.run(load)
+    first = fake_client.run(load)
     image = first.history[first.prompt_id]["outputs"]["2"]["images"][0]
     assert image == {"filename": "out_00001_.png", "subfolder": "jobs/j1", "type": "output"}
-    status, content, _ = client.request(
+    status, content, _ = fake_client.request(
         "GET", "/view?filename=out_00001_.png&subfolder=jobs/j1&type=output"
     )
     assert status == 200 and Image.open(io.BytesIO(content)).getpixel((0, 0)) == (255, 0, 0)
 
-    assert client.run(load).last("execution_cached")["data"]["nodes"] == ["1", "2"]
-    client.upload("pic.png", png_bytes((0, 0, 255)), subfolder="job1", overwrite=True)
-    changed = client.run(load)  # same name, new bytes: LoadImage must not come from cache
+    assert fake_client.run(load).last("execution_cached")["data"]["nodes"] == ["1", "2"]
+    fake_client.upload("pic.png", png_bytes((0, 0, 255)), subfolder="job1", overwrite=True)
+    changed = fake_client.run(load)  # same name, new bytes: LoadImage must not come from cache
     assert changed.last("execution_cached")["data"]["nodes"] == []
     newest = changed.history[changed.prompt_id]["outputs"]["2"]["images"][0]["filename"]
     assert newest == "out_00002_.png"
@@ -279,9 +271,9 @@ def test_loadimage_subfolder_reupload_and_save_subfolder(
 
 
 def test_non_image_outputs_text_and_audio(
-    client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
 ) -> None:
-    run = client.run(
+    run = fake_client.run(
         {
             "1": {"class_type": "ShowText", "inputs": {"text": "hello"}},
             "2": {"class_type": "FakeTone", "inputs": {"seconds": 0.1, "frequency": 440.0}},
@@ -296,7 +288,7 @@ def test_non_image_outputs_text_and_audio(
     assert outputs["3"] == {
         "audio": [{"filename": "tone_00001_.wav", "subfolder": "audio", "type": "output"}]
     }
-    status, content, headers = client.request(
+    status, content, headers = fake_client.request(
         "GET", "/view?filename=tone_00001_.wav&subfolder=audio&type=output"
     )
     assert status == 200 and headers["Content-Type"].startswith("audio/")
@@ -305,16 +297,16 @@ def test_non_image_outputs_text_and_audio(
 
 
 def test_config_over_http_and_from_env(
-    client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
 ) -> None:
-    status, raw, _ = client.request(
+    status, raw, _ = fake_client.request(
         "POST", "/fake/config", {"exec_delay": "0.25", "installed_checkpoints": ["a.safetensors"]}
     )
     assert status == 200 and json.loads(raw)["exec_delay"] == 0.25
     assert fake_comfyui.state.installed_checkpoints == ["a.safetensors"]
-    status, raw, _ = client.request("POST", "/fake/config", {"no_such_knob": 1})
+    status, raw, _ = fake_client.request("POST", "/fake/config", {"no_such_knob": 1})
     assert status == 400 and "no_such_knob" in json.loads(raw)["error"]
-    assert client.get_json("/fake/config")["exec_delay"] == 0.25
+    assert fake_client.get_json("/fake/config")["exec_delay"] == 0.25
 
     state = FakeState.from_env(
         {

@@ -115,14 +115,6 @@ def assert_history_matches(ours: Run, want: dict[str, Any], same_number: bool = 
     assert entry["meta"] == want["meta"]
 
 
-@pytest.fixture
-def client(fake_comfyui: FakeComfyUIThread) -> Any:
-    c = ComfyTestClient(fake_comfyui.url)
-    c.connect()
-    yield c
-    c.close()
-
-
 def test_websocket_greeting_and_feature_flags(fake_comfyui: FakeComfyUIThread) -> None:
     plain = ComfyTestClient(fake_comfyui.url, client_id="fixed-client-id")
     greeting = plain.connect()
@@ -139,18 +131,18 @@ def test_websocket_greeting_and_feature_flags(fake_comfyui: FakeComfyUIThread) -
     flagged.close()
 
 
-def test_invert_fresh_then_fully_cached_then_new_prefix(client: ComfyTestClient) -> None:
+def test_invert_fresh_then_fully_cached_then_new_prefix(fake_client: ComfyTestClient) -> None:
     for key in ("A1_invert_first", "A2_invert_identical_again", "A3_invert_new_prefix_only"):
         recorded = WEIGHTFREE[key]
-        assert_run_matches(client.run(recorded_prompt(recorded)), recorded)
+        assert_run_matches(fake_client.run(recorded_prompt(recorded)), recorded)
 
 
 def test_upload_load_scale_blur_and_view(
-    client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
 ) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (80, 60), (10, 200, 30)).save(buffer, format="PNG")
-    status, body = client.upload("peer_upload.png", buffer.getvalue())
+    status, body = fake_client.upload("peer_upload.png", buffer.getvalue())
     assert (status, body) == (
         WEIGHTFREE["upload_image"]["status"],
         WEIGHTFREE["upload_image"]["body"],
@@ -158,11 +150,11 @@ def test_upload_load_scale_blur_and_view(
     assert (fake_comfyui.input_dir / "peer_upload.png").read_bytes() == buffer.getvalue()
 
     recorded = WEIGHTFREE["B_load_scale_blur"]
-    run = client.run(recorded_prompt(recorded))
+    run = fake_client.run(recorded_prompt(recorded))
     assert_run_matches(run, recorded, same_number=False)
 
     image = run.last("executed")["data"]["output"]["images"][0]
-    status, content, headers = client.request(
+    status, content, headers = fake_client.request(
         "GET", f"/view?filename={image['filename']}&subfolder=&type=output"
     )
     want = WEIGHTFREE["view_output"]
@@ -171,7 +163,9 @@ def test_upload_load_scale_blur_and_view(
     assert content[:8] == b"\x89PNG\r\n\x1a\n"
     assert list(Image.open(io.BytesIO(content)).size) == want["size"]
 
-    status, content, _ = client.request("GET", "/view?filename=nope.png&subfolder=&type=output")
+    status, content, _ = fake_client.request(
+        "GET", "/view?filename=nope.png&subfolder=&type=output"
+    )
     assert (status, content.decode()) == (
         WEIGHTFREE["view_missing"]["status"],
         WEIGHTFREE["view_missing"]["body"],
@@ -179,15 +173,15 @@ def test_upload_load_scale_blur_and_view(
 
 
 def test_preview_runtime_error_and_queue_endpoints(
-    client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
 ) -> None:
     preview_rec, error_rec = WEIGHTFREE["C_preview_image"], WEIGHTFREE["R_runtime_error"]
-    preview = client.run(recorded_prompt(preview_rec))
+    preview = fake_client.run(recorded_prompt(preview_rec))
     assert_run_matches(preview, preview_rec, same_number=False)
     for image in preview.last("executed")["data"]["output"]["images"]:
         assert (fake_comfyui.temp_dir / image["filename"]).is_file()
 
-    failed = client.run(recorded_prompt(error_rec))
+    failed = fake_client.run(recorded_prompt(error_rec))
     assert_run_matches(failed, error_rec, same_number=False)
     error = failed.last("execution_error")["data"]
     want = next(m for m in error_rec["ws"] if m["type"] == "execution_error")["data"]
@@ -196,9 +190,12 @@ def test_preview_runtime_error_and_queue_endpoints(
     assert all(isinstance(line, str) for line in error["traceback"]) and error["traceback"]
     assert failed.history[failed.prompt_id]["outputs"] == {}
 
-    assert client.get_json("/queue") == WEIGHTFREE["queue_after"]
-    assert client.get_json("/prompt") == WEIGHTFREE["get_prompt"]
-    assert list(client.get_json("/history?max_items=2")) == [preview.prompt_id, failed.prompt_id]
+    assert fake_client.get_json("/queue") == WEIGHTFREE["queue_after"]
+    assert fake_client.get_json("/prompt") == WEIGHTFREE["get_prompt"]
+    assert list(fake_client.get_json("/history?max_items=2")) == [
+        preview.prompt_id,
+        failed.prompt_id,
+    ]
     assert len(WEIGHTFREE["history_max_items_2_keys"]) == 2
 
 
@@ -255,50 +252,50 @@ def without_tracebacks(value: Any) -> Any:
 
 @pytest.mark.parametrize("case", sorted(WEIGHTFREE["validation_errors"]))
 def test_validation_error_bodies(
-    case: str, client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    case: str, fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
 ) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, format="PNG")
-    client.upload("peer_upload.png", buffer.getvalue())
+    fake_client.upload("peer_upload.png", buffer.getvalue())
     request = validation_requests()[case]
     if isinstance(request, bytes):
-        status, raw, _ = client.request(
+        status, raw, _ = fake_client.request(
             "POST", "/prompt", raw=request, headers={"Content-Type": "application/json"}
         )
         body: Any = raw.decode()
     else:
-        status, raw, _ = client.request("POST", "/prompt", request)
+        status, raw, _ = fake_client.request("POST", "/prompt", request)
         body = json.loads(raw)
     want = WEIGHTFREE["validation_errors"][case]
     assert status == want["status"]
     assert without_tracebacks(body) == without_tracebacks(want["body"])
     assert fake_comfyui.stats()["queued"] == 0
-    assert client.get_json("/queue") == {"queue_running": [], "queue_pending": []}
+    assert fake_client.get_json("/queue") == {"queue_running": [], "queue_pending": []}
 
 
-def test_bad_checkpoint_body(client: ComfyTestClient, fake_comfyui: FakeComfyUIThread) -> None:
+def test_bad_checkpoint_body(fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread) -> None:
     want = EXTRA["bad_ckpt"]
     fake_comfyui.state.installed_checkpoints = list(
         want["body"]["node_errors"]["4"]["errors"][0]["extra_info"]["input_config"][0]
     )
     graph = recorded_prompt(load("txt2img_tiny_1step.json")["cold"])
     graph["4"]["inputs"]["ckpt_name"] = "nope.safetensors"
-    status, body = client.post_prompt(graph)
+    status, body = fake_client.post_prompt(graph)
     assert (status, body) == (want["status"], want["body"])
     assert fake_comfyui.stats()["queued"] == 0
 
 
-def test_txt2img_cold_then_warm_runs(client: ComfyTestClient) -> None:
+def test_txt2img_cold_then_warm_runs(fake_client: ComfyTestClient) -> None:
     """Recorded on one server: the full-UNet file first, then the tiny one (node 5 stays cached)."""
     for name in ("txt2img_full_1step.json", "txt2img_tiny_1step.json"):
         recording = load(name)
         for recorded in [recording["cold"], *recording["warm_runs"], recording["warm_new_text"]]:
-            run = client.run(recorded_prompt(recorded))
+            run = fake_client.run(recorded_prompt(recorded))
             assert_run_matches(run, recorded, exact_files=False)
             assert run.post_body["number"] == recorded["post_body"]["number"]
         view = recording["view"]
         image = run.last("executed")["data"]["output"]["images"][0]
-        status, content, _ = client.request(
+        status, content, _ = fake_client.request(
             "GET", f"/view?filename={image['filename']}&type=output"
         )
         picture = Image.open(io.BytesIO(content))
@@ -306,24 +303,24 @@ def test_txt2img_cold_then_warm_runs(client: ComfyTestClient) -> None:
 
 
 def test_interrupt_running_prompt_and_delete_pending(
-    client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
 ) -> None:
     graph = recorded_prompt(load("txt2img_tiny_1step.json")["cold"])
-    client.run(graph)  # warm the cache, as in the recording: p1 finds 4, 6, 7, 5 cached
+    fake_client.run(graph)  # warm the cache, as in the recording: p1 finds 4, 6, 7, 5 cached
     fake_comfyui.state.exec_delay = 30.0  # ~1 s per step: the interrupt lands in step 1
     slow = copy.deepcopy(graph)
     slow["3"]["inputs"].update(seed=1234, steps=30)
     p1, p2, p3 = "p1-" + "a" * 33, "p2-" + "b" * 33, "p3-" + "c" * 33
-    assert client.post_prompt(slow, p1)[0] == 200
+    assert fake_client.post_prompt(slow, p1)[0] == 200
     second = copy.deepcopy(slow)
     second["3"]["inputs"].update(seed=99, steps=2)
-    assert client.post_prompt(second, p2)[0] == 200
-    assert client.post_prompt(second, p3)[0] == 200
+    assert fake_client.post_prompt(second, p2)[0] == 200
+    assert fake_client.post_prompt(second, p3)[0] == 200
 
     messages: list[dict[str, Any]] = []
     while not (messages and messages[-1]["type"] == "progress"):
-        messages.append(client.receive())
-    queue = client.get_json("/queue")
+        messages.append(fake_client.receive())
+    queue = fake_client.get_json("/queue")
     want = EXTRA["queue_while_running"]
     assert (len(queue["queue_running"]), len(queue["queue_pending"])) == (
         want["running_len"],
@@ -332,15 +329,17 @@ def test_interrupt_running_prompt_and_delete_pending(
     running = queue["queue_running"][0]
     assert [type(x).__name__ for x in running] == want["running_item_shape"]
     assert (
-        running[1] == p1 and running[3] == {"client_id": client.client_id} and running[4] == ["9"]
+        running[1] == p1
+        and running[3] == {"client_id": fake_client.client_id}
+        and running[4] == ["9"]
     )
 
-    status, _, _ = client.request("POST", "/queue", {"delete": [p3]})
+    status, _, _ = fake_client.request("POST", "/queue", {"delete": [p3]})
     assert status == EXTRA["delete_pending"]
     fake_comfyui.state.exec_delay = 0.0
-    status, _, _ = client.request("POST", "/interrupt", {"prompt_id": p1})
+    status, _, _ = fake_client.request("POST", "/interrupt", {"prompt_id": p1})
     assert status == EXTRA["interrupt_status"]
-    messages += client.collect(p1)
+    messages += fake_client.collect(p1)
 
     ends = ("execution_success", "execution_error", "execution_interrupted")
     end = next(m for m in messages if m["type"] in ends)
@@ -356,7 +355,7 @@ def test_interrupt_running_prompt_and_delete_pending(
     folded = [t for i, t in enumerate(ours_tail) if i == 0 or t != ours_tail[i - 1]]
     assert folded[-len(tail_types) :] == tail_types
 
-    entry = client.history(p1)[p1]
+    entry = fake_client.history(p1)[p1]
     assert shape(entry["status"]) == shape(EXTRA["p1_history_status"])
     assert entry["status"]["status_str"] == EXTRA["p1_history_status"]["status_str"]
     assert [m[0] for m in entry["status"]["messages"]] == [
@@ -365,10 +364,10 @@ def test_interrupt_running_prompt_and_delete_pending(
     assert entry["status"]["messages"][1][1]["nodes"] == ["4", "6", "7", "5"]
     assert entry["outputs"] == EXTRA["p1_history_outputs"]
 
-    p2_messages = client.collect(p2)
+    p2_messages = fake_client.collect(p2)
     assert EXTRA["p2_end_msg_type"] in [m["type"] for m in p2_messages]
-    assert client.history(p3, wait=0.2) == EXTRA["p3_history_after_delete"]
-    assert client.get_json("/queue") == EXTRA["queue_after"]
+    assert fake_client.history(p3, wait=0.2) == EXTRA["p3_history_after_delete"]
+    assert fake_client.get_json("/queue") == EXTRA["queue_after"]
     assert fake_comfyui.stats()["interrupted"] == [p1]
 
 
@@ -395,22 +394,22 @@ def test_binary_preview_frames(metadata: bool, fake_comfyui: FakeComfyUIThread) 
 
 
 def test_history_gap_is_reproduced(
-    client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
 ) -> None:
     """Right after execution_success, /history is still {}; after executing-null it is there."""
     fake_comfyui.state.history_gap = 1.0
     graph = recorded_prompt(WEIGHTFREE["A1_invert_first"])
     prompt_id = "gap-check"
-    assert client.post_prompt(graph, prompt_id)[0] == 200
-    while client.receive()["type"] != "execution_success":
+    assert fake_client.post_prompt(graph, prompt_id)[0] == 200
+    while fake_client.receive()["type"] != "execution_success":
         pass
-    assert client.get_json(f"/history/{prompt_id}") == {}
-    client.collect(prompt_id)
-    assert prompt_id in client.get_json(f"/history/{prompt_id}")
+    assert fake_client.get_json(f"/history/{prompt_id}") == {}
+    fake_client.collect(prompt_id)
+    assert prompt_id in fake_client.get_json(f"/history/{prompt_id}")
 
 
-def test_every_route_is_served_under_api(client: ComfyTestClient) -> None:
+def test_every_route_is_served_under_api(fake_client: ComfyTestClient) -> None:
     for path in ("/prompt", "/queue", "/history", "/system_stats", "/object_info", "/features"):
-        assert client.get_json("/api" + path) == client.get_json(path)
-    info = client.get_json("/api/object_info/KSampler")["KSampler"]
+        assert fake_client.get_json("/api" + path) == fake_client.get_json(path)
+    info = fake_client.get_json("/api/object_info/KSampler")["KSampler"]
     assert info["input"]["required"]["steps"][1]["max"] == 10000

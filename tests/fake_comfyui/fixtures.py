@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from .client import ComfyTestClient
 from .state import FakeState
 from .thread import FakeComfyUIThread
 
@@ -29,6 +30,15 @@ def fake_comfyui(tmp_path: Path) -> Iterator[FakeComfyUIThread]:
     """
     with FakeComfyUIThread(tmp_path / "comfyui", FakeState()) as fake:
         yield fake
+
+
+@pytest.fixture
+def fake_client(fake_comfyui: FakeComfyUIThread) -> Iterator[ComfyTestClient]:
+    """A raw protocol client (websocket-client), connected to ``fake_comfyui``."""
+    client = ComfyTestClient(fake_comfyui.url)
+    client.connect()
+    yield client
+    client.close()
 
 
 def free_port() -> int:
