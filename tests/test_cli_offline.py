@@ -12,18 +12,12 @@ from pathlib import Path
 import pytest
 
 from processor.settings import load_s3_settings
+from tests.test_settings import S3_REQUIRED
 from triggers import cli, offline_commands
 
 DATA = Path(__file__).parent / "data" / "manifests"
 COMFYS3 = Path(sys.executable).parent / "comfys3"
 SHIPPED = ("img2img", "scale", "solid", "txt2img")
-S3_REQUIRED = (
-    "COMFYS3_S3_REGION",
-    "COMFYS3_S3_ACCESS_KEY",
-    "COMFYS3_S3_SECRET_KEY",
-    "COMFYS3_S3_BUCKET_NAME",
-    "COMFYS3_S3_ENDPOINT_URL",
-)
 
 
 @pytest.fixture(autouse=True)

@@ -27,6 +27,7 @@ from processor.service import s3_layout
 from processor.settings import S3Settings, WorkerSettings
 from processor.storage import S3Storage
 from tests.s3_servers import free_port
+from tests.test_pipeline import worker_settings as pipeline_worker_settings
 from tests.workers import ROOT, get_json, keys, put_manifest, s3_client, s3_env, wait_until
 from triggers.runpod import runpod_argv
 from triggers.runpod_handler import RunpodHandler
@@ -56,15 +57,10 @@ class Captured:
 
 
 def worker_settings(fake: Any, **overrides: Any) -> WorkerSettings:
-    values: dict[str, Any] = {
-        "comfyui_url": fake.url,
-        "comfyui_startup_timeout": 20,
-        "job_timeout": 30,
-        "lease_seconds": 30,
-        "worker_id": "runpod-test",
-    }
-    values.update(overrides)
-    return WorkerSettings(**values)
+    """The pipeline tests' settings, named as a RunPod worker, retrying after the default
+    delay."""
+    values: dict[str, Any] = {"worker_id": "runpod-test", "retry_delay": 2.0, **overrides}
+    return pipeline_worker_settings(fake, **values)
 
 
 @pytest.fixture
