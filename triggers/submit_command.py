@@ -169,8 +169,11 @@ async def follow(
     latest: dict[str, JobStatus] = {}
     print(f"waiting for {len(job_ids)} job(s); Ctrl-C stops waiting, not the jobs")
     while True:
-        for job_id in job_ids:
-            status = await read_status(storage, layout, job_id)
+        # Only the jobs still open are read again, and at once: a big batch costs one round
+        # trip a poll, not one per job, and a finished job costs nothing.
+        open_ids = [j for j in job_ids if j not in latest or latest[j].state not in FINAL]
+        fresh = await asyncio.gather(*(read_status(storage, layout, j) for j in open_ids))
+        for job_id, status in zip(open_ids, fresh, strict=True):
             if status is None or status == stale.get(job_id):
                 continue
             latest[job_id] = status
