@@ -97,13 +97,11 @@ async def _submit(
 ) -> int:
     async with storage:
         refused = 0
+        jobs = [job.id for s in submissions for job in s.jobs]
         # What each job's status said before: a job run before keeps its old final status
         # until a worker claims it again, and that old one must not end the wait.
-        before = {
-            job.id: await read_status(storage, layout, job.id)
-            for submission in submissions
-            for job in submission.jobs
-        }
+        found = await asyncio.gather(*(read_status(storage, layout, j) for j in jobs))
+        before = dict(zip(jobs, found, strict=True))
         for submission in submissions:
             try:
                 await storage.put(
@@ -132,7 +130,6 @@ async def _submit(
                     )
         if refused or not args.wait:
             return 1 if refused else 0
-        jobs = [job.id for s in submissions for job in s.jobs]
         stale = {job_id: status for job_id, status in before.items() if status is not None}
         statuses = await follow(storage, layout, jobs, stale, args.timeout, args.interval)
     return report(jobs, statuses, args.timeout)
