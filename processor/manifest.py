@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from processor.errors import ManifestError, Problem, problems_from_validation
+from processor.safejson import JsonLimitError, load_json
 from processor.workflows import Graph, StagedInput, WorkflowRegistry, set_output_prefixes
 
 MANIFEST_VERSION: Literal[1] = 1
@@ -147,13 +148,9 @@ def parse_manifest_bytes(data: bytes, *, max_bytes: int) -> dict[str, Any]:
             f"manifest is {len(data)} bytes; the limit is {max_bytes} (COMFYS3_MAX_MANIFEST_BYTES)"
         )
     try:
-        document = json.loads(data)
-    except UnicodeDecodeError as error:
-        raise ManifestError.single(f"manifest is not UTF-8 text: {error}") from None
-    except json.JSONDecodeError as error:
-        raise ManifestError.single(
-            f"not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
-        ) from None
+        document = load_json(data)
+    except JsonLimitError as error:
+        raise ManifestError.single(f"manifest {error}") from None
     if not isinstance(document, dict):
         raise ManifestError.single(f"manifest must be a JSON object, not {type(document).__name__}")
     return document
@@ -223,20 +220,33 @@ def resolve_jobs(
                 if problem not in problems:  # a bad shared value is reported once, not per entry
                     problems.append(problem)
             continue
-        jobs.append(
-            Job(
-                entry_id,
-                workflow=workflow.name,
-                payload=payload.model_dump(mode="json"),
-                graph=workflow.fill(payload, job_id=entry_id),
-                inputs=workflow.input_files(payload),
-                batch_index=index,
-                **common,
-            )
+        job = Job(
+            entry_id,
+            workflow=workflow.name,
+            payload=payload.model_dump(mode="json"),
+            graph=workflow.fill(payload, job_id=entry_id),
+            inputs=workflow.input_files(payload),
+            batch_index=index,
+            **common,
         )
+        unwritable = _unwritable_status(job, where)
+        if unwritable is not None:
+            problems.append(unwritable)
+            continue
+        jobs.append(job)
     if problems:
         raise ManifestError(problems)
     return jobs
+
+
+def _unwritable_status(job: Job, where: str) -> Problem | None:
+    """A job whose status document cannot be written must fail here, before anything runs:
+    found later, it would fail after its GPU time, and take its batch siblings with it."""
+    try:
+        status_for_job(job, state=JobState.queued, worker=None, attempt=1).to_json()
+    except Exception as error:  # whatever the serialiser refuses, said once, for this entry
+        return Problem(where, f"cannot be recorded in the job's status: {error}")
+    return None
 
 
 def _locate_batch_problem(problem: Problem, where: str, manifest: JobManifest) -> Problem:
@@ -336,6 +346,11 @@ class JobStatus(BaseModel):
     max_attempts: int | None = None
     worker: str | None = None
     manifest_key: str | None = None
+    manifest_version: str | None = Field(
+        default=None,
+        description="Which upload of the manifest this records (its ETag and modification "
+        "time): a manifest uploaded again runs again, a leftover of this one is only retired.",
+    )
     workflow: str | None = None
     payload: dict[str, Any] = Field(
         default_factory=dict, description="The payload as resolved: defaults filled, seed used."
