@@ -6,8 +6,11 @@ Import everything from here; the ``storage_*`` modules are how it is split, not 
 from __future__ import annotations
 
 from processor.storage_base import (
+    InvalidKey,
     ObjectInfo,
     ObjectNotFound,
+    ObjectTooLarge,
+    Page,
     PreconditionFailed,
     Storage,
     StorageError,
@@ -19,9 +22,12 @@ from processor.storage_local import LocalStorage
 from processor.storage_s3 import S3Storage
 
 __all__ = [
+    "InvalidKey",
     "LocalStorage",
     "ObjectInfo",
     "ObjectNotFound",
+    "ObjectTooLarge",
+    "Page",
     "PreconditionFailed",
     "S3Storage",
     "Storage",

@@ -7,6 +7,7 @@ what a non-recursive listing shows), not only on the happy path.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -27,12 +28,29 @@ class PreconditionFailed(StorageError):
     """A conditional write lost: the key exists (``if_none_match``) or changed (``if_match``)."""
 
 
+class InvalidKey(StorageError):
+    """A key no backend should use (see :func:`validate_key`). It is a property of the name,
+    not an outage: retrying the same name can never help."""
+
+
+class ObjectTooLarge(StorageError):
+    """An object larger than the reader's limit; refused before its body is read."""
+
+
 @dataclass(frozen=True)
 class StoredObject:
     key: str
     data: bytes
     etag: str
     content_type: str | None
+    last_modified: datetime | None = None
+
+    @property
+    def version(self) -> str:
+        """Which upload this is: a re-upload of the same bytes has the same ETag but a new
+        modification time, so the pair tells a resubmitted manifest from a leftover."""
+        stamp = self.last_modified.isoformat() if self.last_modified else "?"
+        return f"{self.etag}@{stamp}"
 
 
 @dataclass(frozen=True)
@@ -43,6 +61,14 @@ class ObjectInfo:
     last_modified: datetime
 
 
+@dataclass(frozen=True)
+class Page:
+    """One page of a non-recursive listing, in key order; ``truncated`` when more follow."""
+
+    items: list[ObjectInfo]
+    truncated: bool
+
+
 class Storage(Protocol):
     """What the processor needs from a bucket or a folder; both backends share these semantics.
 
@@ -50,7 +76,7 @@ class Storage(Protocol):
     ``"input"`` never matches ``"inputs/x"``. ETags are quoted strings, as S3 sends them.
     """
 
-    async def get(self, key: str) -> StoredObject: ...
+    async def get(self, key: str, *, max_bytes: int | None = None) -> StoredObject: ...
 
     async def head(self, key: str) -> ObjectInfo | None: ...
 
@@ -68,11 +94,21 @@ class Storage(Protocol):
         self, prefix: str, *, recursive: bool = False, limit: int | None = None
     ) -> list[ObjectInfo]: ...
 
+    async def list_page(
+        self, prefix: str, *, start_after: str | None = None, limit: int = 1000
+    ) -> Page: ...
+
     async def delete(self, key: str) -> None: ...
 
-    async def move(self, src: str, dst: str) -> None: ...
+    async def delete_many(self, keys: Sequence[str]) -> None: ...
+
+    async def move(self, src: str, dst: str, *, lenient: bool = False) -> None: ...
 
     async def presign_get(self, key: str, expires_in: int) -> str: ...
+
+    def location(self, key: str) -> str: ...
+
+    async def copy(self, src: str, dst: str) -> None: ...
 
     async def aclose(self) -> None: ...
 
@@ -86,7 +122,7 @@ class Storage(Protocol):
     ) -> None: ...
 
 
-def _key_problem(key: str) -> str | None:
+def _key_problem(key: str, *, lenient: bool = False) -> str | None:
     if not key:
         return "it is empty"
     if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
@@ -95,9 +131,9 @@ def _key_problem(key: str) -> str | None:
         return "it looks like a URL; give a key inside the bucket or folder"
     if key.startswith("/"):
         return "it starts with '/'"
-    if "\\" in key:
+    if not lenient and "\\" in key:
         return "it contains a backslash"
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+    if not lenient and any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
         return "it contains a control character"
     for part in key.split("/"):
         if part == "":
@@ -107,18 +143,19 @@ def _key_problem(key: str) -> str | None:
     return None
 
 
-def validate_key(key: str) -> str:
+def validate_key(key: str, *, lenient: bool = False) -> str:
     """Refuse keys that could escape a local root or mean different objects on different backends.
 
     ``..`` and a leading ``/`` would leave the local folder; empty segments and backslashes are
     legal on S3 but map to a different (or no) file locally, so a key valid here means the same
-    object everywhere.
+    object everywhere. ``lenient`` admits control characters and backslashes, for the one use
+    that must reach such a key anyway: moving a badly named object out of the intake.
     """
     if not isinstance(key, str):
-        raise StorageError(f"invalid storage key {key!r}: it is not a string")
-    problem = _key_problem(key)
+        raise InvalidKey(f"invalid storage key {key!r}: it is not a string")
+    problem = _key_problem(key, lenient=lenient)
     if problem:
-        raise StorageError(f"invalid storage key {key!r}: {problem}")
+        raise InvalidKey(f"invalid storage key {key!r}: {problem}")
     return key
 
 
@@ -133,5 +170,5 @@ def folder_prefix(prefix: str) -> str:
         return ""
     problem = _key_problem(trimmed)
     if problem:
-        raise StorageError(f"invalid storage prefix {prefix!r}: {problem}")
+        raise InvalidKey(f"invalid storage prefix {prefix!r}: {problem}")
     return trimmed + "/"

@@ -16,15 +16,18 @@ import hashlib
 import mimetypes
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
 
 from processor.storage_base import (
+    InvalidKey,
     ObjectInfo,
     ObjectNotFound,
+    ObjectTooLarge,
+    Page,
     PreconditionFailed,
     StorageError,
     StoredObject,
@@ -75,10 +78,10 @@ class LocalStorage:
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _path(self, key: str) -> Path:
-        validate_key(key)
+    def _path(self, key: str, *, lenient: bool = False) -> Path:
+        validate_key(key, lenient=lenient)
         if key.split("/", 1)[0] == PRIVATE_DIR:
-            raise StorageError(f"invalid storage key {key!r}: {PRIVATE_DIR}/ is reserved")
+            raise InvalidKey(f"invalid storage key {key!r}: {PRIVATE_DIR}/ is reserved")
         return self._root / key
 
     def _where(self, key: str) -> str:
@@ -160,20 +163,36 @@ class LocalStorage:
             last_modified=datetime.fromtimestamp(stat.st_mtime, tz=UTC),
         )
 
+    def location(self, key: str) -> str:
+        """Where ``key`` is, for a person: the file's path."""
+        return self._where(key)
+
     # -- Storage --------------------------------------------------------------------------
 
-    async def get(self, key: str) -> StoredObject:
+    async def get(self, key: str, *, max_bytes: int | None = None) -> StoredObject:
         path = self._path(key)
 
-        def read() -> bytes:
+        def read() -> tuple[bytes, float]:
             try:
-                return path.read_bytes()
+                with path.open("rb") as handle:
+                    stat = os.fstat(handle.fileno())
+                    if max_bytes is not None and stat.st_size > max_bytes:
+                        raise ObjectTooLarge(
+                            f"{self._where(key)} is {stat.st_size} bytes; the limit is {max_bytes}"
+                        )
+                    return handle.read(), stat.st_mtime
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 raise ObjectNotFound(f"local get: no object at {self._where(key)}") from None
 
-        data = await self._run("get", key, read)
+        data, mtime = await self._run("get", key, read)
         content_type, _ = mimetypes.guess_type(key, strict=False)
-        return StoredObject(key=key, data=data, etag=_etag(data), content_type=content_type)
+        return StoredObject(
+            key=key,
+            data=data,
+            etag=_etag(data),
+            content_type=content_type,
+            last_modified=datetime.fromtimestamp(mtime, tz=UTC),
+        )
 
     async def head(self, key: str) -> ObjectInfo | None:
         path = self._path(key)
@@ -267,6 +286,61 @@ class LocalStorage:
 
         return await self._run("list", folder or ".", scan)
 
+    async def list_page(
+        self, prefix: str, *, start_after: str | None = None, limit: int = 1000
+    ) -> Page:
+        """Files directly in the folder, in S3's key order, after ``start_after``. A folder has
+        no continuation token, so each page is a fresh scan: cheap next to the job it feeds."""
+        folder = folder_prefix(prefix)
+        base = self._root / folder if folder else self._root
+        after = (start_after or "").encode("utf-8", "surrogateescape")
+
+        def scan() -> Page:
+            names: list[tuple[bytes, str]] = []
+            try:
+                with os.scandir(base) as scanner:
+                    for entry in scanner:
+                        key = folder + entry.name
+                        encoded = key.encode("utf-8", "surrogateescape")
+                        if encoded > after and entry.is_file():
+                            names.append((encoded, key))
+            except (FileNotFoundError, NotADirectoryError):
+                return Page([], truncated=False)
+            names.sort()
+            found: list[ObjectInfo] = []
+            for _, key in names[:limit]:
+                path = self._root / key
+                try:
+                    stat = path.stat()
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # removed while listing: S3 would not show it either
+                found.append(
+                    ObjectInfo(
+                        key=key,
+                        size=stat.st_size,
+                        # Listing never reads file contents: an ETag here would hash every
+                        # pending manifest on every poll. Readers that need one use get().
+                        etag="",
+                        last_modified=datetime.fromtimestamp(stat.st_mtime, tz=UTC),
+                    )
+                )
+            return Page(found, truncated=len(names) > limit)
+
+        return await self._run("list", folder or ".", scan)
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        paths = [self._path(key) for key in keys]
+
+        def remove() -> None:
+            with self._locked():
+                for path in paths:
+                    with contextlib.suppress(
+                        FileNotFoundError, NotADirectoryError, IsADirectoryError
+                    ):
+                        path.unlink()
+
+        await self._run("delete", keys[0] if keys else ".", remove)
+
     async def delete(self, key: str) -> None:
         path = self._path(key)
 
@@ -281,8 +355,28 @@ class LocalStorage:
 
         await self._run("delete", key, remove)
 
-    async def move(self, src: str, dst: str) -> None:
+    async def copy(self, src: str, dst: str) -> None:
         source = self._path(src)
+        target = self._path(dst)
+
+        def duplicate() -> None:
+            try:
+                data = source.read_bytes()
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                raise ObjectNotFound(f"local copy: no object at {self._where(src)}") from None
+            tmp = self._write_tmp(data)
+            try:
+                with self._locked():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(tmp, target)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+        await self._run("copy", src, duplicate)
+
+    async def move(self, src: str, dst: str, *, lenient: bool = False) -> None:
+        source = self._path(src, lenient=lenient)
         target = self._path(dst)
 
         def rename() -> None:
