@@ -1,8 +1,9 @@
 """Claims: which worker runs which job, decided by conditional writes on the storage itself.
 
 A claim is a small JSON document at ``<prefix>/<name>.json`` with ``name``, ``holder``,
-``attempt``, ``expires_at`` (epoch seconds), ``state`` (held/released), ``last_error`` and a
-per-write ``token``. Creating it with
+``attempt`` (tries the job was to blame for), ``tries`` (every try, counted or not),
+``expires_at`` (epoch seconds), ``state`` (held/released), ``last_error`` and a per-write
+``token``. Creating it with
 ``If-None-Match: *`` and replacing it with ``If-Match: <etag>`` makes the storage the referee:
 of many workers racing for one job, exactly one write succeeds, with no lock service. A lease
 that is not renewed expires, so a job whose worker died is taken over, with its attempt count
@@ -10,6 +11,10 @@ carried on so the caller can stop retrying a job that keeps failing.
 
 Only PutObject conditions are used: moto ignores conditions on CopyObject, and a copy-based
 claim would quietly stop being exclusive there.
+
+A claim is read from the bucket, so it is untrusted input: whatever is in it (NaN, ``1e400``,
+deep nesting, a string where a number goes) is read as "no usable claim" field by field, and
+an expiry too far in the future to be real is treated as expired rather than blocking its job.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
+from processor.safejson import JsonLimitError, load_json
 from processor.settings import normalise_prefix
 from processor.storage_base import (
     ObjectNotFound,
@@ -37,6 +43,11 @@ log = logging.getLogger(__name__)
 
 HELD = "held"
 RELEASED = "released"
+MAX_COUNT = 1_000_000  # attempts and tries read from a claim are clamped to this
+# A live claim expires at most this many of our own leases from now; a later expiry cannot have
+# been written by a worker renewing a lease, so it is treated as expired, not as a lock forever.
+PLAUSIBLE_LEASES = 10
+MAX_ERROR_CHARS = 2000
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,49 @@ class Lease:
     expires_at: float
     etag: str
     last_error: str | None
+    tries: int = 1
+
+
+@dataclass(frozen=True)
+class Taken:
+    """Another worker holds a live claim; it may be worth trying again after ``expires_at``."""
+
+    holder: str
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class ClaimState:
+    """What a stored claim says, each field already made safe to use."""
+
+    holder: str
+    attempt: int
+    tries: int
+    expires_at: float
+    state: str
+    last_error: str | None
+
+    @classmethod
+    def parse(cls, data: bytes) -> ClaimState:
+        """A claim we cannot read at all is treated as expired rather than blocking its job."""
+        try:
+            value = load_json(data, max_depth=4)
+        except JsonLimitError:
+            value = {}
+        document = value if isinstance(value, dict) else {}
+        last_error = document.get("last_error")
+        if last_error is not None:
+            last_error = str(last_error)[:MAX_ERROR_CHARS] if _is_scalar(last_error) else None
+        holder = document.get("holder")
+        state = document.get("state")
+        return cls(
+            holder=holder[:200] if isinstance(holder, str) else "?",
+            attempt=_count(document.get("attempt")),
+            tries=_count(document.get("tries", document.get("attempt"))),
+            expires_at=_number(document.get("expires_at")),
+            state=state if state in (HELD, RELEASED) else "",
+            last_error=last_error,
+        )
 
 
 class LeaseLost(Exception):
@@ -110,6 +164,7 @@ class ClaimStore:
         self,
         name: str,
         attempt: int,
+        tries: int,
         expires_at: float,
         state: str,
         last_error: str | None,
@@ -119,6 +174,7 @@ class ClaimStore:
             "name": name,
             "holder": self._holder,
             "attempt": attempt,
+            "tries": tries,
             "expires_at": expires_at,
             "state": state,
             "last_error": last_error,
@@ -135,6 +191,7 @@ class ClaimStore:
         key: str,
         *,
         attempt: int,
+        tries: int,
         expires_at: float,
         state: str,
         last_error: str | None,
@@ -145,7 +202,7 @@ class ClaimStore:
         try:
             return await self._storage.put(
                 key,
-                self._document(name, attempt, expires_at, state, last_error, token),
+                self._document(name, attempt, tries, expires_at, state, last_error, token),
                 content_type="application/json",
                 if_none_match=if_none_match,
                 if_match=if_match,
@@ -157,51 +214,72 @@ class ClaimStore:
                 current = await self._storage.get(key)
             except ObjectNotFound:
                 raise PreconditionFailed(f"claim {key} is gone") from None
-            if _parse(current.data).get("token") == token:
+            if _token(current.data) == token:
                 return current.etag
             raise
 
-    async def acquire(self, name: str) -> Lease | None:
-        """Take the job if nobody holds a live claim on it; ``None`` if someone does or won."""
+    async def acquire(self, name: str) -> Lease | Taken:
+        """Take the job unless someone holds a live claim on it.
+
+        The create is tried first: for a job nobody has claimed yet (nearly every job) that is
+        the only request. Only when a claim exists is it read, to see whether it expired or was
+        given back.
+        """
         key = self.key_for(name)
-        expires_at = self._clock() + self._lease_seconds
-        try:
-            current = await self._storage.get(key)
-        except ObjectNotFound:
+        for _ in range(2):  # a claim deleted between our create and our read: create again
+            expires_at = self._clock() + self._lease_seconds
             try:
                 etag = await self._write(
                     name,
                     key,
                     attempt=1,
+                    tries=1,
                     expires_at=expires_at,
                     state=HELD,
                     last_error=None,
                     if_none_match=True,
                 )
+                return Lease(name, key, self._holder, 1, expires_at, etag, None, 1)
             except PreconditionFailed:
-                return None
-            return Lease(name, key, self._holder, 1, expires_at, etag, None)
+                pass
+            try:
+                current = await self._storage.get(key)
+            except ObjectNotFound:
+                continue
+            return await self._take_over(name, key, current.data, current.etag)
+        return Taken("?", self._clock())
 
-        previous = _parse(current.data)
-        if previous.get("state") == HELD and _number(previous.get("expires_at")) > self._clock():
-            return None
-        attempt = int(_number(previous.get("attempt"))) + 1
-        last_error = previous.get("last_error")
-        if last_error is not None and not isinstance(last_error, str):
-            last_error = str(last_error)
+    async def _take_over(self, name: str, key: str, data: bytes, etag: str) -> Lease | Taken:
+        previous = ClaimState.parse(data)
+        now = self._clock()
+        horizon = now + PLAUSIBLE_LEASES * self._lease_seconds
+        if previous.state == HELD and now < previous.expires_at:
+            if previous.expires_at <= horizon:
+                return Taken(previous.holder, previous.expires_at)
+            log.warning(
+                "claim %s expires at %s, further ahead than any lease; treating it as expired",
+                key,
+                previous.expires_at,
+            )
+        attempt = min(previous.attempt, MAX_COUNT) + 1
+        tries = min(max(previous.tries, previous.attempt), MAX_COUNT) + 1
+        expires_at = now + self._lease_seconds
         try:
-            etag = await self._write(
+            new_etag = await self._write(
                 name,
                 key,
                 attempt=attempt,
+                tries=tries,
                 expires_at=expires_at,
                 state=HELD,
-                last_error=last_error,
-                if_match=current.etag,
+                last_error=previous.last_error,
+                if_match=etag,
             )
         except PreconditionFailed:
-            return None
-        return Lease(name, key, self._holder, attempt, expires_at, etag, last_error)
+            return Taken(previous.holder, now)
+        return Lease(
+            name, key, self._holder, attempt, expires_at, new_etag, previous.last_error, tries
+        )
 
     async def renew(self, lease: Lease) -> Lease:
         expires_at = self._clock() + self._lease_seconds
@@ -210,6 +288,7 @@ class ClaimStore:
                 lease.name,
                 lease.key,
                 attempt=lease.attempt,
+                tries=lease.tries,
                 expires_at=expires_at,
                 state=HELD,
                 last_error=lease.last_error,
@@ -229,12 +308,13 @@ class ClaimStore:
         died running another job) is taken back. A release without an error keeps the
         previous one.
         """
-        last_error = error if error is not None else lease.last_error
+        last_error = error[:MAX_ERROR_CHARS] if error is not None else lease.last_error
         try:
             await self._write(
                 lease.name,
                 lease.key,
                 attempt=lease.attempt if charge else lease.attempt - 1,
+                tries=lease.tries,
                 expires_at=self._clock(),
                 state=RELEASED,
                 last_error=last_error,
@@ -285,18 +365,28 @@ class ClaimStore:
             await task
 
 
-def _parse(data: bytes) -> dict[str, Any]:
-    """A claim we cannot read is treated as expired rather than blocking its job forever."""
+def _token(data: bytes) -> object:
     try:
-        value = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
+        value = load_json(data, max_depth=4)
+    except JsonLimitError:
+        return None
+    return value.get("token") if isinstance(value, dict) else None
+
+
+def _is_scalar(value: object) -> bool:
+    return isinstance(value, str | int | float | bool)
 
 
 def _number(value: object) -> float:
-    if isinstance(value, bool):
+    """A finite float, or 0.0 (long expired) for anything else."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return 0.0
-    if isinstance(value, int | float):
-        return float(value)
-    return 0.0
+    number = float(value) if abs(value) < 1e300 else 0.0
+    return number if math.isfinite(number) else 0.0
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    number = _number(value)
+    return int(max(0.0, min(number, float(MAX_COUNT))))

@@ -10,9 +10,16 @@ from typing import Any, cast
 
 import pytest
 
-from processor.claims import ClaimStore, LeaseLost
+from processor.claims import ClaimStore, Lease, LeaseLost
 from processor.storage import LocalStorage, PreconditionFailed, Storage, StoredObject
 from tests.s3_servers import storage_backend
+
+
+async def claim(store: ClaimStore, name: str) -> Lease | None:
+    """The lease, or None when someone else holds the claim (acquire says who, until when)."""
+    result = await store.acquire(name)
+    return result if isinstance(result, Lease) else None
+
 
 LEASE = 60.0
 
@@ -46,7 +53,7 @@ async def read_claim(storage: Storage, key: str) -> dict[str, object]:
 async def test_first_acquire_creates_attempt_one(storage: Storage) -> None:
     clock = FakeClock()
     store = ClaimStore(storage, "claims/", "worker-a", LEASE, clock=clock)
-    lease = await store.acquire("job-1")
+    lease = await claim(store, "job-1")
     assert lease is not None
     assert (lease.name, lease.key, lease.holder, lease.attempt) == (
         "job-1",
@@ -62,6 +69,7 @@ async def test_first_acquire_creates_attempt_one(storage: Storage) -> None:
         "name": "job-1",
         "holder": "worker-a",
         "attempt": 1,
+        "tries": 1,
         "expires_at": clock.now + LEASE,
         "state": "held",
         "last_error": None,
@@ -73,24 +81,24 @@ async def test_live_claim_is_not_taken(storage: Storage) -> None:
     clock = FakeClock()
     a = ClaimStore(storage, "claims", "worker-a", LEASE, clock=clock)
     b = ClaimStore(storage, "claims", "worker-b", LEASE, clock=clock)
-    assert await a.acquire("job") is not None
+    assert await claim(a, "job") is not None
     clock.now += LEASE - 1
-    assert await b.acquire("job") is None
-    assert await a.acquire("job") is None  # even its holder cannot claim it twice
+    assert await claim(b, "job") is None
+    assert await claim(a, "job") is None  # even its holder cannot claim it twice
 
 
 async def test_expired_claim_is_taken_over_and_old_holder_loses(storage: Storage) -> None:
     clock = FakeClock()
     a = ClaimStore(storage, "claims", "worker-a", LEASE, clock=clock)
     b = ClaimStore(storage, "claims", "worker-b", LEASE, clock=clock)
-    first = await a.acquire("job")
+    first = await claim(a, "job")
     assert first is not None
     await a.release(first, error="CUDA out of memory")
-    again = await a.acquire("job")
+    again = await claim(a, "job")
     assert again is not None and again.last_error == "CUDA out of memory"
 
     clock.now += LEASE + 1
-    taken = await b.acquire("job")
+    taken = await claim(b, "job")
     assert taken is not None
     assert (taken.holder, taken.attempt, taken.last_error) == ("worker-b", 3, "CUDA out of memory")
     assert (await read_claim(storage, taken.key))["holder"] == "worker-b"
@@ -110,13 +118,13 @@ async def test_renew_extends_the_lease(storage: Storage) -> None:
     clock = FakeClock()
     a = ClaimStore(storage, "claims", "worker-a", LEASE, clock=clock)
     b = ClaimStore(storage, "claims", "worker-b", LEASE, clock=clock)
-    lease = await a.acquire("job")
+    lease = await claim(a, "job")
     assert lease is not None
     clock.now += LEASE - 1
     renewed = await a.renew(lease)
     assert renewed.expires_at == clock.now + LEASE
     clock.now += LEASE - 1  # past the first expiry, inside the renewed one
-    assert await b.acquire("job") is None
+    assert await claim(b, "job") is None
     with pytest.raises(LeaseLost):
         await a.renew(lease)  # the old etag is stale now
 
@@ -125,7 +133,7 @@ async def test_release_then_reacquire_counts_attempts(storage: Storage) -> None:
     clock = FakeClock()
     a = ClaimStore(storage, "claims", "worker-a", LEASE, clock=clock)
     b = ClaimStore(storage, "claims", "worker-b", LEASE, clock=clock)
-    lease = await a.acquire("job")
+    lease = await claim(a, "job")
     assert lease is not None
     await a.release(lease, error="node 3: bad checkpoint")
     document = await read_claim(storage, lease.key)
@@ -133,11 +141,11 @@ async def test_release_then_reacquire_counts_attempts(storage: Storage) -> None:
     assert document["attempt"] == 1
     assert document["expires_at"] == clock.now
 
-    retry = await b.acquire("job")  # at once, no waiting for the lease
+    retry = await claim(b, "job")  # at once, no waiting for the lease
     assert retry is not None
     assert (retry.attempt, retry.last_error) == (2, "node 3: bad checkpoint")
     await b.release(retry, error=None)
-    third = await a.acquire("job")
+    third = await claim(a, "job")
     assert third is not None
     assert (third.attempt, third.last_error) == (3, "node 3: bad checkpoint")
 
@@ -146,32 +154,32 @@ async def test_a_release_that_does_not_charge_keeps_the_attempt(storage: Storage
     clock = FakeClock()
     a = ClaimStore(storage, "claims", "worker-a", LEASE, clock=clock)
     b = ClaimStore(storage, "claims", "worker-b", LEASE, clock=clock)
-    lease = await a.acquire("job")
+    lease = await claim(a, "job")
     assert lease is not None
     await a.release(lease, error="ComfyUI died while another job ran", charge=False)
     assert (await read_claim(storage, lease.key))["attempt"] == 0
 
-    again = await b.acquire("job")
+    again = await claim(b, "job")
     assert again is not None
     assert (again.attempt, again.last_error) == (1, "ComfyUI died while another job ran")
     await b.release(again, error="node 3 raised")  # charged: the count moves on
-    third = await a.acquire("job")
+    third = await claim(a, "job")
     assert third is not None and third.attempt == 2
 
 
 async def test_finish_deletes_the_claim(storage: Storage) -> None:
     store = ClaimStore(storage, "claims", "worker-a", LEASE, clock=FakeClock())
-    lease = await store.acquire("job")
+    lease = await claim(store, "job")
     assert lease is not None
     await store.finish(lease)
     assert await storage.head(lease.key) is None
-    fresh = await store.acquire("job")
+    fresh = await claim(store, "job")
     assert fresh is not None and fresh.attempt == 1
 
 
 async def test_unreadable_claim_does_not_block_its_job(storage: Storage) -> None:
     await storage.put("claims/job.json", b"not json {")
-    lease = await ClaimStore(storage, "claims", "w", LEASE, clock=FakeClock()).acquire("job")
+    lease = await claim(ClaimStore(storage, "claims", "w", LEASE, clock=FakeClock()), "job")
     assert lease is not None and lease.attempt == 1
 
 
@@ -187,7 +195,7 @@ def test_claim_names_are_file_stems(tmp_path: Path) -> None:
 
 async def test_concurrent_acquirers_have_exactly_one_winner(atomic_storage: Storage) -> None:
     stores = [ClaimStore(atomic_storage, "claims", f"worker-{i}", LEASE) for i in range(20)]
-    leases = await asyncio.gather(*(store.acquire("hot-job") for store in stores))
+    leases = await asyncio.gather(*(claim(store, "hot-job") for store in stores))
     winners = [lease for lease in leases if lease is not None]
     assert len(winners) == 1
     assert winners[0].attempt == 1
@@ -196,11 +204,11 @@ async def test_concurrent_acquirers_have_exactly_one_winner(atomic_storage: Stor
 
 async def test_concurrent_takeover_has_exactly_one_winner(atomic_storage: Storage) -> None:
     clock = FakeClock()
-    first = await ClaimStore(atomic_storage, "claims", "dead", LEASE, clock=clock).acquire("job")
+    first = await claim(ClaimStore(atomic_storage, "claims", "dead", LEASE, clock=clock), "job")
     assert first is not None
     clock.now += LEASE + 1
     stores = [ClaimStore(atomic_storage, "claims", f"w{i}", LEASE, clock=clock) for i in range(8)]
-    leases = await asyncio.gather(*(store.acquire("job") for store in stores))
+    leases = await asyncio.gather(*(claim(store, "job") for store in stores))
     winners = [lease for lease in leases if lease is not None]
     assert len(winners) == 1
     assert winners[0].attempt == 2
@@ -210,13 +218,13 @@ async def test_heartbeat_keeps_a_short_lease_alive(atomic_storage: Storage) -> N
     lease_seconds = 1.5
     owner = ClaimStore(atomic_storage, "claims", "owner", lease_seconds)
     rival = ClaimStore(atomic_storage, "claims", "rival", lease_seconds)
-    lease = await owner.acquire("job")
+    lease = await claim(owner, "job")
     assert lease is not None
     loop = asyncio.get_running_loop()
     async with owner.heartbeat(lease) as beat:
         end = loop.time() + 2.2 * lease_seconds
         while loop.time() < end:
-            assert await rival.acquire("job") is None
+            assert await claim(rival, "job") is None
             await asyncio.sleep(0.2)
         latest = beat()
     assert beat.lost is None
@@ -224,7 +232,7 @@ async def test_heartbeat_keeps_a_short_lease_alive(atomic_storage: Storage) -> N
     assert latest.etag != lease.etag
     assert latest.expires_at > lease.expires_at + lease_seconds
     assert beat.check() == latest
-    assert await rival.acquire("job") is None
+    assert await claim(rival, "job") is None
     await owner.finish(beat())
     assert await atomic_storage.head(lease.key) is None
 
@@ -234,11 +242,11 @@ async def test_heartbeat_records_a_lost_lease_without_cancelling(storage: Storag
     owner = ClaimStore(storage, "claims", "owner", lease_seconds)
     # The thief's clock runs far ahead, so it sees the owner's live lease as expired.
     thief = ClaimStore(storage, "claims", "thief", 60, clock=FakeClock(4_000_000_000.0))
-    lease = await owner.acquire("job")
+    lease = await claim(owner, "job")
     assert lease is not None
     finished_block = False
     async with owner.heartbeat(lease) as beat:
-        assert await thief.acquire("job") is not None
+        assert await claim(thief, "job") is not None
         for _ in range(100):
             if beat.lost is not None:
                 break
@@ -273,7 +281,7 @@ class LandedButLost:
 async def test_a_write_that_landed_is_recognised_as_ours(local_storage: LocalStorage) -> None:
     tricky = LandedButLost(local_storage)
     store = ClaimStore(cast(Storage, tricky), "claims", "w", LEASE)
-    lease = await store.acquire("job")
+    lease = await claim(store, "job")
     assert lease is not None
     assert lease.etag == (await local_storage.get(lease.key)).etag
     renewed = await store.renew(lease)
@@ -281,6 +289,6 @@ async def test_a_write_that_landed_is_recognised_as_ours(local_storage: LocalSto
     assert tricky.tricks == 2
 
     rival = ClaimStore(local_storage, "claims", "rival", LEASE, clock=FakeClock(4e9))
-    assert await rival.acquire("job") is not None
+    assert await claim(rival, "job") is not None
     with pytest.raises(LeaseLost):
         await store.renew(renewed)  # a genuine loss is still a loss
