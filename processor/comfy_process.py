@@ -44,6 +44,42 @@ def describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
+# What a ComfyUI the worker starts may see of the worker's environment. Custom nodes run inside
+# ComfyUI with its environment, so the bucket's credentials (COMFYS3_S3_*, AWS_*), RunPod's
+# keys and webhook secrets must not be in it. Names ending in "*" are prefixes.
+COMFYUI_ENV_ALLOW = (
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TZ", "TERM",
+    "TMPDIR", "TMP", "TEMP", "PWD", "HOSTNAME",
+    "PYTHONPATH", "PYTHONHOME", "PYTHONUNBUFFERED", "PYTHONIOENCODING", "PYTHONDONTWRITEBYTECODE",
+    "VIRTUAL_ENV", "CONDA_*", "LD_LIBRARY_PATH", "LD_PRELOAD",
+    "CUDA_*", "NVIDIA_*", "CUDNN_*", "NCCL_*", "HIP_*", "ROCM_*", "HSA_*",
+    "TORCH_*", "PYTORCH_*", "XFORMERS_*", "TRITON_*", "OMP_NUM_THREADS", "MKL_*",
+    "HF_*", "HUGGINGFACE_*", "TRANSFORMERS_*", "DIFFUSERS_*", "SAFETENSORS_*",
+    "XDG_*", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+)  # fmt: skip
+COMFYUI_ENV_DENY = ("COMFYS3_*", "AWS_*", "RUNPOD_*")
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(name.startswith(p[:-1]) if p.endswith("*") else name == p for p in patterns if p)
+
+
+def comfyui_environment(
+    extra: Sequence[str] = (), environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The worker's environment cut down to :data:`COMFYUI_ENV_ALLOW` plus the names the user
+    lists in COMFYS3_COMFYUI_ENV (``extra``; a trailing ``*`` is a prefix). Credentials of the
+    worker itself never pass, even when named: ComfyUI has no use for them."""
+    source = os.environ if environ is None else environ
+    allowed = (*COMFYUI_ENV_ALLOW, *extra)
+    return {
+        name: value
+        for name, value in source.items()
+        if _matches(name, allowed) and not _matches(name, COMFYUI_ENV_DENY)
+    }
+
+
 def _arg_value(args: Sequence[str], name: str) -> str | None:
     """Last value given for ``--name V`` or ``--name=V`` (ComfyUI's argparse takes the last)."""
     value = None
@@ -345,7 +381,7 @@ class ComfyEngine:
                 log_path=settings.comfyui_log_file,
                 startup_timeout=settings.comfyui_startup_timeout,
                 max_restarts=settings.comfyui_max_restarts,
-                env=env,
+                env=env if env is not None else comfyui_environment(settings.comfyui_env),
                 stop_grace=stop_grace,
                 backoff=restart_backoff,
             )

@@ -8,10 +8,10 @@ and is only loaded by the code paths that talk to a bucket.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "COMFYS3_"
 S3_ENV_PREFIX = "COMFYS3_S3_"
@@ -71,6 +71,14 @@ class WorkerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
+    @field_validator("comfyui_env", mode="before")
+    @classmethod
+    def _names(cls, value: object) -> object:
+        """A comma-separated list in the environment, a list in code."""
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
     workflows_dir: Path | None = Field(
         default=None, description="Extra folder of workflow templates, loaded after workflows/."
     )
@@ -88,6 +96,12 @@ class WorkerSettings(BaseSettings):
     )
     comfyui_python: str = Field(default="python3", description="Python that runs ComfyUI.")
     comfyui_args: str = Field(default="", description="Extra ComfyUI arguments, e.g. --cpu.")
+    comfyui_env: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="More environment variables a started ComfyUI may see (comma-separated; "
+        "NAME* for a prefix). It gets PATH, HOME, CUDA/HF/torch variables and these, never "
+        "the worker's credentials.",
+    )
     comfyui_port: int = Field(default=8188, description="Port for a ComfyUI the worker starts.")
     comfyui_startup_timeout: float = Field(
         default=300.0, gt=0, description="Seconds to wait for ComfyUI to answer."
@@ -113,6 +127,20 @@ class WorkerSettings(BaseSettings):
     )
     job_timeout: float = Field(
         default=1800.0, gt=0, description="Seconds one prompt may run before it is interrupted."
+    )
+    lane_depth_max: int = Field(
+        default=8,
+        ge=2,
+        description="Most prompts kept in ComfyUI's queue; the worker goes this deep only for "
+        "prompts much shorter than preparing one.",
+    )
+    max_input_bytes: int = Field(
+        default=50 * 1024 * 1024, ge=1, description="Input files larger than this are refused."
+    )
+    max_input_pixels: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1,
+        description="Input images with more pixels than this are refused (decompression bombs).",
     )
     lease_seconds: float = Field(
         default=120.0, gt=0, description="A claim not renewed for this long is taken over."

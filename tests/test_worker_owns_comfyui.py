@@ -20,8 +20,15 @@ LAYOUT = Layout("input", "output")
 
 
 def owned_comfyui(tmp_path: Path) -> WorkerSettings:
+    """A worker that starts the fake itself; the fake's knobs reach it only because they are
+    named in COMFYS3_COMFYUI_ENV (a started ComfyUI sees an allowlisted environment)."""
     return local_settings(
-        tmp_path / "comfy", job_timeout=30, max_attempts=3, worker_id="owner", retry_delay=0.1
+        tmp_path / "comfy",
+        job_timeout=30,
+        max_attempts=3,
+        worker_id="owner",
+        retry_delay=0.1,
+        comfyui_env=["FAKE_COMFYUI_*"],
     )
 
 
