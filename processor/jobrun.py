@@ -30,6 +30,7 @@ from processor.comfy_errors import (
     ComfyValidationError,
 )
 from processor.errors import ManifestError
+from processor.inputs import InputInvalid, check_image
 from processor.layout import Layout
 from processor.manifest import (
     ErrorInfo,
@@ -41,7 +42,14 @@ from processor.manifest import (
     utcnow,
 )
 from processor.outputs import prepare_output
-from processor.storage import ObjectNotFound, Storage, StorageError, validate_key
+from processor.storage import (
+    ObjectNotFound,
+    ObjectTooLarge,
+    PreconditionFailed,
+    Storage,
+    StorageError,
+    validate_key,
+)
 
 log = logging.getLogger("comfys3.job")
 
@@ -90,6 +98,18 @@ class JobOutcome:
     # False when the job is not to blame for this try (ComfyUI died running another prompt,
     # or the worker stopped): the attempt is not counted against COMFYS3_MAX_ATTEMPTS.
     charged: bool = True
+    # True when this upload of the manifest had already run to its end (its status says so)
+    # and only its retirement was left undone: nothing ran now.
+    leftover: bool = False
+
+
+@dataclass
+class LaneHooks:
+    """How a job tells the lane where it is, so the lane can size ComfyUI's queue."""
+
+    on_queued: Callable[[float], None] | None = None  # seconds spent preparing the prompt
+    on_started: Callable[[], None] | None = None  # ComfyUI began executing it
+    on_executed: Callable[[float], None] | None = None  # ComfyUI is done (its execution seconds)
 
 
 @dataclass
@@ -98,6 +118,8 @@ class JobSettings:
     job_timeout: float
     progress_interval: float = 1.0
     upload_concurrency: int = 8
+    max_input_bytes: int = 50 * 1024 * 1024
+    max_input_pixels: int = 64 * 1024 * 1024
 
 
 def classify(error: BaseException) -> tuple[ErrorInfo, bool]:
@@ -109,6 +131,8 @@ def classify(error: BaseException) -> tuple[ErrorInfo, bool]:
         details["problems"] = [{"path": p.path, "message": p.message} for p in error.problems]
     elif isinstance(error, InputMissing):
         kind, retry = "input_missing", False
+    elif isinstance(error, InputInvalid):
+        kind, retry = "input_invalid", False
     elif isinstance(error, ComfyValidationError):
         kind, retry = "validation", False
         details.setdefault("lines", error.lines)
@@ -166,10 +190,15 @@ class JobRunner:
         except ValueError:
             return None  # a status we cannot read is treated as absent, never as success
 
-    async def write_status(self, status: JobStatus) -> None:
+    async def write_status(self, status: JobStatus, *, create: bool = False) -> None:
+        """Write ``status``; with ``create``, only if the job has no status yet
+        (:class:`PreconditionFailed` otherwise)."""
         status.updated_at = utcnow()
         await self.storage.put(
-            self.layout.status_key(status.id), status.to_json(), content_type="application/json"
+            self.layout.status_key(status.id),
+            status.to_json(),
+            content_type="application/json",
+            if_none_match=create,
         )
 
     # -- one job --------------------------------------------------------------------------
@@ -180,11 +209,22 @@ class JobRunner:
         *,
         attempt: int,
         max_attempts: int,
-        on_executed: Callable[[], None] | None = None,
+        hooks: LaneHooks | None = None,
         notes: list[str] | None = None,
+        manifest_version: str | None = None,
+        resumed: bool = False,
     ) -> JobOutcome:
-        """Run ``job`` once. ``on_executed`` fires when ComfyUI is done with it (success or not),
-        which is when the lane may queue another prompt; publishing happens after."""
+        """Run ``job`` once; never raises but for cancellation.
+
+        ``resumed``: the manifest was claimed before (its claim existed), so this upload may
+        already have run to its end, with only its retirement left undone.
+
+        Only what the prompt needs happens before it is queued: the status that says the job
+        runs (whose conditional write also tells whether this job already has a status) and
+        the input files. ``hooks.on_executed`` fires when ComfyUI is done with it, which is
+        when the lane may queue another prompt; publishing happens after.
+        """
+        hooks = hooks or LaneHooks()
         status = JobStatus(
             id=job.id,
             state=JobState.running,
@@ -192,20 +232,26 @@ class JobRunner:
             max_attempts=max_attempts,
             worker=self.settings.worker_id,
             manifest_key=job.manifest_key,
+            manifest_version=manifest_version,
             workflow=job.workflow,
             payload=job.payload,
             metadata=job.metadata,
             notes=list(notes or []),
         )
-        executed = _Once(on_executed)
+        executed = _Once(hooks.on_executed)
         started = time.monotonic()
         charged = True
         run_id = str(uuid.uuid4())
         result: RunResult | None = None
         subfolder = f"comfys3/{run_id}"
+        staged_any = False
         try:
-            await self.write_status(status)
+            earlier = await self._begin(job, status, resumed)
+            if earlier is not None:
+                executed(0.0)
+                return earlier
             phase = time.monotonic()
+            staged_any = bool(job.inputs)
             staged = await self._stage_inputs(job, subfolder)
             status.timings["stage"] = _since(phase)
             graph = job.filled_graph(staged, run_id)
@@ -213,8 +259,10 @@ class JobRunner:
             phase = time.monotonic()
             await self.comfy.queue_prompt(graph, run_id)
             status.timings["queue"] = _since(phase)
+            if hooks.on_queued is not None:
+                hooks.on_queued(time.monotonic() - started)
             phase = time.monotonic()
-            async with self._progress_writer(status) as on_progress:
+            async with self._progress_writer(status, hooks.on_started) as on_progress:
                 try:
                     result = await self.comfy.wait_for(
                         run_id, timeout=self.settings.job_timeout, on_progress=on_progress
@@ -223,7 +271,7 @@ class JobRunner:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(self.comfy.interrupt(run_id))
                     raise
-            executed()
+            executed(result.execution_seconds)
             status.timings["wait"] = _since(phase)
             status.timings["execute"] = round(result.execution_seconds, 3)
 
@@ -235,7 +283,7 @@ class JobRunner:
             status.progress = ProgressInfo(fraction=1.0, node=None)
             verdict = Verdict.succeeded
         except asyncio.CancelledError:
-            executed()
+            executed(0.0)
             status.state = JobState.queued
             status.notes.append(
                 f"attempt {attempt} was stopped with its worker; the job was given back "
@@ -245,48 +293,15 @@ class JobRunner:
                 await asyncio.shield(self.write_status(status))
             raise
         except Exception as error:
-            executed()
-            info, retryable = classify(error)
-            status.error = info
-            verdict = Verdict.retry if retryable else Verdict.failed
-            if isinstance(error, ComfyDiedWhileWaiting):
-                charged = False
-                status.state = JobState.queued
-                status.notes.append(
-                    f"attempt {attempt} did not run: ComfyUI died while another job ran; "
-                    "it will be retried and this try does not count"
-                )
-            elif verdict is Verdict.retry and attempt < max_attempts:
-                status.state = JobState.queued
-                status.notes.append(
-                    f"attempt {attempt} of {max_attempts} failed ({info.type}); it will be retried"
-                )
-            else:
-                status.state = JobState.failed
-                if verdict is Verdict.retry:
-                    status.notes.append(f"gave up after {attempt} attempt(s)")
-                verdict = Verdict.failed
-            log.warning(
-                "job %s attempt %d %s: %s: %s",
-                job.id,
-                attempt,
-                "failed" if status.state is JobState.failed else "will be retried",
-                info.type,
-                info.message,
-                extra={
-                    "job_id": job.id,
-                    "attempt": attempt,
-                    "state": status.state.value,
-                    "error_type": info.type,
-                },
-            )
+            executed(0.0)
+            verdict, charged = self._failed(job, status, error, attempt, max_attempts)
         finally:
             # Clean up after failures too: an attempt that staged inputs and then failed must
             # not leave them in ComfyUI's input folder, or a warm worker's disk creeps up.
-            if self.cleanup is not None and (result is not None or job.inputs):
+            if self.cleanup is not None and (result is not None or staged_any):
                 done = result or RunResult(run_id, [], {}, [], 0.0)
                 with contextlib.suppress(Exception):
-                    await self.cleanup(done, subfolder if job.inputs else None)
+                    await self.cleanup(done, subfolder if staged_any else None)
         status.timings["total"] = _since(started)
         if verdict is Verdict.succeeded:
             log.info(
@@ -305,13 +320,99 @@ class JobRunner:
             )
         try:
             await self.write_status(status)
-        except StorageError as error:
+        except Exception as error:  # storage trouble: the result is not recorded, so not done
             log.error("job %s: could not write its status: %s", job.id, error)
-            if verdict is Verdict.succeeded:
-                return JobOutcome(Verdict.retry, status)
+            if verdict is not Verdict.failed:
+                return JobOutcome(Verdict.retry, status, charged=False)
         return JobOutcome(verdict, status, charged)
 
-    async def fail(self, job_id: str, manifest_key: str, error: BaseException) -> JobStatus:
+    async def _begin(self, job: Job, status: JobStatus, resumed: bool) -> JobOutcome | None:
+        """Write the "running" status, and learn from the same conditional write whether this
+        job already has one. ``None``: go on and run it; otherwise the outcome that stands.
+
+        - no status yet (nearly every job): the create is the only request;
+        - a final status written for this very upload of a manifest claimed before: it ran to
+          its end and only its retirement was cut short (an outage between status and move),
+          so it is retired now, not run again. A fresh claim never means this: the same bytes
+          uploaded again within a second (S3 times have one-second steps) still run;
+        - an earlier success of the same id: not run again unless the manifest says ``rerun``;
+        - anything else (an earlier failure, an attempt cut short): run, and say so.
+        """
+        try:
+            await self.write_status(status, create=True)
+            return None
+        except PreconditionFailed:
+            previous = await self.read_status(job.id)
+        if (
+            resumed
+            and previous is not None
+            and previous.state in (JobState.succeeded, JobState.failed)
+            and status.manifest_version is not None
+            and previous.manifest_version == status.manifest_version
+        ):
+            verdict = Verdict.succeeded if previous.state is JobState.succeeded else Verdict.failed
+            return JobOutcome(verdict, previous, leftover=True)
+        if previous is not None and previous.state is JobState.succeeded and not job.rerun:
+            previous.notes.append(
+                f"manifest {job.manifest_key} arrived again and was not run: "
+                'this id already succeeded (set "rerun": true to run it again)'
+            )
+            await self.write_status(previous)
+            return JobOutcome(Verdict.skipped, previous)
+        await self.write_status(status)
+        return None
+
+    def _failed(
+        self, job: Job, status: JobStatus, error: Exception, attempt: int, max_attempts: int
+    ) -> tuple[Verdict, bool]:
+        """Record a failed attempt in ``status``: (verdict, whether the attempt counts)."""
+        info, retryable = classify(error)
+        status.error = info
+        verdict = Verdict.retry if retryable else Verdict.failed
+        charged = True
+        if isinstance(error, ComfyDiedWhileWaiting):
+            charged = False
+            status.state = JobState.queued
+            status.notes.append(
+                f"attempt {attempt} did not run: ComfyUI died while another job ran; "
+                "it will be retried and this try does not count"
+            )
+        elif verdict is Verdict.retry and attempt < max_attempts:
+            status.state = JobState.queued
+            status.notes.append(
+                f"attempt {attempt} of {max_attempts} failed ({info.type}); it will be retried"
+            )
+        else:
+            status.state = JobState.failed
+            if verdict is Verdict.retry:
+                status.notes.append(f"gave up after {attempt} attempt(s)")
+            verdict = Verdict.failed
+        if info.type == "internal":
+            log.error("job %s attempt %d: internal error", job.id, attempt, exc_info=error)
+        log.warning(
+            "job %s attempt %d %s: %s: %s",
+            job.id,
+            attempt,
+            "failed" if status.state is JobState.failed else "will be retried",
+            info.type,
+            info.message,
+            extra={
+                "job_id": job.id,
+                "attempt": attempt,
+                "state": status.state.value,
+                "error_type": info.type,
+            },
+        )
+        return verdict, charged
+
+    async def fail(
+        self,
+        job_id: str,
+        manifest_key: str,
+        error: BaseException,
+        *,
+        manifest_version: str | None = None,
+    ) -> JobStatus:
         """Record a job that never got to run (broken manifest, out of attempts)."""
         info, _ = classify(error)
         status = JobStatus(
@@ -319,6 +420,7 @@ class JobRunner:
             state=JobState.failed,
             worker=self.settings.worker_id,
             manifest_key=manifest_key,
+            manifest_version=manifest_version,
             error=info,
         )
         await self.write_status(status)
@@ -333,11 +435,20 @@ class JobRunner:
             except StorageError as error:
                 raise InputMissing(f"input '{field_name}': {error}") from None
             try:
-                stored = await self.inputs.get(key)
+                stored = await self.inputs.get(key, max_bytes=self.settings.max_input_bytes)
             except ObjectNotFound:
                 raise InputMissing(
-                    f"input '{field_name}': file {source!r} was not found in storage"
+                    f"input '{field_name}': file {source!r} was not found "
+                    f"(looked for {self.inputs.location(key)})"
                 ) from None
+            except ObjectTooLarge as error:
+                raise InputInvalid(
+                    f"input '{field_name}': {error} (COMFYS3_MAX_INPUT_BYTES)"
+                ) from None
+            try:
+                check_image(stored.data, source, max_pixels=self.settings.max_input_pixels)
+            except InputInvalid as error:
+                raise InputInvalid(f"input '{field_name}': {error}") from None
             name = await self.comfy.upload_input(stored.data, PurePosixPath(key).name, subfolder)
             return field_name, name
 
@@ -373,13 +484,18 @@ class JobRunner:
         return list(await asyncio.gather(*(publish_one(ref, i) for ref, i in plan)))
 
     @contextlib.asynccontextmanager
-    async def _progress_writer(self, status: JobStatus) -> Any:
-        """Progress reaches the status at most once per ``progress_interval``: often enough to
-        watch, rarely enough that a 50-step job does not become 50 S3 writes."""
+    async def _progress_writer(
+        self, status: JobStatus, on_started: Callable[[], None] | None = None
+    ) -> Any:
+        """Progress reaches the status at most once per ``progress_interval``, the first time
+        after one interval: often enough to watch, rarely enough that a 50-step job does not
+        become 50 S3 writes and a job shorter than the interval costs none."""
         latest: list[ProgressInfo] = []
         changed = asyncio.Event()
+        started = _Once(on_started)
 
         def on_progress(progress: Progress) -> None:
+            started()
             node = f"{progress.node_id} ({progress.node_type})" if progress.node_id else None
             info = ProgressInfo(
                 fraction=max(0.0, min(1.0, progress.fraction)),
@@ -393,6 +509,8 @@ class JobRunner:
                 self.on_progress(status.id, info)
 
         async def writer() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.settings.progress_interval)
             while True:
                 await changed.wait()
                 if stopping.is_set():
@@ -420,13 +538,13 @@ class JobRunner:
 
 @dataclass
 class _Once:
-    callback: Callable[[], None] | None
+    callback: Callable[..., None] | None
     fired: bool = field(default=False)
 
-    def __call__(self) -> None:
+    def __call__(self, *args: Any) -> None:
         if not self.fired and self.callback is not None:
             self.fired = True
-            self.callback()
+            self.callback(*args)
 
 
 def _since(start: float) -> float:

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from urllib.parse import quote
 
 from processor.settings import normalise_prefix
+from processor.storage_base import StorageError, validate_key
 
 CLAIMS = "_claims"
 DONE = "_done"
@@ -48,6 +50,20 @@ class Layout:
     @staticmethod
     def manifest_name(key: str) -> str:
         return PurePosixPath(key).stem
+
+    def name_problem(self, name: str) -> str | None:
+        """Why a manifest named ``name`` cannot be claimed and retired like others, if so
+        (a control character or backslash in it: not a key every backend can use)."""
+        try:
+            validate_key(self.manifest_key(name))
+        except StorageError as error:
+            return str(error).split(": ", 1)[-1]
+        return None
+
+    def aside_key(self, name: str) -> str:
+        """Where a manifest with an unusable name goes: ``_failed/`` under a name made safe,
+        so it leaves the intake once instead of being warned about on every poll."""
+        return self.failed_key(quote(name, safe="") or "_")
 
     def done_key(self, name: str) -> str:
         return f"{self.input_dir}/{DONE}/{name}.json"

@@ -1,39 +1,62 @@
 """The lane that keeps the GPU busy: claim manifests, run their jobs, retire them.
 
-ComfyUI executes one prompt at a time from its own queue. The lane keeps that queue one prompt
-ahead (``lane_depth`` = 2 prompts inside ComfyUI: one running, one waiting), so while job N runs,
-job N+1 is already claimed, validated, staged and queued, and job N-1's outputs upload: the GPU
-never waits for S3. A slot is taken before a manifest is claimed, so a worker never holds claims
-on more work than it can start soon, and other workers get the rest.
+ComfyUI executes one prompt at a time from its own queue. The lane keeps that queue as deep as
+it needs to be (:mod:`processor.lane`): while job N runs, the next ones are already claimed,
+validated, staged and queued, and earlier jobs' outputs upload, so the GPU never waits for S3.
+A slot is taken before a manifest is claimed, so a worker never holds claims on more work than
+it can start soon, and other workers get the rest. Which manifest to try next comes from
+:mod:`processor.intake`, one page of the prefix at a time.
 
-Retries: a failure that another attempt could fix (ComfyUI died, a runtime error, a timeout,
-S3 trouble) releases the claim with its reason; the manifest stays pending and any worker picks
-it up again as the next attempt. A failure no attempt can fix (a broken manifest, a graph
-ComfyUI refuses, a missing input) and an attempt past ``max_attempts`` fail for good. A try
-the job was not to blame for is not counted: its worker was stopped, or ComfyUI died while
-another job ran and this one only waited in the queue behind it.
+Every claimed manifest ends. A failure that another attempt could fix (ComfyUI died, a runtime
+error, a timeout) releases the claim with its reason, and the manifest is tried again, by this
+worker only after a pause that doubles each time. A failure no attempt can fix (a broken
+manifest, a graph ComfyUI refuses, a missing or unreadable input) fails for good at once.
+Anything unexpected while a manifest is handled counts as an attempt too, so nothing can loop:
+after ``max_attempts`` the manifest is retired to ``_failed/`` with a status that says why.
+Tries the manifest was not to blame for (its worker stopped, storage was unreachable, ComfyUI
+died while another job ran) do not count as attempts, but they are bounded as well
+(``max_tries``), so even those end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from processor.claims import ClaimStore, Lease, LeaseLost
+from processor.aio import wait_any
+from processor.claims import ClaimStore, Heartbeat, Lease, Taken
 from processor.errors import ManifestError
-from processor.jobrun import JobOutcome, JobRunner, Verdict
+from processor.intake import Candidate, HintCallback, HintOutcome, Intake
+from processor.jobrun import JobOutcome, JobRunner, LaneHooks, Verdict
+from processor.lane import Lane, LaneDepth, Slot
 from processor.layout import Layout
-from processor.manifest import ErrorInfo, Job, JobState, JobStatus, check_job_id, load_jobs
-from processor.storage import ObjectNotFound, Storage, StorageError
+from processor.manifest import (
+    ErrorInfo,
+    Job,
+    JobState,
+    JobStatus,
+    check_job_id,
+    load_jobs,
+)
+from processor.retire import Retirer
+from processor.safejson import JsonLimitError, load_json
+from processor.storage import (
+    InvalidKey,
+    ObjectNotFound,
+    ObjectTooLarge,
+    Storage,
+    StorageError,
+    StoredObject,
+)
 from processor.workflows import WorkflowRegistry
 
 log = logging.getLogger("comfys3.worker")
+
+MAX_RETRY_DELAY = 300.0
 
 
 @dataclass
@@ -42,16 +65,26 @@ class LaneSettings:
     max_attempts: int = 3
     allow_raw: bool = False
     max_manifest_bytes: int = 1_048_576
-    lane_depth: int = 2
+    lane_depth_max: int = 8
     retry_delay: float = 2.0
+    page_max_age: float = 2.0
+
+    @property
+    def max_tries(self) -> int:
+        """Every try, counted or not: a manifest given back this often ends anyway."""
+        return max(10, 4 * self.max_attempts)
+
+    def retry_pause(self, tries: int) -> float:
+        return min(MAX_RETRY_DELAY, self.retry_delay * 2 ** max(0, tries - 1))
 
 
 @dataclass
 class Counts:
-    """What a worker did, for ``--once`` and RunPod's drain answer.
+    """What a worker did, for ``--once``, SIGTERM and RunPod's drain answer.
 
-    ``outcomes`` lists every attempt in order; the counts are by job, from each job's latest
-    outcome, so a job that failed once and then succeeded counts as succeeded.
+    ``outcomes`` lists every attempt in order; the counts are by job: a job that succeeded
+    counts as succeeded even if a duplicate of it was skipped later, otherwise its latest
+    outcome counts. So the four counts add up to the number of jobs.
     """
 
     outcomes: list[JobOutcome] = field(default_factory=list)
@@ -67,9 +100,17 @@ class Counts:
     def statuses(self) -> list[JobStatus]:
         return [outcome.status for outcome in self.outcomes]
 
+    def _by_job(self) -> dict[str, Verdict]:
+        latest: dict[str, Verdict] = {}
+        for outcome in self.outcomes:
+            job = outcome.status.id
+            if outcome.verdict is Verdict.skipped and latest.get(job) is Verdict.succeeded:
+                continue
+            latest[job] = outcome.verdict
+        return latest
+
     def _count(self, verdict: Verdict) -> int:
-        latest = {outcome.status.id: outcome.verdict for outcome in self.outcomes}
-        return sum(1 for v in latest.values() if v is verdict)
+        return sum(1 for v in self._by_job().values() if v is verdict)
 
     @property
     def succeeded(self) -> int:
@@ -102,18 +143,15 @@ class Counts:
             "attempts": len(self.outcomes),
         }
 
-
-class _Slot:
-    """One place in ComfyUI's queue; released exactly once, however the job ends."""
-
-    def __init__(self, semaphore: asyncio.Semaphore) -> None:
-        self._semaphore = semaphore
-        self._held = True
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._semaphore.release()
+    def describe(self) -> str:
+        """One line for a person; the same after ``--once`` and after SIGTERM."""
+        summary = self.summary()
+        jobs = summary["succeeded"] + summary["failed"] + summary["retried"] + summary["skipped"]
+        return (
+            f"{jobs} job(s): {summary['succeeded']} succeeded, {summary['failed']} failed, "
+            f"{summary['retried']} to retry, {summary['skipped']} skipped "
+            f"({summary['manifests']} manifests, {summary['attempts']} attempts)"
+        )
 
 
 WaitForWork = Callable[[bool], Awaitable[None]]
@@ -136,31 +174,32 @@ class Worker:
         self.layout = layout
         self.settings = settings
         self.claims = ClaimStore(storage, layout.claims_prefix, holder, settings.lease_seconds)
-        self._slots = asyncio.Semaphore(settings.lane_depth)
-        self._inflight: dict[str, asyncio.Task[list[JobOutcome]]] = {}
+        self.depth = LaneDepth(
+            settings.lane_depth_max, max_queued_seconds=min(10.0, settings.lease_seconds / 6)
+        )
+        self.lane = Lane(self.depth)
+        self.intake = Intake(
+            storage,
+            layout,
+            lease_seconds=settings.lease_seconds,
+            page_max_age=settings.page_max_age,
+        )
+        self.retirer = Retirer(storage, layout)
         self.counts = Counts()
-        # Manifests this worker gave back after a retryable failure, and when it may take them
-        # again: a retry at once would burn every attempt on a ComfyUI still restarting.
-        self._deferred: dict[str, float] = {}
+        self._inflight: dict[str, asyncio.Task[list[JobOutcome] | None]] = {}
+        self._claiming = 0  # claim attempts in flight
+        self._won = 0  # claims won since this worker started
+        self._crash_logged: set[str] = set()
 
-    # -- discovery ------------------------------------------------------------------------
+    # -- what triggers use ----------------------------------------------------------------
 
-    async def pending(self) -> list[str]:
-        """Manifest keys waiting in the intake prefix, shuffled so workers spread out."""
-        listed = await self.storage.list(self.layout.input_dir)
-        now = time.monotonic()
-        self._deferred = {name: t for name, t in self._deferred.items() if t > now}
-        keys = [
-            info.key
-            for info in listed
-            if self.layout.is_manifest(info.key)
-            and self.layout.manifest_name(info.key) not in self._inflight
-            and self.layout.manifest_name(info.key) not in self._deferred
-        ]
-        random.shuffle(keys)
-        return keys
+    def hint(self, key: str, on_outcome: HintCallback | None = None) -> None:
+        """Claim ``key`` ahead of anything listed (an S3 event, a RunPod request named it)."""
+        self.intake.hint(key, on_outcome)
 
-    # -- the loop -------------------------------------------------------------------------
+    def claims_held_ahead(self) -> int:
+        """Claims whose prompt ComfyUI has not started yet: what this worker keeps from others."""
+        return self.lane.ahead()
 
     async def run(
         self,
@@ -173,60 +212,56 @@ class Worker:
         """Claim and run manifests until stopped.
 
         With ``wait_for_work`` (a trigger's poll interval or folder watch) this serves forever;
-        without it, it drains: it returns once nothing it can claim is left and its own work
-        is finished.
+        without it, it drains: it returns once a sweep of the whole intake found nothing it
+        could claim and its own work is finished.
         """
         stop = stop or asyncio.Event()
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
-        started = 0
+        won_at_start = won_at_sweep = self._won
         idle = False
 
         def limited() -> bool:
-            if max_manifests is not None and started >= max_manifests:
+            taken = self._won - won_at_start + self._claiming
+            if max_manifests is not None and taken >= max_manifests:
                 return True
             return deadline is not None and time.monotonic() >= deadline
 
         try:
             while not stop.is_set() and not limited():
-                claimed = 0
+                slot = await self.lane.take(stop)
+                if slot is None:
+                    break
                 try:
-                    candidates = await self.pending()
+                    candidate = await self.intake.next(self._busy)
                 except StorageError as error:
+                    slot.release()
                     if wait_for_work is None:
                         raise  # a drain that cannot list cannot say it drained anything
                     log.warning("listing %s failed: %s", self.layout.input_dir, error)
-                    candidates = []
-                for key in candidates:
-                    if stop.is_set() or limited():
-                        break
-                    slot = await self._take_slot(stop)
-                    if slot is None:
-                        break
-                    lease = await self._try_claim(key)
-                    if lease is None:
-                        slot.release()
-                        continue
-                    claimed += 1
-                    started += 1
-                    self._start(key, lease, slot)
-                self._reap()
-                if claimed:
-                    idle = False
-                    if wait_for_work is not None:
-                        await wait_for_work(True)
+                    await self._idle(wait_for_work, stop)
                     continue
+                if candidate is not None:
+                    self._start(candidate, slot)
+                    continue
+                slot.release()
+                # A sweep of the whole intake is over: did it find anything?
+                found_work = self._won > won_at_sweep or self._claiming > 0
+                won_at_sweep = self._won
                 if wait_for_work is not None:
+                    if found_work:
+                        idle = False
+                        await wait_for_work(True)
+                        continue
                     if not idle:
                         log.info("idle: nothing to claim in %s", self.layout.input_dir)
                     idle = True
-                    await wait_for_work(False)
+                    await self._idle(wait_for_work, stop)
                 elif self._inflight:
-                    await asyncio.wait(
-                        list(self._inflight.values()), return_when=asyncio.FIRST_COMPLETED
-                    )
-                    self._reap()
-                elif self._deferred:
-                    await self._sleep_until(min(self._deferred.values()), stop)
+                    await self._until_one_finishes(stop)
+                elif found_work:
+                    continue
+                elif (due := self.intake.retry_due()) is not None:
+                    await wait_any(stop, self.intake.hinted, timeout=due - time.monotonic())
                 else:
                     break
         finally:
@@ -238,88 +273,138 @@ class Worker:
 
         ``None`` when another worker holds it.
         """
-        slot = await self._take_slot(None)
-        assert slot is not None
-        lease = await self._try_claim(key)
-        if lease is None:
-            slot.release()
-            return None
-        task = self._start(key, lease, slot)
+        slot = self.lane.take_now()
+        task = self._start(Candidate(key, "request"), slot)
         try:
             return await task
         finally:
             self._reap()
 
-    # -- internals ------------------------------------------------------------------------
+    # -- the loop's helpers ---------------------------------------------------------------
 
-    async def _take_slot(self, stop: asyncio.Event | None) -> _Slot | None:
-        if stop is None:
-            await self._slots.acquire()
-            return _Slot(self._slots)
-        acquire = asyncio.ensure_future(self._slots.acquire())
+    def _busy(self, key: str) -> bool:
+        return key in self._inflight
+
+    async def _idle(self, wait_for_work: Callable[[bool], object], stop: asyncio.Event) -> None:
+        """Wait for the trigger (poll interval, folder event), a hint, a due retry, or stop."""
+        waiter = asyncio.ensure_future(_maybe_await(wait_for_work(False)))
+        due = self.intake.retry_due()
+        timeout = None if due is None else max(0.0, due - time.monotonic())
+        hinted = asyncio.ensure_future(self.intake.hinted.wait())
         stopped = asyncio.ensure_future(stop.wait())
         try:
-            await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {waiter, hinted, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for task in (waiter, hinted, stopped):
+                task.cancel()
+            for task in (waiter, hinted, stopped):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _until_one_finishes(self, stop: asyncio.Event) -> None:
+        tasks = set(self._inflight.values())
+        stopped = asyncio.ensure_future(stop.wait())
+        hinted = asyncio.ensure_future(self.intake.hinted.wait())
+        try:
+            await asyncio.wait(tasks | {stopped, hinted}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopped.cancel()
-        if acquire.done() and not acquire.cancelled():
-            if stop.is_set():
-                self._slots.release()
-                return None
-            return _Slot(self._slots)
-        acquire.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await acquire
-        return None
+            hinted.cancel()
+        self._reap()
 
-    @staticmethod
-    async def _sleep_until(moment: float, stop: asyncio.Event) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), max(0.0, moment - time.monotonic()))
-
-    async def _try_claim(self, key: str) -> Lease | None:
-        try:
-            return await self.claims.acquire(self.layout.manifest_name(key))
-        except StorageError as error:
-            log.warning("claiming %s failed: %s", key, error)
-            return None
-
-    def _start(self, key: str, lease: Lease, slot: _Slot) -> asyncio.Task[list[JobOutcome]]:
-        name = self.layout.manifest_name(key)
-        task = asyncio.create_task(self._manifest(key, lease, slot), name=f"manifest {name}")
-        self._inflight[name] = task
+    def _start(self, candidate: Candidate, slot: Slot) -> asyncio.Task[list[JobOutcome] | None]:
+        key = candidate.key
+        self._claiming += 1
+        task = asyncio.create_task(self._attempt(candidate, slot), name=f"manifest {key}")
+        self._inflight[key] = task
+        task.add_done_callback(lambda _: self._reap())
         return task
 
     def _reap(self) -> None:
-        for name, task in list(self._inflight.items()):
+        for key, task in list(self._inflight.items()):
             if task.done():
-                del self._inflight[name]
+                del self._inflight[key]
                 if not task.cancelled() and task.exception() is not None:
-                    log.error("manifest %s crashed: %r", name, task.exception())
+                    log.error("manifest %s crashed: %r", key, task.exception())
 
     async def _finish_inflight(self) -> None:
         if self._inflight:
             await asyncio.gather(*self._inflight.values(), return_exceptions=True)
         self._reap()
 
-    async def _manifest(self, key: str, lease: Lease, slot: _Slot) -> list[JobOutcome]:
-        """Everything that happens to one claimed manifest; never raises on a job's failure."""
-        outcomes: list[JobOutcome] = []
-        latest: Callable[[], Lease] = lambda: lease  # noqa: E731
+    # -- one manifest ---------------------------------------------------------------------
+
+    async def _attempt(self, candidate: Candidate, slot: Slot) -> list[JobOutcome] | None:
+        """Claim the candidate and see it through; ``None`` if it could not be claimed.
+        Never raises but for cancellation, or a claim error on a named request."""
+        key = candidate.key
+        claimed = False
+        try:
+            name = self.layout.manifest_name(key)
+            problem = self.layout.name_problem(name)
+            if problem is not None:
+                await self.retirer.set_aside(key, problem)
+                await self.intake.report(key, HintOutcome.gone)
+                return None
+            try:
+                result = await self.claims.acquire(name)
+            except InvalidKey as error:
+                await self.retirer.set_aside(key, str(error))
+                await self.intake.report(key, HintOutcome.gone)
+                return None
+            except StorageError as error:
+                if candidate.source == "request":
+                    raise
+                log.warning("claiming %s failed: %s", key, error)
+                self.intake.retry_at(key, self.settings.retry_delay)
+                await self.intake.report(key, HintOutcome.released)
+                return None
+            if isinstance(result, Taken):
+                self.intake.held_until(key, result.expires_at)
+                await self.intake.report(key, HintOutcome.taken)
+                return None
+            claimed = True
+            self._claiming -= 1
+            self._won += 1
+            return await self._claimed(key, result, slot)
+        finally:
+            if not claimed:
+                self._claiming -= 1
+            slot.release()
+
+    async def _claimed(self, key: str, lease: Lease, slot: Slot) -> list[JobOutcome]:
+        """Everything that happens to one claimed manifest."""
         log.info(
             "claimed %s (attempt %d)",
             key,
             lease.attempt,
             extra={"manifest": key, "attempt": lease.attempt},
         )
+        outcomes: list[JobOutcome] = []
+        latest: Callable[[], Lease] = lambda: lease  # noqa: E731
         try:
             async with self.claims.heartbeat(lease) as beat:
                 latest = beat
-                outcomes = await self._manifest_jobs(key, lease, slot)
+                try:
+                    outcomes = await self._jobs(key, lease, slot)
+                    if beat.lost is None:
+                        await self._settle(key, beat, outcomes)
+                except asyncio.CancelledError:
+                    raise
+                except (InvalidKey, ObjectTooLarge) as error:
+                    await self._crashed(key, beat, error)
+                except StorageError as error:
+                    # Storage trouble is not the manifest's fault: give it back uncounted
+                    # (bounded by max_tries) and come back to it after a pause.
+                    log.warning("%s: storage trouble, giving it back: %s", key, error)
+                    await self._give_back(key, beat, f"storage: {error}", charge=False)
+                except Exception as error:
+                    await self._crashed(key, beat, error)
             if beat.lost is not None:
                 log.warning("%s: %s; leaving the manifest to its new holder", key, beat.lost)
-                return outcomes
-            await self._settle(key, beat(), outcomes)
+                await self.intake.report(key, HintOutcome.taken)
         except asyncio.CancelledError:
             # Give the job back under the newest lease: the first one's ETag is stale after
             # any renewal, and releasing with it would leave the claim held until it expires.
@@ -328,24 +413,24 @@ class Worker:
                     self.claims.release(latest(), error="worker stopped", charge=False)
                 )
             raise
-        except Exception as error:  # storage trouble around the jobs: give the claim back
+        except Exception as error:  # the heartbeat's own set-up or tear-down failed
             log.error("%s: %s: %s", key, type(error).__name__, error)
-            with contextlib.suppress(Exception):
-                await self.claims.release(latest(), error=f"{type(error).__name__}: {error}")
-            return outcomes
-        finally:
-            slot.release()
         for outcome in outcomes:
             self.counts.add(outcome)
         return outcomes
 
-    async def _manifest_jobs(self, key: str, lease: Lease, slot: _Slot) -> list[JobOutcome]:
-        name = self.layout.manifest_name(key)
+    async def _jobs(self, key: str, lease: Lease, slot: Slot) -> list[JobOutcome]:
         try:
-            stored = await self.storage.get(key)
+            stored = await self.storage.get(key, max_bytes=self.settings.max_manifest_bytes)
         except ObjectNotFound:
             log.info("%s is gone (finished by another worker)", key)
             return []
+        except ObjectTooLarge as error:
+            slot.release()
+            return [await self._invalid(key, None, ManifestError.single(f"manifest {error}"))]
+        if lease.attempt > self.settings.max_attempts or lease.tries > self.settings.max_tries:
+            slot.release()
+            return await self._give_up(key, stored, lease)
         try:
             jobs = load_jobs(
                 stored.data,
@@ -357,114 +442,208 @@ class Worker:
         except ManifestError as error:
             slot.release()
             log.warning("%s is not a valid manifest: %s", key, error)
-            return [await self._invalid(key, _declared_id(stored.data) or name, error)]
-
-        if lease.attempt > self.settings.max_attempts:
-            slot.release()
-            return await self._give_up(jobs, lease)
-
-        tasks: list[asyncio.Task[JobOutcome]] = []
-        for index, job in enumerate(jobs):
-            job_slot = slot if index == 0 else await self._take_slot(None)
-            assert job_slot is not None
-            skip = await self._already_done(job)
-            if skip is not None:
-                job_slot.release()
-                tasks.append(asyncio.create_task(_done(skip)))
-                continue
-            tasks.append(
-                asyncio.create_task(
-                    self.runner.run(
-                        job,
-                        attempt=lease.attempt,
-                        max_attempts=self.settings.max_attempts,
-                        on_executed=job_slot.release,
-                        notes=_previous_error_note(lease),
-                    )
-                )
+            return [await self._invalid(key, stored, error)]
+        tasks = [
+            asyncio.create_task(
+                self._job(job, lease, slot if index == 0 else self.lane.take_now(), stored.version)
             )
+            for index, job in enumerate(jobs)
+        ]
         return list(await asyncio.gather(*tasks))
 
-    async def _invalid(self, key: str, job_id: str, error: ManifestError) -> JobOutcome:
+    async def _job(self, job: Job, lease: Lease, slot: Slot, version: str) -> JobOutcome:
+        """One job of a manifest; whatever happens to it stays with it, never with siblings."""
+
+        def queued(seconds: float) -> None:
+            self.depth.record_prepare(seconds)
+
+        def began() -> None:
+            slot.started = True
+
+        def executed(seconds: float) -> None:
+            if seconds > 0:
+                self.depth.record_execute(seconds)
+            slot.release()
+            self.lane.changed()
+
+        try:
+            return await self.runner.run(
+                job,
+                attempt=lease.attempt,
+                max_attempts=self.settings.max_attempts,
+                hooks=LaneHooks(on_queued=queued, on_started=began, on_executed=executed),
+                notes=_previous_error_note(lease),
+                manifest_version=version,
+                resumed=lease.tries > 1,
+            )
+        finally:
+            slot.release()
+
+    async def _settle(self, key: str, beat: Heartbeat, outcomes: list[JobOutcome]) -> None:
+        """Decide the manifest's fate once all its jobs have an outcome."""
+        lease = beat()
+        if not outcomes:  # the manifest was gone: only our claim is left
+            await self.retirer.drop_claim(lease.key)
+            await self.intake.report(key, HintOutcome.gone)
+            return
+        retry = [o for o in outcomes if o.verdict is Verdict.retry]
+        if retry:
+            first = retry[0].status.error
+            reason = f"{first.type}: {first.message}" if first else "failed"
+            await self._give_back(key, beat, reason, charge=any(o.charged for o in retry))
+            return
+        failed = any(o.verdict is Verdict.failed for o in outcomes)
+        await self.retirer.retire(key, failed=failed, claim_key=lease.key)
+        self.intake.forget(key)
+        await self.intake.report(key, HintOutcome.settled)
+
+    async def _give_back(self, key: str, beat: Heartbeat, reason: str, *, charge: bool) -> None:
+        lease = beat()
+        try:
+            await self.claims.release(lease, error=reason, charge=charge)
+        except StorageError as error:  # LeaseLost included: the claim expires by itself
+            log.warning("%s: could not give the claim back: %s", key, error)
+        self.intake.retry_at(key, self.settings.retry_pause(lease.tries))
+        await self.intake.report(key, HintOutcome.released)
+
+    async def _crashed(self, key: str, beat: Heartbeat, error: BaseException) -> None:
+        """Something unexpected while handling a claimed manifest: an attempt, like any other
+        failure of the manifest's, so a manifest that always does this ends."""
+        lease = beat()
+        description = f"{type(error).__name__}: {error}"
+        if key not in self._crash_logged:
+            self._crash_logged.add(key)
+            log.error("%s: internal error on attempt %d", key, lease.attempt, exc_info=error)
+        else:
+            log.error("%s: internal error on attempt %d: %s", key, lease.attempt, description)
+        if lease.attempt < self.settings.max_attempts:
+            await self._give_back(key, beat, f"internal: {description}"[:2000], charge=True)
+            return
+        info = ErrorInfo(
+            type="internal",
+            message=description,
+            details={"exception_type": type(error).__name__},
+        )
+        try:
+            stored: StoredObject | None = await self.storage.get(
+                key, max_bytes=self.settings.max_manifest_bytes
+            )
+        except StorageError:
+            stored = None
+        outcomes = await self._write_final(key, stored, lease, info)
+        await self._retire_failed(key, beat, outcomes)
+
+    async def _retire_failed(self, key: str, beat: Heartbeat, outcomes: list[JobOutcome]) -> None:
+        for outcome in outcomes:
+            self.counts.add(outcome)
+        await self.retirer.retire(key, failed=True, claim_key=beat().key)
+        self.intake.forget(key)
+        await self.intake.report(key, HintOutcome.settled)
+
+    async def _invalid(
+        self, key: str, stored: StoredObject | None, error: ManifestError
+    ) -> JobOutcome:
         """A broken manifest fails with a status that says why, but never buries the result
-        of an earlier run of the same id: that status keeps its state and gets a note."""
+        of an earlier run of the same id: a succeeded status keeps its state and gets a note.
+        Where no status can be written (no usable id), the manifest still fails, once."""
+        job_id = _declared_id(stored.data if stored else b"") or self.layout.manifest_name(key)
+        version = stored.version if stored else None
+        try:
+            check_job_id(job_id)
+        except ValueError:
+            log.error(
+                "%s is not a valid manifest and has no usable job id for a status: %s",
+                key,
+                error,
+            )
+            return JobOutcome(
+                Verdict.failed,
+                JobStatus(id=job_id, state=JobState.failed, manifest_key=key),
+            )
         previous = await self.runner.read_status(job_id)
         if previous is not None and previous.state is JobState.succeeded:
-            previous.notes.append(
-                f"manifest {key} arrived again but was not run, because it is not valid: {error}"
-            )
-            await self.runner.write_status(previous)
+            if previous.manifest_version != version:
+                previous.notes.append(
+                    f"manifest {key} arrived again but was not run, because it is not valid: "
+                    f"{error}"
+                )
+                await self.runner.write_status(previous)
             return JobOutcome(Verdict.failed, previous)
-        return JobOutcome(Verdict.failed, await self.runner.fail(job_id, key, error))
+        status = await self.runner.fail(job_id, key, error, manifest_version=version)
+        return JobOutcome(Verdict.failed, status)
 
-    async def _already_done(self, job: Job) -> JobOutcome | None:
-        """A manifest whose id already succeeded is not run again unless it asks to be."""
-        if job.rerun:
-            return None
-        previous = await self.runner.read_status(job.id)
-        if previous is None or previous.state is not JobState.succeeded:
-            return None
-        note = (
-            f"manifest {job.manifest_key} arrived again and was not run: "
-            'this id already succeeded (set "rerun": true to run it again)'
-        )
-        previous.notes.append(note)
-        await self.runner.write_status(previous)
-        return JobOutcome(Verdict.skipped, previous)
-
-    async def _give_up(self, jobs: list[Job], lease: Lease) -> list[JobOutcome]:
-        outcomes = []
+    async def _give_up(self, key: str, stored: StoredObject, lease: Lease) -> list[JobOutcome]:
+        """Out of attempts (or of tries): fail every job of the manifest with the last error."""
         reason = lease.last_error or "the worker running it stopped or died"
-        for job in jobs:
-            previous = await self.runner.read_status(job.id)
-            if previous is not None and previous.state is JobState.succeeded:
-                outcomes.append(JobOutcome(Verdict.skipped, previous))
+        info = ErrorInfo(type="attempts_exhausted", message=reason)
+        if reason.startswith("internal: "):
+            info = ErrorInfo(type="internal", message=reason.removeprefix("internal: "))
+        return await self._write_final(key, stored, lease, info)
+
+    async def _write_final(
+        self, key: str, stored: StoredObject | None, lease: Lease, info: ErrorInfo
+    ) -> list[JobOutcome]:
+        """A failed status for each job of a manifest that will not run again. Job ids come
+        from the manifest if it can still be read, else from its name."""
+        ids: list[tuple[str, Job | None]] = []
+        if stored is not None:
+            with contextlib.suppress(Exception):
+                jobs = load_jobs(
+                    stored.data,
+                    manifest_key=key,
+                    registry=self.registry,
+                    allow_raw=self.settings.allow_raw,
+                    max_bytes=self.settings.max_manifest_bytes,
+                )
+                ids = [(job.id, job) for job in jobs]
+        if not ids:
+            ids = [(_declared_id(stored.data if stored else b"") or lease.name, None)]
+        attempts = min(lease.attempt, self.settings.max_attempts)
+        note = (
+            f"gave up after {attempts} attempt(s) and {lease.tries} tries in all "
+            f"(COMFYS3_MAX_ATTEMPTS={self.settings.max_attempts}); last error: {info.message}"
+        )
+        outcomes = []
+        for job_id, job in ids:
+            try:
+                check_job_id(job_id)
+            except ValueError:
+                log.error("%s: gave up (%s), and no status can be written for it", key, note)
                 continue
-            status = previous or JobStatus(
-                id=job.id, state=JobState.failed, manifest_key=job.manifest_key
-            )
+            previous = await self.runner.read_status(job_id)
+            if previous is not None and previous.state is JobState.succeeded:
+                outcomes.append(JobOutcome(Verdict.succeeded, previous, leftover=True))
+                continue
+            status = previous or JobStatus(id=job_id, state=JobState.failed, manifest_key=key)
+            if job is not None:
+                status.workflow, status.payload = job.workflow, job.payload
             status.state = JobState.failed
-            status.attempt = lease.attempt - 1
+            status.attempt = attempts
             status.max_attempts = self.settings.max_attempts
-            if status.error is None:
-                status.error = ErrorInfo(type="attempts_exhausted", message=reason)
-            status.notes.append(
-                f"gave up after {lease.attempt - 1} attempt(s) (COMFYS3_MAX_ATTEMPTS="
-                f"{self.settings.max_attempts}); last error: {reason}"
-            )
+            status.manifest_version = stored.version if stored else None
+            status.error = info
+            status.notes.append(note)
             await self.runner.write_status(status)
             outcomes.append(JobOutcome(Verdict.failed, status))
+        log.warning("%s: %s", key, note, extra={"manifest": key, "error_type": info.type})
         return outcomes
 
-    async def _settle(self, key: str, lease: Lease, outcomes: list[JobOutcome]) -> None:
-        """Decide the manifest's fate once all its jobs have an outcome."""
-        name = self.layout.manifest_name(key)
-        retry = [o for o in outcomes if o.verdict is Verdict.retry]
-        try:
-            if retry:
-                first = retry[0].status.error
-                reason = f"{first.type}: {first.message}" if first else "failed"
-                charge = any(o.charged for o in retry)
-                await self.claims.release(lease, error=reason[:2000], charge=charge)
-                delay = min(30.0, self.settings.retry_delay * 2 ** (lease.attempt - 1))
-                self._deferred[name] = time.monotonic() + delay
-                return
-            failed = any(o.verdict is Verdict.failed for o in outcomes)
-            if outcomes:
-                target = self.layout.failed_key(name) if failed else self.layout.done_key(name)
-                with contextlib.suppress(ObjectNotFound):
-                    await self.storage.move(key, target)
-            await self.claims.finish(lease)
-        except (LeaseLost, StorageError) as error:
-            log.warning("%s: could not settle the claim: %s", key, error)
+
+async def _maybe_await(value: object) -> None:
+    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+        await value
 
 
 def _declared_id(data: bytes) -> str | None:
     """The id a broken manifest asked for, if it can be read and is safe to use."""
     try:
-        value = json.loads(data).get("id")
+        document = load_json(data)
+    except JsonLimitError:
+        return None
+    value = document.get("id") if isinstance(document, dict) else None
+    try:
         return check_job_id(value) if isinstance(value, str) else None
-    except (ValueError, AttributeError):
+    except ValueError:
         return None
 
 
@@ -474,7 +653,3 @@ def _previous_error_note(lease: Lease) -> list[str]:
     if lease.attempt > 1:
         return [f"attempt {lease.attempt - 1} did not finish (its worker stopped or died)"]
     return []
-
-
-async def _done(outcome: JobOutcome) -> JobOutcome:
-    return outcome

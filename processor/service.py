@@ -89,7 +89,12 @@ async def open_worker(
             storage=storage,
             comfy=client,
             layout=layout,
-            settings=JobSettings(worker_id=holder, job_timeout=settings.job_timeout),
+            settings=JobSettings(
+                worker_id=holder,
+                job_timeout=settings.job_timeout,
+                max_input_bytes=settings.max_input_bytes,
+                max_input_pixels=settings.max_input_pixels,
+            ),
             cleanup=engine.cleanup,
             on_progress=on_progress,
         )
@@ -104,6 +109,7 @@ async def open_worker(
                 retry_delay=settings.retry_delay,
                 allow_raw=settings.allow_raw_workflows,
                 max_manifest_bytes=settings.max_manifest_bytes,
+                lane_depth_max=settings.lane_depth_max,
             ),
             holder=holder,
         )

@@ -96,7 +96,7 @@ def test_sigterm_lets_the_running_job_finish(tmp_path: Path, fake_comfyui: Any) 
     assert not list((tmp_path / "input" / "_claims").glob("*.json"))
     text = log.read_text()  # the operator sees the stop asked for, and what the worker did
     assert "SIGTERM: no new claims; running jobs get up to 25 s to finish" in text
-    assert "stopped: {'manifests': 1, 'succeeded': 1," in text
+    assert "stopped: 1 job(s): 1 succeeded, 0 failed" in text
 
 
 def test_sigterm_past_the_grace_gives_the_job_back(tmp_path: Path, fake_comfyui: Any) -> None:

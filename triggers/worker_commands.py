@@ -37,12 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     storage, layout = storage_from_env(args.local)
     counts = asyncio.run(_run(args, settings, storage, layout))
     if args.once:
-        summary = counts.summary()
-        print(
-            f"done: {summary['succeeded']} succeeded, {summary['failed']} failed, "
-            f"{summary['retried']} to retry, {summary['skipped']} skipped "
-            f"({summary['manifests']} manifests, {summary['attempts']} attempts)"
-        )
+        print(f"done: {counts.describe()}")
     return 0
 
 
@@ -79,7 +74,7 @@ async def _run(
         work = worker.run(wait_for_work=wait_for_work, stop=stop)
         await _until_stopped(work, stop, settings.shutdown_grace)
     if stop.is_set():
-        log.info("stopped: %s", worker.counts.summary())
+        log.info("stopped: %s", worker.counts.describe(), extra=worker.counts.summary())
     return worker.counts
 
 

@@ -1,0 +1,45 @@
+"""Input images are checked before they reach ComfyUI, from their header alone.
+
+A file that is not an image, or an image too large to decode safely, fails inside ComfyUI's
+LoadImage as a runtime error, which is retried: every attempt burns GPU time on a job that can
+never succeed. Read here first, it fails at once as ``input_invalid``, naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+
+class InputInvalid(Exception):
+    """An input file that no attempt could use; the message names it and says why."""
+
+
+def check_image(data: bytes, source: str, *, max_pixels: int) -> tuple[str, int, int]:
+    """(format, width, height) of an image, or :class:`InputInvalid`. Only the header is
+    parsed: Pillow's ``open`` is lazy, so a decompression bomb is refused before it expands."""
+    if not data:
+        raise InputInvalid(f"input file {source!r} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                kind = image.format or "?"
+    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise InputInvalid(
+            f"input file {source!r} is not an image ComfyUI can load (or it is too large to "
+            "decode safely)"
+        ) from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise InputInvalid(f"input file {source!r} is not a readable image: {error}") from None
+    if width <= 0 or height <= 0:
+        raise InputInvalid(f"input file {source!r} is an image of {width}x{height} pixels")
+    if width * height > max_pixels:
+        raise InputInvalid(
+            f"input file {source!r} is {width}x{height} = {width * height:,} pixels; the limit "
+            f"is {max_pixels:,} (COMFYS3_MAX_INPUT_PIXELS)"
+        )
+    return kind, width, height

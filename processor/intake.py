@@ -1,0 +1,307 @@
+"""Which manifest to try next, without ever reading the whole backlog.
+
+A poll used to list the whole intake prefix before claiming anything, then walk that list while
+other workers emptied it: the first claim waited for a listing that grows with the backlog, and
+most claims of a shared backlog went to manifests another worker had already finished. Here a
+worker reads one page at a time:
+
+- **hints** first: keys an event named (S3 notifications, a RunPod request), claimed at once;
+- **due** keys next: this worker's own retries once their delay is over, and manifests it found
+  claimed by another worker, once that claim's lease has run out;
+- **stale claims**: every so often the claims prefix (it holds only work in flight, so it stays
+  small) is read, and a claim nobody has renewed for a while is tried, so a dead worker's job is
+  taken over soon after its lease expires however large the backlog;
+- **the listing**: one page of the intake prefix at a time, starting at a point of the key space
+  picked at random once the first page shows what the names look like, so workers sharing a
+  backlog read different pages. A page is shuffled, used until it is empty or older than
+  ``page_max_age`` (then read again from the same point), and the next page starts where it
+  ended, wrapping round at the end of the prefix.
+
+A **sweep** is one pass over the whole key space from where it began. :meth:`Intake.next`
+answers ``None`` once per completed sweep, which is how a drain (``--once``, RunPod) knows that
+it has seen everything: its cost is a pass of pages, never a full listing per claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import heapq
+import logging
+import random
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from processor.layout import Layout
+from processor.storage_base import ObjectInfo, Storage
+
+log = logging.getLogger("comfys3.intake")
+
+MAX_PAGE = 1000
+MIN_PAGE = 50
+MAX_REMEMBERED = 10_000  # due keys and pending hints kept in memory; beyond, the listing finds them
+
+
+class HintOutcome(enum.Enum):
+    """What became of a hinted key, so whoever sent the hint knows when to forget it."""
+
+    settled = "settled"  # this worker ran it and it reached its end
+    taken = "taken"  # another worker holds it and will see it through
+    gone = "gone"  # no pending manifest at that key
+    released = "released"  # this worker ran it and gave it back for another try
+    ignored = "ignored"  # not a manifest key of this intake
+
+
+HintCallback = Callable[[HintOutcome], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    key: str
+    source: str  # hint | due | claims | listing | request
+
+
+class Intake:
+    def __init__(
+        self,
+        storage: Storage,
+        layout: Layout,
+        *,
+        lease_seconds: float,
+        page_max_age: float = 2.0,
+        claims_scan_interval: float | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.storage = storage
+        self.layout = layout
+        self.lease_seconds = lease_seconds
+        self.page_max_age = page_max_age
+        self.claims_scan_interval = claims_scan_interval or max(1.0, lease_seconds / 3)
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._wall = wall_clock
+        self._hints: OrderedDict[str, list[HintCallback]] = OrderedDict()  # not yet offered
+        self._hint_waiting: dict[str, list[HintCallback]] = {}  # offered, outcome to come
+        self._due: list[tuple[float, str]] = []  # heap of (monotonic time, key)
+        self._due_at: dict[str, float] = {}
+        self._retries: set[str] = set()  # due keys that are this worker's own retries
+        self._stale_claims: deque[str] = deque()
+        self._next_claims_scan = self._clock()
+        # The listing: the page in use, where it started, where the next one starts.
+        self._page: list[ObjectInfo] = []
+        self._page_start: str | None = None
+        self._page_end: str | None = None  # last key of the page in use
+        self._page_truncated = False
+        self._page_listed_at = float("-inf")
+        self._cursor: str | None = None
+        self._spread_done = False
+        # The sweep in progress: where it began, and whether it has wrapped round.
+        self._origin: str | None = None
+        self._wrapped = False
+        self._page_size = 100
+        self._taken_per_page: deque[int] = deque(maxlen=8)
+        self._taken_this_page = 0
+        self.hinted = asyncio.Event()
+        self.lists = 0  # LIST requests made, for benchmarks and the ops page
+
+    # -- what others tell the intake ------------------------------------------------------
+
+    def hint(self, key: str, on_outcome: HintCallback | None = None) -> None:
+        """Try ``key`` ahead of anything listed; ``on_outcome`` hears what became of it."""
+        callbacks = [on_outcome] if on_outcome is not None else []
+        if key in self._hint_waiting:  # already being tried: hear the same outcome
+            self._hint_waiting[key] += callbacks
+            return
+        self._hints.setdefault(key, []).extend(callbacks)
+        if len(self._hints) > MAX_REMEMBERED:
+            # Too many at once: the oldest waits for the listing, and its sender hears that
+            # it was not settled here (an SQS message then comes back later).
+            dropped, dropped_callbacks = self._hints.popitem(last=False)
+            self._hint_waiting[dropped] = dropped_callbacks
+            asyncio.get_running_loop().create_task(self.report(dropped, HintOutcome.released))
+        self.hinted.set()
+
+    def retry_at(self, key: str, delay: float) -> None:
+        """This worker gave ``key`` back; offer it again after ``delay`` seconds."""
+        self._schedule(key, self._clock() + max(0.0, delay))
+        if key in self._due_at:
+            self._retries.add(key)
+
+    def held_until(self, key: str, expires_at: float) -> None:
+        """Another worker holds ``key`` until ``expires_at`` (epoch seconds, its clock)."""
+        remaining = min(max(0.0, expires_at - self._wall()), 10 * self.lease_seconds)
+        self._schedule(key, self._clock() + remaining + 0.05)
+        self._retries.discard(key)
+
+    def forget(self, key: str) -> None:
+        self._due_at.pop(key, None)
+        self._retries.discard(key)
+
+    def retry_due(self) -> float | None:
+        """When the earliest of this worker's own retries is due (monotonic), if any. Keys
+        held by other workers are not counted: a drain does not wait for their leases."""
+        return min((self._due_at[key] for key in self._retries), default=None)
+
+    def _schedule(self, key: str, at: float) -> None:
+        if key not in self._due_at and len(self._due_at) >= MAX_REMEMBERED:
+            return
+        self._due_at[key] = at
+        heapq.heappush(self._due, (at, key))
+
+    # -- what the worker asks -------------------------------------------------------------
+
+    async def next(self, busy: Callable[[str], bool]) -> Candidate | None:
+        """The next key worth a claim, or ``None`` when a sweep of the whole prefix is done."""
+        while self._hints:
+            key, callbacks = self._hints.popitem(last=False)
+            self._hint_waiting.setdefault(key, []).extend(callbacks)
+            if busy(key):
+                continue  # already in flight here; its outcome is reported when it ends
+            if not self.layout.is_manifest(key):
+                await self.report(key, HintOutcome.ignored)
+                continue
+            return Candidate(key, "hint")
+        self.hinted.clear()
+        now = self._clock()
+        while self._due and self._due[0][0] <= now:
+            at, key = heapq.heappop(self._due)
+            if self._due_at.get(key) != at:
+                continue  # rescheduled or forgotten since
+            del self._due_at[key]
+            self._retries.discard(key)
+            if not busy(key):
+                return Candidate(key, "due")
+        if now >= self._next_claims_scan:
+            self._next_claims_scan = now + self.claims_scan_interval
+            await self._scan_claims()
+        while self._stale_claims:
+            key = self._stale_claims.popleft()
+            if not busy(key) and key not in self._due_at:
+                return Candidate(key, "claims")
+        return await self._from_listing(busy)
+
+    async def report(self, key: str, outcome: HintOutcome) -> None:
+        """Tell whoever hinted ``key`` what became of it; a no-op for keys nobody hinted."""
+        for callback in self._hint_waiting.pop(key, []):
+            try:
+                await callback(outcome)
+            except Exception as error:  # a hint source's trouble is its own
+                log.warning("hint callback for %s failed: %s", key, error)
+
+    # -- internals ------------------------------------------------------------------------
+
+    async def _scan_claims(self) -> None:
+        """Claims nobody renewed for a third of a lease: their holder may be dead, or gave the
+        job back. One page of the claims prefix, which holds only work in flight."""
+        page = await self.storage.list_page(self.layout.claims_prefix, limit=MAX_PAGE)
+        self.lists += 1
+        quiet_since = self._wall() - self.lease_seconds / 3 - 1.0
+        for item in page.items:
+            if item.last_modified.timestamp() < quiet_since and item.key.endswith(".json"):
+                name = self.layout.manifest_name(item.key)
+                self._stale_claims.append(self.layout.manifest_key(name))
+
+    async def _from_listing(self, busy: Callable[[str], bool]) -> Candidate | None:
+        while True:
+            if self._page and self._clock() - self._page_listed_at > self.page_max_age:
+                await self._list(self._page_start)  # same place again: see what is left
+            while self._page:
+                item = self._page.pop()
+                if (
+                    self.layout.is_manifest(item.key)
+                    and not busy(item.key)
+                    and item.key not in self._due_at
+                ):
+                    self._taken_this_page += 1
+                    return Candidate(item.key, "listing")
+            if self._page_listed_at > float("-inf") and self._advance():
+                return None  # a sweep is complete
+            await self._list(self._cursor)
+            if not self._spread_done:
+                self._spread_done = True
+                start = self._spread_start()
+                if start is not None:
+                    self._origin = self._cursor = start
+                    await self._list(start)
+
+    def _advance(self) -> bool:
+        """Move past the page just used up; True when that completes a sweep."""
+        self._taken_per_page.append(self._taken_this_page)
+        self._taken_this_page = 0
+        self._page_listed_at = float("-inf")
+        if not self._page_truncated:
+            self._cursor = None
+            if self._origin is None or self._wrapped:
+                self._new_sweep()
+                return True
+            self._wrapped = True
+            return False
+        self._cursor = self._page_end
+        if self._wrapped and self._origin is not None and (self._page_end or "") >= self._origin:
+            self._new_sweep()
+            return True
+        return False
+
+    def _new_sweep(self) -> None:
+        self._origin = self._cursor
+        self._wrapped = False
+
+    async def _list(self, start_after: str | None) -> None:
+        page = await self.storage.list_page(
+            self.layout.input_dir, start_after=start_after, limit=self._page_size
+        )
+        self.lists += 1
+        items = list(page.items)
+        self._page_start = start_after
+        self._page_end = items[-1].key if items else start_after
+        self._page_truncated = page.truncated
+        self._page_listed_at = self._clock()
+        self._rng.shuffle(items)
+        self._page = items
+        self._resize_page()
+
+    def _resize_page(self) -> None:
+        """Big enough to last ``page_max_age`` at the recent claim rate, no bigger: a smaller
+        page is a faster first claim and a fresher view of what other workers took."""
+        if self._taken_per_page:
+            recent = max(self._taken_per_page)
+            self._page_size = max(MIN_PAGE, min(MAX_PAGE, 2 * recent))
+
+    def _spread_start(self) -> str | None:
+        """A random point of the key space to start the first sweep from, guessed from the
+        first page: where the names in it start to differ, and the characters they use there.
+        Without it every worker of a fleet would start at the same first page."""
+        if not self._page_truncated or len(self._page) < 2:
+            return None
+        keys = sorted(item.key for item in self._page)
+        return spread_key(keys, self._rng)
+
+
+def spread_key(keys: list[str], rng: random.Random) -> str | None:
+    """A random key in the range the sorted manifest ``keys`` suggest: ``job000000.json`` ..
+    ``job000999.json`` suggests ``job000000`` .. ``job999999`` and gives, say, ``job583121``.
+
+    Positions from the first one where the names differ vary over the characters seen there;
+    positions before it that hold one of those characters are assumed to vary too (a counter's
+    leading zeros), back to the first one that does not.
+    """
+    names = [key.removesuffix(".json") for key in keys if key.endswith(".json")]
+    if len(names) < 2:
+        return None
+    first, last = names[0], names[-1]
+    differ = next(
+        (i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b),
+        min(len(first), len(last)),
+    )
+    alphabet = sorted({char for name in names for char in name[differ:]} - {"/"})
+    if not alphabet:
+        return None
+    start = differ
+    while start > 0 and first[start - 1] in alphabet:
+        start -= 1
+    length = max(len(last) - start, 1)
+    return first[:start] + "".join(rng.choice(alphabet) for _ in range(length))
