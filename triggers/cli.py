@@ -15,7 +15,7 @@ from processor.settings import SettingsError
 from processor.storage import StorageError
 from processor.workflows import WorkflowLoadError
 from provision import cli as provision_cli
-from triggers import offline_commands, runpod, submit_command, worker_commands
+from triggers import offline_commands, report_command, runpod, submit_command, worker_commands
 
 DESCRIPTION = """\
 Run ComfyUI workflows as a batch service. Job manifests (JSON) arrive in an S3 prefix or a
@@ -57,6 +57,7 @@ def _registrations() -> list[Callable[[Any], None]]:
         offline_commands.register,
         worker_commands.register,
         submit_command.register,
+        report_command.register,
         runpod.register,
         provision_cli.register,
     ]
