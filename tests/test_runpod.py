@@ -144,6 +144,21 @@ def test_job_ids_from_runpod_are_made_safe() -> None:
     assert len(sanitise_job_id("x" * 300)) == 128
 
 
+def test_inline_jobs_without_an_id_never_share_one() -> None:
+    """A real RunPod id names one request (and stays the same when RunPod delivers it again);
+    the SDK's `local_test` and the fallback are the same for every request."""
+    job = {"workflow": "solid"}
+    real = [parse_request(job, "sync-1-e1"), parse_request(job, "sync-1-e1")]
+    assert {r.job_id for r in real if isinstance(r, InlineJob)} == {"sync-1-e1"}
+    for shared in ("local_test", "runpod-job", "..", ""):
+        made = [parse_request(job, shared) for _ in range(3)]
+        ids = {r.job_id for r in made if isinstance(r, InlineJob)}
+        assert len(ids) == 3, ids
+        assert all(i.startswith(("local_test-", "runpod-job-")) for i in ids)
+    mine = parse_request({**job, "id": "local_test"}, "local_test")
+    assert isinstance(mine, InlineJob) and mine.job_id == "local_test"  # the caller's own id
+
+
 def test_manifest_references_resolve_inside_the_intake_prefix() -> None:
     layout = s3_layout_for("jobs/in")
     assert manifest_key("a.json", layout) == "jobs/in/a.json"
@@ -506,24 +521,58 @@ def runpod_env(settings: S3Settings, fake: Any) -> dict[str, str]:
     return env
 
 
-def test_test_input_runs_the_seed_example(moto_s3_settings: S3Settings, fake_comfyui: Any) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "triggers.runpod", "--test_input", TEST_INPUT.read_text()],
-        env=runpod_env(moto_s3_settings, fake_comfyui),
+def run_test_input(
+    settings: S3Settings, fake: Any, test_input: str, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "triggers.runpod", "--test_input", test_input],
+        env={**runpod_env(settings, fake), **extra},
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
 
+
+def local_test_ids(client: Any, settings: S3Settings) -> list[str]:
+    """The job ids of the local tests that ran, from their status documents."""
+    found = keys(client, settings, "output/")
+    return sorted(k.split("/")[1] for k in found if k.endswith("/status.json"))
+
+
+def test_test_input_runs_the_seed_example_and_each_run_is_a_new_job(
+    moto_s3_settings: S3Settings, fake_comfyui: Any
+) -> None:
+    result = run_test_input(moto_s3_settings, fake_comfyui, TEST_INPUT.read_text())
+
     assert result.returncode == 0, result.stdout + result.stderr
     client = s3_client(moto_s3_settings)
-    status = get_json(client, moto_s3_settings, "output/local_test/status.json")
+    [first_id] = local_test_ids(client, moto_s3_settings)
+    # The SDK names every local test job `local_test`; the job gets a name of its own.
+    assert first_id.startswith("local_test-") and len(first_id) > len("local_test-")
+    status = get_json(client, moto_s3_settings, f"output/{first_id}/status.json")
     assert status["state"] == "succeeded" and status["payload"]["seed"] == 123
-    assert keys(client, moto_s3_settings, "input/_done/") == ["input/_done/local_test.json"]
+    assert keys(client, moto_s3_settings, "input/_done/") == [f"input/_done/{first_id}.json"]
     assert "Traceback" not in result.stdout + result.stderr
     assert "Unclosed" not in result.stderr and "closing the worker" not in result.stderr
     assert "worker closed: ComfyUI and the S3 client are released" in result.stderr
+    assert f"the inline job runs as job {first_id}" in result.stderr
+    assert "DEBUG  |" in result.stdout  # the SDK's default level
+
+    # Iterating on the test input: the second run is run, not answered from the first.
+    second = json.dumps({"input": {"workflow": "txt2img", "payload": {"seed": 7}}})
+    again = run_test_input(moto_s3_settings, fake_comfyui, second, RUNPOD_LOG_LEVEL="ERROR")
+
+    assert again.returncode == 0, again.stdout + again.stderr
+    ids = local_test_ids(client, moto_s3_settings)
+    [second_id] = [i for i in ids if i != first_id]
+    assert get_json(client, moto_s3_settings, f"output/{second_id}/status.json")["payload"][
+        "seed"
+    ] == 7
+    assert "already succeeded" not in again.stdout + again.stderr
+    assert sum(fake_comfyui.stats()["executed"].values()) == 2
+    # RUNPOD_LOG_LEVEL quiets the SDK, as docs/runpod.md says: none of its INFO/DEBUG lines.
+    assert "DEBUG  |" not in again.stdout and "INFO   |" not in again.stdout
 
 
 def test_a_comfyui_the_worker_started_stops_when_test_input_ends(
@@ -550,9 +599,9 @@ def test_a_comfyui_the_worker_started_stops_when_test_input_ends(
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
-    status = get_json(
-        s3_client(moto_s3_settings), moto_s3_settings, "output/local_test/status.json"
-    )
+    client = s3_client(moto_s3_settings)
+    [job_id] = local_test_ids(client, moto_s3_settings)
+    status = get_json(client, moto_s3_settings, f"output/{job_id}/status.json")
     assert status["state"] == "succeeded"
     assert "main.py --listen 127.0.0.1" in (tmp_path / "comfyui.log").read_text()
     with pytest.raises(OSError):  # nothing listens there any more: ComfyUI went with the worker
