@@ -166,6 +166,13 @@ def test_workflows_schema_is_json_schema(capsys: pytest.CaptureFixture[str]) -> 
     assert schema["properties"]["steps"]["maximum"] == 150
 
 
+def test_workflows_schema_without_a_name_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(["workflows", "--schema"], capsys)
+    assert code == 2 and out == ""  # not the table, silently
+    assert err.startswith("comfys3: --schema prints one template's schema: give its name")
+    assert "comfys3 workflows txt2img --schema" in err and "solid" in err
+
+
 @pytest.mark.parametrize(
     ("name", "hint"),
     [("nope", "(known: img2img, scale, solid, txt2img)"), ("txt2im", "did you mean 'txt2img'?")],

@@ -53,6 +53,13 @@ def workflow_table(workflow: Workflow) -> list[str]:
 
 def cmd_workflows(args: argparse.Namespace) -> int:
     registry = load_registry()
+    if args.schema and args.name is None:
+        print(
+            "comfys3: --schema prints one template's schema: give its name, e.g. "
+            f"`comfys3 workflows txt2img --schema` (templates: {', '.join(registry.names())})",
+            file=sys.stderr,
+        )
+        return 2
     if args.name is None:
         for name in registry.names():
             print("\n".join(workflow_table(registry.workflows[name])))
@@ -109,7 +116,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="List the workflow templates this worker knows (workflows/ and "
         "COMFYS3_WORKFLOWS_DIR), with each field's type, range and default.",
     )
-    workflows.add_argument("name", nargs="?", help="show only this template")
+    workflows.add_argument("name", nargs="?", metavar="NAME", help="show only this template")
     workflows.add_argument(
         "--schema", action="store_true", help="print the JSON Schema of NAME's payload"
     )
