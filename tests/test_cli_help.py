@@ -31,7 +31,7 @@ def walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterato
 
 
 def all_parsers() -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
-    return list(walk(cli.build_parser())) + [(("<runpod module>",), runpod.build_parser())]
+    return [*walk(cli.build_parser()), (("<runpod module>",), runpod.build_parser())]
 
 
 def known_flags() -> set[str]:

@@ -40,6 +40,7 @@ from triggers.runpod_input import (
     parse_request,
     sanitise_job_id,
 )
+from triggers.runpod_local_api import NOT_A_REQUEST
 from triggers.runpod_progress import ProgressRelay
 
 TEST_INPUT = ROOT / "tests" / "test_input.json"
@@ -566,9 +567,10 @@ def test_test_input_runs_the_seed_example_and_each_run_is_a_new_job(
     assert again.returncode == 0, again.stdout + again.stderr
     ids = local_test_ids(client, moto_s3_settings)
     [second_id] = [i for i in ids if i != first_id]
-    assert get_json(client, moto_s3_settings, f"output/{second_id}/status.json")["payload"][
-        "seed"
-    ] == 7
+    assert (
+        get_json(client, moto_s3_settings, f"output/{second_id}/status.json")["payload"]["seed"]
+        == 7
+    )
     assert "already succeeded" not in again.stdout + again.stderr
     assert sum(fake_comfyui.stats()["executed"].values()) == 2
     # RUNPOD_LOG_LEVEL quiets the SDK, as docs/runpod.md says: none of its INFO/DEBUG lines.
@@ -660,6 +662,13 @@ def test_serve_api_answers_runsync_with_the_output(
         )
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = json.loads(response.read())
+        # A bad `input` reaches the handler, as on RunPod, and gets its sentence back.
+        refused = post_json(port, "/runsync", {"input": "txt2img"})
+        not_a_request = post_json(port, "/runsync", ["txt2img"])
+        # /run only files the job away; POST /status/<id> runs it, once.
+        queued = post_json(port, "/run", {"input": {"workflow": "solid"}})
+        ran = post_json(port, f"/status/{queued[1]['id']}", None)
+        again = post_json(port, f"/status/{queued[1]['id']}", None)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -681,6 +690,29 @@ def test_serve_api_answers_runsync_with_the_output(
     stored = get_json(client, moto_s3_settings, f"output/{job_id}/status.json")
     assert stored["state"] == "succeeded" and stored["payload"]["seed"] == 123
     assert "Traceback" not in served
+
+    status, body = refused
+    assert status == 200 and body["status"] == "FAILED" and set(body) == {"id", "status", "error"}
+    assert body["error"].startswith("'input' must be a JSON object, not a string; send ")
+    assert not_a_request == (400, {"error": NOT_A_REQUEST})
+    assert queued[1]["status"] == "IN_PROGRESS"
+    assert ran[1]["status"] == "COMPLETED" and ran[1]["output"]["status"]["state"] == "succeeded"
+    assert again[1] == {"id": queued[1]["id"], "status": "FAILED", "error": "Job ID not found"}
+
+
+def post_json(port: int, path: str, body: Any) -> tuple[int, Any]:
+    """POST ``body`` as JSON (no body for None); the HTTP status and the decoded answer."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 def serving(port: int, process: subprocess.Popen[bytes], log: Any) -> bool:

@@ -83,7 +83,10 @@ class RunpodHandler:
         try:
             runpod_id = str(job.get("id") or FALLBACK_ID)
             request = parse_request(job.get("input"), runpod_id)
-            if isinstance(request, InlineJob) and request.job_id != job["input"].get("id"):
+            if isinstance(request, InlineJob) and request.job_id not in (
+                runpod_id,
+                job["input"].get("id"),
+            ):
                 log.info("RunPod job %s: the inline job runs as job %s", runpod_id, request.job_id)
             answer = await self._serve(job, request)
         except (InputError, HandlerError) as error:

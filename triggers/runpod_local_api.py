@@ -21,8 +21,7 @@ from fastapi.responses import JSONResponse
 from runpod.serverless.modules import rp_fastapi
 
 NOT_A_REQUEST = (
-    'the request body must be a JSON object with an "input", e.g. '
-    '{"input": {"workflow": "solid"}}'
+    'the request body must be a JSON object with an "input", e.g. {"input": {"workflow": "solid"}}'
 )
 
 
@@ -34,7 +33,7 @@ class AnyInput:
     webhook: str | None = None
 
 
-class LocalApi(rp_fastapi.WorkerAPI):  # type: ignore[misc]
+class LocalApi(rp_fastapi.WorkerAPI):
     """The SDK's WorkerAPI with RunPod's acceptance of ``input``; its routes are unchanged."""
 
     def __init__(self, config: dict[str, Any]) -> None:
