@@ -24,6 +24,7 @@ from processor.storage import LocalStorage, ObjectNotFound, Storage, StorageErro
 from processor.workflows import WorkflowRegistry
 from triggers import logs
 from triggers.poll import AdaptiveInterval
+from triggers.wait_notice import WaitLine
 from triggers.watch import FolderWatch
 
 log = logging.getLogger("comfys3.worker")
@@ -206,6 +207,13 @@ def cmd_exec(args: argparse.Namespace) -> int:
     settings = load_worker_settings()
     if args.comfyui_url:
         settings = settings.model_copy(update={"comfyui_url": args.comfyui_url})
+    if not settings.comfyui_url and settings.comfyui_path is None:
+        print(
+            "comfys3: no ComfyUI to run on: give --comfyui-url URL (a ComfyUI that runs), or "
+            "set COMFYS3_COMFYUI_URL, or COMFYS3_COMFYUI_PATH to a ComfyUI checkout to start",
+            file=sys.stderr,
+        )
+        return 2
     manifest = Path(args.manifest)
     try:
         data = manifest.read_bytes()
@@ -236,7 +244,7 @@ async def _exec(jobs: list[Job], settings: WorkerSettings, out: Path) -> int:
     layout = Layout("input", "")
     failures = 0
     async with LocalStorage(out) as storage, LocalStorage(Path.cwd()) as inputs:
-        engine = ComfyEngine(settings)
+        engine = ComfyEngine(settings, on_wait=WaitLine())
         async with engine as client:
             runner = JobRunner(
                 storage=storage,
