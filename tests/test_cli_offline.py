@@ -220,6 +220,34 @@ def test_validate_unreadable_manifests(
     assert fragment in out
 
 
+@pytest.mark.parametrize(
+    ("image", "reason"),
+    [
+        ("/etc/hostname", "it starts with '/'"),
+        ("../secret.png", "it has a '..' path segment"),
+        ("https://example.com/cat.png", "it looks like a URL"),
+    ],
+)
+def test_validate_refuses_input_files_the_worker_would_refuse(
+    image: str, reason: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = tmp_path / "job.json"
+    manifest.write_text(json.dumps({"workflow": "scale", "payload": {"image": image}}))
+    code, out, _ = run_main(["validate", str(manifest)], capsys)
+    assert code == 1
+    assert f"{manifest}: invalid" in out
+    assert f"  payload.image: input file {image!r} cannot be read: {reason}" in out
+    assert "a path under the current folder for exec" in out
+
+
+def test_validate_accepts_a_relative_input_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = tmp_path / "job.json"
+    manifest.write_text(json.dumps({"workflow": "scale", "payload": {"image": "in/cat.png"}}))
+    assert run_main(["validate", str(manifest)], capsys)[0] == 0
+
+
 def test_validate_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_main(["validate", str(tmp_path / "absent.json")], capsys)
     assert code == 1

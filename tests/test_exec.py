@@ -31,6 +31,9 @@ def test_exec_seed_example_writes_image_and_status(tmp_path: Path, fake_comfyui:
     status = json.loads((folder / "status.json").read_text())
     assert status["state"] == "succeeded" and status["payload"]["seed"] == 123
     assert (folder / "9_SaveImage_001.png").read_bytes().startswith(b"\x89PNG")
+    # Keys in the documented form (docs/manifests.md), as a worker writes them.
+    assert [o["key"] for o in status["outputs"]] == ["output/job/9_SaveImage_001.png"]
+    assert sorted(p.name for p in folder.iterdir()) == ["9_SaveImage_001.png", "status.json"]
     assert "job: succeeded" in result.stdout and "9_SaveImage_001.png" in result.stdout
     assert "100%" in result.stderr  # the progress bar reached the end
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from processor.errors import ManifestError
+from processor.input_files import key_problems
 from processor.manifest import load_jobs
 from processor.settings import load_worker_settings
 from processor.workflows import Workflow, WorkflowRegistry
@@ -95,6 +96,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 allow_raw=settings.allow_raw_workflows,
                 max_bytes=settings.max_manifest_bytes,
             )
+            problems = key_problems(jobs)  # what the worker would refuse when it stages them
+            if problems:
+                raise ManifestError(problems)
         except ManifestError as error:
             failures += 1
             print(f"{path}: invalid")
@@ -125,8 +129,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     validate = subparsers.add_parser(
         "validate",
         help="check job manifests offline",
-        description="Check manifests without S3 or ComfyUI. Exit 0 when all are valid; "
-        "otherwise exit 1 and list, per file, every problem with its field path.",
+        description="Check manifests without S3 or ComfyUI: template, payload, and input file "
+        "names the worker would refuse (a leading /, '..', a URL). Whether the input files "
+        "exist is checked by `comfys3 submit`. Exit 0 when all are valid; otherwise exit 1 "
+        "and list, per file, every problem with its field path.",
     )
     validate.add_argument("files", nargs="+", metavar="FILE", help="manifest files (JSON)")
     validate.add_argument(
