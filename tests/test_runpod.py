@@ -20,9 +20,11 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from processor.claims import ClaimStore
-from processor.manifest import ProgressInfo
+from processor.manifest import ProgressInfo, check_job_id
 from processor.service import s3_layout
 from processor.settings import S3Settings, WorkerSettings
 from processor.storage import S3Storage
@@ -36,6 +38,7 @@ from triggers.runpod_input import (
     InlineJob,
     InputError,
     NamedManifest,
+    inline_job_id,
     manifest_key,
     parse_request,
     sanitise_job_id,
@@ -158,6 +161,21 @@ def test_inline_jobs_without_an_id_never_share_one() -> None:
         assert all(i.startswith(("local_test-", "runpod-job-")) for i in ids)
     mine = parse_request({**job, "id": "local_test"}, "local_test")
     assert isinstance(mine, InlineJob) and mine.job_id == "local_test"  # the caller's own id
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(
+    runpod_id=st.text(max_size=200)
+    | st.sampled_from(["local_test", "runpod-job", "local_test-1", "sync-1/e1", "..", ""])
+)
+def test_any_runpod_id_gives_a_usable_job_id(runpod_id: str) -> None:
+    job_id = inline_job_id(runpod_id)
+    assert check_job_id(job_id) == job_id
+    again = inline_job_id(runpod_id)
+    if sanitise_job_id(runpod_id) in ("local_test", "runpod-job"):
+        assert again != job_id  # an id every request shares is never reused
+    else:
+        assert again == job_id  # a real RunPod id names its request, every time
 
 
 def test_manifest_references_resolve_inside_the_intake_prefix() -> None:
