@@ -25,6 +25,7 @@ from types import TracebackType
 
 import aiohttp
 
+from processor import volume
 from processor.comfy import ComfyClient, RunResult
 from processor.comfy_errors import ComfyDiedWhileWaiting, ComfyUnavailable
 from processor.settings import SettingsError, WorkerSettings
@@ -180,6 +181,7 @@ class ComfyProcess:
                 {"kind": "unavailable", "url": self.url},
             )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        volume.rotate_if_large(self.log_path)  # ComfyUI writes it itself: rolled over per start
         command = [
             self.python,
             "main.py",
@@ -355,10 +357,10 @@ class ComfyEngine:
                 python=settings.comfyui_python,
                 port=settings.comfyui_port,
                 args=shlex.split(settings.comfyui_args),
-                log_path=settings.comfyui_log_file,
+                log_path=volume.comfyui_log(settings),
                 startup_timeout=settings.comfyui_startup_timeout,
                 max_restarts=settings.comfyui_max_restarts,
-                env=env,
+                env=volume.comfyui_environment(settings, env),
                 stop_grace=stop_grace,
                 backoff=restart_backoff,
             )

@@ -147,6 +147,11 @@ class WorkerSettings(BaseSettings):
     worker_id: str | None = Field(
         default=None, description="Name of this worker in claims and statuses (default: host-pid)."
     )
+    volume_dir: Path | None = Field(
+        default=None,
+        description="Network volume for logs (logs/) and the Hugging Face cache (huggingface/); "
+        "default: /runpod-volume when it exists.",
+    )
     presign_seconds: int = Field(
         default=3600,
         ge=1,

@@ -606,7 +606,7 @@ def test_a_comfyui_the_worker_started_stops_when_test_input_ends(
             "COMFYS3_COMFYUI_PYTHON": sys.executable,
             "COMFYS3_COMFYUI_PORT": str(port),
             "COMFYS3_COMFYUI_ARGS": f"--base-directory {tmp_path / 'comfyui'}",
-            "COMFYS3_COMFYUI_LOG_FILE": str(tmp_path / "comfyui.log"),
+            "COMFYS3_VOLUME_DIR": str(tmp_path / "volume"),  # as /runpod-volume on RunPod
         }
     )
     result = subprocess.run(
@@ -623,7 +623,12 @@ def test_a_comfyui_the_worker_started_stops_when_test_input_ends(
     [job_id] = local_test_ids(client, moto_s3_settings)
     status = get_json(client, moto_s3_settings, f"output/{job_id}/status.json")
     assert status["state"] == "succeeded"
-    assert "main.py --listen 127.0.0.1" in (tmp_path / "comfyui.log").read_text()
+    # What a dead worker did stays on the volume: its log and its ComfyUI's, by worker id.
+    logs = tmp_path / "volume" / "logs"
+    assert "main.py --listen 127.0.0.1" in (logs / "comfyui-rp-proc.log").read_text()
+    worker_log = (logs / "worker-rp-proc.log").read_text()
+    assert f"claimed input/{job_id}.json (attempt 1)" in worker_log
+    assert "worker closed: ComfyUI and the S3 client are released" in worker_log
     with pytest.raises(OSError):  # nothing listens there any more: ComfyUI went with the worker
         urllib.request.urlopen(f"http://127.0.0.1:{port}/system_stats", timeout=2)
 

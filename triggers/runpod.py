@@ -56,6 +56,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"comfys3: {error}", file=sys.stderr)
         return 2
     logs.configure("text")
+    logs.to_volume(handler.settings)
     # A ComfyUI this worker started must stop with it, so the worker is closed in `finally`
     # (not atexit: by then thread pools take no more work and closing fails half-way).
     # --test_input ends with sys.exit inside the SDK, which passes through here. uvicorn
