@@ -15,6 +15,8 @@ import uuid
 
 from processor.storage_base import PreconditionFailed, Storage, StorageError, folder_prefix
 
+# Probe names: this, then a random uuid, which no manifest's claim will share.
+PROBE_PREFIX = "_probe-"
 # An ETag no object has: a replace conditional on it must be refused.
 _STALE_ETAG = '"00000000000000000000000000000000"'
 
@@ -26,8 +28,10 @@ class ConditionalWritesIgnored(StorageError):
 async def check_conditional_writes(storage: Storage, claims_prefix: str, holder: str) -> None:
     """Raise :class:`ConditionalWritesIgnored`, naming what went through, if ``storage``
     ignores either condition that claims rely on."""
-    # The holder goes in the body, not the key: a worker id need not be a valid key.
-    key = f"{folder_prefix(claims_prefix)}_probe/{uuid.uuid4().hex}.json"
+    # The holder goes in the body, not the key: a worker id need not be a valid key. The probe
+    # sits directly in the claims prefix, not in a folder of its own: on the local-folder
+    # backend a deleted file leaves its folder behind, and an empty _probe/ puzzles users.
+    key = f"{folder_prefix(claims_prefix)}{PROBE_PREFIX}{uuid.uuid4().hex}.json"
     data = json.dumps({"probe": "comfys3 checks conditional writes", "holder": holder}).encode()
     await storage.put(key, data, content_type="application/json", if_none_match=True)
     ignored: list[str] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import time
@@ -34,6 +35,7 @@ from processor.comfy_errors import (
     validation_error,
 )
 from processor.comfy_events import PromptWatch, SocketListener
+from processor.waiting import LogNotices, WaitListener, reporting
 
 __all__ = [
     "ComfyClient",
@@ -265,41 +267,80 @@ class ComfyClient:
     # ----------------------------------------------------------------- readiness
 
     async def wait_ready(
-        self, timeout: float, *, log_tail: Callable[[], str] | None = None
+        self,
+        timeout: float,
+        *,
+        log_tail: Callable[[], str] | None = None,
+        refused_grace: float | None = None,
+        on_wait: WaitListener | None = None,
     ) -> dict[str, Any]:
-        """/system_stats answered and the websocket open, within ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        last_error = "no answer"
+        """/system_stats answered and the websocket open, within ``timeout`` seconds.
+
+        The wait reports itself to ``on_wait`` (log lines by default) from the start. With
+        ``refused_grace``, an address where nothing listens (connection refused, or a host name
+        that does not resolve) fails once it has refused for that long, instead of after the
+        whole ``timeout``: a ComfyUI attached by URL that is still booting opens its port
+        within the grace; a wrong address never does.
+        """
+        what = f"ComfyUI at {self.base_url}"
+        last_error = "no answer yet"
         stats: dict[str, Any] | None = None
         delay = 0.05
-        while True:
-            remaining = deadline - time.monotonic()
-            if stats is None:
-                try:
-                    async with self._http.get(
-                        f"{self.base_url}/system_stats",
-                        timeout=aiohttp.ClientTimeout(total=max(0.5, min(5.0, remaining))),
-                    ) as response:
-                        if response.status == 200:
-                            stats = await response.json(content_type=None)
-                        else:
-                            last_error = f"HTTP {response.status}"
-                except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-                    last_error = str(error) or type(error).__name__
-            if stats is not None and self._connected.is_set():
-                return stats
-            if stats is not None:
-                last_error = "/system_stats answered but the websocket did not connect"
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * 1.5, 0.5)
-        message = (
-            f"ComfyUI at {self.base_url} was not ready within {timeout:g} s "
-            f"(GET /system_stats: {last_error})"
-        )
+        refused_since: float | None = None
+        listener = on_wait if on_wait is not None else LogNotices(log)
+        async with reporting(listener, what, timeout, last_error) as state:
+            while True:
+                remaining = state.deadline - time.monotonic()
+                if stats is None:
+                    try:
+                        async with self._http.get(
+                            f"{self.base_url}/system_stats",
+                            timeout=aiohttp.ClientTimeout(total=max(0.5, min(5.0, remaining))),
+                        ) as response:
+                            if response.status == 200:
+                                stats = await response.json(content_type=None)
+                            else:
+                                last_error = f"HTTP {response.status}"
+                        refused_since = None
+                    except aiohttp.ClientConnectorError as error:
+                        last_error = _nobody_there(error) or str(error)
+                        if _nobody_there(error) is None:
+                            refused_since = None
+                        elif refused_since is None:
+                            refused_since = time.monotonic()
+                            if refused_grace is not None:
+                                state.deadline = min(state.deadline, refused_since + refused_grace)
+                    except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+                        last_error = str(error) or type(error).__name__
+                        refused_since = None
+                if stats is not None and self._connected.is_set():
+                    state.ready = True
+                    return stats
+                if stats is not None:
+                    last_error = "/system_stats answered but the websocket did not connect"
+                state.detail = last_error
+                remaining = state.deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                await asyncio.sleep(min(delay, remaining))
+                delay = min(delay * 1.5, 0.5)
         tail = log_tail() if log_tail is not None else ""
+        if (
+            refused_since is not None
+            and refused_grace is not None
+            and time.monotonic() - refused_since >= refused_grace
+        ):
+            message = (
+                f"nothing answers at {self.base_url} ({last_error} for {refused_grace:g} s): "
+                "is ComfyUI running there? Check the address (COMFYS3_COMFYUI_URL, or exec's "
+                "--comfyui-url); a ComfyUI that is still starting gets "
+                "COMFYS3_COMFYUI_CONNECT_GRACE seconds to open its port"
+            )
+        else:
+            message = (
+                f"ComfyUI at {self.base_url} was not ready within {timeout:g} s "
+                f"(GET /system_stats: {last_error})"
+            )
         if tail.strip():
             message += f"\nlast lines of its log:\n{tail.rstrip()}"
         raise ComfyUnavailable(
@@ -688,3 +729,13 @@ class ComfyClient:
                 return  # it was still waiting and is now deleted, or it is already over
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(watch.done.wait(), INTERRUPT_GRACE_S)
+
+
+def _nobody_there(error: aiohttp.ClientConnectorError) -> str | None:
+    """Why nothing can answer at the address (refused, or no such host), or None when
+    something might answer later (a timeout, a network that is unreachable for now)."""
+    if isinstance(error, aiohttp.ClientConnectorDNSError):
+        return f"host name {error.host!r} not found"
+    if error.os_error.errno == errno.ECONNREFUSED:
+        return "connection refused"
+    return None

@@ -148,7 +148,13 @@ def describe_node_error(item: dict[str, Any]) -> str:
         allowed = [str(v) for v in allowed] if isinstance(allowed, list) else []
         if _looks_like_model(received, allowed):
             listing = ", ".join(allowed) if allowed else "(none)"
-            return f"{prefix}{received!r} is not installed; installed: {listing}"
+            # The shipped templates name their model fields after the node input
+            # (txt2img's payload.ckpt_name fills ckpt_name), so the field to change is named.
+            fix = f"choose one with payload.{name}, or " if name else ""
+            return (
+                f"{prefix}{received!r} is not installed; installed: {listing} "
+                f"({fix}add the file to ComfyUI's models folder)"
+            )
         listing = ", ".join(allowed) if allowed else "(none)"
         return f"{prefix}{received!r} is not one of: {listing}"
     if kind == "value_smaller_than_min" and "min" in options:

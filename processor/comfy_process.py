@@ -25,9 +25,11 @@ from types import TracebackType
 
 import aiohttp
 
+from processor import volume
 from processor.comfy import ComfyClient, RunResult
 from processor.comfy_errors import ComfyDiedWhileWaiting, ComfyUnavailable
 from processor.settings import SettingsError, WorkerSettings
+from processor.waiting import LogNotices, Waiting, WaitListener, reporting
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +171,11 @@ class ComfyProcess:
             return ""
         return "\n".join(deque(text.splitlines(), maxlen=lines))
 
-    async def start(self) -> None:
-        """Start ComfyUI and return once it answers; raises ComfyUnavailable with its log tail."""
+    async def start(self, on_wait: WaitListener | None = None) -> None:
+        """Start ComfyUI and return once it answers; raises ComfyUnavailable with its log tail.
+        The wait for its first answer reports itself to ``on_wait`` (log lines by default)."""
         self._stopping = False
-        await self._spawn_until_ready()
+        await self._spawn_until_ready(on_wait)
         self._supervisor = asyncio.ensure_future(self._supervise())
 
     async def wait_ready(self, timeout: float) -> None:
@@ -206,7 +209,7 @@ class ComfyProcess:
             probe.settimeout(0.5)
             return probe.connect_ex(("127.0.0.1", self.port)) == 0
 
-    async def _spawn_until_ready(self) -> None:
+    async def _spawn_until_ready(self, on_wait: WaitListener | None = None) -> None:
         if self._port_taken():
             raise ComfyUnavailable(
                 f"cannot start ComfyUI: port {self.port} on 127.0.0.1 is already in use "
@@ -214,6 +217,7 @@ class ComfyProcess:
                 {"kind": "unavailable", "url": self.url},
             )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        volume.rotate_if_large(self.log_path)  # ComfyUI writes it itself: rolled over per start
         command = [
             self.python,
             "main.py",
@@ -245,16 +249,23 @@ class ComfyProcess:
         self._started_at = time.monotonic()
         log.info("started ComfyUI pid %s on %s, log %s", self._proc.pid, self.url, self.log_path)
         try:
-            await self._wait_answering(self._proc)
+            await self._wait_answering(self._proc, on_wait)
         except BaseException:
             await self._terminate()
             raise
         self._ready.set()
 
-    async def _wait_answering(self, proc: asyncio.subprocess.Process) -> None:
+    async def _wait_answering(
+        self, proc: asyncio.subprocess.Process, on_wait: WaitListener | None = None
+    ) -> None:
         deadline = time.monotonic() + self.startup_timeout
         delay = 0.05
-        async with aiohttp.ClientSession() as session:
+        what = f"ComfyUI to start at {self.url} (pid {proc.pid}, log {self.log_path})"
+        listener = on_wait if on_wait is not None else LogNotices(log)
+        async with (
+            aiohttp.ClientSession() as session,
+            reporting(listener, what, self.startup_timeout, "starting") as state,
+        ):
             while True:
                 if proc.returncode is not None:
                     raise self._died_while_starting(proc.returncode)
@@ -263,7 +274,9 @@ class ComfyProcess:
                         f"{self.url}/system_stats", timeout=aiohttp.ClientTimeout(total=5)
                     ) as response:
                         if response.status == 200:
+                            state.ready = True
                             return
+                        state.detail = f"HTTP {response.status}"
                 except (aiohttp.ClientError, TimeoutError):
                     pass
                 if time.monotonic() >= deadline:
@@ -363,8 +376,10 @@ class ComfyEngine:
         env: Mapping[str, str] | None = None,
         stop_grace: float = 10.0,
         restart_backoff: float = 1.0,
+        on_wait: WaitListener | None = None,
     ) -> None:
         self.settings = settings
+        self.on_wait = on_wait  # where the wait for ComfyUI at start is told (None: the log)
         self.process: ComfyProcess | None = None
         self._client: ComfyClient | None = None
         self.input_dir: Path | None = settings.comfyui_input_dir
@@ -378,10 +393,13 @@ class ComfyEngine:
                 python=settings.comfyui_python,
                 port=settings.comfyui_port,
                 args=shlex.split(settings.comfyui_args),
-                log_path=settings.comfyui_log_file,
+                log_path=volume.comfyui_log(settings),
                 startup_timeout=settings.comfyui_startup_timeout,
                 max_restarts=settings.comfyui_max_restarts,
-                env=env if env is not None else comfyui_environment(settings.comfyui_env),
+                env=volume.comfyui_environment(
+                    settings,
+                    env if env is not None else comfyui_environment(settings.comfyui_env),
+                ),
                 stop_grace=stop_grace,
                 backoff=restart_backoff,
             )
@@ -404,7 +422,7 @@ class ComfyEngine:
     async def __aenter__(self) -> ComfyClient:
         settings = self.settings
         if self.process is not None:
-            await self.process.start()
+            await self.process.start(self.on_wait)
             # While a dead ComfyUI restarts, queued prompts wait for it, not for the job timeout.
             reconnect = settings.comfyui_startup_timeout + 30.0
         else:
@@ -413,8 +431,21 @@ class ComfyEngine:
         await client.__aenter__()
         self._client = client
         try:
-            log_tail = self.process.log_tail if self.process is not None else None
-            await client.wait_ready(settings.comfyui_startup_timeout, log_tail=log_tail)
+            if self.process is not None:
+                # It answers already; what is left is the websocket, not worth a report.
+                await client.wait_ready(
+                    settings.comfyui_startup_timeout,
+                    log_tail=self.process.log_tail,
+                    on_wait=_unreported,
+                )
+            else:
+                # Nobody here started it: an address that refuses connections fails after a
+                # short grace (for one that is booting), not after the whole startup timeout.
+                await client.wait_ready(
+                    settings.comfyui_startup_timeout,
+                    refused_grace=settings.comfyui_connect_grace,
+                    on_wait=self.on_wait,
+                )
         except BaseException:
             await self._shutdown()
             raise
@@ -490,6 +521,10 @@ class ComfyEngine:
             if base in target.parents:
                 shutil.rmtree(target, ignore_errors=True)
                 _remove_empty_parents(target.parent, base)
+
+
+def _unreported(waiting: Waiting) -> None:
+    del waiting
 
 
 def _remove_empty_parents(folder: Path, stop: Path) -> None:

@@ -48,6 +48,7 @@ from processor.storage import (
     PreconditionFailed,
     Storage,
     StorageError,
+    StoredObject,
     validate_key,
 )
 
@@ -73,6 +74,22 @@ class Comfy(Protocol):
     async def fetch_output(self, ref: OutputFile) -> bytes: ...
 
     async def interrupt(self, prompt_id: str | None = None) -> None: ...
+
+
+class ResultStore(Protocol):
+    """Where a job's status and outputs go: the part of :class:`Storage` a job writes with."""
+
+    async def get(self, key: str, *, max_bytes: int | None = None) -> StoredObject: ...
+
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> str: ...
 
 
 Cleanup = Callable[[RunResult, str | None], Awaitable[None]]
@@ -162,7 +179,7 @@ class JobRunner:
     def __init__(
         self,
         *,
-        storage: Storage,
+        storage: ResultStore,
         comfy: Comfy,
         layout: Layout,
         settings: JobSettings,
@@ -171,7 +188,7 @@ class JobRunner:
         on_progress: ProgressHook | None = None,
     ) -> None:
         self.storage = storage
-        self.inputs = inputs or storage
+        self.inputs: Storage = inputs or storage  # type: ignore[assignment]
         self.comfy = comfy
         self.layout = layout
         self.settings = settings

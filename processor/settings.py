@@ -106,6 +106,12 @@ class WorkerSettings(BaseSettings):
     comfyui_startup_timeout: float = Field(
         default=300.0, gt=0, description="Seconds to wait for ComfyUI to answer."
     )
+    comfyui_connect_grace: float = Field(
+        default=20.0,
+        ge=0,
+        description="Seconds an attached ComfyUI (COMFYS3_COMFYUI_URL) may refuse connections "
+        "at start, while it boots, before the worker gives up.",
+    )
     comfyui_max_restarts: int = Field(
         default=5, ge=0, description="Restarts of a local ComfyUI that keeps dying, then give up."
     )
@@ -168,6 +174,11 @@ class WorkerSettings(BaseSettings):
     )
     worker_id: str | None = Field(
         default=None, description="Name of this worker in claims and statuses (default: host-pid)."
+    )
+    volume_dir: Path | None = Field(
+        default=None,
+        description="Network volume for logs (logs/) and the Hugging Face cache (huggingface/); "
+        "default: /runpod-volume when it exists.",
     )
     presign_seconds: int = Field(
         default=3600,

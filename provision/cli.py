@@ -72,16 +72,23 @@ def models_command(args: argparse.Namespace) -> int:
     return 1
 
 
+def _show_help(parser: argparse.ArgumentParser) -> int:
+    """A command group run without its sub-command: its help (with the name a user types)."""
+    parser.print_help(sys.stderr)
+    return 2
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     snapshot = subparsers.add_parser(
         "snapshot",
-        help="Custom nodes from ComfyUI-Manager snapshots (image build step).",
+        help="custom nodes from ComfyUI-Manager snapshots (image build step)",
         description="Work with ComfyUI-Manager snapshot files (*_snapshot.json).",
     )
-    snapshot_commands = snapshot.add_subparsers(dest="snapshot_command", required=True)
+    snapshot_commands = snapshot.add_subparsers(title="commands", metavar="COMMAND")
+    snapshot.set_defaults(handler=lambda args: _show_help(snapshot))
     restore = snapshot_commands.add_parser(
         "restore",
-        help="Install the custom nodes a snapshot lists, at their exact commits/versions.",
+        help="install the custom nodes a snapshot lists, at their exact commits/versions",
         description=(
             "Clone every git custom node of the snapshot(s) at its pinned commit into "
             "DIR/custom_nodes/<repo>, install its requirements.txt with PY -m pip and run its "
@@ -142,19 +149,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--registry-url",
         default=os.environ.get("COMFY_REGISTRY_URL", DEFAULT_REGISTRY_URL),
         metavar="URL",
-        help="Comfy registry API for cnr packs (default: $COMFY_REGISTRY_URL or %(default)s)",
+        help="the Comfy registry API for cnr packs (default: $COMFY_REGISTRY_URL or %(default)s)",
     )
     restore.set_defaults(handler=restore_command)
 
     models = subparsers.add_parser(
         "models",
-        help="Model files from the Hugging Face Hub (image build step).",
+        help="model files from the Hugging Face Hub (image build step)",
         description="Work with the models file (a JSON list; see docs/image.md).",
     )
-    models_commands = models.add_subparsers(dest="models_command", required=True)
+    models_commands = models.add_subparsers(title="commands", metavar="COMMAND")
+    models.set_defaults(handler=lambda args: _show_help(models))
     download = models_commands.add_parser(
         "download",
-        help="Download the models a models file lists into DEST/<folder>/.",
+        help="download the models a models file lists into DEST/<folder>/",
         description=(
             "Download each entry {repo_id, filename, revision, folder, sha256, name} with "
             "huggingface_hub (token from HF_TOKEN, hub from HF_ENDPOINT) into DEST/<folder>/"

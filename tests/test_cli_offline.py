@@ -166,6 +166,13 @@ def test_workflows_schema_is_json_schema(capsys: pytest.CaptureFixture[str]) -> 
     assert schema["properties"]["steps"]["maximum"] == 150
 
 
+def test_workflows_schema_without_a_name_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(["workflows", "--schema"], capsys)
+    assert code == 2 and out == ""  # not the table, silently
+    assert err.startswith("comfys3: --schema prints one template's schema: give its name")
+    assert "comfys3 workflows txt2img --schema" in err and "solid" in err
+
+
 @pytest.mark.parametrize(
     ("name", "hint"),
     [("nope", "(known: img2img, scale, solid, txt2img)"), ("txt2im", "did you mean 'txt2img'?")],
@@ -211,6 +218,34 @@ def test_validate_unreadable_manifests(
     code, out, _ = run_main(["validate", str(DATA / "invalid" / name)], capsys)
     assert code == 1
     assert fragment in out
+
+
+@pytest.mark.parametrize(
+    ("image", "reason"),
+    [
+        ("/etc/hostname", "it starts with '/'"),
+        ("../secret.png", "it has a '..' path segment"),
+        ("https://example.com/cat.png", "it looks like a URL"),
+    ],
+)
+def test_validate_refuses_input_files_the_worker_would_refuse(
+    image: str, reason: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = tmp_path / "job.json"
+    manifest.write_text(json.dumps({"workflow": "scale", "payload": {"image": image}}))
+    code, out, _ = run_main(["validate", str(manifest)], capsys)
+    assert code == 1
+    assert f"{manifest}: invalid" in out
+    assert f"  payload.image: input file {image!r} cannot be read: {reason}" in out
+    assert "a path under the current folder for exec" in out
+
+
+def test_validate_accepts_a_relative_input_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = tmp_path / "job.json"
+    manifest.write_text(json.dumps({"workflow": "scale", "payload": {"image": "in/cat.png"}}))
+    assert run_main(["validate", str(manifest)], capsys)[0] == 0
 
 
 def test_validate_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -156,7 +156,8 @@ async def test_bad_checkpoint_is_a_readable_validation_error(
     error = caught.value
     assert error.lines == [
         "node 4 (CheckpointLoaderSimple) ckpt_name: 'x.safetensors' is not installed; "
-        "installed: a.safetensors, b.safetensors"
+        "installed: a.safetensors, b.safetensors (choose one with payload.ckpt_name, or add "
+        "the file to ComfyUI's models folder)"
     ]
     assert "x.safetensors" in str(error)
     assert error.details["node_errors"]["4"]["class_type"] == "CheckpointLoaderSimple"

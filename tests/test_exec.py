@@ -8,7 +8,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from processor.storage import StorageError
 from tests.workers import comfys3
+from triggers.exec_storage import OutputFolder
 
 
 def run_exec(
@@ -31,6 +35,9 @@ def test_exec_seed_example_writes_image_and_status(tmp_path: Path, fake_comfyui:
     status = json.loads((folder / "status.json").read_text())
     assert status["state"] == "succeeded" and status["payload"]["seed"] == 123
     assert (folder / "9_SaveImage_001.png").read_bytes().startswith(b"\x89PNG")
+    # Keys in the documented form (docs/manifests.md), as a worker writes them.
+    assert [o["key"] for o in status["outputs"]] == ["output/job/9_SaveImage_001.png"]
+    assert sorted(p.name for p in folder.iterdir()) == ["9_SaveImage_001.png", "status.json"]
     assert "job: succeeded" in result.stdout and "9_SaveImage_001.png" in result.stdout
     assert "100%" in result.stderr  # the progress bar reached the end
 
@@ -65,3 +72,15 @@ def test_exec_invalid_manifest_lists_problems(tmp_path: Path, fake_comfyui: Any)
     result = run_exec(tmp_path, {"workflow": "txt2img", "payload": {"stpes": 3}}, fake_comfyui.url)
     assert result.returncode == 1
     assert "did you mean 'steps'" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_the_out_folder_stands_for_the_output_prefix(tmp_path: Path) -> None:
+    async with OutputFolder(tmp_path / "results") as folder:
+        await folder.put("output/job/status.json", b"{}", content_type="application/json")
+        assert (tmp_path / "results" / "job" / "status.json").read_bytes() == b"{}"
+        assert (await folder.get("output/job/status.json")).key == "output/job/status.json"
+        listed = await folder.list("output/job")
+        assert [info.key for info in listed] == ["output/job/status.json"]
+        assert folder.path_of("output/job/a.png") == (tmp_path / "results/job/a.png").resolve()
+        with pytest.raises(StorageError, match="is not under output/"):
+            await folder.put("input/job.json", b"{}")

@@ -226,6 +226,29 @@ def test_start_script_refuses_a_missing_comfyui(fake_image: dict[str, str], tmp_
     assert result.stdout == ""
 
 
+def test_start_script_puts_the_hugging_face_cache_on_the_volume(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "comfys3"
+    fake.write_text('#!/bin/sh\necho "HF_HOME=${HF_HOME:-unset}"\n')
+    fake.chmod(0o755)
+    (tmp_path / "comfyui").mkdir()
+    (tmp_path / "comfyui" / "main.py").write_text("")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "COMFYS3_COMFYUI_PATH": str(tmp_path / "comfyui")}
+    volume = tmp_path / "volume"
+
+    on_volume = start({**env, "COMFYS3_VOLUME_DIR": str(volume)})
+    assert on_volume.returncode == 0, on_volume.stderr
+    assert on_volume.stdout.strip() == f"HF_HOME={volume / 'huggingface'}"
+    assert (volume / "logs").is_dir() and (volume / "huggingface").is_dir()
+
+    chosen = start({**env, "COMFYS3_VOLUME_DIR": str(volume), "HF_HOME": "/models/hf"})
+    assert chosen.stdout.strip() == "HF_HOME=/models/hf"  # the operator's choice stands
+
+    if not Path("/runpod-volume").exists():  # no volume at all: nothing is set
+        assert start(env).stdout.strip() == "HF_HOME=unset"
+
+
 # -- docker-compose.yml -------------------------------------------------------------------
 
 
@@ -276,6 +299,8 @@ def test_compose_runs_s3_with_its_bucket_and_the_workers(compose: dict[str, Any]
         assert env["COMFYS3_S3_ACCESS_KEY"] == s3["environment"]["AWS_ACCESS_KEY_ID"]
         assert env["COMFYS3_S3_SECRET_KEY"] == s3["environment"]["AWS_SECRET_ACCESS_KEY"]
         assert env["COMFYS3_MODE"] == "poll"
+        # The worker finds the volume (logs/, huggingface/) where compose mounts it.
+        assert worker["volumes"][0].endswith(":" + env["COMFYS3_VOLUME_DIR"])
 
 
 # -- comfyui/extra_model_paths.yaml --------------------------------------------------------

@@ -20,9 +20,11 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from processor.claims import ClaimStore
-from processor.manifest import ProgressInfo
+from processor.manifest import ProgressInfo, check_job_id
 from processor.service import s3_layout
 from processor.settings import S3Settings, WorkerSettings
 from processor.storage import S3Storage
@@ -36,10 +38,12 @@ from triggers.runpod_input import (
     InlineJob,
     InputError,
     NamedManifest,
+    inline_job_id,
     manifest_key,
     parse_request,
     sanitise_job_id,
 )
+from triggers.runpod_local_api import NOT_A_REQUEST
 from triggers.runpod_progress import ProgressRelay
 
 TEST_INPUT = ROOT / "tests" / "test_input.json"
@@ -142,6 +146,36 @@ def test_job_ids_from_runpod_are_made_safe() -> None:
     assert sanitise_job_id("../../etc") == "etc"
     assert sanitise_job_id("..") == "runpod-job"
     assert len(sanitise_job_id("x" * 300)) == 128
+
+
+def test_inline_jobs_without_an_id_never_share_one() -> None:
+    """A real RunPod id names one request (and stays the same when RunPod delivers it again);
+    the SDK's `local_test` and the fallback are the same for every request."""
+    job = {"workflow": "solid"}
+    real = [parse_request(job, "sync-1-e1"), parse_request(job, "sync-1-e1")]
+    assert {r.job_id for r in real if isinstance(r, InlineJob)} == {"sync-1-e1"}
+    for shared in ("local_test", "runpod-job", "..", ""):
+        made = [parse_request(job, shared) for _ in range(3)]
+        ids = {r.job_id for r in made if isinstance(r, InlineJob)}
+        assert len(ids) == 3, ids
+        assert all(i.startswith(("local_test-", "runpod-job-")) for i in ids)
+    mine = parse_request({**job, "id": "local_test"}, "local_test")
+    assert isinstance(mine, InlineJob) and mine.job_id == "local_test"  # the caller's own id
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(
+    runpod_id=st.text(max_size=200)
+    | st.sampled_from(["local_test", "runpod-job", "local_test-1", "sync-1/e1", "..", ""])
+)
+def test_any_runpod_id_gives_a_usable_job_id(runpod_id: str) -> None:
+    job_id = inline_job_id(runpod_id)
+    assert check_job_id(job_id) == job_id
+    again = inline_job_id(runpod_id)
+    if sanitise_job_id(runpod_id) in ("local_test", "runpod-job"):
+        assert again != job_id  # an id every request shares is never reused
+    else:
+        assert again == job_id  # a real RunPod id names its request, every time
 
 
 def test_manifest_references_resolve_inside_the_intake_prefix() -> None:
@@ -506,24 +540,59 @@ def runpod_env(settings: S3Settings, fake: Any) -> dict[str, str]:
     return env
 
 
-def test_test_input_runs_the_seed_example(moto_s3_settings: S3Settings, fake_comfyui: Any) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "triggers.runpod", "--test_input", TEST_INPUT.read_text()],
-        env=runpod_env(moto_s3_settings, fake_comfyui),
+def run_test_input(
+    settings: S3Settings, fake: Any, test_input: str, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "triggers.runpod", "--test_input", test_input],
+        env={**runpod_env(settings, fake), **extra},
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
 
+
+def local_test_ids(client: Any, settings: S3Settings) -> list[str]:
+    """The job ids of the local tests that ran, from their status documents."""
+    found = keys(client, settings, "output/")
+    return sorted(k.split("/")[1] for k in found if k.endswith("/status.json"))
+
+
+def test_test_input_runs_the_seed_example_and_each_run_is_a_new_job(
+    moto_s3_settings: S3Settings, fake_comfyui: Any
+) -> None:
+    result = run_test_input(moto_s3_settings, fake_comfyui, TEST_INPUT.read_text())
+
     assert result.returncode == 0, result.stdout + result.stderr
     client = s3_client(moto_s3_settings)
-    status = get_json(client, moto_s3_settings, "output/local_test/status.json")
+    [first_id] = local_test_ids(client, moto_s3_settings)
+    # The SDK names every local test job `local_test`; the job gets a name of its own.
+    assert first_id.startswith("local_test-") and len(first_id) > len("local_test-")
+    status = get_json(client, moto_s3_settings, f"output/{first_id}/status.json")
     assert status["state"] == "succeeded" and status["payload"]["seed"] == 123
-    assert keys(client, moto_s3_settings, "input/_done/") == ["input/_done/local_test.json"]
+    assert keys(client, moto_s3_settings, "input/_done/") == [f"input/_done/{first_id}.json"]
     assert "Traceback" not in result.stdout + result.stderr
     assert "Unclosed" not in result.stderr and "closing the worker" not in result.stderr
     assert "worker closed: ComfyUI and the S3 client are released" in result.stderr
+    assert f"the inline job runs as job {first_id}" in result.stderr
+    assert "DEBUG  |" in result.stdout  # the SDK's default level
+
+    # Iterating on the test input: the second run is run, not answered from the first.
+    second = json.dumps({"input": {"workflow": "txt2img", "payload": {"seed": 7}}})
+    again = run_test_input(moto_s3_settings, fake_comfyui, second, RUNPOD_LOG_LEVEL="ERROR")
+
+    assert again.returncode == 0, again.stdout + again.stderr
+    ids = local_test_ids(client, moto_s3_settings)
+    [second_id] = [i for i in ids if i != first_id]
+    assert (
+        get_json(client, moto_s3_settings, f"output/{second_id}/status.json")["payload"]["seed"]
+        == 7
+    )
+    assert "already succeeded" not in again.stdout + again.stderr
+    assert sum(fake_comfyui.stats()["executed"].values()) == 2
+    # RUNPOD_LOG_LEVEL quiets the SDK, as docs/runpod.md says: none of its INFO/DEBUG lines.
+    assert "DEBUG  |" not in again.stdout and "INFO   |" not in again.stdout
 
 
 def test_a_comfyui_the_worker_started_stops_when_test_input_ends(
@@ -537,7 +606,7 @@ def test_a_comfyui_the_worker_started_stops_when_test_input_ends(
             "COMFYS3_COMFYUI_PYTHON": sys.executable,
             "COMFYS3_COMFYUI_PORT": str(port),
             "COMFYS3_COMFYUI_ARGS": f"--base-directory {tmp_path / 'comfyui'}",
-            "COMFYS3_COMFYUI_LOG_FILE": str(tmp_path / "comfyui.log"),
+            "COMFYS3_VOLUME_DIR": str(tmp_path / "volume"),  # as /runpod-volume on RunPod
         }
     )
     result = subprocess.run(
@@ -550,11 +619,16 @@ def test_a_comfyui_the_worker_started_stops_when_test_input_ends(
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
-    status = get_json(
-        s3_client(moto_s3_settings), moto_s3_settings, "output/local_test/status.json"
-    )
+    client = s3_client(moto_s3_settings)
+    [job_id] = local_test_ids(client, moto_s3_settings)
+    status = get_json(client, moto_s3_settings, f"output/{job_id}/status.json")
     assert status["state"] == "succeeded"
-    assert "main.py --listen 127.0.0.1" in (tmp_path / "comfyui.log").read_text()
+    # What a dead worker did stays on the volume: its log and its ComfyUI's, by worker id.
+    logs = tmp_path / "volume" / "logs"
+    assert "main.py --listen 127.0.0.1" in (logs / "comfyui-rp-proc.log").read_text()
+    worker_log = (logs / "worker-rp-proc.log").read_text()
+    assert f"claimed input/{job_id}.json (attempt 1)" in worker_log
+    assert "worker closed: ComfyUI and the S3 client are released" in worker_log
     with pytest.raises(OSError):  # nothing listens there any more: ComfyUI went with the worker
         urllib.request.urlopen(f"http://127.0.0.1:{port}/system_stats", timeout=2)
 
@@ -611,6 +685,13 @@ def test_serve_api_answers_runsync_with_the_output(
         )
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = json.loads(response.read())
+        # A bad `input` reaches the handler, as on RunPod, and gets its sentence back.
+        refused = post_json(port, "/runsync", {"input": "txt2img"})
+        not_a_request = post_json(port, "/runsync", ["txt2img"])
+        # /run only files the job away; POST /status/<id> runs it, once.
+        queued = post_json(port, "/run", {"input": {"workflow": "solid"}})
+        ran = post_json(port, f"/status/{queued[1]['id']}", None)
+        again = post_json(port, f"/status/{queued[1]['id']}", None)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -632,6 +713,29 @@ def test_serve_api_answers_runsync_with_the_output(
     stored = get_json(client, moto_s3_settings, f"output/{job_id}/status.json")
     assert stored["state"] == "succeeded" and stored["payload"]["seed"] == 123
     assert "Traceback" not in served
+
+    status, body = refused
+    assert status == 200 and body["status"] == "FAILED" and set(body) == {"id", "status", "error"}
+    assert body["error"].startswith("'input' must be a JSON object, not a string; send ")
+    assert not_a_request == (400, {"error": NOT_A_REQUEST})
+    assert queued[1]["status"] == "IN_PROGRESS"
+    assert ran[1]["status"] == "COMPLETED" and ran[1]["output"]["status"]["state"] == "succeeded"
+    assert again[1] == {"id": queued[1]["id"], "status": "FAILED", "error": "Job ID not found"}
+
+
+def post_json(port: int, path: str, body: Any) -> tuple[int, Any]:
+    """POST ``body`` as JSON (no body for None); the HTTP status and the decoded answer."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 def serving(port: int, process: subprocess.Popen[bytes], log: Any) -> bool:

@@ -3,20 +3,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
+import os
 import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
+from processor.layout import Layout
 from processor.service import local_layout
 from processor.settings import S3Settings
-from processor.storage import LocalStorage
+from processor.storage import LocalStorage, S3Storage
 from tests.test_local_mode import read_status, start_local_worker
 from tests.workers import keys, s3_client, s3_env
 from triggers.cli import main
-from triggers.submit_command import follow
+from triggers.submit_command import NOBODY_HINT_SECONDS, follow, nobody_hint, nobody_hint_times
 
 
 def use_s3(monkeypatch: pytest.MonkeyPatch, settings: S3Settings) -> None:
@@ -99,7 +104,7 @@ def test_two_files_of_the_same_name_are_refused(
 
     assert main(["submit", "--local", str(tmp_path / "jobs"), str(one), str(two)]) == 1
 
-    assert "would both be input/same.json" in capsys.readouterr().err
+    assert "would both be same.json in the intake: rename one" in capsys.readouterr().err
     assert not (tmp_path / "jobs" / "input").exists()
 
 
@@ -173,9 +178,109 @@ async def test_wait_says_so_when_no_worker_touches_the_jobs(
 ) -> None:
     async with LocalStorage(tmp_path) as storage:
         statuses = await follow(
-            storage, local_layout(), ["lonely"], {}, timeout=0.6, interval=0.1, hint_after=0.2
-        )
+            storage, local_layout(), ["lonely"], {}, timeout=0.6, interval=0.1, hint_after=0.2,
+            manifests=["input/lonely.json"],
+        )  # fmt: skip
     assert statuses == {}
     err = capsys.readouterr().err
-    assert err.count("no worker has started these jobs after 0.2 s") == 1
-    assert "input prefix 'input'" in err
+    assert err.count("no worker has started these jobs after 0 s") == 1
+    assert f"they wait at {tmp_path / 'input' / 'lonely.json'}" in err
+    assert f"is `comfys3 run --local {tmp_path}` running?" in err
+
+
+async def test_without_a_timeout_the_hint_comes_again_less_and_less_often(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with LocalStorage(tmp_path) as storage:
+        waiting = follow(
+            storage, local_layout(), ["lonely"], {}, timeout=None, interval=0.05, hint_after=0.2
+        )
+        with pytest.raises(TimeoutError):  # no --timeout: only Ctrl-C ends it
+            await asyncio.wait_for(waiting, 1.7)
+    hints = [line for line in capsys.readouterr().err.splitlines() if "no worker" in line]
+    assert len(hints) == 3, hints  # at 0.2 s, 0.6 s and 1.4 s
+    assert all(f"they wait at {tmp_path / 'input'}" in line for line in hints)
+
+
+def test_the_hint_is_repeated_at_growing_bounded_gaps() -> None:
+    times = list(itertools.islice(nobody_hint_times(15, 600), 9))
+    assert times == [15, 45, 105, 225, 465, 945, 1545, 2145, 2745]
+    assert NOBODY_HINT_SECONDS <= 30
+
+
+def test_the_s3_hint_names_the_bucket_and_the_prefix(moto_env: S3Settings) -> None:
+    storage = S3Storage(moto_env)
+    hint = nobody_hint(storage, Layout("jobs/in", "out"), ["jobs/in/a.json"], 15.2)
+    assert hint == (
+        f"no worker has started these jobs after 15 s; they wait at s3://{moto_env.bucket_name}/"
+        "jobs/in/a.json: is a worker running on this bucket with the same input prefix "
+        "(COMFYS3_S3_INPUT_DIR=jobs/in)?"
+    )
+
+
+def test_a_missing_manifest_is_named_before_any_s3_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("COMFYS3_"):
+            monkeypatch.delenv(name)
+
+    assert main(["submit", str(tmp_path / "nope.json")]) == 1
+
+    err = capsys.readouterr().err
+    assert err.startswith(f"{tmp_path / 'nope.json'}: cannot read it: No such file")
+    assert "S3" not in err and "nothing was submitted" in err
+
+
+def test_input_files_the_worker_would_refuse_are_refused_before_any_s3_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("COMFYS3_"):
+            monkeypatch.delenv(name)
+    path = write(tmp_path, "host", {"workflow": "scale", "payload": {"image": "/etc/hostname"}})
+
+    assert main(["submit", str(path)]) == 1
+
+    err = capsys.readouterr().err
+    assert f"{path}: invalid manifest" in err
+    assert "payload.image: input file '/etc/hostname' cannot be read: it starts with '/'" in err
+
+
+def test_local_submit_looks_for_input_files_under_the_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jobs = tmp_path / "jobs"
+    path = write(tmp_path, "small", {"workflow": "scale", "payload": {"image": "in/cat.png"}})
+
+    assert main(["submit", "--local", str(jobs), str(path)]) == 1
+
+    err = capsys.readouterr().err
+    assert f"{path}: an input file is missing" in err
+    assert f"input 'image': file 'in/cat.png' was not found at {jobs / 'in' / 'cat.png'}" in err
+    assert "a path under DIR with --local DIR" in err and "nothing was submitted" in err
+    assert not (jobs / "input").exists()
+
+    (jobs / "in").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(jobs / "in" / "cat.png")
+    assert main(["submit", "--local", str(jobs), str(path)]) == 0
+    assert (jobs / "input" / "small.json").exists()
+
+
+def test_s3_submit_looks_for_input_files_in_the_bucket(
+    moto_env: S3Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    payload = {"image": "uploads/cat.png", "prompt": "a cat"}
+    path = write(tmp_path, "redo", {"workflow": "img2img", "payload": payload})
+
+    assert main(["submit", str(path)]) == 1
+
+    where = f"s3://{moto_env.bucket_name}/uploads/cat.png"
+    assert f"input 'image': file 'uploads/cat.png' was not found at {where}" in (
+        capsys.readouterr().err
+    )
+    client = s3_client(moto_env)
+    assert keys(client, moto_env, "input/") == []
+    client.put_object(Bucket=moto_env.bucket_name, Key="uploads/cat.png", Body=b"\x89PNG")
+    assert main(["submit", str(path)]) == 0
+    assert keys(client, moto_env, "input/") == ["input/redo.json"]

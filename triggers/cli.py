@@ -16,6 +16,7 @@ from processor.storage import StorageError
 from processor.workflows import WorkflowLoadError
 from provision import cli as provision_cli
 from triggers import offline_commands, report_command, runpod, submit_command, worker_commands
+from triggers.help_format import CommandParser, RawDescriptionHelpFormatter
 
 DESCRIPTION = """\
 Run ComfyUI workflows as a batch service. Job manifests (JSON) arrive in an S3 prefix or a
@@ -40,10 +41,8 @@ def package_version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="comfys3",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = CommandParser(
+        prog="comfys3", description=DESCRIPTION, formatter_class=RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"comfys3 {package_version()}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")

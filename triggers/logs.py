@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
+
+from processor import volume
+from processor.settings import WorkerSettings
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -24,12 +29,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, default=str)
 
 
+def _formatter(log_format: str) -> logging.Formatter:
+    if log_format == "json":
+        return JsonFormatter()
+    return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def configure(log_format: str = "text", level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_formatter(log_format))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -42,3 +50,25 @@ def configure(log_format: str = "text", level: str = "INFO") -> None:
         "watchfiles",
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _VolumeLog(logging.handlers.RotatingFileHandler):
+    """The worker's log file on the network volume (one per worker, rotated)."""
+
+
+def to_volume(settings: WorkerSettings, log_format: str = "text") -> Path | None:
+    """Also log to ``<volume>/logs/worker-<worker id>.log`` when a network volume is mounted,
+    so an operator can read what a worker did after it is gone. Call after :func:`configure`;
+    returns the file, or None without a volume."""
+    path = volume.worker_log(settings)
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _VolumeLog)]
+    if path is None:
+        return None
+    handler = _VolumeLog(
+        path, maxBytes=volume.LOG_MAX_BYTES, backupCount=volume.LOG_BACKUPS, encoding="utf-8"
+    )
+    handler.setFormatter(_formatter(log_format))
+    root.addHandler(handler)
+    logging.getLogger("comfys3.worker").info("logging to %s", path)
+    return path

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from processor.errors import ManifestError
+from processor.input_files import key_problems
 from processor.manifest import load_jobs
 from processor.settings import load_worker_settings
 from processor.workflows import Workflow, WorkflowRegistry
@@ -53,6 +54,13 @@ def workflow_table(workflow: Workflow) -> list[str]:
 
 def cmd_workflows(args: argparse.Namespace) -> int:
     registry = load_registry()
+    if args.schema and args.name is None:
+        print(
+            "comfys3: --schema prints one template's schema: give its name, e.g. "
+            f"`comfys3 workflows txt2img --schema` (templates: {', '.join(registry.names())})",
+            file=sys.stderr,
+        )
+        return 2
     if args.name is None:
         for name in registry.names():
             print("\n".join(workflow_table(registry.workflows[name])))
@@ -88,6 +96,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 allow_raw=settings.allow_raw_workflows,
                 max_bytes=settings.max_manifest_bytes,
             )
+            problems = key_problems(jobs)  # what the worker would refuse when it stages them
+            if problems:
+                raise ManifestError(problems)
         except ManifestError as error:
             failures += 1
             print(f"{path}: invalid")
@@ -109,7 +120,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="List the workflow templates this worker knows (workflows/ and "
         "COMFYS3_WORKFLOWS_DIR), with each field's type, range and default.",
     )
-    workflows.add_argument("name", nargs="?", help="show only this template")
+    workflows.add_argument("name", nargs="?", metavar="NAME", help="show only this template")
     workflows.add_argument(
         "--schema", action="store_true", help="print the JSON Schema of NAME's payload"
     )
@@ -118,8 +129,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     validate = subparsers.add_parser(
         "validate",
         help="check job manifests offline",
-        description="Check manifests without S3 or ComfyUI. Exit 0 when all are valid; "
-        "otherwise exit 1 and list, per file, every problem with its field path.",
+        description="Check manifests without S3 or ComfyUI: template, payload, and input file "
+        "names the worker would refuse (a leading /, '..', a URL). Whether the input files "
+        "exist is checked by `comfys3 submit`. Exit 0 when all are valid; otherwise exit 1 "
+        "and list, per file, every problem with its field path.",
     )
     validate.add_argument("files", nargs="+", metavar="FILE", help="manifest files (JSON)")
     validate.add_argument(

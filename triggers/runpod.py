@@ -1,14 +1,17 @@
 """RunPod serverless: ``python -m triggers.runpod`` / ``comfys3 runpod``.
 
 The SDK reads its own flags (``--test_input``, ``--rp_serve_api``, ``--rp_api_host``,
-``--rp_api_port``, ``--rp_log_level`` ...) from ``sys.argv``, so this module only loads the
-settings, builds the handler and hands both to ``runpod.serverless.start``. What a request may
-contain and what it answers is in :mod:`triggers.runpod_handler` and docs/runpod.md.
+``--rp_api_port``, ``--rp_log_level`` ...) from ``sys.argv``. They are declared here as well, so
+``--help`` lists them (with no setting needed) and a typo is refused instead of ignored; then
+they go back into ``sys.argv``, and this module loads the settings, builds the handler and hands
+both to ``runpod.serverless.start``. What a request may contain and what it answers is in
+:mod:`triggers.runpod_handler` and docs/runpod.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 from collections.abc import Sequence
@@ -16,6 +19,7 @@ from typing import Any
 
 from processor.settings import SettingsError, load_s3_settings, load_worker_settings
 from triggers import logs
+from triggers.help_format import CommandParser
 from triggers.runpod_handler import RunpodHandler
 
 
@@ -29,10 +33,15 @@ def runpod_config(handler: RunpodHandler) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Start the serverless worker. ``argv`` (RunPod's own flags) replaces ``sys.argv[1:]``,
-    which is where the SDK looks for them."""
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    """``python -m triggers.runpod``: the same flags as ``comfys3 runpod``. ``--help`` and a
+    mistyped flag are answered here, before any setting is read or the SDK is imported."""
+    return serve(build_parser().parse_args(argv))
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Start the serverless worker with the SDK flags in ``args``; the SDK reads them from
+    ``sys.argv``, so they are put back there."""
+    sys.argv = [sys.argv[0], *runpod_argv(args)]
     try:
         import runpod.serverless
     except ImportError:
@@ -47,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"comfys3: {error}", file=sys.stderr)
         return 2
     logs.configure("text")
+    logs.to_volume(handler.settings)
     # A ComfyUI this worker started must stop with it, so the worker is closed in `finally`
     # (not atexit: by then thread pools take no more work and closing fails half-way).
     # --test_input ends with sys.exit inside the SDK, which passes through here. uvicorn
@@ -55,10 +65,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # On RunPod the SDK installs its own SIGTERM handler, which lets start() return.
     signal.signal(signal.SIGTERM, _stop)
     try:
-        runpod.serverless.start(runpod_config(handler))
+        with _server(args):
+            runpod.serverless.start(runpod_config(handler))
     finally:
         handler.close()
     return 0
+
+
+def _server(args: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
+    if not args.rp_serve_api:
+        return contextlib.nullcontext()
+    from triggers.runpod_local_api import local_api  # FastAPI is only needed for this
+
+    return local_api()
 
 
 def _stop(signum: int, frame: object) -> None:
@@ -73,7 +92,11 @@ _VALUE_FLAGS: dict[str, tuple[str, type, str]] = {
     "rp_api_host": ("HOST", str, "host of the local API (with --rp_serve_api; default localhost)"),
     "rp_api_port": ("PORT", int, "port of the local API (with --rp_serve_api; default 8000)"),
     "rp_api_concurrency": ("N", int, "uvicorn workers of the local API (keep 1: one ComfyUI each)"),
-    "rp_log_level": ("LEVEL", str, "SDK log level: ERROR, WARN, INFO or DEBUG"),
+    "rp_log_level": (
+        "LEVEL",
+        str,
+        "SDK log level: ERROR, WARN, INFO or DEBUG (default: $RUNPOD_LOG_LEVEL, else DEBUG)",
+    ),
 }
 _SWITCHES = {
     "rp_serve_api": "serve a local HTTP API (/run, /runsync, /status) instead of RunPod's queue",
@@ -95,28 +118,43 @@ def runpod_argv(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_runpod(args: argparse.Namespace) -> int:
-    return main(runpod_argv(args))
+    return serve(args)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "runpod",
-        help="serve jobs as a RunPod serverless worker",
-        description="Start the RunPod serverless handler. A request's input is an inline job "
-        '({"workflow": ..., "payload": {...}}), a manifest already in the bucket '
-        '({"manifest": "job1.json"}) or a drain ({"drain": true, "max_jobs": N}); see '
-        "docs/runpod.md. Settings come from COMFYS3_* variables, as for `comfys3 run`. "
-        "With neither --test_input nor --rp_serve_api it serves the endpoint's queue on "
-        "RunPod, and runs ./test_input.json once elsewhere.",
-    )
+DESCRIPTION = (
+    "Start the RunPod serverless handler. A request's input is an inline job "
+    '({"workflow": ..., "payload": {...}}), a manifest already in the bucket '
+    '({"manifest": "job1.json"}) or a drain ({"drain": true, "max_jobs": N}); see '
+    "docs/runpod.md. Settings come from COMFYS3_* variables, as for `comfys3 run`. "
+    "With neither --test_input nor --rp_serve_api it serves the endpoint's queue on "
+    "RunPod, and runs ./test_input.json once elsewhere. Needs the runpod extra: "
+    "pip install 'comfys3[runpod]'."
+)
+
+
+def _add_flags(parser: argparse.ArgumentParser) -> None:
     for name, text in _SWITCHES.items():
         parser.add_argument(f"--{name}", action="store_true", help=text)
     for name, (metavar, kind, text) in _VALUE_FLAGS.items():
         parser.add_argument(f"--{name}", metavar=metavar, type=kind, help=text)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "runpod", help="serve jobs as a RunPod serverless worker", description=DESCRIPTION
+    )
+    _add_flags(parser)
     parser.set_defaults(handler=cmd_runpod)
 
 
-__all__ = ["build_handler", "main", "register", "runpod_argv", "runpod_config"]
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m triggers.runpod``: the flags of ``comfys3 runpod``."""
+    parser = CommandParser(prog="python -m triggers.runpod", description=DESCRIPTION)
+    _add_flags(parser)
+    return parser
+
+
+__all__ = ["build_handler", "build_parser", "main", "register", "runpod_argv", "runpod_config"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -82,7 +82,13 @@ class RunpodHandler:
     async def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
         try:
             runpod_id = str(job.get("id") or FALLBACK_ID)
-            answer = await self._serve(job, parse_request(job.get("input"), runpod_id))
+            request = parse_request(job.get("input"), runpod_id)
+            if isinstance(request, InlineJob) and request.job_id not in (
+                runpod_id,
+                job["input"].get("id"),
+            ):
+                log.info("RunPod job %s: the inline job runs as job %s", runpod_id, request.job_id)
+            answer = await self._serve(job, request)
         except (InputError, HandlerError) as error:
             answer = {"error": str(error)}
         except ManifestError as error:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,11 @@ FORMS = (
     'or a drain {"drain": true, "max_jobs": N, "max_seconds": S}'
 )
 FALLBACK_ID = "runpod-job"
+# The id the SDK (1.12, rp_local.py) gives every `--test_input` job that brings none of its own.
+LOCAL_TEST_ID = "local_test"
+# Ids that do not name one request: every local test (or a job with no usable id) would get the
+# same one, and a later request would be answered with an earlier one's stored result.
+SHARED_IDS = frozenset({FALLBACK_ID, LOCAL_TEST_ID})
 
 
 class InputError(Exception):
@@ -70,6 +76,21 @@ def sanitise_job_id(value: str) -> str:
         return FALLBACK_ID
 
 
+def inline_job_id(runpod_job_id: str) -> str:
+    """The job id of an inline job that brings no ``id`` of its own.
+
+    A real RunPod job id names one request, and RunPod keeps it when it delivers that request
+    again (a worker died mid-job): deriving the job id from it makes a redelivery answer with
+    the stored result instead of running twice. The SDK's local test id is the same for every
+    run, and so is the fallback; those get a fresh suffix, so iterating on a ``--test_input``
+    never returns an earlier run's result.
+    """
+    job_id = sanitise_job_id(runpod_job_id)
+    if job_id in SHARED_IDS:
+        job_id = f"{job_id}-{uuid.uuid4().hex[:12]}"
+    return job_id
+
+
 def parse_request(job_input: Any, runpod_job_id: str) -> Request:
     """The ``input`` of a RunPod job -> one of the three forms, or an :class:`InputError`."""
     if job_input is None:
@@ -92,7 +113,7 @@ def parse_request(job_input: Any, runpod_job_id: str) -> Request:
         raise InputError(f"{_unknown(unknown)}; send {FORMS}")
     document = dict(job_input)
     if "id" not in document:
-        document["id"] = sanitise_job_id(runpod_job_id)
+        document["id"] = inline_job_id(runpod_job_id)
     return InlineJob(document)
 
 

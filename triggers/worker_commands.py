@@ -23,7 +23,9 @@ from processor.settings import WorkerSettings, load_worker_settings
 from processor.storage import LocalStorage, ObjectNotFound, Storage, StorageError
 from processor.workflows import WorkflowRegistry
 from triggers import logs
+from triggers.exec_storage import OUTPUT_PREFIX, OutputFolder
 from triggers.poll import AdaptiveInterval
+from triggers.wait_notice import WaitLine
 from triggers.watch import FolderWatch
 
 log = logging.getLogger("comfys3.worker")
@@ -201,6 +203,13 @@ def cmd_exec(args: argparse.Namespace) -> int:
     settings = load_worker_settings()
     if args.comfyui_url:
         settings = settings.model_copy(update={"comfyui_url": args.comfyui_url})
+    if not settings.comfyui_url and settings.comfyui_path is None:
+        print(
+            "comfys3: no ComfyUI to run on: give --comfyui-url URL (a ComfyUI that runs), or "
+            "set COMFYS3_COMFYUI_URL, or COMFYS3_COMFYUI_PATH to a ComfyUI checkout to start",
+            file=sys.stderr,
+        )
+        return 2
     manifest = Path(args.manifest)
     try:
         data = manifest.read_bytes()
@@ -228,10 +237,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 async def _exec(jobs: list[Job], settings: WorkerSettings, out: Path) -> int:
     bar = ProgressBar()
-    layout = Layout("input", "")
+    # Keys as a worker writes them (output/<job id>/...), files in out/<job id>/.
+    layout = Layout("input", OUTPUT_PREFIX)
     failures = 0
-    async with LocalStorage(out) as storage, LocalStorage(Path.cwd()) as inputs:
-        engine = ComfyEngine(settings)
+    async with OutputFolder(out) as storage, LocalStorage(Path.cwd()) as inputs:
+        engine = ComfyEngine(settings, on_wait=WaitLine())
         async with engine as client:
             runner = JobRunner(
                 storage=storage,
@@ -247,11 +257,11 @@ async def _exec(jobs: list[Job], settings: WorkerSettings, out: Path) -> int:
             for job in jobs:
                 outcome = await runner.run(job, attempt=1, max_attempts=1)
                 bar.close()
-                folder = out / layout.job_prefix(job.id)
+                folder = storage.path_of(layout.job_prefix(job.id))
                 if outcome.verdict is Verdict.succeeded:
                     print(f"{job.id}: succeeded -> {folder}/")
                     for output in outcome.status.outputs:
-                        print(f"  {out / output.key}")
+                        print(f"  {storage.path_of(output.key)}")
                 else:
                     failures += 1
                     error = outcome.status.error
@@ -259,7 +269,7 @@ async def _exec(jobs: list[Job], settings: WorkerSettings, out: Path) -> int:
                     if error is not None:
                         for line in error.message.splitlines():
                             print(f"  {line}", file=sys.stderr)
-                print(f"  status: {folder / 'status.json'}")
+                print(f"  status: {storage.path_of(layout.status_key(job.id))}")
     return 1 if failures else 0
 
 
