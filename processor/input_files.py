@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from processor.errors import Problem
 from processor.manifest import Job
-from processor.storage import LocalStorage, S3Storage, Storage, StorageError, validate_key
+from processor.storage import Storage, StorageError, validate_key
 
 RULE = (
     "an input file is a path relative to the storage root: a key in the bucket, a path under "
@@ -50,15 +50,6 @@ def key_problems(jobs: Iterable[Job]) -> list[Problem]:
     return list(problems.values())
 
 
-def location(storage: Storage, key: str) -> str:
-    """Where ``key`` is, for a person: a path for a folder, ``s3://bucket/key`` for S3."""
-    if isinstance(storage, LocalStorage):
-        return str(storage.root / key)
-    if isinstance(storage, S3Storage):
-        return f"s3://{storage.bucket}/{key}"
-    return key
-
-
 async def missing_inputs(storage: Storage, jobs: Iterable[Job]) -> list[str]:
     """A sentence per input file that is not in ``storage``, naming where it was looked for.
     Keys the worker would refuse are left to :func:`key_problems`."""
@@ -70,7 +61,7 @@ async def missing_inputs(storage: Storage, jobs: Iterable[Job]) -> list[str]:
             continue
     found = await asyncio.gather(*(storage.head(key) for key in wanted))
     return [
-        f"input '{item.field}': file {key!r} was not found at {location(storage, key)}"
+        f"input '{item.field}': file {key!r} was not found at {storage.location(key)}"
         for (key, item), info in zip(wanted.items(), found, strict=True)
         if info is None
     ]

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,16 +18,13 @@ from processor.layout import Layout
 from processor.pipeline import LaneSettings, Worker
 from processor.settings import S3Settings, WorkerSettings, load_s3_settings
 from processor.storage import LocalStorage, S3Storage, Storage
+from processor.volume import worker_name
 from processor.workflows import WorkflowRegistry
 
 log = logging.getLogger("comfys3.worker")
 
 LOCAL_INPUT = "input"
 LOCAL_OUTPUT = "output"
-
-
-def worker_name(settings: WorkerSettings) -> str:
-    return settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
 
 
 def s3_layout(settings: S3Settings) -> Layout:

@@ -24,7 +24,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from processor.input_files import location
 from processor.layout import CLAIMS, DONE, FAILED, Layout
 from processor.storage import LocalStorage, ObjectNotFound, Storage, StorageError
 
@@ -157,8 +156,8 @@ class MisplacedManifests:
     def _sentence(self, candidate: Candidate) -> str:
         name = PurePosixPath(candidate.key).name
         intake = self.layout.input_dir
-        here = location(self.storage, candidate.key)
-        there = location(self.storage, f"{intake}/{name}")
+        here = self.storage.location(candidate.key)
+        there = self.storage.location(f"{intake}/{name}")
         place = f"in a sub-folder of {intake}/" if candidate.nested else f"outside {intake}/"
         return (
             f"{here} looks like a job manifest, but it is {place}, where no worker looks: "

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from processor.errors import ManifestError
-from processor.input_files import RULE, key_problems, location, missing_inputs
+from processor.input_files import RULE, key_problems, missing_inputs
 from processor.layout import Layout
 from processor.manifest import Job, JobState, JobStatus, load_jobs
 from processor.service import storage_from_env
@@ -244,7 +244,7 @@ def nobody_hint(
 ) -> str:
     """Where the jobs wait, and what would pick them up."""
     keys = manifests or [f"{layout.input_dir}/"]
-    shown = ", ".join(location(storage, key) for key in keys[:3])
+    shown = ", ".join(storage.location(key) for key in keys[:3])
     more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
     if isinstance(storage, LocalStorage):
         runs = f"is `comfys3 run --local {storage.root}` running?"
