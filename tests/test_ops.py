@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -304,3 +305,18 @@ def test_an_empty_port_variable_means_off(monkeypatch: pytest.MonkeyPatch) -> No
     assert settings.metrics_host == "127.0.0.1"
     monkeypatch.setenv("COMFYS3_METRICS_PORT", "9188")
     assert WorkerSettings().metrics_port == 9188
+
+
+def test_every_metric_the_operations_page_names_exists() -> None:
+    """docs/operations.md's table, scrape advice and alerts name only metrics a worker has."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    metrics = Metrics()
+    metrics.watch_health(Health())
+    exposed = set()
+    for family in text_string_to_metric_families(scrape(metrics)):
+        exposed |= {family.name, f"{family.name}_total", f"{family.name}_info"}
+        exposed |= {f"{family.name}_{suffix}" for suffix in ("bucket", "sum", "count")}
+    named = set(re.findall(r"\bcomfys3_[a-z_]+", doc))
+    assert named and named <= exposed, named - exposed
