@@ -56,6 +56,9 @@ class NotifyRecord(BaseModel):
     """
 
     url: str = Field(description="Where it was sent (query and credentials left out).")
+    message_id: str | None = Field(
+        None, description="The webhook-id header: the receiver's key for dropping duplicates."
+    )
     delivered_at: datetime | None = Field(None, description="When a receiver answered 2xx.")
     attempts: int = Field(0, ge=0, description="POSTs made; 0 when it was never sent.")
     last_error: str | None = Field(None, description="The latest failure, for a person.")
@@ -421,6 +424,7 @@ class Delivery:
     def record(self) -> NotifyRecord:
         return NotifyRecord(
             url=self.shown_url,
+            message_id=self.message_id,
             delivered_at=self.delivered_at,
             attempts=self.attempts,
             last_error=self.last_error,

@@ -138,7 +138,7 @@ async def test_delivered_webhook_verifies_with_standardwebhooks(receiver: Receiv
         record = await send(notifier, receiver.url("receiver.test"), "msg_abc")
 
     assert record.delivered_at is not None and record.attempts == 1
-    assert record.last_error is None
+    assert record.last_error is None and record.message_id == "msg_abc"
     assert record.url == f"http://receiver.test:{receiver.port}/hook"
     ((headers, body),) = receiver.requests
     assert body == BODY
