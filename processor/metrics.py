@@ -25,20 +25,13 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from processor.version import package_version
+
 PHASES = ("claim", "stage", "queue", "wait", "execute", "publish", "total")
 # Seconds: a cached 50 ms queue call up to a 30-minute run.
 PHASE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, math.inf)
 MAX_LABEL_VALUES = 50
 OTHER = "other"
-
-
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("comfys3")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 class LabelGuard:

@@ -42,6 +42,8 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from pydantic import BaseModel, Field
 from yarl import URL
 
+from processor.version import package_version
+
 log = logging.getLogger("comfys3.notify")
 
 MAX_URL_LENGTH = 2048
@@ -546,16 +548,7 @@ async def run_delivery(
     return delivery
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("comfys3")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-USER_AGENT = f"comfys3/{_version()} (webhook)"
+USER_AGENT = f"comfys3/{package_version()} (webhook)"
 
 
 def guarded_session(
