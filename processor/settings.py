@@ -7,8 +7,13 @@ and is only loaded by the code paths that talk to a bucket.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -192,6 +197,139 @@ class WorkerSettings(BaseSettings):
     refresh_worker: bool = Field(
         default=False, description="Ask RunPod for a fresh worker after each job."
     )
+    webhook_url: str | None = Field(
+        default=None,
+        description="POST each finished job's status here, unless its manifest names a URL.",
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="Signing secret of webhooks (Standard Webhooks: whsec_ and base64).",
+    )
+    webhook_allow: str = Field(
+        default="",
+        description="Hosts a manifest's notify.url may name, e.g. hooks.example.com,*.acme.io "
+        "(empty: manifests may not name one).",
+    )
+    webhook_allow_http: bool = Field(
+        default=False, description="Allow http:// webhook URLs (default: https only)."
+    )
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="Allow webhook hosts on loopback and private addresses (10/8, 192.168/16 ...).",
+    )
+    webhook_attempts: int = Field(
+        default=5, ge=1, le=20, description="Delivery attempts per webhook, with back-off."
+    )
+    webhook_timeout: float = Field(
+        default=10.0, gt=0, le=120, description="Seconds one webhook attempt may take."
+    )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Serve /metrics, /healthz and /livez on this port (default: off).",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address the metrics server listens on (0.0.0.0 to be scraped from outside).",
+    )
+    warmup: str | None = Field(
+        default=None,
+        description="Job run once before claiming any: a template (solid), "
+        "template:payload JSON, or @manifest path.",
+    )
+
+    @field_validator("webhook_url", "webhook_secret", "metrics_port", "warmup", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """``COMFYS3_METRICS_PORT=`` (a compose file passing an unset variable) means off."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            webhook_key(value.get_secret_value())  # refuse a malformed secret at start
+        return value
+
+    @field_validator("warmup")
+    @classmethod
+    def _warmup(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_warmup(value)
+        return value
+
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
+WEBHOOK_KEY_BYTES = (24, 64)  # the Standard Webhooks specification's range for a secret
+
+
+def webhook_key(secret: str) -> bytes:
+    """``whsec_<base64>`` -> the HMAC key, as the Standard Webhooks libraries decode it.
+
+    Checked when settings load, so a malformed secret stops the worker at start instead of
+    signing every webhook with a key no receiver can reproduce.
+    """
+    value = secret.strip()
+    if not value.startswith(WEBHOOK_SECRET_PREFIX):
+        raise ValueError(
+            f"must start with {WEBHOOK_SECRET_PREFIX} followed by base64, as in the Standard "
+            'Webhooks specification; make one with: python3 -c "import base64, os; '
+            "print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
+        )
+    try:
+        key = base64.b64decode(value[len(WEBHOOK_SECRET_PREFIX) :], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"is not valid base64 after {WEBHOOK_SECRET_PREFIX}") from None
+    low, high = WEBHOOK_KEY_BYTES
+    if not low <= len(key) <= high:
+        raise ValueError(f"decodes to {len(key)} bytes; use {low} to {high} random bytes")
+    return key
+
+
+@dataclass(frozen=True)
+class WarmupSpec:
+    """What ``COMFYS3_WARMUP`` names: a manifest file, or a template and its payload."""
+
+    manifest_path: Path | None = None
+    workflow: str | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return f"@{self.manifest_path}" if self.manifest_path else str(self.workflow)
+
+
+_TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+def parse_warmup(value: str) -> WarmupSpec:
+    """``solid`` | ``txt2img:{"steps": 1}`` | ``@/path/job.json`` -> a WarmupSpec.
+
+    Only the syntax is checked here (when settings load); whether the template exists or the
+    file can be read is found out when the warm-up runs, and reported there.
+    """
+    text = value.strip()
+    if text.startswith("@"):
+        path = text[1:].strip()
+        if not path:
+            raise ValueError("'@' must be followed by the path of a manifest file")
+        return WarmupSpec(manifest_path=Path(path))
+    name, colon, payload_text = text.partition(":")
+    name = name.strip()
+    if not _TEMPLATE_NAME.match(name):
+        raise ValueError(
+            f"{name!r} is not a template name; give a template (solid), a template and its "
+            'payload (txt2img:{"steps": 1}), or @ and a manifest file (@/jobs/warm.json)'
+        )
+    payload: Any = {}
+    if colon:
+        try:
+            payload = json.loads(payload_text)
+        except ValueError as error:
+            raise ValueError(f"the payload after '{name}:' is not valid JSON: {error}") from None
+        if not isinstance(payload, dict):
+            raise ValueError(f"the payload after '{name}:' must be a JSON object")
+    return WarmupSpec(workflow=name, payload=payload)
 
 
 def _missing_variables(error: ValidationError, prefix: str) -> list[str]:

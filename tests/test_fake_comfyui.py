@@ -95,6 +95,44 @@ def test_fail_at_node_reports_execution_error_then_recovers(
     assert fake_comfyui.stats()["nodes_run"] == {"EmptyImage": 1, "ImageInvert": 1, "SaveImage": 1}
 
 
+def test_first_load_delay_is_paid_once_per_checkpoint(
+    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+) -> None:
+    fake_comfyui.state.first_load_delay = 0.3
+    first = fake_client.run(TXT2IMG)
+    fake_client.run(INVERT)  # evicts the loader from the cache: it runs again below
+    second = fake_client.run(graph(TXT2IMG, n3={"seed": 6}))
+    other = fake_client.run(graph(TXT2IMG, n4={"ckpt_name": "random_sd15.safetensors"}))
+    assert fake_comfyui.stats()["nodes_run"]["CheckpointLoaderSimple"] == 3
+    assert fake_comfyui.stats()["model_loads"] == [
+        {"prompt_id": first.prompt_id, "ckpt_name": "v1-5-pruned-emaonly.safetensors",
+         "seconds": 0.3},
+        {"prompt_id": other.prompt_id, "ckpt_name": "random_sd15.safetensors", "seconds": 0.3},
+    ]  # fmt: skip
+    assert second.prompt_id not in {
+        load["prompt_id"] for load in fake_comfyui.stats()["model_loads"]
+    }
+
+
+def test_an_interrupted_first_load_loads_nothing(
+    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+) -> None:
+    fake_comfyui.state.first_load_delay = 60.0  # the interrupt ends it early
+    prompt_id = "loading"
+    fake_client.post_prompt(TXT2IMG, prompt_id)
+    while True:  # until the loader starts (the fake sends "executing" before it waits)
+        message = fake_client.receive()
+        if message["type"] == "executing" and message["data"].get("node") == "4":
+            break
+    fake_client.request("POST", "/interrupt")
+    tail = [m["type"] for m in fake_client.collect(prompt_id) if m["type"] != "status"]
+    assert tail[-2:] == ["execution_interrupted", "executing"]
+    assert fake_comfyui.stats()["model_loads"] == []
+    fake_comfyui.state.first_load_delay = 0.0
+    again = fake_client.run(TXT2IMG)  # the checkpoint was never loaded: this run loads it
+    assert [load["prompt_id"] for load in fake_comfyui.stats()["model_loads"]] == [again.prompt_id]
+
+
 def test_exec_delay_keeps_a_prompt_running_and_progress_counts_steps(
     fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
 ) -> None:

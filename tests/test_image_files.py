@@ -303,6 +303,44 @@ def test_compose_runs_s3_with_its_bucket_and_the_workers(compose: dict[str, Any]
         assert worker["volumes"][0].endswith(":" + env["COMFYS3_VOLUME_DIR"])
 
 
+def test_compose_workers_have_a_healthcheck_on_their_ops_server(compose: dict[str, Any]) -> None:
+    for name in ("worker", "worker-cpu"):
+        worker = compose["services"][name]
+        env, check = worker["environment"], worker["healthcheck"]
+        assert check["test"][:3] == ["CMD", "python3", "-c"]  # the image has Python, not curl
+        assert f"http://127.0.0.1:{env['COMFYS3_METRICS_PORT']}/healthz" in check["test"][3]
+        assert env["COMFYS3_METRICS_HOST"] == "0.0.0.0"
+        assert check["start_period"] and check["retries"] >= 1
+
+
+async def test_the_compose_healthcheck_command_follows_readiness(compose: dict[str, Any]) -> None:
+    """Run the healthcheck's own command against a real ops server: exit 0 when ready,
+    non-zero when /healthz answers 503 or nothing listens."""
+    import asyncio
+
+    from processor.metrics import Health, Metrics
+    from triggers.ops import OpsServer
+
+    worker = compose["services"]["worker"]
+    command = worker["healthcheck"]["test"][1:]
+    port = str(worker["environment"]["COMFYS3_METRICS_PORT"])
+
+    async def probe(server_port: int) -> int:
+        args = [sys.executable, *command[1:-1], command[-1].replace(port, str(server_port))]
+        process = await asyncio.create_subprocess_exec(
+            *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
+        return await asyncio.wait_for(process.wait(), 30)
+
+    health = Health(comfy_ok=lambda: True)
+    async with OpsServer(Metrics(), health) as server:
+        assert await probe(server.port) != 0  # storage not reached yet: 503
+        health.storage_ok()
+        assert await probe(server.port) == 0
+        free = server.port
+    assert await probe(free) != 0  # nothing listens
+
+
 # -- comfyui/extra_model_paths.yaml --------------------------------------------------------
 
 

@@ -57,6 +57,8 @@ class Stats:
     interrupted: list[str] = field(default_factory=list)
     nodes_run: dict[str, int] = field(default_factory=dict)
     ws_drops: int = 0
+    # Checkpoint loads that paid first_load_delay: {"prompt_id", "ckpt_name", "seconds"}.
+    model_loads: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Interrupted(Exception):
@@ -81,6 +83,8 @@ class Engine:
         # ComfyUI's classic cache: signature -> node outputs / ui, kept for the previous prompt.
         self._outputs_cache: dict[str, tuple[Any, ...]] = {}
         self._ui_cache: dict[str, dict[str, Any]] = {}
+        # Checkpoints held in memory, as ComfyUI's model management keeps them between prompts.
+        self.loaded_checkpoints: set[str] = set()
 
     # --- queue -------------------------------------------------------------------------------
 
@@ -128,6 +132,7 @@ class Engine:
             "running": self.running.prompt_id if self.running else None,
             "nodes_run": dict(self.stats.nodes_run),
             "ws_drops": self.stats.ws_drops,
+            "model_loads": [dict(load) for load in self.stats.model_loads],
         }
 
     def get_history(self, max_items: int | None = None, offset: int = -1) -> dict[str, Any]:
@@ -450,6 +455,7 @@ class _PromptRun:
         kwargs = self.inputs = self._gather_inputs(node_id, signatures)
         await self._apply_knobs(node_id)
 
+        await self._load_model(definition.name, kwargs)
         steps = kwargs.get(definition.steps_input) if definition.steps_input else None
         self._check_interrupt()
         if isinstance(steps, int):
@@ -478,6 +484,24 @@ class _PromptRun:
         self.engine._outputs_cache[signature] = result.outputs
         self.progress.finish(node_id)
         self.executed.append(node_id)
+
+    async def _load_model(self, class_type: str, kwargs: dict[str, Any]) -> None:
+        """The first load of a checkpoint in this process pays ``first_load_delay`` (reading
+        weights from disk); ComfyUI keeps it loaded, so later prompts do not pay it again."""
+        if class_type != "CheckpointLoaderSimple":
+            return
+        name = str(kwargs.get("ckpt_name"))
+        if name in self.engine.loaded_checkpoints:
+            return
+        delay = self.state.first_load_delay
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.engine._interrupt.wait(), delay)
+            self._check_interrupt()  # an interrupted load leaves nothing loaded
+        self.engine.loaded_checkpoints.add(name)
+        self.engine.stats.model_loads.append(
+            {"prompt_id": self.prompt_id, "ckpt_name": name, "seconds": delay}
+        )
 
     def _gather_inputs(self, node_id: str, signatures: dict[str, str]) -> dict[str, Any]:
         node = self.prompt[node_id]

@@ -46,6 +46,9 @@ class FakeState:
     gc_pause          seconds the queue stalls after a prompt, at most every gc_interval seconds
                       (ComfyUI's periodic garbage collection: about 0.28 s every 10 s)
     gc_interval       see gc_pause
+    first_load_delay  seconds CheckpointLoaderSimple waits the first time it loads a checkpoint
+                      in this process (a real ComfyUI reads GBs of weights once, then keeps
+                      them); later loads of the same checkpoint are free
     """
 
     exec_delay: float = 0.0
@@ -62,6 +65,7 @@ class FakeState:
     startup_delay: float = 0.0
     gc_pause: float = 0.0
     gc_interval: float = 10.0
+    first_load_delay: float = 0.0
 
     def update(self, values: Mapping[str, Any]) -> None:
         """Set knobs from a mapping (JSON body or env), converting values; unknown names fail."""
@@ -88,7 +92,14 @@ class FakeState:
         return state
 
 
-_FLOATS = {"exec_delay", "history_gap", "startup_delay", "gc_pause", "gc_interval"}
+_FLOATS = {
+    "exec_delay",
+    "history_gap",
+    "startup_delay",
+    "gc_pause",
+    "gc_interval",
+    "first_load_delay",
+}
 _OPTIONAL_INTS = {"fail_times"}
 _INTS = {"die_exit_code"}
 _NODE_IDS = {"fail_at_node", "drop_ws_at_node", "die_at_node", "die_marker"}
