@@ -185,7 +185,7 @@ class SqsSettings(BaseSettings):
     )
     visibility_timeout: int = Field(
         default=60,
-        ge=10,
+        ge=2,
         le=43_200,
         description="Seconds a received message stays hidden; renewed while its manifest runs.",
     )
