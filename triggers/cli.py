@@ -15,7 +15,7 @@ from processor.settings import SettingsError
 from processor.storage import StorageError
 from processor.workflows import WorkflowLoadError
 from provision import cli as provision_cli
-from triggers import offline_commands, runpod, submit_command, worker_commands
+from triggers import dispatch, offline_commands, runpod, submit_command, worker_commands
 
 DESCRIPTION = """\
 Run ComfyUI workflows as a batch service. Job manifests (JSON) arrive in an S3 prefix or a
@@ -27,6 +27,7 @@ Start here:
   comfys3 validate job.json            check manifests offline
   comfys3 run                          poll S3 and run jobs until stopped
   comfys3 submit job.json --wait       check a manifest, upload it, follow the job
+  comfys3 dispatch                     wake RunPod: one request per manifest in S3
 
 Settings come from COMFYS3_* environment variables (see README.md).
 """
@@ -58,6 +59,7 @@ def _registrations() -> list[Callable[[Any], None]]:
         worker_commands.register,
         submit_command.register,
         runpod.register,
+        dispatch.register,
         provision_cli.register,
     ]
     return registrations
