@@ -334,7 +334,12 @@ async def serve(
     tasks: set[asyncio.Task[None]] = set()
 
     async def decide(key: str, ack: Callable[[Any], Awaitable[None]]) -> None:
-        result = await dispatcher.dispatch(key)
+        try:
+            result = await dispatcher.dispatch(key)
+        except Exception as error:  # a bug must not keep the message hidden until max_hold
+            log.error("dispatching %s crashed: %r", key, error)
+            await ack(KeyOutcome.released)
+            return
         await ack(OUTCOME[result.verdict])
 
     def on_key(key: str, ack: Callable[[Any], Awaitable[None]]) -> None:

@@ -443,6 +443,9 @@ class SqsEvents:
     # -- SQS calls that must never stop the listener ---------------------------------------
 
     async def _delete(self, receipt: str, message_id: str) -> None:
+        if self._client is None:  # decided after the listener closed: the message comes back
+            log.debug("SQS message %s decided after the listener closed", message_id)
+            return
         try:
             await self._client.delete_message(QueueUrl=self.queue_url, ReceiptHandle=receipt)
         except (ClientError, *_TRANSPORT_ERRORS) as error:
@@ -453,6 +456,8 @@ class SqsEvents:
             )
 
     async def _change_visibility(self, message: _Message, seconds: int) -> None:
+        if self._client is None:
+            return
         try:
             await self._client.change_message_visibility(
                 QueueUrl=self.queue_url, ReceiptHandle=message.receipt, VisibilityTimeout=seconds
