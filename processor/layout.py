@@ -6,6 +6,7 @@ the code cannot drift apart.
 <input>/_claims/<name>.json          who runs a manifest now, and how many attempts went before
 <input>/_done/<name>.json            manifests whose jobs all finished (succeeded or skipped)
 <input>/_failed/<name>.json          manifests that failed for good
+<input>/_dispatched/<name>.json      `comfys3 dispatch`: the RunPod request sent for a manifest
 <output>/<job id>/status.json        the job's status document
 <output>/<job id>/<node>_<ClassType>_<nnn>.<ext>    the job's outputs
 ```
@@ -25,6 +26,7 @@ from processor.storage_base import StorageError, validate_key
 CLAIMS = "_claims"
 DONE = "_done"
 FAILED = "_failed"
+DISPATCHED = "_dispatched"
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,10 @@ class Layout:
 
     def failed_key(self, name: str) -> str:
         return f"{self.input_dir}/{FAILED}/{name}.json"
+
+    def dispatched_key(self, name: str) -> str:
+        """The dispatcher's marker: a RunPod request for ``<name>`` is pending."""
+        return f"{self.input_dir}/{DISPATCHED}/{name}.json"
 
     def job_prefix(self, job_id: str) -> str:
         return f"{self.output_dir}/{job_id}" if self.output_dir else job_id

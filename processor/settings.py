@@ -14,12 +14,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "COMFYS3_"
 S3_ENV_PREFIX = "COMFYS3_S3_"
+SQS_ENV_PREFIX = "COMFYS3_SQS_"
+RUNPOD_API_KEY_VARIABLE = "RUNPOD_API_KEY"
 
 
 class SettingsError(Exception):
@@ -171,6 +174,11 @@ class WorkerSettings(BaseSettings):
     )
     poll_max_interval: float = Field(
         default=5.0, gt=0, description="Poll interval ceiling when idle (seconds)."
+    )
+    events_fallback_interval: float = Field(
+        default=180.0,
+        gt=0,
+        description="With --events sqs, seconds between the full listings that catch lost events.",
     )
     shutdown_grace: float = Field(
         default=25.0,
@@ -332,9 +340,107 @@ def parse_warmup(value: str) -> WarmupSpec:
     return WarmupSpec(workflow=name, payload=payload)
 
 
+class SqsSettings(BaseSettings):
+    """The SQS queue that S3 event notifications feed (``--events sqs``, ``comfys3 dispatch``).
+
+    Only the queue is required: credentials come from the S3 settings, the endpoint from the
+    queue URL (``https://sqs.<region>.amazonaws.com/<account>/<name>``) and the region from
+    the S3 settings, each unless set here.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=SQS_ENV_PREFIX, extra="ignore", env_ignore_empty=True
+    )
+
+    queue_url: str = Field(description="URL of the queue the bucket's event notifications feed.")
+    endpoint_url: str | None = Field(
+        default=None, description="SQS endpoint (default: the scheme and host of the queue URL)."
+    )
+    region: str | None = Field(
+        default=None, description="Region of the queue (default: COMFYS3_S3_REGION)."
+    )
+    visibility_timeout: int = Field(
+        default=60,
+        ge=2,
+        le=43_200,
+        description="Seconds a received message stays hidden; renewed while its manifest runs.",
+    )
+    max_hold: float = Field(
+        default=3600.0,
+        gt=0,
+        le=43_200,
+        description="Seconds a message is kept hidden while its manifest runs, then let go.",
+    )
+    retry_attempts: int = Field(
+        default=5, ge=1, description="botocore standard-mode retry attempts per SQS call."
+    )
+
+    @field_validator("queue_url", "endpoint_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")) or not urlsplit(value).netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    def resolved_endpoint(self) -> str:
+        if self.endpoint_url:
+            return self.endpoint_url
+        parts = urlsplit(self.queue_url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+
+class DispatchSettings(BaseSettings):
+    """Where ``comfys3 dispatch`` (and its Lambda twin) sends one RunPod request per manifest."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", env_ignore_empty=True)
+
+    runpod_endpoint_id: str = Field(description="RunPod serverless endpoint that runs the jobs.")
+    runpod_api_key: SecretStr = Field(
+        validation_alias=AliasChoices(RUNPOD_API_KEY_VARIABLE),
+        description="RunPod API key (read from RUNPOD_API_KEY).",
+    )
+    runpod_api_url: str = Field(
+        default="https://api.runpod.ai",
+        description="RunPod API base URL; point it at a gateway or a local stand-in.",
+    )
+    dispatch_ttl: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds after which a dispatch RunPod cannot account for is sent again.",
+    )
+    dispatch_max_requests: int = Field(
+        default=5,
+        ge=1,
+        description="RunPod requests for one manifest before the dispatcher gives up.",
+    )
+
+    @field_validator("runpod_endpoint_id")
+    @classmethod
+    def _endpoint_id(cls, value: str) -> str:
+        value = value.strip()
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+            raise ValueError("must be the endpoint id RunPod shows (letters, digits, - and _)")
+        return value
+
+    @field_validator("runpod_api_url")
+    @classmethod
+    def _api_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")) or not urlsplit(value).netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+def _variable(prefix: str, location: object) -> str:
+    """The environment variable a validation error is about (an alias is named as it is)."""
+    name = str(location)
+    return name if name.isupper() else f"{prefix}{name.upper()}"
+
+
 def _missing_variables(error: ValidationError, prefix: str) -> list[str]:
     return [
-        f"{prefix}{str(item['loc'][0]).upper()}"
+        _variable(prefix, item["loc"][0])
         for item in error.errors()
         if item["type"] == "missing" and item["loc"]
     ]
@@ -349,7 +455,7 @@ def _explain(error: ValidationError, prefix: str, what: str) -> SettingsError:
     for item in error.errors():
         if item["type"] == "missing":
             continue
-        name = f"{prefix}{str(item['loc'][0]).upper()}" if item["loc"] else prefix
+        name = _variable(prefix, item["loc"][0]) if item["loc"] else prefix
         lines.append(f"{what}: {name}: {item['msg'].removeprefix('Value error, ')}")
     return SettingsError("\n".join(lines))
 
@@ -366,3 +472,18 @@ def load_worker_settings() -> WorkerSettings:
         return WorkerSettings()
     except ValidationError as error:
         raise _explain(error, ENV_PREFIX, "worker settings") from None
+
+
+def load_sqs_settings() -> SqsSettings:
+    """Only ``--events sqs`` and ``comfys3 dispatch`` call this, so nobody else needs a queue."""
+    try:
+        return SqsSettings()  # type: ignore[call-arg]
+    except ValidationError as error:
+        raise _explain(error, SQS_ENV_PREFIX, "SQS settings") from None
+
+
+def load_dispatch_settings() -> DispatchSettings:
+    try:
+        return DispatchSettings()  # type: ignore[call-arg]
+    except ValidationError as error:
+        raise _explain(error, ENV_PREFIX, "dispatch settings") from None

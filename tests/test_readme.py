@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from processor.settings import S3Settings, WorkerSettings
+from processor.settings import DispatchSettings, S3Settings, SqsSettings, WorkerSettings
 from triggers.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,6 +20,12 @@ def documented_variables() -> set[str]:
 def code_variables() -> set[str]:
     names = {f"COMFYS3_S3_{name.upper()}" for name in S3Settings.model_fields}
     names |= {f"COMFYS3_{name.upper()}" for name in WorkerSettings.model_fields}
+    names |= {f"COMFYS3_SQS_{name.upper()}" for name in SqsSettings.model_fields}
+    names |= {
+        f"COMFYS3_{name.upper()}"
+        for name, info in DispatchSettings.model_fields.items()
+        if info.validation_alias is None  # RUNPOD_API_KEY is RunPod's own name, kept as is
+    }
     return names
 
 

@@ -15,7 +15,14 @@ from processor.settings import SettingsError
 from processor.storage import StorageError
 from processor.workflows import WorkflowLoadError
 from provision import cli as provision_cli
-from triggers import offline_commands, report_command, runpod, submit_command, worker_commands
+from triggers import (
+    dispatch,
+    offline_commands,
+    report_command,
+    runpod,
+    submit_command,
+    worker_commands,
+)
 from triggers.help_format import CommandParser, RawDescriptionHelpFormatter
 
 DESCRIPTION = """\
@@ -28,6 +35,7 @@ Start here:
   comfys3 validate job.json            check manifests offline
   comfys3 run                          poll S3 and run jobs until stopped
   comfys3 submit job.json --wait       check a manifest, upload it, follow the job
+  comfys3 dispatch                     wake RunPod: one request per manifest in S3
 
 Settings come from COMFYS3_* environment variables (see README.md).
 """
@@ -58,6 +66,7 @@ def _registrations() -> list[Callable[[Any], None]]:
         submit_command.register,
         report_command.register,
         runpod.register,
+        dispatch.register,
         provision_cli.register,
     ]
     return registrations
