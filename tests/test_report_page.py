@@ -25,7 +25,14 @@ NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 
 
 def status(job_id: str, state: JobState = JobState.succeeded, **fields: Any) -> JobStatus:
-    values: dict[str, Any] = {"id": job_id, "state": state, "workflow": "txt2img"}
+    # Fixed times: a page built twice must not differ because the clock ticked in between.
+    values: dict[str, Any] = {
+        "id": job_id,
+        "state": state,
+        "workflow": "txt2img",
+        "created_at": NOW,
+        "updated_at": NOW,
+    }
     values.update(fields)
     return JobStatus(**values)
 

@@ -35,8 +35,18 @@ def _formatter(log_format: str) -> logging.Formatter:
     return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is logged, not when logging was set up:
+    a caller that swaps stderr (an embedding app, a test runner) and closes the old one must
+    not turn every later log line into a "--- Logging error" report."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def configure(log_format: str = "text", level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler(sys.stderr)
     handler.setFormatter(_formatter(log_format))
     root = logging.getLogger()
     root.handlers[:] = [handler]
