@@ -62,6 +62,7 @@ class Lease:
     etag: str
     last_error: str | None
     tries: int = 1
+    took_over: bool = False  # the previous holder's lease had run out: it died or hung
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class ClaimStore:
         lease_seconds: float,
         *,
         clock: Callable[[], float] = time.time,
+        on_renewed: Callable[[], None] | None = None,
     ) -> None:
         if lease_seconds <= 0:
             raise ValueError("lease_seconds must be positive")
@@ -149,6 +151,7 @@ class ClaimStore:
         self._holder = holder
         self._lease_seconds = lease_seconds
         self._clock = clock
+        self._on_renewed = on_renewed  # storage answered: for health checks
 
     @property
     def holder(self) -> str:
@@ -278,7 +281,15 @@ class ClaimStore:
         except PreconditionFailed:
             return Taken(previous.holder, now)
         return Lease(
-            name, key, self._holder, attempt, expires_at, new_etag, previous.last_error, tries
+            name,
+            key,
+            self._holder,
+            attempt,
+            expires_at,
+            new_etag,
+            previous.last_error,
+            tries,
+            took_over=previous.state == HELD,
         )
 
     async def renew(self, lease: Lease) -> Lease:
@@ -347,6 +358,8 @@ class ClaimStore:
                 try:
                     beat._lease = await self.renew(beat._lease)
                     beat.renewals += 1
+                    if self._on_renewed is not None:
+                        self._on_renewed()
                 except LeaseLost as lost:
                     log.warning("%s", lost)
                     beat.lost = lost

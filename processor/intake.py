@@ -107,6 +107,7 @@ class Intake:
         self._taken_this_page = 0
         self.hinted = asyncio.Event()
         self.lists = 0  # LIST requests made, for benchmarks and the ops page
+        self.seen_pending = 0  # manifests in the latest page: at least this many wait
 
     # -- what others tell the intake ------------------------------------------------------
 
@@ -256,6 +257,7 @@ class Intake:
         )
         self.lists += 1
         items = list(page.items)
+        self.seen_pending = sum(1 for item in items if self.layout.is_manifest(item.key))
         self._page_start = start_after
         self._page_end = items[-1].key if items else start_after
         self._page_truncated = page.truncated

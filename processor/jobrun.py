@@ -41,6 +41,7 @@ from processor.manifest import (
     ProgressInfo,
     utcnow,
 )
+from processor.notify import NotifyRecord
 from processor.outputs import prepare_output
 from processor.storage import (
     ObjectNotFound,
@@ -93,6 +94,9 @@ class ResultStore(Protocol):
 
 
 Cleanup = Callable[[RunResult, str | None], Awaitable[None]]
+# Send a final status to its webhook in the background: (manifest URL or None for the
+# worker's default, message id, body, what to do with the delivery's record) -> sent at all.
+Announce = Callable[[str | None, str, bytes, Callable[[NotifyRecord], Awaitable[None]]], bool]
 ProgressHook = Callable[[str, ProgressInfo], None]
 
 
@@ -186,6 +190,7 @@ class JobRunner:
         inputs: Storage | None = None,
         cleanup: Cleanup | None = None,
         on_progress: ProgressHook | None = None,
+        announce: Announce | None = None,
     ) -> None:
         self.storage = storage
         self.inputs: Storage = inputs or storage  # type: ignore[assignment]
@@ -194,6 +199,7 @@ class JobRunner:
         self.settings = settings
         self.cleanup = cleanup
         self.on_progress = on_progress
+        self.announce = announce
 
     # -- status ---------------------------------------------------------------------------
 
@@ -341,7 +347,54 @@ class JobRunner:
             log.error("job %s: could not write its status: %s", job.id, error)
             if verdict is not Verdict.failed:
                 return JobOutcome(Verdict.retry, status, charged=False)
+            return JobOutcome(verdict, status, charged)
+        if status.state in (JobState.succeeded, JobState.failed):
+            self.announce_final(status, job.notify_url)
         return JobOutcome(verdict, status, charged)
+
+    # -- webhooks -------------------------------------------------------------------------
+
+    def announce_final(self, status: JobStatus, manifest_url: str | None) -> None:
+        """Send a final status to its webhook without waiting; the delivery's record is
+        written back into that status when it is known."""
+        if self.announce is None:
+            return
+        sent = status.model_copy(deep=True)
+
+        async def record(result: NotifyRecord) -> None:
+            await self._record_notify(sent, result)
+
+        self.announce(manifest_url, f"msg_{uuid.uuid4().hex}", sent.to_json(), record)
+
+    async def _record_notify(self, sent: JobStatus, record: NotifyRecord) -> None:
+        """Put the webhook's record into the status it announced, unless a newer run has
+        replaced that status since: a conditional write, re-read if a note slipped in."""
+        key = self.layout.status_key(sent.id)
+        for _ in range(3):
+            try:
+                stored = await self.storage.get(key)
+                current = JobStatus.model_validate_json(stored.data)
+            except (StorageError, ValueError) as error:
+                log.warning("job %s: webhook record not saved: %s", sent.id, error)
+                return
+            if (current.attempt, current.state, current.manifest_version) != (
+                sent.attempt,
+                sent.state,
+                sent.manifest_version,
+            ):
+                return  # a newer run owns the status now
+            current.notify = record
+            current.updated_at = utcnow()
+            try:
+                await self.storage.put(
+                    key, current.to_json(), content_type="application/json", if_match=stored.etag
+                )
+                return
+            except PreconditionFailed:
+                continue
+            except StorageError as error:
+                log.warning("job %s: webhook record not saved: %s", sent.id, error)
+                return
 
     async def _begin(self, job: Job, status: JobStatus, resumed: bool) -> JobOutcome | None:
         """Write the "running" status, and learn from the same conditional write whether this

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -18,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from processor.errors import ManifestError, Problem, problems_from_validation
+from processor.notify import NotifyRecord
 from processor.safejson import JsonLimitError, load_json
 from processor.workflows import Graph, StagedInput, WorkflowRegistry, set_output_prefixes
 
@@ -25,6 +27,8 @@ MANIFEST_VERSION: Literal[1] = 1
 STATUS_VERSION: Literal[1] = 1
 JOB_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 MAX_BATCH = 1000
+
+NotifyCheck = Callable[[str], str | None]
 
 
 def check_job_id(value: str) -> str:
@@ -45,6 +49,17 @@ class OutputOptions(BaseModel):
 
     format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality (ignored for PNG).")
+
+
+class NotifyOptions(BaseModel):
+    """Where to POST the job's status when it ends (a Standard Webhooks signed request)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        max_length=2048,
+        description="https URL; must match the worker's COMFYS3_WEBHOOK_ALLOW host patterns.",
+    )
 
 
 class JobManifest(BaseModel):
@@ -83,6 +98,9 @@ class JobManifest(BaseModel):
         default_factory=dict, description="Free-form; copied into the status."
     )
     rerun: bool = Field(False, description="Run again even if this id already succeeded.")
+    notify: NotifyOptions | None = Field(
+        None, description="A webhook for this job's final status (see docs/webhooks.md)."
+    )
 
     @field_validator("id")
     @classmethod
@@ -121,6 +139,7 @@ class Job:
     metadata: dict[str, Any]
     rerun: bool = False
     batch_index: int | None = None
+    notify_url: str | None = None
 
     def filled_graph(self, staged: dict[str, str], run_id: str | None = None) -> Graph:
         """The graph for one run: staged input names in place of the user's file references,
@@ -170,18 +189,26 @@ def resolve_jobs(
     manifest_key: str,
     registry: WorkflowRegistry,
     allow_raw: bool,
+    notify_check: NotifyCheck | None = None,
 ) -> list[Job]:
-    """Validate the payload(s) against the template and fill the graph(s)."""
+    """Validate the payload(s) against the template and fill the graph(s). ``notify_check``
+    is the worker's webhook policy: why a ``notify.url`` is refused, or None."""
     job_id = manifest.id or default_job_id(manifest_key)
     try:
         check_job_id(job_id)
     except ValueError as error:
         raise ManifestError([Problem("id", f"{job_id!r} {error} (set 'id' explicitly)")]) from None
+    notify_url = manifest.notify.url if manifest.notify is not None else None
+    if notify_url is not None and notify_check is not None:
+        refusal = notify_check(notify_url)
+        if refusal is not None:
+            raise ManifestError.single(refusal, "notify.url")
     common: dict[str, Any] = {
         "manifest_key": manifest_key,
         "output": manifest.output,
         "metadata": manifest.metadata,
         "rerun": manifest.rerun,
+        "notify_url": notify_url,
     }
     if manifest.graph is not None:
         if not allow_raw:
@@ -270,6 +297,7 @@ def load_jobs(
     registry: WorkflowRegistry,
     allow_raw: bool = False,
     max_bytes: int = 1_048_576,
+    notify_check: NotifyCheck | None = None,
 ) -> list[Job]:
     """Bytes of a manifest -> runnable jobs, or a ManifestError listing every problem."""
     document = parse_manifest_bytes(data, max_bytes=max_bytes)
@@ -279,7 +307,13 @@ def load_jobs(
         # The shape is wrong, but the payload may be checkable anyway: report its problems in
         # the same round instead of after the user has fixed the shape.
         raise ManifestError(error.problems + _payload_problems(document, registry)) from None
-    return resolve_jobs(manifest, manifest_key=manifest_key, registry=registry, allow_raw=allow_raw)
+    return resolve_jobs(
+        manifest,
+        manifest_key=manifest_key,
+        registry=registry,
+        allow_raw=allow_raw,
+        notify_check=notify_check,
+    )
 
 
 def _payload_problems(document: dict[str, Any], registry: WorkflowRegistry) -> list[Problem]:
@@ -364,6 +398,9 @@ class JobStatus(BaseModel):
         default_factory=dict, description="Seconds per phase: claim, stage, queue, execute ..."
     )
     error: ErrorInfo | None = None
+    notify: NotifyRecord | None = Field(
+        default=None, description="What became of the job's webhook, once it was sent."
+    )
     notes: list[str] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=utcnow)

@@ -39,6 +39,13 @@ class Ops:
     policy: WebhookPolicy
     notifier: Notifier | None
 
+    @classmethod
+    def quiet(cls) -> Ops:
+        """Counting into a registry nobody scrapes, and no webhooks: a worker in a test or a
+        command that serves no metrics."""
+        policy = WebhookPolicy(allow=(), allow_http=False, allow_private=False, default_url=None)
+        return cls(Metrics(), Health(storage_window=STORAGE_WINDOW), policy, None)
+
     # -- webhooks ---------------------------------------------------------------------------
 
     def webhook_refusal(self, manifest_url: object) -> str | None:

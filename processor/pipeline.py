@@ -42,6 +42,7 @@ from processor.manifest import (
     check_job_id,
     load_jobs,
 )
+from processor.ops import Ops
 from processor.retire import Retirer
 from processor.safejson import JsonLimitError, load_json
 from processor.storage import (
@@ -167,13 +168,21 @@ class Worker:
         layout: Layout,
         settings: LaneSettings,
         holder: str,
+        ops: Ops | None = None,
     ) -> None:
         self.storage = storage
+        self.ops = ops or Ops.quiet()
         self.runner = runner
         self.registry = registry
         self.layout = layout
         self.settings = settings
-        self.claims = ClaimStore(storage, layout.claims_prefix, holder, settings.lease_seconds)
+        self.claims = ClaimStore(
+            storage,
+            layout.claims_prefix,
+            holder,
+            settings.lease_seconds,
+            on_renewed=self.ops.storage_ok,
+        )
         self.depth = LaneDepth(
             settings.lane_depth_max, max_queued_seconds=min(10.0, settings.lease_seconds / 6)
         )
@@ -235,11 +244,14 @@ class Worker:
                     candidate = await self.intake.next(self._busy)
                 except StorageError as error:
                     slot.release()
+                    self.ops.storage_failed("list", error)
                     if wait_for_work is None:
                         raise  # a drain that cannot list cannot say it drained anything
                     log.warning("listing %s failed: %s", self.layout.input_dir, error)
                     await self._idle(wait_for_work, stop)
                     continue
+                self.ops.storage_ok()
+                self.ops.metrics.set_manifests_pending(self.intake.seen_pending)
                 if candidate is not None:
                     self._start(candidate, slot)
                     continue
@@ -355,6 +367,7 @@ class Worker:
                 await self.intake.report(key, HintOutcome.gone)
                 return None
             except StorageError as error:
+                self.ops.storage_failed("claim", error)
                 if candidate.source == "request":
                     raise
                 log.warning("claiming %s failed: %s", key, error)
@@ -368,6 +381,8 @@ class Worker:
             claimed = True
             self._claiming -= 1
             self._won += 1
+            if result.took_over:
+                self.ops.metrics.claim_taken_over()
             return await self._claimed(key, result, slot)
         finally:
             if not claimed:
@@ -398,11 +413,13 @@ class Worker:
                 except StorageError as error:
                     # Storage trouble is not the manifest's fault: give it back uncounted
                     # (bounded by max_tries) and come back to it after a pause.
+                    self.ops.storage_failed("job", error)
                     log.warning("%s: storage trouble, giving it back: %s", key, error)
                     await self._give_back(key, beat, f"storage: {error}", charge=False)
                 except Exception as error:
                     await self._crashed(key, beat, error)
             if beat.lost is not None:
+                self.ops.metrics.claim_lost()
                 log.warning("%s: %s; leaving the manifest to its new holder", key, beat.lost)
                 await self.intake.report(key, HintOutcome.taken)
         except asyncio.CancelledError:
@@ -416,8 +433,12 @@ class Worker:
         except Exception as error:  # the heartbeat's own set-up or tear-down failed
             log.error("%s: %s: %s", key, type(error).__name__, error)
         for outcome in outcomes:
-            self.counts.add(outcome)
+            self._record(outcome)
         return outcomes
+
+    def _record(self, outcome: JobOutcome) -> None:
+        self.counts.add(outcome)
+        self.ops.observe(outcome)
 
     async def _jobs(self, key: str, lease: Lease, slot: Slot) -> list[JobOutcome]:
         try:
@@ -438,6 +459,7 @@ class Worker:
                 registry=self.registry,
                 allow_raw=self.settings.allow_raw,
                 max_bytes=self.settings.max_manifest_bytes,
+                notify_check=self.ops.webhook_refusal,
             )
         except ManifestError as error:
             slot.release()
@@ -454,13 +476,20 @@ class Worker:
     async def _job(self, job: Job, lease: Lease, slot: Slot, version: str) -> JobOutcome:
         """One job of a manifest; whatever happens to it stays with it, never with siblings."""
 
+        in_comfyui = False
+
         def queued(seconds: float) -> None:
+            nonlocal in_comfyui
+            in_comfyui = True
             self.depth.record_prepare(seconds)
+            self.ops.metrics.prompt_queued()
 
         def began() -> None:
             slot.started = True
 
         def executed(seconds: float) -> None:
+            if in_comfyui:
+                self.ops.metrics.prompt_done()
             if seconds > 0:
                 self.depth.record_execute(seconds)
             slot.release()
@@ -535,7 +564,7 @@ class Worker:
 
     async def _retire_failed(self, key: str, beat: Heartbeat, outcomes: list[JobOutcome]) -> None:
         for outcome in outcomes:
-            self.counts.add(outcome)
+            self._record(outcome)
         await self.retirer.retire(key, failed=True, claim_key=beat().key)
         self.intake.forget(key)
         await self.intake.report(key, HintOutcome.settled)
@@ -570,6 +599,7 @@ class Worker:
                 await self.runner.write_status(previous)
             return JobOutcome(Verdict.failed, previous)
         status = await self.runner.fail(job_id, key, error, manifest_version=version)
+        self.runner.announce_final(status, None)  # its own URL is not to be trusted
         return JobOutcome(Verdict.failed, status)
 
     async def _give_up(self, key: str, stored: StoredObject, lease: Lease) -> list[JobOutcome]:
@@ -624,6 +654,7 @@ class Worker:
             status.error = info
             status.notes.append(note)
             await self.runner.write_status(status)
+            self.runner.announce_final(status, job.notify_url if job is not None else None)
             outcomes.append(JobOutcome(Verdict.failed, status))
         log.warning("%s: %s", key, note, extra={"manifest": key, "error_type": info.type})
         return outcomes

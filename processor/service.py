@@ -15,10 +15,12 @@ from processor.claims_check import check_conditional_writes
 from processor.comfy_process import ComfyEngine
 from processor.jobrun import JobRunner, JobSettings, ProgressHook
 from processor.layout import Layout
+from processor.ops import Ops, build_ops
 from processor.pipeline import LaneSettings, Worker
 from processor.settings import S3Settings, WorkerSettings, load_s3_settings
 from processor.storage import LocalStorage, S3Storage, Storage
 from processor.volume import worker_name
+from processor.warmup import warm_up
 from processor.workflows import WorkflowRegistry
 
 log = logging.getLogger("comfys3.worker")
@@ -58,18 +60,37 @@ async def open_worker(
     layout: Layout,
     settings: WorkerSettings,
     on_progress: ProgressHook | None = None,
+    ops: Ops | None = None,
 ) -> AsyncIterator[Worker]:
     """A ready worker: templates loaded, storage open and able to referee claims, ComfyUI
-    answering. Storage is checked before ComfyUI starts, so a wrong bucket fails in a second,
-    not after a model load."""
+    answering and warmed up. Storage is checked before ComfyUI starts, so a wrong bucket fails
+    in a second, not after a model load. ``ops`` (metrics, health, webhooks) is built from
+    settings when not given; a trigger that serves /metrics passes its own."""
     registry = WorkflowRegistry.default(settings.workflows_dir)
     holder = worker_name(settings)
+    ops = ops or build_ops(settings)
     engine = ComfyEngine(settings)
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(storage)
         if settings.check_conditional_writes:
             await check_conditional_writes(storage, layout.claims_prefix, holder)
+        ops.storage_ok()
+        await ops.start()
+        # Closed before storage: a webhook's record is written into its status.
+        stack.push_async_callback(ops.aclose, min(5.0, settings.shutdown_grace))
         client = await stack.enter_async_context(engine)
+        ops.health.set_comfy_check(lambda: client.connected)
+        if engine.process is not None:
+            engine.process.add_exit_listener(
+                lambda code, restarting: (
+                    None
+                    if restarting
+                    else ops.health.fatal(f"ComfyUI died ({code}) and will not be restarted")
+                )
+            )
+        warmed = await warm_up(client, registry, settings, cleanup=engine.cleanup)
+        if warmed.ran:
+            ops.metrics.warmup_finished(warmed.seconds, warmed.succeeded)
         log.info(
             "worker %s ready: %r, manifests from %s/, results to %s/, ComfyUI at %s, templates: %s",
             holder,
@@ -92,6 +113,7 @@ async def open_worker(
             ),
             cleanup=engine.cleanup,
             on_progress=on_progress,
+            announce=ops.notify,
         )
         yield Worker(
             storage=storage,
@@ -107,4 +129,5 @@ async def open_worker(
                 lane_depth_max=settings.lane_depth_max,
             ),
             holder=holder,
+            ops=ops,
         )
