@@ -41,7 +41,7 @@ from processor.storage import S3Storage
 from tests.s3_servers import S3Server, moto_s3_server, s3_settings_for
 from tests.sqs_queues import notifying_queue
 from tests.workers import FakeComfyProcess, fake_comfy_process, get_json, put_manifest, s3_client
-from triggers.events import Ack, KeyOutcome, SqsEvents
+from triggers.events import Ack, SqsEvents
 from triggers.poll import AdaptiveInterval
 
 WaitForWork = Callable[[bool], Awaitable[None]]
@@ -93,27 +93,26 @@ class Counter:
 @contextlib.asynccontextmanager
 async def poll_intake(
     server: S3Server, s3: S3Settings, worker: Worker, stop: asyncio.Event
-) -> AsyncIterator[tuple[WaitForWork, Callable[[], int]]]:
+) -> AsyncIterator[IntakeParts]:
     """What `comfys3 run` does without events: the adaptive poll interval."""
     defaults = WorkerSettings()
     interval = AdaptiveInterval(defaults.poll_min_interval, defaults.poll_max_interval, stop)
-    yield interval.wait, lambda: 0
+    yield interval.wait, lambda: 0, None
 
 
 @contextlib.asynccontextmanager
 async def events_intake(
     server: S3Server, s3: S3Settings, worker: Worker, stop: asyncio.Event
-) -> AsyncIterator[tuple[WaitForWork, Callable[[], int]]]:
+) -> AsyncIterator[IntakeParts]:
     """What `comfys3 run --events sqs` does: keys from the queue, the slow listing behind.
 
-    ``on_key`` is where the worker's hint goes (``worker.hint(key, on_outcome=ack)``). Until
-    the intake takes hints, a key wakes the loop's idle wait, the loop lists and claims, and
-    the message is acknowledged as settled at once.
+    Each announced key goes to the worker as a hint (claimed ahead of any listing); the
+    message is deleted once the worker says what became of the manifest.
     """
     queue = notifying_queue(server, s3)
 
-    async def on_key(key: str, ack: Ack) -> None:
-        await ack(KeyOutcome.settled)
+    def on_key(key: str, ack: Ack) -> None:
+        worker.hint(key, on_outcome=ack)
 
     events = SqsEvents(
         sqs=queue.sqs,
@@ -124,12 +123,13 @@ async def events_intake(
         fallback_interval=WorkerSettings().events_fallback_interval,
     )
     async with events:
-        yield events.wait_for_work, lambda: events.requests
+        yield events.wait_for_work, lambda: events.requests, events.listing_due
 
 
+IntakeParts = tuple[WaitForWork, Callable[[], int], Callable[[], bool] | None]
 Intake = Callable[
     [S3Server, S3Settings, Worker, asyncio.Event],
-    contextlib.AbstractAsyncContextManager[tuple[WaitForWork, Callable[[], int]]],
+    contextlib.AbstractAsyncContextManager[IntakeParts],
 ]
 INTAKES: dict[str, Intake] = {"poll": poll_intake, "events": events_intake}
 
@@ -149,8 +149,11 @@ async def measure(
     async with worker_for(s3, fake, storage=storage) as worker:
         storage._client.meta.events.register("before-send.s3", s3_requests)
         stop = asyncio.Event()
-        async with INTAKES[mode](server, s3, worker, stop) as (wait_for_work, sqs_requests):
-            serving = asyncio.create_task(worker.run(wait_for_work=wait_for_work, stop=stop))
+        async with INTAKES[mode](server, s3, worker, stop) as parts:
+            wait_for_work, sqs_requests, may_list = parts
+            serving = asyncio.create_task(
+                worker.run(wait_for_work=wait_for_work, stop=stop, may_list=may_list)
+            )
             await asyncio.sleep(5)  # past start-up, into the idle back-off
             s3_before, sqs_before = s3_requests.count, sqs_requests()
             await asyncio.sleep(idle_s)

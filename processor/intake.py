@@ -155,8 +155,11 @@ class Intake:
 
     # -- what the worker asks -------------------------------------------------------------
 
-    async def next(self, busy: Callable[[str], bool]) -> Candidate | None:
-        """The next key worth a claim, or ``None`` when a sweep of the whole prefix is done."""
+    async def next(self, busy: Callable[[str], bool], *, listing: bool = True) -> Candidate | None:
+        """The next key worth a claim, or ``None`` when a sweep of the whole prefix is done.
+
+        ``listing=False`` offers only hints, due keys and stale claims: with S3 events the
+        trigger names the keys, and the prefix is listed only when its fallback is due."""
         while self._hints:
             key, callbacks = self._hints.popitem(last=False)
             self._hint_waiting.setdefault(key, []).extend(callbacks)
@@ -183,6 +186,8 @@ class Intake:
             key = self._stale_claims.popleft()
             if not busy(key) and key not in self._due_at:
                 return Candidate(key, "claims")
+        if not listing:
+            return None
         return await self._from_listing(busy)
 
     async def report(self, key: str, outcome: HintOutcome) -> None:

@@ -217,17 +217,23 @@ class Worker:
         stop: asyncio.Event | None = None,
         max_manifests: int | None = None,
         max_seconds: float | None = None,
+        may_list: Callable[[], bool] | None = None,
+        on_idle: Callable[[], Awaitable[None]] | None = None,
     ) -> Counts:
         """Claim and run manifests until stopped.
 
         With ``wait_for_work`` (a trigger's poll interval or folder watch) this serves forever;
         without it, it drains: it returns once a sweep of the whole intake found nothing it
-        could claim and its own work is finished.
+        could claim and its own work is finished. ``may_list`` is asked before each sweep
+        whether the intake prefix may be listed now (an event trigger lists only when its
+        fallback is due); a sweep once begun runs to its end. ``on_idle``
+        runs at each start of an idle period (a trigger's hints to the user, say).
         """
         stop = stop or asyncio.Event()
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         won_at_start = won_at_sweep = self._won
         idle = False
+        sweeping = False  # a listing sweep, once begun, runs to its end
 
         def limited() -> bool:
             taken = self._won - won_at_start + self._claiming
@@ -241,7 +247,8 @@ class Worker:
                 if slot is None:
                     break
                 try:
-                    candidate = await self.intake.next(self._busy)
+                    listing = sweeping = sweeping or may_list is None or may_list()
+                    candidate = await self.intake.next(self._busy, listing=listing)
                 except StorageError as error:
                     slot.release()
                     self.ops.storage_failed("list", error)
@@ -256,6 +263,12 @@ class Worker:
                     self._start(candidate, slot)
                     continue
                 slot.release()
+                sweeping = False
+                if not listing and wait_for_work is not None:
+                    # Only hints, due keys and stale claims were offered: wait for the next
+                    # of those, or for the trigger to say a listing is due.
+                    await self._idle(wait_for_work, stop)
+                    continue
                 # A sweep of the whole intake is over: did it find anything?
                 found_work = self._won > won_at_sweep or self._claiming > 0
                 won_at_sweep = self._won
@@ -266,6 +279,8 @@ class Worker:
                         continue
                     if not idle:
                         log.info("idle: nothing to claim in %s", self.layout.input_dir)
+                        if on_idle is not None:
+                            await self._quietly(on_idle)
                     idle = True
                     await self._idle(wait_for_work, stop)
                 elif self._inflight:
@@ -314,6 +329,14 @@ class Worker:
             for task in (waiter, hinted, stopped):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+    @staticmethod
+    async def _quietly(hook: Callable[[], Awaitable[None]]) -> None:
+        """A trigger's hook may fail; the worker loop must not."""
+        try:
+            await hook()
+        except Exception as error:
+            log.warning("idle hook failed: %s: %s", type(error).__name__, error)
 
     async def _until_one_finishes(self, stop: asyncio.Event) -> None:
         tasks = set(self._inflight.values())

@@ -202,6 +202,7 @@ class SqsEvents:
         self._room = asyncio.Event()
         self._hinted = asyncio.Event()
         self._next_listing: float | None = None
+        self._listing_owed = True  # the first sweep: manifests older than the queue
         self.last_wake: Literal["hint", "fallback", "stop", "work"] | None = None
         self.requests = 0  # SQS HTTP requests sent, for benchmarks and tests
 
@@ -290,7 +291,14 @@ class SqsEvents:
             return
         else:
             self.last_wake = "fallback"
+            self._listing_owed = True
         self._next_listing = time.monotonic() + self._fallback
+
+    def listing_due(self) -> bool:
+        """The worker loop's ``may_list``: True once at start and once per fallback wake, so
+        the intake prefix is swept for lost events and never between them."""
+        owed, self._listing_owed = self._listing_owed, False
+        return owed
 
     async def _wake(self) -> None:
         stopped = asyncio.ensure_future(self._stop.wait())

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -17,13 +17,24 @@ from processor.errors import ManifestError
 from processor.jobrun import JobRunner, JobSettings, Verdict
 from processor.layout import Layout
 from processor.manifest import Job, JobState, JobStatus, ProgressInfo, load_jobs
+from processor.ops import build_ops
 from processor.pipeline import Counts, WaitForWork
 from processor.service import open_worker, storage_from_env, worker_name
-from processor.settings import WorkerSettings, load_worker_settings
+from processor.settings import (
+    SettingsError,
+    SqsSettings,
+    WorkerSettings,
+    load_s3_settings,
+    load_sqs_settings,
+    load_worker_settings,
+)
 from processor.storage import LocalStorage, ObjectNotFound, Storage, StorageError
 from processor.workflows import WorkflowRegistry
 from triggers import logs
+from triggers.events import SqsEvents
 from triggers.exec_storage import OUTPUT_PREFIX, OutputFolder
+from triggers.misplaced import MisplacedManifests
+from triggers.ops import OpsServer
 from triggers.poll import AdaptiveInterval
 from triggers.wait_notice import WaitLine
 from triggers.watch import FolderWatch
@@ -36,18 +47,32 @@ log = logging.getLogger("comfys3.worker")
 def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(args.log_format)
     settings = load_worker_settings()
+    logs.to_volume(settings, args.log_format)
+    sqs: SqsSettings | None = None
+    if args.events == "sqs" and not args.once:
+        if args.local is not None:
+            raise SettingsError(
+                "--events sqs reads S3 event notifications; a local folder (--local) is "
+                "watched directly, so leave one of them out"
+            )
+        sqs = load_sqs_settings()
     storage, layout = storage_from_env(args.local)
-    counts = asyncio.run(_run(args, settings, storage, layout))
+    counts = asyncio.run(_run(args, settings, storage, layout, sqs))
     if args.once:
         print(f"done: {counts.describe()}")
     return 0
 
 
 async def _run(
-    args: argparse.Namespace, settings: WorkerSettings, storage: Storage, layout: Layout
+    args: argparse.Namespace,
+    settings: WorkerSettings,
+    storage: Storage,
+    layout: Layout,
+    sqs: SqsSettings | None = None,
 ) -> Counts:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    ops = build_ops(settings)
 
     def on_signal(signum: signal.Signals) -> None:
         if not stop.is_set():
@@ -56,24 +81,63 @@ async def _run(
                 signum.name,
                 settings.shutdown_grace,
             )
+        ops.health.stopping()
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, on_signal, signum)
-    async with (
-        open_worker(storage=storage, layout=layout, settings=settings) as worker,
-        contextlib.AsyncExitStack() as stack,
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.metrics_port is not None:
+            # First, so /livez answers (and /healthz says "not ready") while ComfyUI starts.
+            server = OpsServer(
+                ops.metrics, ops.health, host=settings.metrics_host, port=settings.metrics_port
+            )
+            try:
+                await stack.enter_async_context(server)
+            except OSError as error:
+                raise SettingsError(str(error.strerror or error)) from None
+        worker = await stack.enter_async_context(
+            open_worker(storage=storage, layout=layout, settings=settings, ops=ops)
+        )
         wait_for_work: WaitForWork | None = None  # --once: drain, then return
-        if args.local is not None and not args.once:
+        may_list: Callable[[], bool] | None = None
+        if args.once:
+            pass
+        elif args.local is not None:
             folder = Path(args.local) / layout.input_dir
             watch = FolderWatch(folder, stop, settings.poll_max_interval)
             wait_for_work = (await stack.enter_async_context(watch)).wait
-        elif not args.once:
+        elif sqs is not None:
+            events = await stack.enter_async_context(
+                SqsEvents(
+                    sqs=sqs,
+                    s3=load_s3_settings(),
+                    layout=layout,
+                    stop=stop,
+                    on_key=lambda key, ack: worker.hint(key, on_outcome=ack),
+                    fallback_interval=settings.events_fallback_interval,
+                    max_in_flight=settings.lane_depth_max,
+                    retry_visibility=max(1, round(settings.retry_delay)),
+                )
+            )
+            wait_for_work = events.wait_for_work
+            may_list = events.listing_due
+        else:
             poll = AdaptiveInterval(settings.poll_min_interval, settings.poll_max_interval, stop)
             wait_for_work = poll.wait
-        work = worker.run(wait_for_work=wait_for_work, stop=stop)
+        misplaced = MisplacedManifests(storage, layout)
+
+        async def warn_misplaced() -> None:
+            for warning in await misplaced.new_warnings():
+                log.warning("%s", warning)
+
+        work = worker.run(
+            wait_for_work=wait_for_work,
+            stop=stop,
+            may_list=may_list,
+            on_idle=warn_misplaced,
+        )
         await _until_stopped(work, stop, settings.shutdown_grace)
     if stop.is_set():
         log.info("stopped: %s", worker.counts.describe(), extra=worker.counts.summary())
@@ -295,6 +359,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="use a folder instead of S3: manifests in DIR/input, results in DIR/output; "
         "dropped manifests are picked up at once",
+    )
+    run.add_argument(
+        "--events",
+        choices=["poll", "sqs"],
+        default="poll",
+        help="how new manifests are noticed: poll lists the intake every "
+        "COMFYS3_POLL_MIN_INTERVAL..COMFYS3_POLL_MAX_INTERVAL s; sqs claims each manifest the "
+        "bucket's S3 event notifications announce on COMFYS3_SQS_QUEUE_URL, with a full "
+        "listing every COMFYS3_EVENTS_FALLBACK_INTERVAL s for lost events (docs/events.md). "
+        "Ignored with --once (default: poll)",
     )
     run.add_argument(
         "--log-format", choices=["text", "json"], default="text", help="log line format"
