@@ -9,9 +9,12 @@ import sys
 import textwrap
 import urllib.request
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from processor import storage_s3
@@ -396,3 +399,25 @@ async def test_s3_storage_closes_once_and_reopens(moto_s3_settings: S3Settings) 
         await storage.get("a")
     async with storage:
         assert (await storage.get("a")).data == b"1"
+
+
+@settings(max_examples=100, derandomize=True, deadline=None)
+@given(
+    moment=st.datetimes(
+        min_value=datetime(1971, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
+    ),
+    shape=st.sampled_from(["iso-ms", "iso", "http", "other"]),
+)
+def test_the_fast_timestamp_reader_agrees_with_botocore(moment: datetime, shape: str) -> None:
+    """S3's timestamps are read without dateutil, to the same value botocore would give."""
+    import botocore.utils
+
+    moment = moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+    text = {
+        "iso-ms": moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
+        "iso": moment.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "http": moment.strftime("%a, %d %b %Y %H:%M:%S GMT"),
+        "other": moment.isoformat(),
+    }[shape]
+    assert storage_s3._parse_timestamp(text) == botocore.utils.parse_timestamp(text)
+    assert storage_s3._parse_timestamp(text).utcoffset() == timedelta(0)
