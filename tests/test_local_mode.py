@@ -169,3 +169,43 @@ def test_unreachable_comfyui_is_one_readable_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "ComfyUI at http://127.0.0.1:9 was not ready within 1 s" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_run_warns_once_about_misplaced_manifests_and_logs_to_the_volume(
+    tmp_path: Path, fake_comfyui: Any
+) -> None:
+    """A manifest dropped beside input/ instead of in it is named once, not on every poll;
+    with a network volume the same lines land in the worker's own log file there."""
+    jobs, volume = tmp_path / "jobs", tmp_path / "volume"
+    (jobs / "input").mkdir(parents=True)
+    (jobs / "misplaced.json").write_text(json.dumps({"workflow": "solid"}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMFYS3_")}
+    env.update(
+        {
+            "COMFYS3_COMFYUI_URL": fake_comfyui.url,
+            "COMFYS3_POLL_MAX_INTERVAL": "0.2",
+            "COMFYS3_VOLUME_DIR": str(volume),
+            "COMFYS3_WORKER_ID": "vol-1",
+        }
+    )
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen(
+        comfys3("run", "--local", str(jobs)),
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: "misplaced.json" in log.read_text(), 30, "the misplaced warning")
+        # Work in between starts a new idle period; the same file is not named again.
+        (jobs / "input" / "real.json").write_text(json.dumps({"workflow": "solid"}))
+        wait_until(lambda: (jobs / "output" / "real" / "status.json").exists(), 30, "the real job")
+        wait_until(lambda: log.read_text().count("idle: nothing to claim") >= 2, 30, "idling")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+    err = log.read_text()
+    assert worker.returncode == 0, err[-2000:]
+    warnings = [line for line in err.splitlines() if "misplaced.json" in line]
+    assert len(warnings) == 1, err
+    assert "move it to" in warnings[0] and "input/misplaced.json" in warnings[0]
+    on_volume = (volume / "logs" / "worker-vol-1.log").read_text()
+    assert "misplaced.json" in on_volume and "stopped:" in on_volume
