@@ -250,9 +250,9 @@ async def test_several_workers_hold_no_more_claims_than_their_lanes_and_share_th
     tmp_path: Path, fake_comfyui: Any
 ) -> None:
     """Issue 10: with several workers on one backlog, no worker holds more claims than its
-    lane. Slow prompts (0.25 s, preparing takes milliseconds) keep every lane at depth 2, so a
+    lane. Slow prompts (0.4 s, preparing takes milliseconds) keep every lane at depth 2, so a
     worker holds at most two claims ahead of the GPU; the backlog goes to all of them."""
-    fake_comfyui.state.exec_delay = 0.25
+    fake_comfyui.state.exec_delay = 0.4
     for n in range(9):
         drop(tmp_path, f"job{n}", {"workflow": "solid"})
     finishing: Counter[str] = Counter()
@@ -289,14 +289,19 @@ async def test_several_workers_hold_no_more_claims_than_their_lanes_and_share_th
     assert set(fake_comfyui.stats()["executed"].values()) == {1}
     for holder, samples in seen.items():
         assert len(samples) > 20, holder
+        lane = 0  # the deepest the lane has been so far: slots taken then may still be held
         for target, in_use, ahead, held, done in samples:
-            assert target == 2, (holder, target)  # slow prompts: the lane stays at two
-            assert in_use <= target and ahead <= in_use, (holder, in_use, ahead)
+            lane = max(lane, target)
+            assert in_use <= lane and ahead <= in_use, (holder, in_use, ahead, lane)
             # Every live claim has a lane slot, or is a finished job being retired.
             assert held <= in_use + done, (holder, held, in_use, done)
+        # Slow prompts keep the lane at two (preparing takes milliseconds next to 0.4 s; a
+        # machine slow enough to take 130 ms would make it three, hence the sampled lane).
+        assert Counter(sample[0] for sample in samples).most_common(1)[0][0] == 2, holder
         # ComfyUI runs one prompt at a time, so at most one of a worker's jobs is being
-        # retired at any moment: never more than the lane and that one.
-        assert max(sample[3] for sample in samples) <= 2 + 1, holder
+        # retired at any moment: never more claims than the lane and that one.
+        assert max(sample[3] for sample in samples) <= lane + 1, holder
+        assert max(sample[2] for sample in samples) <= lane, holder
         assert max(sample[3] for sample in samples) >= 1, holder  # it got work
     assert all(c.succeeded >= 1 for c in counts), [c.summary() for c in counts]
     assert max(c.succeeded for c in counts) <= 5, [c.summary() for c in counts]
