@@ -7,6 +7,7 @@ that costs, and that a sweep ends having offered every manifest once.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import re
@@ -19,7 +20,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processor.intake import MAX_PAGE, MIN_PAGE, Candidate, HintOutcome, Intake, spread_key
+from processor.intake import (
+    MAX_PAGE,
+    MAX_REMEMBERED,
+    MIN_PAGE,
+    Candidate,
+    HintOutcome,
+    Intake,
+    spread_key,
+)
 from processor.layout import Layout
 from processor.settings import S3Settings
 from processor.storage import LocalStorage, Page, S3Storage, Storage
@@ -114,6 +123,12 @@ async def sweep(intake: Intake, busy: Callable[[str], bool] = never) -> list[Can
     return offered
 
 
+async def settle() -> None:
+    """Let tasks the intake started (a dropped hint's report) run."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
 class Heard:
     """A hint callback that remembers what it was told."""
 
@@ -201,6 +216,23 @@ async def test_a_failing_hint_callback_does_not_stop_the_others(tmp_path: Path) 
     assert await intake.next(never) == Candidate("input/a.json", "hint")
     await intake.report("input/a.json", HintOutcome.taken)
     assert heard.outcomes == [HintOutcome.taken]
+
+
+async def test_too_many_hints_at_once_release_the_oldest_to_the_listing(tmp_path: Path) -> None:
+    """Memory is bounded: past MAX_REMEMBERED pending hints the oldest is dropped and its
+    sender hears ``released`` (an SQS message then comes back later)."""
+    intake = make_intake(LocalStorage(tmp_path))
+    oldest, newest = Heard(), Heard()
+    intake.hint("input/h0.json", oldest)
+    for n in range(1, MAX_REMEMBERED):
+        intake.hint(f"input/h{n}.json")
+    assert oldest.outcomes == []
+    intake.hint("input/last.json", newest)
+    await settle()
+
+    assert oldest.outcomes == [HintOutcome.released]
+    first = await intake.next(never)
+    assert first == Candidate("input/h1.json", "hint") and newest.outcomes == []
 
 
 # -- due keys -----------------------------------------------------------------------------
