@@ -260,6 +260,7 @@ class Intake:
         self._wrapped = False
 
     async def _list(self, start_after: str | None) -> None:
+        self._resize_page()
         page = await self.storage.list_page(
             self.layout.input_dir, start_after=start_after, limit=self._page_size
         )
@@ -271,9 +272,12 @@ class Intake:
         self._page_end = items[-1].key if items else start_after
         self._page_truncated = page.truncated
         self._page_listed_at = self._clock()
+        if self._wrapped and self._origin is not None:
+            # Keys past the origin were offered at the start of this sweep: the page that
+            # crosses it would offer them again.
+            items = [item for item in items if item.key <= self._origin]
         self._rng.shuffle(items)
         self._page = items
-        self._resize_page()
 
     def _resize_page(self) -> None:
         """Big enough to last ``page_max_age`` at the recent claim rate, no bigger: a smaller

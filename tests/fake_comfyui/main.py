@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -25,6 +27,16 @@ from aiohttp import web
 
 from tests.fake_comfyui.server import FakeDirs, create_app
 from tests.fake_comfyui.state import ConfigError, FakeState
+
+ENV_REPORT = "FAKE_COMFYUI_ENV_REPORT"
+
+
+def report_environment() -> None:
+    """Test-only: write this process's environment as JSON to the file named by
+    FAKE_COMFYUI_ENV_REPORT, so a test can see what a supervisor let through to ComfyUI."""
+    target = os.environ.get(ENV_REPORT)
+    if target:
+        Path(target).write_text(json.dumps(dict(os.environ), sort_keys=True))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,6 +87,7 @@ async def serve(args: argparse.Namespace, state: FakeState) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    report_environment()
     logging.basicConfig(
         stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )
