@@ -295,12 +295,29 @@ async def test_a_control_character_name_is_set_aside_once(
     assert mentioned[0].levelno == logging.ERROR
     assert "moved it to input/_failed/bad%07name.json" in mentioned[0].getMessage()
     assert "contains a control character" in mentioned[0].getMessage()
-    assert [c for c in spy.calls if c.op == "move"] == [
-        c for c in spy.calls if c.op == "move" and c.keys[0] == "input/bad\x07name.json"
-    ] and len([c for c in spy.calls if c.op == "move"]) == 1
+    moves = [call.keys for call in spy.calls if call.op == "move"]
+    assert moves == [("input/bad\x07name.json", "input/_failed/bad%07name.json")]
     assert "bad\x07name" not in claim_creates(spy.calls)  # never claimed
     assert counts.succeeded == 1 and bucket.status("good").state is JobState.succeeded
     assert bucket.keys("output/") == [k for k in bucket.keys("output/") if "good" in k]
+
+
+async def test_a_name_that_is_not_utf8_ends_once(tmp_path: Path, fake_comfyui: Any) -> None:
+    """Only a folder can hold such a name (an S3 key is UTF-8): it is listed with its bad byte
+    escaped, claimed, and failed once, since no job id can be made of it."""
+    (tmp_path / "input").mkdir()
+    odd = tmp_path / "input" / os.fsdecode(b"bad\xffname.json")
+    odd.write_text('{"workflow": "solid"}')
+    bucket = LocalBucket(tmp_path)
+    bucket.drop("good", {"workflow": "solid"})
+
+    drained = await drain(bucket, fake_comfyui)
+
+    name = os.fsdecode(b"bad\xffname")
+    assert drained.won() == {name: 1, "good": 1}
+    assert os.listdir(os.fsencode(tmp_path / "input" / "_failed")) == [b"bad\xffname.json"]
+    assert bucket.pending() == [] and bucket.keys("input/_claims/") == []
+    assert (drained.counts.succeeded, drained.counts.failed) == (1, 1)
 
 
 # -- 8. input files no attempt can use -----------------------------------------------------

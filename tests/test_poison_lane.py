@@ -54,8 +54,8 @@ async def test_three_workers_waste_few_claims_and_run_nothing_twice(
     assert sum(c.succeeded for c in counts) == JOBS
     assert local_bucket.pending() == [] and local_bucket.keys("input/_claims/") == []
     seen = figures(counts, calls)
-    # Measured here: 1-7 of 60 wasted; 28-47 while a page was walked until it was 2 s old.
-    assert seen["wasted_on_retired"] <= JOBS // 5, seen
+    # Measured here: 1-10 of 60 wasted; 28-47 while a page was walked until it was 2 s old.
+    assert seen["wasted_on_retired"] <= JOBS // 4, seen
 
 
 # -- 5. a retirement that fails half-way ---------------------------------------------------
