@@ -194,7 +194,16 @@ class Intake:
         return await self._from_listing(busy)
 
     async def report(self, key: str, outcome: HintOutcome) -> None:
-        """Tell whoever hinted ``key`` what became of it; a no-op for keys nobody hinted."""
+        """Tell whoever hinted ``key`` what became of it; a no-op for keys nobody hinted.
+
+        A key found taken or gone also says the page in use is stale: other workers are
+        finishing what it lists, so it is read again before the next pick rather than walked
+        on (each wasted claim costs requests; a fresh page costs one).
+        """
+        if outcome in (HintOutcome.taken, HintOutcome.gone) and self._page:
+            self._page_listed_at = min(
+                self._page_listed_at, self._clock() - self.page_max_age - 1.0
+            )
         for callback in self._hint_waiting.pop(key, []):
             try:
                 await callback(outcome)

@@ -209,9 +209,12 @@ class JobRunner:
         except ObjectNotFound:
             return None
         try:
-            return JobStatus.model_validate_json(stored.data)
+            status = JobStatus.model_validate_json(stored.data)
         except ValueError:
             return None  # a status we cannot read is treated as absent, never as success
+        # Nor one that names another job: written back with a note, it would land in that
+        # job's folder (or at no valid key at all).
+        return status if status.id == job_id else None
 
     async def write_status(self, status: JobStatus, *, create: bool = False) -> None:
         """Write ``status``; with ``create``, only if the job has no status yet

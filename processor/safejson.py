@@ -23,20 +23,20 @@ class JsonLimitError(ValueError):
 
 
 def _bad_constant(name: str) -> float:
-    raise JsonLimitError(f"{name} is not a number JSON allows")
+    raise JsonLimitError(f"holds {name}, which is not a number JSON allows")
 
 
 def _int(text: str) -> int:
     digits = len(text.lstrip("-"))
     if digits > MAX_INT_DIGITS:
-        raise JsonLimitError(f"an integer of {digits} digits; the limit is {MAX_INT_DIGITS}")
+        raise JsonLimitError(f"holds an integer of {digits} digits; the limit is {MAX_INT_DIGITS}")
     return int(text)
 
 
 def _float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise JsonLimitError(f"the number {text[:40]} is too large")
+        raise JsonLimitError(f"holds the number {text[:40]}, which is too large")
     return value
 
 

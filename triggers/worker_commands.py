@@ -36,6 +36,7 @@ from triggers.exec_storage import OUTPUT_PREFIX, OutputFolder
 from triggers.misplaced import MisplacedManifests
 from triggers.ops import OpsServer
 from triggers.poll import AdaptiveInterval
+from triggers.report_data import parse_status
 from triggers.wait_notice import WaitLine
 from triggers.watch import FolderWatch
 
@@ -200,7 +201,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(data.decode())
         return 0
-    print(describe_status(JobStatus.model_validate_json(data)))
+    status = parse_status(data)
+    if isinstance(status, str):  # the bucket is untrusted: a foreign or broken document
+        print(f"comfys3: the status at {layout.status_key(args.job_id)} is {status}")
+        return 1
+    print(describe_status(status))
     return 0
 
 
