@@ -229,28 +229,29 @@ class ClaimStore:
         given back.
         """
         key = self.key_for(name)
-        for _ in range(2):  # a claim deleted between our create and our read: create again
-            expires_at = self._clock() + self._lease_seconds
-            try:
-                etag = await self._write(
-                    name,
-                    key,
-                    attempt=1,
-                    tries=1,
-                    expires_at=expires_at,
-                    state=HELD,
-                    last_error=None,
-                    if_none_match=True,
-                )
-                return Lease(name, key, self._holder, 1, expires_at, etag, None, 1)
-            except PreconditionFailed:
-                pass
-            try:
-                current = await self._storage.get(key)
-            except ObjectNotFound:
-                continue
-            return await self._take_over(name, key, current.data, current.etag)
-        return Taken("?", self._clock())
+        expires_at = self._clock() + self._lease_seconds
+        try:
+            etag = await self._write(
+                name,
+                key,
+                attempt=1,
+                tries=1,
+                expires_at=expires_at,
+                state=HELD,
+                last_error=None,
+                if_none_match=True,
+            )
+            return Lease(name, key, self._holder, 1, expires_at, etag, None, 1)
+        except PreconditionFailed:
+            pass
+        try:
+            current = await self._storage.get(key)
+        except ObjectNotFound:
+            # Held a moment ago and deleted since: its holder retired the manifest (a claim is
+            # deleted last). Creating it again would only find the manifest gone; a listing
+            # offers the name again if it is still there.
+            return Taken("?", self._clock())
+        return await self._take_over(name, key, current.data, current.etag)
 
     async def _take_over(self, name: str, key: str, data: bytes, etag: str) -> Lease | Taken:
         previous = ClaimState.parse(data)

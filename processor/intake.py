@@ -135,7 +135,12 @@ class Intake:
             self._retries.add(key)
 
     def held_until(self, key: str, expires_at: float) -> None:
-        """Another worker holds ``key`` until ``expires_at`` (epoch seconds, its clock)."""
+        """Another worker holds ``key`` until ``expires_at`` (epoch seconds, its clock).
+        A hold that has already ended (a claim lost in a race, or deleted as its manifest was
+        retired) is not scheduled: the listing offers the key again if it is still pending."""
+        if expires_at <= self._wall():
+            self.forget(key)
+            return
         remaining = min(max(0.0, expires_at - self._wall()), 10 * self.lease_seconds)
         self._schedule(key, self._clock() + remaining + 0.05)
         self._retries.discard(key)
