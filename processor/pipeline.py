@@ -197,6 +197,7 @@ class Worker:
         self.counts = Counts()
         self._inflight: dict[str, asyncio.Task[list[JobOutcome] | None]] = {}
         self._claiming = 0  # claim attempts in flight
+        self._decided = asyncio.Event()  # set whenever a claim attempt is decided
         self._won = 0  # claims won since this worker started
         self._crash_logged: set[str] = set()
 
@@ -257,6 +258,8 @@ class Worker:
                     continue
                 slot.release()
                 # A sweep of the whole intake is over: did it find anything?
+                if self._claiming > 0 and self._won == won_at_sweep:
+                    await self._claim_decided(stop)
                 found_work = self._won > won_at_sweep or self._claiming > 0
                 won_at_sweep = self._won
                 if wait_for_work is not None:
@@ -314,6 +317,17 @@ class Worker:
             for task in (waiter, hinted, stopped):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+    async def _claim_decided(self, stop: asyncio.Event) -> None:
+        """Wait until one of the claim attempts in flight is decided (or a hint, or stop).
+
+        Listing again before that would only find the same keys busy: with claims slowed down
+        (storage throttling, retrying, or just back from an outage) the loop would otherwise
+        send LIST after LIST, hundreds a second, for as long as the claims hang.
+        """
+        self._decided.clear()
+        if self._claiming > 0:
+            await wait_any(stop, self._decided, self.intake.hinted)
 
     async def _until_one_finishes(self, stop: asyncio.Event) -> None:
         tasks = set(self._inflight.values())
@@ -381,12 +395,14 @@ class Worker:
             claimed = True
             self._claiming -= 1
             self._won += 1
+            self._decided.set()
             if result.took_over:
                 self.ops.metrics.claim_taken_over()
             return await self._claimed(key, result, slot)
         finally:
             if not claimed:
                 self._claiming -= 1
+                self._decided.set()
             slot.release()
 
     async def _claimed(self, key: str, lease: Lease, slot: Slot) -> list[JobOutcome]:

@@ -1,0 +1,83 @@
+"""A worker under storage trouble, as the chaos bench (bench/chaos.py) found it: slow claims must
+not make it list the intake again and again, a prompt ComfyUI has run must not be run again
+because an upload failed for a few seconds, and a lease must survive an outage longer than a
+third of it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from processor.layout import Layout
+from processor.service import open_worker
+from processor.settings import WorkerSettings
+from processor.storage import LocalStorage, Page
+from triggers.poll import AdaptiveInterval
+
+LAYOUT = Layout("input", "output")
+
+
+def settings_for(fake: Any, **overrides: Any) -> WorkerSettings:
+    values: dict[str, Any] = {
+        "comfyui_url": fake.url,
+        "job_timeout": 30,
+        "lease_seconds": 30,
+        "worker_id": "w",
+        "retry_delay": 0.2,
+        "check_conditional_writes": False,
+    }
+    values.update(overrides)
+    return WorkerSettings(**values)
+
+
+def drop(root: Path, name: str) -> None:
+    (root / "input").mkdir(parents=True, exist_ok=True)
+    (root / "input" / f"{name}.json").write_text(json.dumps({"workflow": "solid"}))
+
+
+class SlowClaims(LocalStorage):
+    """Creating a claim takes half a second (a throttled or recovering S3); listings counted."""
+
+    listings = 0
+
+    async def put(self, key: str, data: bytes, **options: Any) -> str:
+        if "/_claims/" in key and options.get("if_none_match"):
+            await asyncio.sleep(0.5)
+        return await super().put(key, data, **options)
+
+    async def list_page(self, prefix: str, **options: Any) -> Page:
+        if prefix == "input":
+            self.listings += 1
+        return await super().list_page(prefix, **options)
+
+
+async def serve_until(worker: Any, done: Any) -> None:
+    """Run the worker as `comfys3 run` does (polling) until ``done()``."""
+    stop = asyncio.Event()
+    poll = AdaptiveInterval(0.2, 1.0, stop)
+    task = asyncio.create_task(worker.run(wait_for_work=poll.wait, stop=stop))
+    for _ in range(300):
+        if done():
+            break
+        await asyncio.sleep(0.1)
+    stop.set()
+    await task
+
+
+async def test_slow_claims_do_not_make_the_worker_list_again_and_again(
+    tmp_path: Path, fake_comfyui: Any
+) -> None:
+    for n in range(3):
+        drop(tmp_path, f"j{n}")
+    storage = SlowClaims(tmp_path)
+    async with open_worker(
+        storage=storage, layout=LAYOUT, settings=settings_for(fake_comfyui)
+    ) as w:
+        await serve_until(w, lambda: w.counts.succeeded == 3)
+
+    assert w.counts.succeeded == 3
+    # While a claim was being decided, every sweep found the same keys busy and listed again
+    # at once: about 350 listings a second. Now a sweep waits for a claim to be decided.
+    assert storage.listings < 30, storage.listings
