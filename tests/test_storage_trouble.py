@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from processor.layout import Layout
+from processor.manifest import JobState, JobStatus
 from processor.service import open_worker
 from processor.settings import WorkerSettings
-from processor.storage import LocalStorage, Page
+from processor.storage import LocalStorage, Page, StorageError
 from triggers.poll import AdaptiveInterval
 
 LAYOUT = Layout("input", "output")
@@ -81,3 +82,38 @@ async def test_slow_claims_do_not_make_the_worker_list_again_and_again(
     # While a claim was being decided, every sweep found the same keys busy and listed again
     # at once: about 350 listings a second. Now a sweep waits for a claim to be decided.
     assert storage.listings < 30, storage.listings
+
+
+class FlakyUploads(LocalStorage):
+    """The first two uploads of an output, and the first write of a succeeded status, fail as
+    if S3 were away for a moment."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.failures: list[str] = []
+
+    async def put(self, key: str, data: bytes, **options: Any) -> str:
+        is_output = key.endswith(".png") and key.startswith("output/")
+        is_final = key.endswith("status.json") and b'"state": "succeeded"' in data
+        if (is_output and self.failures.count(key) < 2) or (is_final and key not in self.failures):
+            self.failures.append(key)
+            raise StorageError(f"S3 put of {key} failed: Could not connect to the endpoint URL")
+        return await super().put(key, data, **options)
+
+
+async def test_a_finished_prompt_waits_out_storage_trouble_instead_of_running_again(
+    tmp_path: Path, fake_comfyui: Any
+) -> None:
+    drop(tmp_path, "job")
+    storage = FlakyUploads(tmp_path)
+    async with open_worker(
+        storage=storage, layout=LAYOUT, settings=settings_for(fake_comfyui)
+    ) as worker:
+        counts = await worker.run()
+
+    status = JobStatus.model_validate_json((tmp_path / "output/job/status.json").read_bytes())
+    assert status.state is JobState.succeeded and status.attempt == 1
+    assert len(storage.failures) == 3  # two uploads and a status write were refused
+    assert sum(fake_comfyui.stats()["executed"].values()) == 1  # and the prompt ran once
+    assert counts.succeeded == 1 and counts.summary()["attempts"] == 1
+    assert (tmp_path / "input/_done/job.json").exists()
