@@ -48,6 +48,7 @@ MAX_COUNT = 1_000_000  # attempts and tries read from a claim are clamped to thi
 # been written by a worker renewing a lease, so it is treated as expired, not as a lock forever.
 PLAUSIBLE_LEASES = 10
 MAX_ERROR_CHARS = 2000
+RENEW_RETRY = 1.0  # seconds between renewals while they fail
 
 
 @dataclass(frozen=True)
@@ -351,13 +352,15 @@ class ClaimStore:
         interval = self._lease_seconds / 3
 
         async def run() -> None:
+            wait = interval
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), interval)
+                    await asyncio.wait_for(stop.wait(), wait)
                     return
                 try:
                     beat._lease = await self.renew(beat._lease)
                     beat.renewals += 1
+                    wait = interval
                     if self._on_renewed is not None:
                         self._on_renewed()
                 except LeaseLost as lost:
@@ -365,8 +368,13 @@ class ClaimStore:
                     beat.lost = lost
                     return
                 except Exception as error:
-                    # Transient: the lease is still ours until it expires; try again next tick.
-                    log.warning("renewing claim %s failed: %s", lease.key, error)
+                    # Transient: the lease is still ours until it expires. Try again soon, not
+                    # a tick later: a storage outage longer than a third of a lease spans two
+                    # ticks, the third comes as the lease runs out, and another worker would
+                    # take over (and run again) a job this one is still running.
+                    if wait == interval:  # the first failure of a run of them is enough to say
+                        log.warning("renewing claim %s failed: %s", lease.key, error)
+                    wait = min(interval, RENEW_RETRY)
 
         task = asyncio.create_task(run(), name=f"heartbeat {lease.key}")
         try:

@@ -10,6 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from processor import claims as claims_module
+from processor.claims import ClaimStore, Lease
 from processor.layout import Layout
 from processor.manifest import JobState, JobStatus
 from processor.service import open_worker
@@ -117,3 +121,37 @@ async def test_a_finished_prompt_waits_out_storage_trouble_instead_of_running_ag
     assert sum(fake_comfyui.stats()["executed"].values()) == 1  # and the prompt ran once
     assert counts.succeeded == 1 and counts.summary()["attempts"] == 1
     assert (tmp_path / "input/_done/job.json").exists()
+
+
+class Outage(LocalStorage):
+    """Every write fails while ``down`` is set."""
+
+    down = False
+
+    async def put(self, key: str, data: bytes, **options: Any) -> str:
+        if self.down:
+            raise StorageError(f"S3 put of {key} failed: Could not connect to the endpoint URL")
+        return await super().put(key, data, **options)
+
+
+async def test_a_lease_outlives_an_outage_longer_than_a_third_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Renewals come every third of a lease. An outage over two of them used to leave the next
+    one for the moment the lease ran out, and another worker could take over a job still
+    running; now a failed renewal is tried again soon."""
+    monkeypatch.setattr(claims_module, "RENEW_RETRY", 0.1)
+    storage = Outage(tmp_path)
+    lease_seconds = 6.0  # renewals due at 2, 4, 6 s
+    store = ClaimStore(storage, "claims", "owner", lease_seconds)
+    lease = await store.acquire("job")
+    assert isinstance(lease, Lease)
+    async with store.heartbeat(lease) as beat:
+        await asyncio.sleep(1.0)
+        storage.down = True  # over the renewals due at 2 and 4 s
+        await asyncio.sleep(3.5)
+        storage.down = False
+        await asyncio.sleep(1.0)  # 5.5 s: before, the next renewal was due only at 6 s
+        renewed = beat()
+    assert beat.lost is None
+    assert beat.renewals >= 1 and renewed.expires_at > lease.expires_at
