@@ -58,6 +58,7 @@ from processor.workflows import WorkflowRegistry
 log = logging.getLogger("comfys3.worker")
 
 MAX_RETRY_DELAY = 300.0
+MAX_CLAIM_RETRY_DELAY = 10.0  # storage refusing claims: the longest pause before trying again
 
 
 @dataclass
@@ -199,6 +200,7 @@ class Worker:
         self._claiming = 0  # claim attempts in flight
         self._decided = asyncio.Event()  # set whenever a claim attempt is decided
         self._won = 0  # claims won since this worker started
+        self._claim_failures = 0  # claim attempts in a row that storage failed
         self._crash_logged: set[str] = set()
 
     # -- what triggers use ----------------------------------------------------------------
@@ -384,10 +386,15 @@ class Worker:
                 self.ops.storage_failed("claim", error)
                 if candidate.source == "request":
                     raise
-                log.warning("claiming %s failed: %s", key, error)
-                self.intake.retry_at(key, self.settings.retry_delay)
+                # Storage is down or refusing: each failure in a row doubles the pause, so an
+                # outage costs a few tries per key, not one every retry_delay for its length.
+                self._claim_failures += 1
+                pause = min(MAX_CLAIM_RETRY_DELAY, self.settings.retry_pause(self._claim_failures))
+                log.warning("claiming %s failed (again in %.1f s): %s", key, pause, error)
+                self.intake.retry_at(key, pause)
                 await self.intake.report(key, HintOutcome.released)
                 return None
+            self._claim_failures = 0
             if isinstance(result, Taken):
                 self.intake.held_until(key, result.expires_at)
                 await self.intake.report(key, HintOutcome.taken)

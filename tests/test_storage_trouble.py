@@ -155,3 +155,43 @@ async def test_a_lease_outlives_an_outage_longer_than_a_third_of_it(
         renewed = beat()
     assert beat.lost is None
     assert beat.renewals >= 1 and renewed.expires_at > lease.expires_at
+
+
+class RefusedClaims(LocalStorage):
+    """Claims cannot be written until ``up`` is set; claim attempts counted."""
+
+    up = False
+    attempts = 0
+
+    async def put(self, key: str, data: bytes, **options: Any) -> str:
+        if "/_claims/" in key:
+            self.attempts += 1
+            if not self.up:
+                raise StorageError(f"S3 put of {key} failed: Could not connect to the endpoint URL")
+        return await super().put(key, data, **options)
+
+
+async def test_claims_refused_by_storage_are_tried_less_and_less_often(
+    tmp_path: Path, fake_comfyui: Any
+) -> None:
+    drop(tmp_path, "job")
+    storage = RefusedClaims(tmp_path)
+    settings = settings_for(fake_comfyui, retry_delay=0.1)
+    async with open_worker(storage=storage, layout=LAYOUT, settings=settings) as worker:
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            worker.run(wait_for_work=AdaptiveInterval(0.2, 1.0, stop).wait, stop=stop)
+        )
+        await asyncio.sleep(3.0)
+        refused = storage.attempts
+        storage.up = True
+        for _ in range(150):
+            if worker.counts.succeeded:
+                break
+            await asyncio.sleep(0.1)
+        stop.set()
+        await task
+
+    # Every retry_delay (0.1 s) for 3 s would be about 30 tries; doubling pauses make 5.
+    assert 2 <= refused <= 8, refused
+    assert worker.counts.succeeded == 1
