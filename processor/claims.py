@@ -123,6 +123,8 @@ class Heartbeat:
         self._lease = lease
         self.lost: LeaseLost | None = None
         self.renewals = 0
+        self._stop: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def __call__(self) -> Lease:
         return self._lease
@@ -132,6 +134,15 @@ class Heartbeat:
         if self.lost is not None:
             raise self.lost
         return self._lease
+
+    async def halt(self) -> None:
+        """Stop renewing, and let a renewal in flight land first: after this, calling the
+        heartbeat gives the lease as stored, which is what a release must match. Without it a
+        release could race a renewal (likely just after an outage, when both were retrying),
+        fail on the renewal's new etag, and leave the claim held for a whole lease."""
+        if self._stop is not None and self._task is not None:
+            self._stop.set()
+            await self._task
 
 
 class ClaimStore:
@@ -377,6 +388,7 @@ class ClaimStore:
                     wait = min(interval, RENEW_RETRY)
 
         task = asyncio.create_task(run(), name=f"heartbeat {lease.key}")
+        beat._stop, beat._task = stop, task
         try:
             yield beat
         finally:

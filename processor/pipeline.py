@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from processor.aio import wait_any
-from processor.claims import ClaimStore, Heartbeat, Lease, Taken
+from processor.claims import ClaimStore, Heartbeat, Lease, LeaseLost, Taken
 from processor.errors import ManifestError
 from processor.intake import Candidate, HintCallback, HintOutcome, Intake
 from processor.jobrun import JobOutcome, JobRunner, LaneHooks, Verdict
@@ -550,10 +550,11 @@ class Worker:
         await self.intake.report(key, HintOutcome.settled)
 
     async def _give_back(self, key: str, beat: Heartbeat, reason: str, *, charge: bool) -> None:
+        await beat.halt()  # a renewal landing after we read the lease would fail the release
         lease = beat()
         try:
             await self.claims.release(lease, error=reason, charge=charge)
-        except StorageError as error:  # LeaseLost included: the claim expires by itself
+        except (StorageError, LeaseLost) as error:  # either way the claim expires by itself
             log.warning("%s: could not give the claim back: %s", key, error)
         self.intake.retry_at(key, self.settings.retry_pause(lease.tries))
         await self.intake.report(key, HintOutcome.released)

@@ -195,3 +195,29 @@ async def test_claims_refused_by_storage_are_tried_less_and_less_often(
     # Every retry_delay (0.1 s) for 3 s would be about 30 tries; doubling pauses make 5.
     assert 2 <= refused <= 8, refused
     assert worker.counts.succeeded == 1
+
+
+class SlowAnswers(LocalStorage):
+    """A renewal lands at once, but its answer takes a second, as a retried request's does."""
+
+    async def put(self, key: str, data: bytes, **options: Any) -> str:
+        etag = await super().put(key, data, **options)
+        if options.get("if_match") and b'"state": "held"' in data:
+            await asyncio.sleep(1.0)
+        return etag
+
+
+async def test_giving_a_claim_back_waits_for_the_renewal_in_flight(tmp_path: Path) -> None:
+    """Released with the lease read before a renewal's answer came, the claim failed to be given
+    back (the renewal had changed its etag) and stayed held for a whole lease."""
+    storage = SlowAnswers(tmp_path)
+    store = ClaimStore(storage, "claims", "owner", 0.6)  # a renewal every 0.2 s
+    lease = await store.acquire("job")
+    assert isinstance(lease, Lease)
+    async with store.heartbeat(lease) as beat:
+        await asyncio.sleep(0.45)  # the first renewal has landed; its answer is on its way
+        await beat.halt()
+        await store.release(beat(), error="storage: down", charge=False)
+    claim = json.loads((await storage.get("claims/job.json")).data)
+    assert (claim["state"], claim["last_error"]) == ("released", "storage: down")
+    assert beat.lost is None and beat.renewals == 1
