@@ -145,6 +145,7 @@ class RequestSampler:
         self.total: collections.Counter[str] = collections.Counter()  # "PUT 200" -> n
         self.samples: list[tuple[float, collections.Counter[str]]] = []  # cumulative
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # sampled from its thread and, before a stop, the run's
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def start(self) -> None:
@@ -175,12 +176,13 @@ class RequestSampler:
             labels = dict(_LABEL.findall(match["labels"]))
             if labels.get("bucket") == self._bucket:
                 now[f"{labels.get('type')} {labels.get('code')}"] = float(match["value"])
-        restarted = any(value < self._last.get(name, 0) for name, value in now.items())
-        for name, value in now.items():
-            before = 0.0 if restarted else self._last.get(name, 0.0)
-            self.total[name] += int(value - before)
-        self._last = now
-        self.samples.append((time.time(), collections.Counter(self.total)))
+        with self._lock:
+            restarted = any(value < self._last.get(name, 0) for name, value in now.items())
+            for name, value in now.items():
+                before = 0.0 if restarted else self._last.get(name, 0.0)
+                self.total[name] += int(value - before)
+            self._last = now
+            self.samples.append((time.time(), collections.Counter(self.total)))
 
 
 class OwnRequests:
@@ -530,6 +532,7 @@ class ChaosRun:
         self.execs = ExecLogs()
         self.workers: list[WorkerProcess] = []
         self.fakes: dict[int, FakeComfyProcess] = {}
+        self.sampler: RequestSampler | None = None
         self.t0 = 0.0
 
     # -- set-up --
@@ -637,6 +640,8 @@ class ChaosRun:
 
     def _outage(self) -> None:
         stopping = time.monotonic()
+        if self.sampler is not None:
+            self.sampler.sample()  # what it served up to now: its counters die with it
         self._event("stopping SeaweedFS (SIGTERM)")
         self.weed.stop()
         self._event(f"SeaweedFS stopped; starting it again in {self.plan.s3_outage:g} s")
@@ -663,7 +668,7 @@ class ChaosRun:
         client = s3_client(s3)
         own = OwnRequests(client)
         self._upload(s3, client)
-        sampler = RequestSampler(lambda: self.weed.metrics_url, s3.bucket_name)
+        sampler = self.sampler = RequestSampler(lambda: self.weed.metrics_url, s3.bucket_name)
         try:
             for index in range(self.plan.workers):
                 env = self._worker_env(index, s3)
