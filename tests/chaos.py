@@ -12,7 +12,8 @@ and prints the figures. Nothing here asserts a time. What is counted, and from w
   ``claimed <key>`` for every claim won, ``<key> is gone (finished by another worker)`` for a
   claim won on a manifest that another worker had already finished and retired.
 - S3 requests: SeaweedFS's own Prometheus counters (``SeaweedFS_s3_request_total`` for the
-  bucket, by type and code), read every second; a restarted server starts them from zero,
+  bucket, by type and code; HEAD counts as GET), read every second and just before the
+  server is stopped; a restarted server starts them from zero,
   which the sampler accounts for. Requests sent while the server is down reach nothing and
   are not counted. The run's own requests (set-up excluded, the final checks included) are
   counted on its client and taken off.
