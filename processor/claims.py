@@ -48,6 +48,7 @@ MAX_COUNT = 1_000_000  # attempts and tries read from a claim are clamped to thi
 # been written by a worker renewing a lease, so it is treated as expired, not as a lock forever.
 PLAUSIBLE_LEASES = 10
 MAX_ERROR_CHARS = 2000
+RENEW_RETRY = 1.0  # seconds between renewals while they fail
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,8 @@ class Heartbeat:
         self._lease = lease
         self.lost: LeaseLost | None = None
         self.renewals = 0
+        self._stop: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def __call__(self) -> Lease:
         return self._lease
@@ -131,6 +134,15 @@ class Heartbeat:
         if self.lost is not None:
             raise self.lost
         return self._lease
+
+    async def halt(self) -> None:
+        """Stop renewing, and let a renewal in flight land first: after this, calling the
+        heartbeat gives the lease as stored, which is what a release must match. Without it a
+        release could race a renewal (likely just after an outage, when both were retrying),
+        fail on the renewal's new etag, and leave the claim held for a whole lease."""
+        if self._stop is not None and self._task is not None:
+            self._stop.set()
+            await self._task
 
 
 class ClaimStore:
@@ -352,13 +364,15 @@ class ClaimStore:
         interval = self._lease_seconds / 3
 
         async def run() -> None:
+            wait = interval
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), interval)
+                    await asyncio.wait_for(stop.wait(), wait)
                     return
                 try:
                     beat._lease = await self.renew(beat._lease)
                     beat.renewals += 1
+                    wait = interval
                     if self._on_renewed is not None:
                         self._on_renewed()
                 except LeaseLost as lost:
@@ -366,10 +380,16 @@ class ClaimStore:
                     beat.lost = lost
                     return
                 except Exception as error:
-                    # Transient: the lease is still ours until it expires; try again next tick.
-                    log.warning("renewing claim %s failed: %s", lease.key, error)
+                    # Transient: the lease is still ours until it expires. Try again soon, not
+                    # a tick later: a storage outage longer than a third of a lease spans two
+                    # ticks, the third comes as the lease runs out, and another worker would
+                    # take over (and run again) a job this one is still running.
+                    if wait == interval:  # the first failure of a run of them is enough to say
+                        log.warning("renewing claim %s failed: %s", lease.key, error)
+                    wait = min(interval, RENEW_RETRY)
 
         task = asyncio.create_task(run(), name=f"heartbeat {lease.key}")
+        beat._stop, beat._task = stop, task
         try:
             yield beat
         finally:

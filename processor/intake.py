@@ -7,7 +7,7 @@ worker reads one page at a time:
 
 - **hints** first: keys an event named (S3 notifications, a RunPod request), claimed at once;
 - **due** keys next: this worker's own retries once their delay is over, and manifests it found
-  claimed by another worker, once that claim's lease has run out;
+  claimed by another worker, once that claim's lease has run out and if they are still there;
 - **stale claims**: every so often the claims prefix (it holds only work in flight, so it stays
   small) is read, and a claim nobody has renewed for a while is tried, so a dead worker's job is
   taken over soon after its lease expires however large the backlog;
@@ -89,7 +89,7 @@ class Intake:
         self._due: list[tuple[float, str]] = []  # heap of (monotonic time, key)
         self._due_at: dict[str, float] = {}
         self._retries: set[str] = set()  # due keys that are this worker's own retries
-        self._stale_claims: deque[str] = deque()
+        self._stale_claims: deque[tuple[str, str]] = deque()  # (manifest, claim)
         self._next_claims_scan = self._clock()
         # The listing: the page in use, where it started, where the next one starts.
         self._page: list[ObjectInfo] = []
@@ -184,15 +184,27 @@ class Intake:
                 continue  # rescheduled or forgotten since
             del self._due_at[key]
             self._retries.discard(key)
-            if not busy(key):
-                return Candidate(key, "due")
+            if busy(key):
+                continue
+            # Time has passed since the key was put off (another worker held it, or storage
+            # refused us): that worker may well have finished it. A HEAD says so for one
+            # request; claiming would cost three (create, read, delete) and be a claim wasted
+            # on a finished manifest.
+            if await self.storage.head(key) is None:
+                continue
+            return Candidate(key, "due")
         if now >= self._next_claims_scan and not self._prefix_empty:
             # (An empty intake has nothing to take over: an idle worker skips the scan.)
             self._next_claims_scan = now + self.claims_scan_interval
             await self._scan_claims()
         while self._stale_claims:
-            key = self._stale_claims.popleft()
-            if not busy(key) and key not in self._due_at:
+            key, claim_key = self._stale_claims.popleft()
+            if busy(key) or key in self._due_at:
+                continue
+            # Its job may have ended since the scan (right after an outage, many claims look
+            # stale and are settled moments later): a HEAD of the claim costs one request, a
+            # claim on a finished manifest three, and counts as wasted.
+            if await self.storage.head(claim_key) is not None:
                 return Candidate(key, "claims")
         if not listing:
             return None
@@ -201,11 +213,13 @@ class Intake:
     async def report(self, key: str, outcome: HintOutcome) -> None:
         """Tell whoever hinted ``key`` what became of it; a no-op for keys nobody hinted.
 
-        A key found taken or gone also says the page in use is stale: other workers are
+        A listed key found taken or gone says the page in use is stale: other workers are
         finishing what it lists, so it is read again before the next pick rather than walked
         on (each wasted claim costs requests; a fresh page costs one).
         """
-        if outcome in (HintOutcome.taken, HintOutcome.gone) and self._page:
+        if outcome in (HintOutcome.taken, HintOutcome.gone) and self._page_listed_at > float(
+            "-inf"
+        ):
             self._page_listed_at = min(
                 self._page_listed_at, self._clock() - self.page_max_age - 1.0
             )
@@ -226,7 +240,7 @@ class Intake:
         for item in page.items:
             if item.last_modified.timestamp() < quiet_since and item.key.endswith(".json"):
                 name = self.layout.manifest_name(item.key)
-                self._stale_claims.append(self.layout.manifest_key(name))
+                self._stale_claims.append((self.layout.manifest_key(name), item.key))
 
     async def _from_listing(self, busy: Callable[[str], bool]) -> Candidate | None:
         while True:

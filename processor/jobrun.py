@@ -44,6 +44,7 @@ from processor.manifest import (
 from processor.notify import NotifyRecord
 from processor.outputs import prepare_output
 from processor.storage import (
+    InvalidKey,
     ObjectNotFound,
     ObjectTooLarge,
     PreconditionFailed,
@@ -141,6 +142,9 @@ class JobSettings:
     upload_concurrency: int = 8
     max_input_bytes: int = 50 * 1024 * 1024
     max_input_pixels: int = 64 * 1024 * 1024
+    # Seconds to wait out storage trouble once ComfyUI has run the prompt, before giving the
+    # job back (which runs the prompt again); the worker uses its lease, 0 gives up at once.
+    storage_patience: float = 0.0
 
 
 def classify(error: BaseException) -> tuple[ErrorInfo, bool]:
@@ -269,6 +273,7 @@ class JobRunner:
         charged = True
         run_id = str(uuid.uuid4())
         result: RunResult | None = None
+        patience: float | None = None  # until when storage trouble is waited out
         subfolder = f"comfys3/{run_id}"
         staged_any = False
         try:
@@ -298,11 +303,12 @@ class JobRunner:
                         await asyncio.shield(self.comfy.interrupt(run_id))
                     raise
             executed(result.execution_seconds)
+            patience = time.monotonic() + self.settings.storage_patience
             status.timings["wait"] = _since(phase)
             status.timings["execute"] = round(result.execution_seconds, 3)
 
             phase = time.monotonic()
-            status.outputs = await self._publish(job, graph, result)
+            status.outputs = await self._publish(job, graph, result, patience)
             status.texts = result.texts
             status.timings["publish"] = _since(phase)
             status.state = JobState.succeeded
@@ -345,7 +351,10 @@ class JobRunner:
                 },
             )
         try:
-            await self.write_status(status)
+            if patience is not None:  # ComfyUI's work is in it: worth waiting for storage
+                await _patiently("writing its status", job.id, patience, self._write(status))
+            else:
+                await self.write_status(status)
         except Exception as error:  # storage trouble: the result is not recorded, so not done
             log.error("job %s: could not write its status: %s", job.id, error)
             if verdict is not Verdict.failed:
@@ -528,8 +537,11 @@ class JobRunner:
         pairs = await asyncio.gather(*(stage_one(i.field, i.source) for i in job.inputs))
         return dict(pairs)
 
+    def _write(self, status: JobStatus) -> Callable[[], Awaitable[object]]:
+        return lambda: self.write_status(status)
+
     async def _publish(
-        self, job: Job, graph: dict[str, Any], result: RunResult
+        self, job: Job, graph: dict[str, Any], result: RunResult, patience: float
     ) -> list[OutputRecord]:
         counters: dict[str, int] = {}
         plan = []
@@ -544,7 +556,13 @@ class JobRunner:
                 prepared = prepare_output(data, ref.filename, ref.kind, job.output)
                 class_type = str(graph.get(ref.node_id, {}).get("class_type", "node"))
                 key = self.layout.output_key(job.id, ref.node_id, class_type, index, prepared.ext)
-                await self.storage.put(key, prepared.data, content_type=prepared.content_type)
+
+                async def upload() -> object:
+                    return await self.storage.put(
+                        key, prepared.data, content_type=prepared.content_type
+                    )
+
+                await _patiently(f"uploading {key}", job.id, patience, upload)
                 return OutputRecord(
                     key=key,
                     node_id=ref.node_id,
@@ -607,6 +625,38 @@ class JobRunner:
             stopping.set()
             changed.set()
             await task
+
+
+async def _patiently(
+    what: str, job_id: str, deadline: float, write: Callable[[], Awaitable[object]]
+) -> None:
+    """Write, riding out storage trouble until ``deadline`` (monotonic).
+
+    Used once ComfyUI has run the prompt: giving the job back then means running the prompt
+    again, so a storage outage of a few seconds would cost GPU time, once for every prompt
+    that finished during it. The worker waits up to a lease (``storage_patience``): that is
+    how long other workers wait for it anyway.
+    """
+    pause = 0.5
+    while True:
+        try:
+            await write()
+            return
+        except (InvalidKey, PreconditionFailed, ObjectTooLarge):
+            raise  # not an outage: waiting cannot help
+        except StorageError as error:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning(
+                "job %s: %s failed, trying again in %.1f s: %s",
+                job_id,
+                what,
+                pause,
+                error,
+                extra={"job_id": job_id},
+            )
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 10.0)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from processor.aio import wait_any
-from processor.claims import ClaimStore, Heartbeat, Lease, Taken
+from processor.claims import ClaimStore, Heartbeat, Lease, LeaseLost, Taken
 from processor.errors import ManifestError
 from processor.intake import Candidate, HintCallback, HintOutcome, Intake
 from processor.jobrun import JobOutcome, JobRunner, LaneHooks, Verdict
@@ -58,6 +58,7 @@ from processor.workflows import WorkflowRegistry
 log = logging.getLogger("comfys3.worker")
 
 MAX_RETRY_DELAY = 300.0
+MAX_CLAIM_RETRY_DELAY = 10.0  # storage refusing claims: the longest pause before trying again
 
 
 @dataclass
@@ -197,7 +198,9 @@ class Worker:
         self.counts = Counts()
         self._inflight: dict[str, asyncio.Task[list[JobOutcome] | None]] = {}
         self._claiming = 0  # claim attempts in flight
+        self._decided = asyncio.Event()  # set whenever a claim attempt is decided
         self._won = 0  # claims won since this worker started
+        self._claim_failures = 0  # claim attempts in a row that storage failed
         self._crash_logged: set[str] = set()
 
     # -- what triggers use ----------------------------------------------------------------
@@ -270,6 +273,8 @@ class Worker:
                     await self._idle(wait_for_work, stop)
                     continue
                 # A sweep of the whole intake is over: did it find anything?
+                if self._claiming > 0 and self._won == won_at_sweep:
+                    await self._claim_decided(stop)
                 found_work = self._won > won_at_sweep or self._claiming > 0
                 won_at_sweep = self._won
                 if wait_for_work is not None:
@@ -338,6 +343,17 @@ class Worker:
         except Exception as error:
             log.warning("idle hook failed: %s: %s", type(error).__name__, error)
 
+    async def _claim_decided(self, stop: asyncio.Event) -> None:
+        """Wait until one of the claim attempts in flight is decided (or a hint, or stop).
+
+        Listing again before that would only find the same keys busy: with claims slowed down
+        (storage throttling, retrying, or just back from an outage) the loop would otherwise
+        send LIST after LIST, hundreds a second, for as long as the claims hang.
+        """
+        self._decided.clear()
+        if self._claiming > 0:
+            await wait_any(stop, self._decided, self.intake.hinted)
+
     async def _until_one_finishes(self, stop: asyncio.Event) -> None:
         tasks = set(self._inflight.values())
         stopped = asyncio.ensure_future(stop.wait())
@@ -393,10 +409,15 @@ class Worker:
                 self.ops.storage_failed("claim", error)
                 if candidate.source == "request":
                     raise
-                log.warning("claiming %s failed: %s", key, error)
-                self.intake.retry_at(key, self.settings.retry_delay)
+                # Storage is down or refusing: each failure in a row doubles the pause, so an
+                # outage costs a few tries per key, not one every retry_delay for its length.
+                self._claim_failures += 1
+                pause = min(MAX_CLAIM_RETRY_DELAY, self.settings.retry_pause(self._claim_failures))
+                log.warning("claiming %s failed (again in %.1f s): %s", key, pause, error)
+                self.intake.retry_at(key, pause)
                 await self.intake.report(key, HintOutcome.released)
                 return None
+            self._claim_failures = 0
             if isinstance(result, Taken):
                 self.intake.held_until(key, result.expires_at)
                 await self.intake.report(key, HintOutcome.taken)
@@ -404,12 +425,14 @@ class Worker:
             claimed = True
             self._claiming -= 1
             self._won += 1
+            self._decided.set()
             if result.took_over:
                 self.ops.metrics.claim_taken_over()
             return await self._claimed(key, result, slot)
         finally:
             if not claimed:
                 self._claiming -= 1
+                self._decided.set()
             slot.release()
 
     async def _claimed(self, key: str, lease: Lease, slot: Slot) -> list[JobOutcome]:
@@ -550,10 +573,11 @@ class Worker:
         await self.intake.report(key, HintOutcome.settled)
 
     async def _give_back(self, key: str, beat: Heartbeat, reason: str, *, charge: bool) -> None:
+        await beat.halt()  # a renewal landing after we read the lease would fail the release
         lease = beat()
         try:
             await self.claims.release(lease, error=reason, charge=charge)
-        except StorageError as error:  # LeaseLost included: the claim expires by itself
+        except (StorageError, LeaseLost) as error:  # either way the claim expires by itself
             log.warning("%s: could not give the claim back: %s", key, error)
         self.intake.retry_at(key, self.settings.retry_pause(lease.tries))
         await self.intake.report(key, HintOutcome.released)

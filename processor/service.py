@@ -110,6 +110,7 @@ async def open_worker(
                 job_timeout=settings.job_timeout,
                 max_input_bytes=settings.max_input_bytes,
                 max_input_pixels=settings.max_input_pixels,
+                storage_patience=settings.lease_seconds,
             ),
             cleanup=engine.cleanup,
             on_progress=on_progress,

@@ -156,24 +156,32 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+WEED_PORT_FLAGS = (
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
+    "metricsPort",
+)
+
+
 def _start_weed(
-    base: Path, config: Path, server_keys: tuple[str, str]
+    base: Path,
+    config: Path,
+    server_keys: tuple[str, str],
+    ports: dict[str, int] | None = None,
 ) -> tuple[subprocess.Popen[bytes], S3Server]:
+    """Start ``weed mini`` with its data in ``base/data``; ``ports`` (by flag) are free-picked
+    unless given, so a stopped server can be started again where it was, data and all."""
     data = base / "data"
-    data.mkdir(parents=True)
-    s3_port = free_port()
-    ports = {
-        "master.port": free_port(),
-        "master.port.grpc": free_port(),
-        "volume.port": free_port(),
-        "volume.port.grpc": free_port(),
-        "filer.port": free_port(),
-        "filer.port.grpc": free_port(),
-        "s3.port": s3_port,
-        "s3.port.grpc": free_port(),
-        "admin.port": free_port(),
-        "admin.port.grpc": free_port(),
-    }
+    data.mkdir(parents=True, exist_ok=True)
+    ports = ports if ports is not None else {flag: free_port() for flag in WEED_PORT_FLAGS}
     command = [
         weed_binary(),
         "mini",
@@ -194,7 +202,7 @@ def _start_weed(
         "-volume.max=400",
     ]
     log = base / "weed.log"
-    with log.open("wb") as out:
+    with log.open("ab") as out:
         process = subprocess.Popen(
             command,
             cwd=base,
@@ -203,7 +211,7 @@ def _start_weed(
             stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
         )
-    server = S3Server("seaweedfs", f"http://127.0.0.1:{s3_port}", *server_keys)
+    server = S3Server("seaweedfs", f"http://127.0.0.1:{ports['s3.port']}", *server_keys)
     try:
         _wait_for_s3(server, process, log)
     except BaseException:
@@ -212,14 +220,8 @@ def _start_weed(
     return process, server
 
 
-@contextlib.contextmanager
-def seaweedfs_server(base: Path) -> Iterator[S3Server]:
-    """``weed mini`` on loopback with every port free-picked, data under ``base``; stops on exit.
-
-    Only signed requests are accepted: one identity (random secret) from an ``-s3.config`` file.
-    Ports are picked free but may be taken before weed binds them, so start-up is tried again.
-    """
-    base.mkdir(parents=True, exist_ok=True)
+def _identity_file(base: Path) -> tuple[Path, tuple[str, str]]:
+    """One identity with a random secret: only requests signed with it are accepted."""
     access_key, secret_key = "seaweed-access", uuid.uuid4().hex
     identities = {
         "identities": [
@@ -232,17 +234,62 @@ def seaweedfs_server(base: Path) -> Iterator[S3Server]:
     }
     config = base / "s3.json"
     config.write_text(json.dumps(identities))
-    for attempt in range(1, 4):
-        try:
-            process, server = _start_weed(base / f"run{attempt}", config, (access_key, secret_key))
-            break
-        except _WeedExited:
-            if attempt == 3:
-                raise
+    return config, (access_key, secret_key)
+
+
+class WeedMini:
+    """``weed mini`` that a chaos test can stop and start again on the same ports and data,
+    with Prometheus metrics (``metrics_url``) counting the S3 requests it served."""
+
+    def __init__(self, base: Path) -> None:
+        base.mkdir(parents=True, exist_ok=True)
+        self.base = base
+        self._config, self._keys = _identity_file(base)
+        self.ports: dict[str, int] = {}
+        self.run_dir: Path | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['metricsPort']}/metrics"
+
+    def start(self) -> S3Server:
+        """The first start picks free ports, in a fresh folder each try (a port may be taken
+        before weed binds it); later starts reuse the ports and the data of the first."""
+        if self.run_dir is not None:
+            self.process, server = _start_weed(self.run_dir, self._config, self._keys, self.ports)
+            return server
+        for attempt in range(1, 4):
+            run_dir = self.base / f"run{attempt}"
+            ports = {flag: free_port() for flag in WEED_PORT_FLAGS}
+            try:
+                self.process, server = _start_weed(run_dir, self._config, self._keys, ports)
+            except _WeedExited:
+                if attempt == 3:
+                    raise
+                continue
+            self.ports, self.run_dir = ports, run_dir
+            return server
+        raise AssertionError("unreachable")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop(self.process)
+            self.process = None
+
+
+@contextlib.contextmanager
+def seaweedfs_server(base: Path) -> Iterator[S3Server]:
+    """``weed mini`` on loopback with every port free-picked, data under ``base``; stops on exit.
+
+    Only signed requests are accepted: one identity (random secret) from an ``-s3.config`` file.
+    Ports are picked free but may be taken before weed binds them, so start-up is tried again.
+    """
+    weed = WeedMini(base)
     try:
-        yield server
+        yield weed.start()
     finally:
-        _stop(process)
+        weed.stop()
 
 
 @pytest.fixture(scope="session")

@@ -295,6 +295,16 @@ class _Plan:
             self.blockers[target].discard(node_id)
 
 
+def _save_prefixes(prompt: dict[str, Any]) -> list[str]:
+    """The filename_prefix of every node that has one: comfys3 puts the job id in it."""
+    found = []
+    for node in prompt.values():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        if isinstance(inputs, dict) and isinstance(inputs.get("filename_prefix"), str):
+            found.append(inputs["filename_prefix"])
+    return found
+
+
 def _format_value(value: Any) -> Any:
     if value is None or isinstance(value, int | float | bool | str):
         return value
@@ -338,6 +348,7 @@ class _PromptRun:
         engine._interrupt.clear()
         engine.client_id = self.client_id
         stats.executed[self.prompt_id] = stats.executed.get(self.prompt_id, 0) + 1
+        self._record("start", prefixes=_save_prefixes(self.prompt))
         self._message("execution_start", {"prompt_id": self.prompt_id})
 
         signatures = engine.signatures(self.prompt)
@@ -374,6 +385,7 @@ class _PromptRun:
             plan.done(node_id)
         if success:
             self._message("execution_success", {"prompt_id": self.prompt_id})
+        self._record("end", success=success)
 
         outputs, meta = {}, {}
         for node_id in self.prompt:
@@ -407,6 +419,15 @@ class _PromptRun:
         engine._queue_updated()
         self._to_client("executing", {"node": None, "prompt_id": self.prompt_id})
         log.info("Prompt %s executed (%s)", self.prompt_id, "success" if success else "error")
+
+    def _record(self, event: str, **fields: Any) -> None:
+        """One line in the exec_log file (if set): it outlives the process, stats do not."""
+        path = self.state.exec_log
+        if not path:
+            return
+        line = {"t": time.time(), "event": event, "prompt_id": self.prompt_id, **fields}
+        with open(path, "a", encoding="utf-8") as handle:  # one write: a line is never torn
+            handle.write(json.dumps(line) + "\n")
 
     def _delay_share(self, plan: _Plan, cached: set[str]) -> float:
         units = 0

@@ -49,6 +49,9 @@ class FakeState:
     first_load_delay  seconds CheckpointLoaderSimple waits the first time it loads a checkpoint
                       in this process (a real ComfyUI reads GBs of weights once, then keeps
                       them); later loads of the same checkpoint are free
+    exec_log          if set, a file path: one JSON line is appended when a prompt starts and
+                      one when it ends, so executions can be counted across restarts (stats
+                      die with the process)
     """
 
     exec_delay: float = 0.0
@@ -66,6 +69,7 @@ class FakeState:
     gc_pause: float = 0.0
     gc_interval: float = 10.0
     first_load_delay: float = 0.0
+    exec_log: str | None = None
 
     def update(self, values: Mapping[str, Any]) -> None:
         """Set knobs from a mapping (JSON body or env), converting values; unknown names fail."""
@@ -102,7 +106,7 @@ _FLOATS = {
 }
 _OPTIONAL_INTS = {"fail_times"}
 _INTS = {"die_exit_code"}
-_NODE_IDS = {"fail_at_node", "drop_ws_at_node", "die_at_node", "die_marker"}
+_NODE_IDS = {"fail_at_node", "drop_ws_at_node", "die_at_node", "die_marker", "exec_log"}
 
 
 def _convert(name: str, raw: Any) -> Any:
