@@ -30,7 +30,7 @@ from processor.settings import (
 )
 from processor.storage import LocalStorage, ObjectNotFound, Storage, StorageError
 from processor.workflows import WorkflowRegistry
-from triggers import logs
+from triggers import logs, summary
 from triggers.events import SqsEvents
 from triggers.exec_storage import OUTPUT_PREFIX, OutputFolder
 from triggers.misplaced import MisplacedManifests
@@ -168,6 +168,8 @@ async def _until_stopped(
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.summary or args.job_id is None:
+        return summary.cmd_summary(args)
     storage, layout = storage_from_env(args.local)
 
     async def read() -> tuple[bytes | None, bool]:
@@ -382,13 +384,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     status = subparsers.add_parser(
         "status",
-        help="show a job's status",
+        help="show a job's status, or how the whole backlog stands",
         description="Print the status document of a job for a person (or --json for the "
-        "document itself).",
+        "document itself). With --summary instead of a job id: how many manifests wait, run, "
+        "succeeded and failed, counted from listings alone (no document is read).",
     )
-    status.add_argument("job_id", metavar="JOB_ID")
-    status.add_argument("--json", action="store_true", help="print the raw status document")
+    status.add_argument("job_id", metavar="JOB_ID", nargs="?")
+    status.add_argument(
+        "--json", action="store_true", help="print the raw status document (or the counts)"
+    )
     status.add_argument("--local", type=Path, metavar="DIR", help="read from a local folder")
+    summary.register_options(status)
     status.set_defaults(handler=cmd_status)
 
     run_one = subparsers.add_parser(
