@@ -13,9 +13,13 @@ worker reads one page at a time:
   taken over soon after its lease expires however large the backlog;
 - **the listing**: one page of the intake prefix at a time, starting at a point of the key space
   picked at random once the first page shows what the names look like, so workers sharing a
-  backlog read different pages. A page is shuffled, used until it is empty or older than
-  ``page_max_age`` (then read again from the same point), and the next page starts where it
-  ended, wrapping round at the end of the prefix.
+  backlog read different pages (a point past the last name is drawn again below it, so the
+  start is spread over the names that exist, however few of the guessed range they fill). A
+  page is shuffled, used until it is empty or older than ``page_max_age`` (then read again from
+  the same point), and the next page starts where it ended, wrapping round at the end of the
+  prefix. A key of the page that another worker turns out to hold or to have finished means
+  two workers share the page: this one leaves it for another random point. And a key this
+  worker finished after its page was listed is not offered from that page again.
 
 A **sweep** is one pass over the whole key space from where it began. :meth:`Intake.next`
 answers ``None`` once per completed sweep, which is how a drain (``--once``, RunPod) knows that
@@ -25,6 +29,7 @@ it has seen everything: its cost is a pass of pages, never a full listing per cl
 from __future__ import annotations
 
 import asyncio
+import bisect
 import enum
 import heapq
 import logging
@@ -32,7 +37,7 @@ import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from processor.layout import Layout
 from processor.storage_base import ObjectInfo, Storage
@@ -41,6 +46,7 @@ log = logging.getLogger("comfys3.intake")
 
 MAX_PAGE = 1000
 MIN_PAGE = 50
+MAX_DRAWS = 20  # random start points tried before starting at the first page
 MAX_REMEMBERED = 10_000  # due keys and pending hints kept in memory; beyond, the listing finds them
 
 
@@ -97,8 +103,16 @@ class Intake:
         self._page_end: str | None = None  # last key of the page in use
         self._page_truncated = False
         self._page_listed_at = float("-inf")
+        self._page_sent_at = float("-inf")  # when the request for the page in use was sent
         self._cursor: str | None = None
         self._spread_done = False
+        # The names' shape, guessed from the first page, and the value below which no key
+        # was found (a random point is drawn under it): see :class:`KeySpace`.
+        self._space: KeySpace | None = None
+        self._ceiling: int | None = None
+        self._leave_page = False  # another worker shares this page: go elsewhere
+        self._from_listing_offered: set[str] = set()  # offered from a page, outcome to come
+        self._settled: OrderedDict[str, float] = OrderedDict()  # key -> when it ended here
         # The sweep in progress: where it began, and whether it has wrapped round.
         self._origin: str | None = None
         self._wrapped = False
@@ -215,7 +229,11 @@ class Intake:
 
         A listed key found taken or gone says the page in use is stale: other workers are
         finishing what it lists, so it is read again before the next pick rather than walked
-        on (each wasted claim costs requests; a fresh page costs one).
+        on (each wasted claim costs requests; a fresh page costs one). If the key was of the
+        page in use, another worker is reading that very page: this one leaves it for another
+        random point (see :meth:`_leave`) rather than try, one by one, the keys the other is
+        taking. A key this worker ran to its end (``settled``) is not offered again by a page
+        listed before that.
         """
         if outcome in (HintOutcome.taken, HintOutcome.gone) and self._page_listed_at > float(
             "-inf"
@@ -223,6 +241,15 @@ class Intake:
             self._page_listed_at = min(
                 self._page_listed_at, self._clock() - self.page_max_age - 1.0
             )
+        if key in self._from_listing_offered:
+            self._from_listing_offered.discard(key)
+            if outcome in (HintOutcome.taken, HintOutcome.gone) and self._in_page(key):
+                self._leave_page = True
+        if outcome is HintOutcome.settled:
+            self._settled[key] = self._clock()
+            self._settled.move_to_end(key)
+            while len(self._settled) > MAX_REMEMBERED:
+                self._settled.popitem(last=False)
         for callback in self._hint_waiting.pop(key, []):
             try:
                 await callback(outcome)
@@ -244,7 +271,10 @@ class Intake:
 
     async def _from_listing(self, busy: Callable[[str], bool]) -> Candidate | None:
         while True:
-            if self._page and self._clock() - self._page_listed_at > self.page_max_age:
+            if self._leave_page:
+                self._leave_page = False
+                await self._leave()
+            elif self._page and self._clock() - self._page_listed_at > self.page_max_age:
                 await self._list(self._page_start)  # same place again: see what is left
             while self._page:
                 item = self._page.pop()
@@ -252,18 +282,61 @@ class Intake:
                     self.layout.is_manifest(item.key)
                     and not busy(item.key)
                     and item.key not in self._due_at
+                    and self._settled.get(item.key, float("-inf")) < self._page_sent_at
                 ):
                     self._taken_this_page += 1
+                    if len(self._from_listing_offered) >= MAX_REMEMBERED:
+                        self._from_listing_offered.clear()
+                    self._from_listing_offered.add(item.key)
                     return Candidate(item.key, "listing")
             if self._page_listed_at > float("-inf") and self._advance():
                 return None  # a sweep is complete
             await self._list(self._cursor)
             if not self._spread_done:
                 self._spread_done = True
-                start = self._spread_start()
-                if start is not None:
-                    self._origin = self._cursor = start
-                    await self._list(start)
+                if self._page_truncated and len(self._page) >= 2:
+                    self._space = KeySpace.guess(sorted(item.key for item in self._page))
+                    await self._list_from_random_point()
+
+    def _in_page(self, key: str) -> bool:
+        return (self._page_start is None or key > self._page_start) and (
+            self._page_end is not None and key <= self._page_end
+        )
+
+    async def _list_from_random_point(self) -> bool:
+        """Start a sweep at a random point of the names' range; True if one was found.
+
+        The first page shows where names start, not where they end: ``job0000000`` ..
+        ``job0000099`` may begin a thousand names or ten million. A point with nothing after
+        it lowers the ceiling and another is drawn under it, so the point found is uniform over
+        the names that exist, for about ln(guessed range / real range) empty LISTs, once.
+        When every draw misses, the sweep starts past the last key and so wraps round to the
+        first page: the same pass, from the start.
+        """
+        if self._space is None:
+            return False
+        for _ in range(MAX_DRAWS):
+            drawn = self._space.draw(self._rng, below=self._ceiling)
+            if drawn is None:
+                return False
+            value, start = drawn
+            self._origin = self._cursor = start
+            self._wrapped = False
+            await self._list(start)
+            if self._page or self._page_truncated:
+                return True
+            self._ceiling = value  # nothing at or after it
+        return False
+
+    async def _leave(self) -> None:
+        """Another worker is on this page. Both trying its keys in their own random order
+        wastes a claim on almost every key, and two workers on one page stay together page
+        after page. So this one starts a new sweep at another random point; one LIST, and the
+        sweep is whole again from there (a drain still ends only after a clean pass)."""
+        self._taken_per_page.append(self._taken_this_page)
+        self._taken_this_page = 0
+        if not await self._list_from_random_point():
+            await self._list(self._page_start)
 
     def _advance(self) -> bool:
         """Move past the page just used up; True when that completes a sweep."""
@@ -289,6 +362,7 @@ class Intake:
 
     async def _list(self, start_after: str | None) -> None:
         self._resize_page()
+        self._page_sent_at = self._clock()
         page = await self.storage.list_page(
             self.layout.input_dir, start_after=start_after, limit=self._page_size
         )
@@ -300,6 +374,8 @@ class Intake:
         self._page_end = items[-1].key if items else start_after
         self._page_truncated = page.truncated
         self._page_listed_at = self._clock()
+        if not page.truncated and items and self._space is not None:
+            self._ceiling = self._space.ceiling_for(items[-1].key)
         if self._wrapped and self._origin is not None:
             # Keys past the origin were offered at the start of this sweep: the page that
             # crosses it would offer them again.
@@ -314,37 +390,89 @@ class Intake:
             recent = max(self._taken_per_page)
             self._page_size = max(MIN_PAGE, min(MAX_PAGE, 2 * recent))
 
-    def _spread_start(self) -> str | None:
-        """A random point of the key space to start the first sweep from, guessed from the
-        first page: where the names in it start to differ, and the characters they use there.
-        Without it every worker of a fleet would start at the same first page."""
-        if not self._page_truncated or len(self._page) < 2:
-            return None
-        keys = sorted(item.key for item in self._page)
-        return spread_key(keys, self._rng)
 
-
-def spread_key(keys: list[str], rng: random.Random) -> str | None:
-    """A random key in the range the sorted manifest ``keys`` suggest: ``job000000.json`` ..
-    ``job000999.json`` suggests ``job000000`` .. ``job999999`` and gives, say, ``job583121``.
+@dataclass(frozen=True)
+class KeySpace:
+    """The names a first page suggests: a fixed ``head``, then ``length`` characters from
+    ``alphabet``, read as a number in that base so that a point can be drawn between two.
+    ``job0000000.json`` .. ``job0000099.json`` suggests ``job`` + 7 digits: ``job0000000`` ..
+    ``job9999999``, of which the first page shows only where they start (``low``).
 
     Positions from the first one where the names differ vary over the characters seen there;
     positions before it that hold one of those characters are assumed to vary too (a counter's
     leading zeros), back to the first one that does not.
     """
-    names = [key.removesuffix(".json") for key in keys if key.endswith(".json")]
-    if len(names) < 2:
-        return None
-    first, last = names[0], names[-1]
-    differ = next(
-        (i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b),
-        min(len(first), len(last)),
-    )
-    alphabet = sorted({char for name in names for char in name[differ:]} - {"/"})
-    if not alphabet:
-        return None
-    start = differ
-    while start > 0 and first[start - 1] in alphabet:
-        start -= 1
-    length = max(len(last) - start, 1)
-    return first[:start] + "".join(rng.choice(alphabet) for _ in range(length))
+
+    head: str
+    alphabet: str
+    length: int
+    low: int = 0
+
+    @classmethod
+    def guess(cls, keys: list[str]) -> KeySpace | None:
+        """From sorted manifest ``keys``; None unless there are two names to compare."""
+        names = [key.removesuffix(".json") for key in keys if key.endswith(".json")]
+        if len(names) < 2:
+            return None
+        first, last = names[0], names[-1]
+        differ = next(
+            (i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b),
+            min(len(first), len(last)),
+        )
+        alphabet = "".join(sorted({char for name in names for char in name[differ:]} - {"/"}))
+        if not alphabet:
+            return None
+        start = differ
+        while start > 0 and first[start - 1] in alphabet:
+            start -= 1
+        space = cls(first[:start], alphabet, max(len(last) - start, 1))
+        return replace(space, low=space.value(first) or 0)
+
+    @property
+    def size(self) -> int:
+        return len(self.alphabet) ** self.length
+
+    def value(self, key: str) -> int | None:
+        """Where ``key`` lies (at or below its true place: a character outside the alphabet
+        counts as the one below it, a short name is padded with the lowest); None when it
+        does not start with the head."""
+        name = key.removesuffix(".json")
+        if not name.startswith(self.head):
+            return None
+        tail = name[len(self.head) :]
+        total = 0
+        for index in range(self.length):
+            digit = 0
+            if index < len(tail):
+                digit = max(0, bisect.bisect_right(self.alphabet, tail[index]) - 1)
+            total = total * len(self.alphabet) + digit
+        return total
+
+    def key(self, value: int) -> str:
+        chars = []
+        for _ in range(self.length):
+            value, digit = divmod(value, len(self.alphabet))
+            chars.append(self.alphabet[digit])
+        return self.head + "".join(reversed(chars))
+
+    def draw(self, rng: random.Random, *, below: int | None = None) -> tuple[int, str] | None:
+        """A point uniform between the first name and ``below`` (the whole range without it)."""
+        high = self.size if below is None else min(below, self.size)
+        if high <= self.low:
+            return None
+        value = rng.randrange(self.low, high)
+        return value, self.key(value)
+
+    def ceiling_for(self, last_key: str) -> int | None:
+        """The ceiling once ``last_key`` is known to be the last name."""
+        value = self.value(last_key)
+        return None if value is None else value + 1
+
+
+def spread_key(keys: list[str], rng: random.Random) -> str | None:
+    """A random key in the range the sorted manifest ``keys`` suggest: ``job000000.json`` ..
+    ``job000999.json`` suggests ``job000000`` .. ``job999999`` and gives, say, ``job583121``
+    (see :class:`KeySpace`)."""
+    space = KeySpace.guess(keys)
+    drawn = space.draw(rng) if space is not None else None
+    return drawn[1] if drawn is not None else None
