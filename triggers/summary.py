@@ -32,6 +32,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Container
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,11 +49,26 @@ LIST_PAGE = 1000  # ListObjectsV2 answers at most this many keys a request
 
 @dataclass
 class Listing:
-    """What one prefix holds directly: (name, last modified) pairs, and whether that is all
-    of it (``complete`` is false when counting stopped at the cap)."""
+    """What one prefix holds directly, counted as it is listed (a history of millions is
+    never held in memory); ``complete`` is false when counting stopped at the cap."""
 
-    entries: list[tuple[str, float]] = field(default_factory=list)
+    keys: int = 0
+    manifests: int = 0  # ``*.json`` not skipped
+    others: int = 0  # anything else (never run)
+    skipped: int = 0  # manifests named in ``skip``: claimed, so not waiting
+    kept: dict[str, float] = field(default_factory=dict)  # name -> last modified, if asked
     complete: bool = True
+
+    def add(self, name: str, stamp: float | None, skip: Container[str], keep: bool) -> None:
+        self.keys += 1
+        if not name.endswith(".json"):
+            self.others += 1
+        elif name in skip:
+            self.skipped += 1
+        else:
+            self.manifests += 1
+        if keep and stamp is not None:
+            self.kept[name] = stamp
 
 
 @dataclass
@@ -116,22 +132,26 @@ class _Lister:
         self.max_keys = max_keys
         self.requests = 0
 
-    async def names(self, prefix: str) -> Listing:
-        """The objects directly under ``prefix`` (names relative to it), at most ``max_keys``."""
+    async def names(
+        self, prefix: str, *, skip: Container[str] = frozenset(), keep: bool = False
+    ) -> Listing:
+        """Count the objects directly under ``prefix``, at most ``max_keys``; ``keep`` keeps
+        each name with its date (for the claims prefix, which holds only work in flight)."""
         if isinstance(self.storage, LocalStorage):
             self.requests += 1
-            return await asyncio.to_thread(self._scan, self.storage.root / prefix)
+            folder = self.storage.root / prefix
+            return await asyncio.to_thread(self._scan, folder, skip, keep)
         listing = Listing()
         after: str | None = None
         while True:
             limit = LIST_PAGE
             if self.max_keys is not None:
-                limit = max(1, min(limit, self.max_keys - len(listing.entries)))
+                limit = max(1, min(limit, self.max_keys - listing.keys))
             page = await self.storage.list_page(prefix, start_after=after, limit=limit)
             self.requests += 1
-            listing.entries += [
-                (item.key.rsplit("/", 1)[-1], item.last_modified.timestamp()) for item in page.items
-            ]
+            for item in page.items:
+                name = item.key.rsplit("/", 1)[-1]
+                listing.add(name, item.last_modified.timestamp(), skip, keep)
             if not page.truncated:
                 return listing
             last = page.items[-1].key if page.items else None
@@ -143,9 +163,9 @@ class _Lister:
             after = last
 
     def _full(self, listing: Listing) -> bool:
-        return self.max_keys is not None and len(listing.entries) >= self.max_keys
+        return self.max_keys is not None and listing.keys >= self.max_keys
 
-    def _scan(self, folder: Path) -> Listing:
+    def _scan(self, folder: Path, skip: Container[str], keep: bool) -> Listing:
         """One scan of a local folder: the local twin of a run of LIST pages."""
         listing = Listing()
         try:
@@ -157,7 +177,8 @@ class _Lister:
                         if self._full(listing):
                             listing.complete = False
                             break
-                        listing.entries.append((entry.name, entry.stat().st_mtime))
+                        stamp = entry.stat().st_mtime if keep else None
+                        listing.add(entry.name, stamp, skip, keep)
                     except FileNotFoundError:
                         continue  # retired or released while scanning
         except (FileNotFoundError, NotADirectoryError):
@@ -181,15 +202,16 @@ async def summarise(
     now = time.time()
     lister = _Lister(storage, max_keys)
     # Claims first: they say which pending manifests are not waiting but running.
-    claims = await lister.names(layout.claims_prefix)
+    claims = await lister.names(layout.claims_prefix, keep=True)
     fresh_since = now - lease_seconds
-    claimed = {name: stamp >= fresh_since for name, stamp in claims.entries if _is_manifest(name)}
+    claimed = {
+        name: stamp >= fresh_since for name, stamp in claims.kept.items() if _is_manifest(name)
+    }
     intake, done, failed = await asyncio.gather(
-        lister.names(layout.input_dir),
+        lister.names(layout.input_dir, skip=claimed),
         lister.names(f"{layout.input_dir}/{DONE}"),
         lister.names(f"{layout.input_dir}/{FAILED}"),
     )
-    pending = [name for name, _ in intake.entries if name.endswith(".json")]
     running = sum(1 for fresh in claimed.values() if fresh)
     inexact: dict[str, str] = {}
     if not claims.complete:
@@ -202,12 +224,12 @@ async def summarise(
         inexact["not_manifests"] = "at least"
     return Summary(
         location=storage.location(layout.input_dir + "/"),
-        waiting=sum(1 for name in pending if name not in claimed),
+        waiting=intake.manifests,
         running=running,
         retrying=len(claimed) - running,
-        succeeded=sum(1 for name, _ in done.entries if name.endswith(".json")),
-        failed=sum(1 for name, _ in failed.entries if name.endswith(".json")),
-        not_manifests=len(intake.entries) - len(pending),
+        succeeded=done.manifests,
+        failed=failed.manifests,
+        not_manifests=intake.others,
         inexact=inexact,
         max_keys=max_keys,
         lease_seconds=lease_seconds,
