@@ -65,7 +65,7 @@ def listener(queue: EventQueue, on_key: Any, stop: asyncio.Event, **knobs: Any) 
     )
 
 
-async def settled_queue(queue: EventQueue, expect: tuple[int, int], timeout: float = 10) -> None:
+async def settled_queue(queue: EventQueue, expect: tuple[int, int], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while (counts := await asyncio.to_thread(queue.counts)) != expect:
         if time.monotonic() > deadline:
