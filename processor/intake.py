@@ -32,7 +32,6 @@ import asyncio
 import bisect
 import enum
 import heapq
-import logging
 import random
 import time
 from collections import OrderedDict, deque
@@ -40,9 +39,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from processor.layout import Layout
+from processor.logsafe import printable_logger
 from processor.storage_base import ObjectInfo, Storage
 
-log = logging.getLogger("comfys3.intake")
+log = printable_logger("comfys3.intake")
 
 MAX_PAGE = 1000
 MIN_PAGE = 50

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import logging
 import time
 import traceback
 import uuid
@@ -32,6 +31,7 @@ from processor.comfy_errors import (
 from processor.errors import ManifestError
 from processor.inputs import InputInvalid, check_image
 from processor.layout import Layout
+from processor.logsafe import printable_logger
 from processor.manifest import (
     ErrorInfo,
     Job,
@@ -54,7 +54,7 @@ from processor.storage import (
     validate_key,
 )
 
-log = logging.getLogger("comfys3.job")
+log = printable_logger("comfys3.job")
 
 
 class Comfy(Protocol):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from processor.intake import Candidate, HintCallback, HintOutcome, Intake
 from processor.jobrun import JobOutcome, JobRunner, LaneHooks, Verdict
 from processor.lane import Lane, LaneDepth, Slot
 from processor.layout import Layout
+from processor.logsafe import printable_logger
 from processor.manifest import (
     ErrorInfo,
     Job,
@@ -55,7 +55,7 @@ from processor.storage import (
 )
 from processor.workflows import WorkflowRegistry
 
-log = logging.getLogger("comfys3.worker")
+log = printable_logger("comfys3.worker")
 
 MAX_RETRY_DELAY = 300.0
 MAX_CLAIM_RETRY_DELAY = 10.0  # storage refusing claims: the longest pause before trying again

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 from processor.layout import Layout
+from processor.logsafe import printable_logger
 from processor.storage_base import ObjectNotFound, Storage, StorageError
 
-log = logging.getLogger("comfys3.worker")
+log = printable_logger("comfys3.worker")
 
 BATCH_WINDOW = 0.02  # seconds a delete waits for others to share its request
 MAX_BATCH = 1000
