@@ -122,14 +122,12 @@ class Intake:
         self.hinted = asyncio.Event()
         self.lists = 0  # LIST requests made, for benchmarks and the ops page
         self.seen_pending = 0  # manifests in the latest page: at least this many wait
-        self._prefix_empty = False  # the latest listing was all of the prefix, and no manifest
 
     # -- what others tell the intake ------------------------------------------------------
 
     def hint(self, key: str, on_outcome: HintCallback | None = None) -> None:
         """Try ``key`` ahead of anything listed; ``on_outcome`` hears what became of it."""
         callbacks = [on_outcome] if on_outcome is not None else []
-        self._prefix_empty = False  # work arrived: claims may need watching again
         if key in self._hint_waiting:  # already being tried: hear the same outcome
             self._hint_waiting[key] += callbacks
             return
@@ -207,8 +205,9 @@ class Intake:
             if await self.storage.head(key) is None:
                 continue
             return Candidate(key, "due")
-        if now >= self._next_claims_scan and not self._prefix_empty:
-            # (An empty intake has nothing to take over: an idle worker skips the scan.)
+        # Also while the intake is empty: a claim whose manifest is gone (its holder died while
+        # retiring it) is found here and removed.
+        if now >= self._next_claims_scan:
             self._next_claims_scan = now + self.claims_scan_interval
             await self._scan_claims()
         while self._stale_claims:
@@ -369,7 +368,6 @@ class Intake:
         self.lists += 1
         items = list(page.items)
         self.seen_pending = sum(1 for item in items if self.layout.is_manifest(item.key))
-        self._prefix_empty = start_after is None and not page.truncated and not self.seen_pending
         self._page_start = start_after
         self._page_end = items[-1].key if items else start_after
         self._page_truncated = page.truncated

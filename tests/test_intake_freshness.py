@@ -77,6 +77,29 @@ async def test_a_stale_claim_is_offered_only_while_it_exists(tmp_path: Path) -> 
         assert second is None
 
 
+async def test_an_orphan_claim_is_found_even_when_the_intake_is_empty(tmp_path: Path) -> None:
+    """A worker that died between retiring a manifest and deleting its claim leaves a claim
+    with nothing pending beside it; an idle worker must still find it and clean it up."""
+    (tmp_path / "input").mkdir()
+    now = [0.0]
+    async with LocalStorage(tmp_path) as storage:
+        intake = Intake(
+            storage,
+            LAYOUT,
+            lease_seconds=LEASE,
+            clock=lambda: now[0],
+            wall_clock=lambda: time.time() + 1e3,  # every claim looks unrenewed for long
+        )
+        assert await intake.next(never_busy) is None  # an empty intake, scanned and listed
+        put(tmp_path, "input/_claims/orphan.json")
+        now[0] += intake.claims_scan_interval + 1
+        candidate = await intake.next(never_busy)
+        assert candidate is not None and (candidate.key, candidate.source) == (
+            "input/orphan.json",
+            "claims",
+        )
+
+
 async def test_a_manifest_found_gone_makes_the_page_be_read_again(tmp_path: Path) -> None:
     for n in range(5):
         put(tmp_path, f"input/j{n}.json")
