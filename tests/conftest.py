@@ -3,4 +3,5 @@
 pytest_plugins: list[str] = [
     "tests.fake_comfyui.fixtures",
     "tests.s3_servers",
+    "tests.poison_parts",
 ]

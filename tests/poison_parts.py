@@ -16,10 +16,11 @@ from processor.layout import Layout
 from processor.manifest import JobStatus
 from processor.pipeline import Counts
 from processor.service import open_worker
-from processor.settings import S3Settings, WorkerSettings
+from processor.settings import S3Settings
 from processor.storage import LocalStorage, S3Storage, Storage
 from tests.s3_servers import s3_settings_for
 from tests.storage_spy import Call, Fault, SpyStorage, claim_creates, claims_won
+from tests.test_pipeline import worker_settings
 
 LAYOUT = Layout("input", "output")
 
@@ -119,20 +120,6 @@ def make_bucket(kind: str, request: pytest.FixtureRequest, root: Path) -> Bucket
     return S3Bucket("moto", server.client(), s3_settings_for(server))
 
 
-def worker_settings(fake: Any, **overrides: Any) -> WorkerSettings:
-    values: dict[str, Any] = {
-        "comfyui_url": fake.url,
-        "comfyui_startup_timeout": 20,
-        "job_timeout": 30,
-        "lease_seconds": 30,
-        "max_attempts": 3,
-        "worker_id": "test-worker",
-        "retry_delay": 0.2,
-    }
-    values.update(overrides)
-    return WorkerSettings(**values)
-
-
 @dataclass
 class Drained:
     """What one drain did, as the storage saw it."""
@@ -222,3 +209,18 @@ def figures(counts: list[Counts], calls: list[Call]) -> dict[str, Any]:
         "listings": sum(1 for call in calls if call.op == "list_page"),
         "jobs_per_worker": [c.succeeded for c in counts],
     }
+
+
+# -- fixtures shared by the poison tests (registered in conftest.py) --------------------------
+
+
+@pytest.fixture(params=["local", "moto"])
+def bucket(request: pytest.FixtureRequest, tmp_path: Path) -> Bucket:
+    """Where a key's shape or a conditional write matters, both backends."""
+    return make_bucket(request.param, request, tmp_path / "bucket")
+
+
+@pytest.fixture
+def local_bucket(tmp_path: Path) -> Bucket:
+    """Where storage is only the way in (checks that happen before ComfyUI), one backend."""
+    return LocalBucket(tmp_path / "bucket")

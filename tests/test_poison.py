@@ -33,25 +33,12 @@ from tests.poison_parts import (
     drain,
     ended,
     executions,
-    make_bucket,
     worker_settings,
 )
 from tests.storage_spy import SpyStorage, claim_creates
 from tests.workers import ROOT, comfys3
 
 DEEP = 2000
-
-
-@pytest.fixture(params=["local", "moto"])
-def bucket(request: pytest.FixtureRequest, tmp_path: Path) -> Bucket:
-    """Where a key's shape or a conditional write matters, both backends."""
-    return make_bucket(request.param, request, tmp_path / "bucket")
-
-
-@pytest.fixture
-def local_bucket(tmp_path: Path) -> Bucket:
-    """Where storage is only the way in (checks that happen before ComfyUI), one backend."""
-    return LocalBucket(tmp_path / "bucket")
 
 
 def deep_manifest() -> str:

@@ -3,36 +3,21 @@ already done, and a manifest whose retirement fails half-way is finished, never 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from processor.manifest import JobState
 from processor.pipeline import Worker
 from processor.storage import StorageError
 from tests.poison_parts import (
     Bucket,
-    LocalBucket,
     drain,
     ended,
     executions,
     figures,
-    make_bucket,
     three_workers,
 )
 
 JOBS = 60
-
-
-@pytest.fixture(params=["local", "moto"])
-def bucket(request: pytest.FixtureRequest, tmp_path: Path) -> Bucket:
-    return make_bucket(request.param, request, tmp_path / "bucket")
-
-
-@pytest.fixture
-def local_bucket(tmp_path: Path) -> Bucket:
-    return LocalBucket(tmp_path / "bucket")
 
 
 # -- 4. a stale listing --------------------------------------------------------------------
