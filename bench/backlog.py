@@ -48,15 +48,17 @@ from typing import Any
 from harness import percentiles
 from short_jobs import count_requests
 
-from processor.claims import Lease, Taken
-from processor.pipeline import Worker
-from processor.service import local_layout, open_worker, s3_layout
 from processor.settings import S3Settings, WorkerSettings
-from processor.storage import LocalStorage, S3Storage, Storage
+from processor.storage.base import Storage
+from processor.storage.claims import Lease, Taken
+from processor.storage.local import LocalStorage
+from processor.storage.s3 import S3Storage
+from processor.worker.assembly import local_layout, open_worker, s3_layout
+from processor.worker.loop import Worker
 from tests.s3_servers import s3_settings_for, seaweedfs_server
 from tests.workers import FakeComfyProcess, fake_comfy_process, s3_client
+from triggers.cli.backlog import summarise
 from triggers.poll import AdaptiveInterval
-from triggers.summary import summarise
 
 MANIFEST = json.dumps({"workflow": "solid", "payload": {}}).encode()
 

@@ -8,7 +8,7 @@ itself), the fake ComfyUI runs the jobs. Each mode gets its own bucket, its own 
 every point of the poll back-off):
 
 - ``poll``: the adaptive poll interval (COMFYS3_POLL_MIN_INTERVAL .. COMFYS3_POLL_MAX_INTERVAL);
-- ``events``: :class:`triggers.events.SqsEvents` feeding the worker, with the full listing every
+- ``events``: :class:`triggers.events.sqs.SqsEvents` feeding the worker, with the full listing every
   COMFYS3_EVENTS_FALLBACK_INTERVAL behind it.
 
 Requests are counted where they leave: a botocore ``before-send`` hook on the worker's S3
@@ -34,14 +34,14 @@ from typing import Any
 
 from harness import percentiles, worker_for
 
-from processor.layout import Layout
-from processor.pipeline import Worker
 from processor.settings import S3Settings, WorkerSettings
-from processor.storage import S3Storage
+from processor.storage.layout import Layout
+from processor.storage.s3 import S3Storage
+from processor.worker.loop import Worker
 from tests.s3_servers import S3Server, moto_s3_server, s3_settings_for
 from tests.sqs_queues import notifying_queue
 from tests.workers import FakeComfyProcess, fake_comfy_process, get_json, put_manifest, s3_client
-from triggers.events import Ack, SqsEvents
+from triggers.events.sqs import Ack, SqsEvents
 from triggers.poll import AdaptiveInterval
 
 WaitForWork = Callable[[bool], Awaitable[None]]

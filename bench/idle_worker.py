@@ -20,7 +20,7 @@ from typing import Any
 from harness import percentiles, real_parts, worker_for
 
 from processor.settings import WorkerSettings
-from processor.storage import S3Storage
+from processor.storage.s3 import S3Storage
 from tests.workers import get_json, put_manifest, s3_client
 from triggers.poll import AdaptiveInterval
 

@@ -24,7 +24,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from processor.storage import S3Storage  # noqa: E402
+from processor.storage.base import S3Storage  # noqa: E402
 from tests.s3_servers import S3Server, s3_settings_for, seaweedfs_server  # noqa: E402
 
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import percentiles  # noqa: E402
-from processor.notify import (  # noqa: E402
+from processor.ops.webhooks import (  # noqa: E402
     Notifier,
     NotifyRecord,
     RetryPolicy,

@@ -2,7 +2,8 @@
 stopped and started again, a worker is SIGKILLed (and started again), and a worker's own
 ComfyUI is killed under it, with poison manifests and claims mixed into the work.
 
-tests/test_chaos.py runs a short one and asserts the invariants; bench/chaos.py runs a long one
+tests/processor/worker/test_chaos.py runs a short one and asserts the invariants; bench/chaos.py
+runs a long one
 and prints the figures. Nothing here asserts a time. What is counted, and from where:
 
 - executions: every fake ComfyUI appends a line to its own ``exec_log`` when a prompt starts

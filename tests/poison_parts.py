@@ -12,15 +12,17 @@ from typing import Any
 
 import pytest
 
-from processor.layout import Layout
-from processor.manifest import JobStatus
-from processor.pipeline import Counts
-from processor.service import open_worker
+from processor.job.manifest import JobStatus
 from processor.settings import S3Settings
-from processor.storage import LocalStorage, S3Storage, Storage
+from processor.storage.base import Storage
+from processor.storage.layout import Layout
+from processor.storage.local import LocalStorage
+from processor.storage.s3 import S3Storage
+from processor.worker.assembly import open_worker
+from processor.worker.loop import Counts
+from tests.processor.worker.test_loop import worker_settings
 from tests.s3_servers import s3_settings_for
 from tests.storage_spy import Call, Fault, SpyStorage, claim_creates, claims_won
-from tests.test_pipeline import worker_settings
 
 LAYOUT = Layout("input", "output")
 

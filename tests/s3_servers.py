@@ -30,7 +30,9 @@ from botocore.config import Config
 from pydantic import SecretStr
 
 from processor.settings import S3Settings
-from processor.storage import LocalStorage, S3Storage, Storage
+from processor.storage.base import Storage
+from processor.storage.local import LocalStorage
+from processor.storage.s3 import S3Storage
 
 REGION = "us-east-1"
 SEAWEED_START_TIMEOUT = 60.0

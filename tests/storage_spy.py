@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
-from processor.storage import Storage
-from processor.storage_base import ObjectInfo, Page, StoredObject
+from processor.storage.base import ObjectInfo, Page, Storage, StoredObject
 
 
 @dataclass(frozen=True)

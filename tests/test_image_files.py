@@ -318,8 +318,8 @@ async def test_the_compose_healthcheck_command_follows_readiness(compose: dict[s
     non-zero when /healthz answers 503 or nothing listens."""
     import asyncio
 
-    from processor.metrics import Health, Metrics
-    from triggers.ops import OpsServer
+    from processor.ops.metrics import Health, Metrics
+    from processor.ops.server import OpsServer
 
     worker = compose["services"]["worker"]
     command = worker["healthcheck"]["test"][1:]

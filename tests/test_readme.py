@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from processor.settings import DispatchSettings, S3Settings, SqsSettings, WorkerSettings
-from triggers.cli import build_parser
+from triggers.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

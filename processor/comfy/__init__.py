@@ -1,0 +1,1 @@
+"""ComfyUI: the client, its websocket, readable node errors, the process supervisor."""

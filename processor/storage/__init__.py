@@ -1,0 +1,1 @@
+"""Storage: the backends, claims and leases, the key layout, retirement of manifests."""

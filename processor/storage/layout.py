@@ -1,0 +1,89 @@
+"""Where everything lives in the bucket (or the local root). One place, so docs/layout.md and
+the code cannot drift apart.
+
+```
+<input>/<name>.json                  pending manifests (only these are listed by a poll)
+<input>/_claims/<name>.json          who runs a manifest now, and how many attempts went before
+<input>/_done/<name>.json            manifests whose jobs all finished (succeeded or skipped)
+<input>/_failed/<name>.json          manifests that failed for good
+<input>/_dispatched/<name>.json      `comfys3 dispatch`: the RunPod request sent for a manifest
+<output>/<job id>/status.json        the job's status document
+<output>/<job id>/<node>_<ClassType>_<nnn>.<ext>    the job's outputs
+```
+Sub-prefixes of ``<input>`` are not listed by a poll (it lists with a delimiter), so the cost of
+a poll depends on the pending work, never on history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from urllib.parse import quote
+
+from processor.settings import normalise_prefix
+from processor.storage.base import StorageError, validate_key
+
+CLAIMS = "_claims"
+DONE = "_done"
+FAILED = "_failed"
+DISPATCHED = "_dispatched"
+
+
+@dataclass(frozen=True)
+class Layout:
+    input_dir: str = "input"
+    output_dir: str = "output"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_dir", normalise_prefix(self.input_dir))
+        object.__setattr__(self, "output_dir", normalise_prefix(self.output_dir))
+
+    @property
+    def claims_prefix(self) -> str:
+        return f"{self.input_dir}/{CLAIMS}"
+
+    def is_manifest(self, key: str) -> bool:
+        path = PurePosixPath(key)
+        return str(path.parent) == self.input_dir and path.suffix == ".json"
+
+    def manifest_key(self, name: str) -> str:
+        return f"{self.input_dir}/{name}.json"
+
+    @staticmethod
+    def manifest_name(key: str) -> str:
+        return PurePosixPath(key).stem
+
+    def name_problem(self, name: str) -> str | None:
+        """Why a manifest named ``name`` cannot be claimed and retired like others, if so
+        (a control character or backslash in it: not a key every backend can use)."""
+        try:
+            validate_key(self.manifest_key(name))
+        except StorageError as error:
+            return str(error).split(": ", 1)[-1]
+        return None
+
+    def aside_key(self, name: str) -> str:
+        """Where a manifest with an unusable name goes: ``_failed/`` under a name made safe,
+        so it leaves the intake once instead of being warned about on every poll."""
+        return self.failed_key(quote(name, safe="") or "_")
+
+    def done_key(self, name: str) -> str:
+        return f"{self.input_dir}/{DONE}/{name}.json"
+
+    def failed_key(self, name: str) -> str:
+        return f"{self.input_dir}/{FAILED}/{name}.json"
+
+    def dispatched_key(self, name: str) -> str:
+        """The dispatcher's marker: a RunPod request for ``<name>`` is pending."""
+        return f"{self.input_dir}/{DISPATCHED}/{name}.json"
+
+    def job_prefix(self, job_id: str) -> str:
+        return f"{self.output_dir}/{job_id}" if self.output_dir else job_id
+
+    def status_key(self, job_id: str) -> str:
+        return f"{self.job_prefix(job_id)}/status.json"
+
+    def output_key(self, job_id: str, node_id: str, class_type: str, index: int, ext: str) -> str:
+        safe_type = "".join(c for c in class_type if c.isalnum() or c in "-_") or "node"
+        safe_node = "".join(c for c in node_id if c.isalnum() or c in "-_.") or "node"
+        return f"{self.job_prefix(job_id)}/{safe_node}_{safe_type}_{index:03d}{ext}"

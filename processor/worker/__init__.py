@@ -1,0 +1,1 @@
+"""The worker: intake (which manifest next), the lane loop, assembly from settings, warm start."""

@@ -1,0 +1,136 @@
+"""Assembling a worker from settings: storage, ComfyUI, templates, the lane.
+
+Triggers call this instead of wiring the parts themselves, so polling, watching a folder and
+RunPod run exactly the same worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from processor.comfy.process import ComfyEngine
+from processor.job.runner import JobRunner, JobSettings, ProgressHook
+from processor.ops.parts import Ops, build_ops
+from processor.ops.volume import worker_name
+from processor.settings import S3Settings, WorkerSettings, load_s3_settings
+from processor.storage.base import Storage
+from processor.storage.claims_check import check_conditional_writes
+from processor.storage.layout import Layout
+from processor.storage.local import LocalStorage
+from processor.storage.s3 import S3Storage
+from processor.worker.loop import LaneSettings, Worker
+from processor.worker.warm_start import warm_up
+from processor.workflows import WorkflowRegistry
+
+log = logging.getLogger("comfys3.worker")
+
+LOCAL_INPUT = "input"
+LOCAL_OUTPUT = "output"
+
+
+def s3_layout(settings: S3Settings) -> Layout:
+    return Layout(settings.input_dir, settings.output_dir)
+
+
+def local_layout() -> Layout:
+    return Layout(LOCAL_INPUT, LOCAL_OUTPUT)
+
+
+def open_storage(s3: S3Settings | None, local_root: Path | None) -> Storage:
+    if local_root is not None:
+        return LocalStorage(local_root)
+    assert s3 is not None
+    return S3Storage(s3)
+
+
+def storage_from_env(local_root: Path | None) -> tuple[Storage, Layout]:
+    """The storage a command works on: ``local_root`` when given (``--local DIR``), else S3
+    from the COMFYS3_S3_* variables, which are only required in that case."""
+    if local_root is not None:
+        return LocalStorage(local_root), local_layout()
+    s3 = load_s3_settings()
+    return S3Storage(s3), s3_layout(s3)
+
+
+@contextlib.asynccontextmanager
+async def open_worker(
+    *,
+    storage: Storage,
+    layout: Layout,
+    settings: WorkerSettings,
+    on_progress: ProgressHook | None = None,
+    ops: Ops | None = None,
+) -> AsyncIterator[Worker]:
+    """A ready worker: templates loaded, storage open and able to referee claims, ComfyUI
+    answering and warmed up. Storage is checked before ComfyUI starts, so a wrong bucket fails
+    in a second, not after a model load. ``ops`` (metrics, health, webhooks) is built from
+    settings when not given; a trigger that serves /metrics passes its own."""
+    registry = WorkflowRegistry.default(settings.workflows_dir)
+    holder = worker_name(settings)
+    ops = ops or build_ops(settings)
+    engine = ComfyEngine(settings)
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(storage)
+        if settings.check_conditional_writes:
+            await check_conditional_writes(storage, layout.claims_prefix, holder)
+        ops.storage_ok()
+        await ops.start()
+        # Closed before storage: a webhook's record is written into its status.
+        stack.push_async_callback(ops.aclose, min(5.0, settings.shutdown_grace))
+        client = await stack.enter_async_context(engine)
+        ops.health.set_comfy_check(lambda: client.connected)
+        if engine.process is not None:
+            engine.process.add_exit_listener(
+                lambda code, restarting: (
+                    None
+                    if restarting
+                    else ops.health.fatal(f"ComfyUI died ({code}) and will not be restarted")
+                )
+            )
+        warmed = await warm_up(client, registry, settings, cleanup=engine.cleanup)
+        if warmed.ran:
+            ops.metrics.warmup_finished(warmed.seconds, warmed.succeeded)
+        log.info(
+            "worker %s ready: %r, manifests from %s/, results to %s/, ComfyUI at %s, templates: %s",
+            holder,
+            storage,
+            layout.input_dir,
+            layout.output_dir,
+            engine.url,
+            ", ".join(registry.names()),
+            extra={"worker": holder, "comfyui": engine.url},
+        )
+        runner = JobRunner(
+            storage=storage,
+            comfy=client,
+            layout=layout,
+            settings=JobSettings(
+                worker_id=holder,
+                job_timeout=settings.job_timeout,
+                max_input_bytes=settings.max_input_bytes,
+                max_input_pixels=settings.max_input_pixels,
+                storage_patience=settings.lease_seconds,
+            ),
+            cleanup=engine.cleanup,
+            on_progress=on_progress,
+            announce=ops.notify,
+        )
+        yield Worker(
+            storage=storage,
+            runner=runner,
+            registry=registry,
+            layout=layout,
+            settings=LaneSettings(
+                lease_seconds=settings.lease_seconds,
+                max_attempts=settings.max_attempts,
+                retry_delay=settings.retry_delay,
+                allow_raw=settings.allow_raw_workflows,
+                max_manifest_bytes=settings.max_manifest_bytes,
+                lane_depth_max=settings.lane_depth_max,
+            ),
+            holder=holder,
+            ops=ops,
+        )

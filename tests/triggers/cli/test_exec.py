@@ -1,0 +1,86 @@
+"""`comfys3 exec`: one manifest against a ComfyUI with no S3, as a user first tries it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from processor.storage.base import StorageError
+from tests.workers import comfys3
+from triggers.cli.exec_folder import OutputFolder
+
+
+def run_exec(
+    tmp_path: Path, manifest: dict[str, Any], url: str
+) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(manifest))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMFYS3_")}
+    return subprocess.run(
+        comfys3("exec", str(path), "--out", str(tmp_path / "out"), "--comfyui-url", url),
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_exec_seed_example_writes_image_and_status(tmp_path: Path, fake_comfyui: Any) -> None:
+    result = run_exec(tmp_path, {"workflow": "txt2img", "payload": {"seed": 123}}, fake_comfyui.url)
+
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "out" / "job"
+    status = json.loads((folder / "status.json").read_text())
+    assert status["state"] == "succeeded" and status["payload"]["seed"] == 123
+    assert (folder / "9_SaveImage_001.png").read_bytes().startswith(b"\x89PNG")
+    # Keys in the documented form (docs/manifests.md), as a worker writes them.
+    assert [o["key"] for o in status["outputs"]] == ["output/job/9_SaveImage_001.png"]
+    assert sorted(p.name for p in folder.iterdir()) == ["9_SaveImage_001.png", "status.json"]
+    assert "job: succeeded" in result.stdout and "9_SaveImage_001.png" in result.stdout
+    assert "100%" in result.stderr  # the progress bar reached the end
+
+
+def test_exec_reads_inputs_relative_to_the_current_folder(
+    tmp_path: Path, fake_comfyui: Any
+) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (10, 6), "green").save(tmp_path / "small.png")
+    result = run_exec(
+        tmp_path, {"workflow": "scale", "payload": {"image": "small.png"}}, fake_comfyui.url
+    )
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "out" / "job" / "3_SaveImage_001.png") as image:
+        assert image.size == (20, 12)
+
+
+def test_exec_failure_exits_1_with_a_readable_error(tmp_path: Path, fake_comfyui: Any) -> None:
+    manifest = {"workflow": "txt2img", "payload": {"ckpt_name": "nope.safetensors"}}
+    result = run_exec(tmp_path, manifest, fake_comfyui.url)
+
+    assert result.returncode == 1
+    assert "job: failed (validation)" in result.stderr
+    assert "node 4 (CheckpointLoaderSimple) ckpt_name" in result.stderr
+    assert "Traceback" not in result.stderr
+    status = json.loads((tmp_path / "out" / "job" / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"]["type"] == "validation"
+
+
+def test_exec_invalid_manifest_lists_problems(tmp_path: Path, fake_comfyui: Any) -> None:
+    result = run_exec(tmp_path, {"workflow": "txt2img", "payload": {"stpes": 3}}, fake_comfyui.url)
+    assert result.returncode == 1
+    assert "did you mean 'steps'" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_the_out_folder_stands_for_the_output_prefix(tmp_path: Path) -> None:
+    async with OutputFolder(tmp_path / "results") as folder:
+        await folder.put("output/job/status.json", b"{}", content_type="application/json")
+        assert (tmp_path / "results" / "job" / "status.json").read_bytes() == b"{}"
+        assert (await folder.get("output/job/status.json")).key == "output/job/status.json"
+        listed = await folder.list("output/job")
+        assert [info.key for info in listed] == ["output/job/status.json"]
+        assert folder.path_of("output/job/a.png") == (tmp_path / "results/job/a.png").resolve()
+        with pytest.raises(StorageError, match="is not under output/"):
+            await folder.put("input/job.json", b"{}")

@@ -1,0 +1,1 @@
+"""The comfys3 command line: argument parsing and one module per command family."""

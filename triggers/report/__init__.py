@@ -1,0 +1,1 @@
+"""The HTML contact sheet of a batch (comfys3 report)."""

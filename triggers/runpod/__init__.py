@@ -1,0 +1,1 @@
+"""RunPod serverless: the handler, request parsing, progress, the local test API."""

@@ -1,0 +1,5 @@
+"""``python -m triggers.runpod``: the RunPod serverless worker."""
+
+from triggers.runpod.command import main
+
+raise SystemExit(main())
