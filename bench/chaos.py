@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.chaos import ChaosPlan, ChaosReport, ChaosRun, verdicts  # noqa: E402
+from tests.chaos import ChaosPlan, ChaosReport, ChaosRun, verdicts
 
 
 def busiest_seconds(report: ChaosReport, count: int = 3) -> list[dict[str, object]]:

@@ -27,7 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from processor.comfy.client import ComfyClient  # noqa: E402
+from processor.comfy.client import ComfyClient
 
 FAKE_DIR = ROOT / "tests" / "fake_comfyui"
 

@@ -16,13 +16,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from processor.settings import S3Settings, WorkerSettings  # noqa: E402
-from processor.storage.base import Storage  # noqa: E402
-from processor.storage.s3 import S3Storage  # noqa: E402
-from processor.worker.assembly import open_worker, s3_layout  # noqa: E402
-from processor.worker.loop import Worker  # noqa: E402
-from tests.s3_servers import s3_settings_for, seaweedfs_server  # noqa: E402
-from tests.workers import FakeComfyProcess, fake_comfy_process  # noqa: E402
+from processor.settings import S3Settings, WorkerSettings
+from processor.storage.base import Storage
+from processor.storage.s3 import S3Storage
+from processor.worker.assembly import open_worker, s3_layout
+from processor.worker.loop import Worker
+from tests.s3_servers import s3_settings_for, seaweedfs_server
+from tests.workers import FakeComfyProcess, fake_comfy_process
 
 
 @contextlib.contextmanager

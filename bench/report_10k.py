@@ -24,12 +24,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from processor.job.manifest import ErrorInfo, JobState, JobStatus, OutputRecord  # noqa: E402
-from processor.storage.base import LocalStorage  # noqa: E402
-from processor.worker.assembly import local_layout  # noqa: E402
-from tests.browser import Chromium, ensure_chromium  # noqa: E402
-from triggers.report.command import relative_linker, write_report  # noqa: E402
-from triggers.report.data import Selection  # noqa: E402
+from processor.job.status import ErrorInfo, JobState, JobStatus, OutputRecord
+from processor.storage.local import LocalStorage
+from processor.worker.assembly import local_layout
+from tests.browser import Chromium, ensure_chromium
+from triggers.report.command import relative_linker, write_report
+from triggers.report.data import Selection
 
 
 def make_jobs(root: Path, count: int) -> None:

@@ -24,8 +24,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from processor.storage.base import S3Storage  # noqa: E402
-from tests.s3_servers import S3Server, s3_settings_for, seaweedfs_server  # noqa: E402
+from processor.storage.s3 import S3Storage
+from tests.s3_servers import S3Server, s3_settings_for, seaweedfs_server
 
 
 def fill(server: S3Server, bucket: str, start: int, stop: int) -> None:

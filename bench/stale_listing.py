@@ -26,10 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.fake_comfyui.state import FakeState  # noqa: E402
-from tests.fake_comfyui.thread import FakeComfyUIThread  # noqa: E402
-from tests.poison_parts import Bucket, LocalBucket, S3Bucket, figures, three_workers  # noqa: E402
-from tests.s3_servers import moto_s3_server, s3_settings_for  # noqa: E402
+from tests.fake_comfyui.state import FakeState
+from tests.fake_comfyui.thread import FakeComfyUIThread
+from tests.poison_parts import Bucket, LocalBucket, S3Bucket, figures, three_workers
+from tests.s3_servers import moto_s3_server, s3_settings_for
 
 
 def one_round(backend: str, jobs: int, base: Path, server: object | None) -> dict[str, object]:

@@ -20,15 +20,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from processor.comfy.process import ComfyEngine  # noqa: E402
-from processor.job.manifest import load_jobs  # noqa: E402
-from processor.job.runner import JobRunner, JobSettings  # noqa: E402
-from processor.settings import WorkerSettings  # noqa: E402
-from processor.storage.base import LocalStorage  # noqa: E402
-from processor.storage.layout import Layout  # noqa: E402
-from processor.worker.warm_start import warm_up  # noqa: E402
-from processor.workflows import WorkflowRegistry  # noqa: E402
-from tests.workers import fake_comfy_process  # noqa: E402
+from processor.comfy.process import ComfyEngine
+from processor.job.manifest import load_jobs
+from processor.job.runner import JobRunner, JobSettings
+from processor.settings import WorkerSettings
+from processor.storage.layout import Layout
+from processor.storage.local import LocalStorage
+from processor.worker.warm_start import warm_up
+from processor.workflows import WorkflowRegistry
+from tests.workers import fake_comfy_process
 
 
 async def first_job(url: str, folder: Path, steps: int, warmup: str | None) -> dict[str, float]:

@@ -24,14 +24,9 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import percentiles  # noqa: E402
-from processor.ops.webhooks import (  # noqa: E402
-    Notifier,
-    NotifyRecord,
-    RetryPolicy,
-    Signer,
-    WebhookPolicy,
-)
+from bench.harness import percentiles
+from processor.job.status import NotifyRecord
+from processor.ops.webhooks import Notifier, RetryPolicy, Signer, WebhookPolicy
 
 
 async def run(messages: int) -> None:

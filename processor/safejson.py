@@ -14,12 +14,10 @@ import json
 import math
 from typing import Any
 
+from processor.errors import JsonLimitError
+
 MAX_DEPTH = 64
 MAX_INT_DIGITS = 64
-
-
-class JsonLimitError(ValueError):
-    """A document that is not JSON, or is JSON beyond what comfys3 accepts; says where."""
 
 
 def _bad_constant(name: str) -> float:

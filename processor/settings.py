@@ -19,14 +19,12 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from processor.errors import SettingsError
+
 ENV_PREFIX = "COMFYS3_"
 S3_ENV_PREFIX = "COMFYS3_S3_"
 SQS_ENV_PREFIX = "COMFYS3_SQS_"
 RUNPOD_API_KEY_VARIABLE = "RUNPOD_API_KEY"
-
-
-class SettingsError(Exception):
-    """Configuration that cannot work; its message is meant for the person running the worker."""
 
 
 def normalise_prefix(value: str) -> str:

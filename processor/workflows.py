@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from processor.errors import ManifestError, Problem, problems_from_validation
+from processor.errors import ManifestError, Problem, WorkflowLoadError, problems_from_validation
 
 Graph = dict[str, Any]
 
@@ -153,10 +153,6 @@ def set_output_prefixes(graph: Graph, job_id: str) -> None:
         inputs = node.get("inputs") if isinstance(node, dict) else None
         if isinstance(inputs, dict) and SAVE_PREFIX_INPUT in inputs:
             inputs[SAVE_PREFIX_INPUT] = f"comfys3/{job_id}/{node_id}"
-
-
-class WorkflowLoadError(Exception):
-    """A template that is broken on disk: a bug in the template, not in a user's manifest."""
 
 
 def _bindings_of(model: type[WorkflowPayload]) -> tuple[FieldBinding, ...]:

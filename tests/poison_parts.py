@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from processor.job.manifest import JobStatus
+from processor.job.status import JobStatus
 from processor.settings import S3Settings
 from processor.storage.base import Storage
 from processor.storage.layout import Layout

@@ -24,18 +24,17 @@ from typing import Any
 
 import aiohttp
 
-from processor.comfy.node_errors import (
+from processor.comfy.node_errors import as_dict, validation_error
+from processor.comfy.waiting import LogNotices, WaitListener, reporting
+from processor.comfy.websocket import PromptWatch, SocketListener
+from processor.errors import (
     ComfyError,
     ComfyInterrupted,
     ComfyRuntimeError,
     ComfyTimeout,
     ComfyUnavailable,
     ComfyValidationError,
-    as_dict,
-    validation_error,
 )
-from processor.comfy.waiting import LogNotices, WaitListener, reporting
-from processor.comfy.websocket import PromptWatch, SocketListener
 
 __all__ = [
     "ComfyClient",

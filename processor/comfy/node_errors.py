@@ -1,14 +1,16 @@
-"""What can go wrong talking to ComfyUI, as exceptions a person can act on.
+"""ComfyUI's refusals made readable: a /prompt 400 body becomes one line per node to fix.
 
-Each error carries ``details``: a JSON-ready dict that the status manifest stores, so whoever
-reads the bucket sees the same facts the worker saw (node ids, exception types, tracebacks)
-without access to the worker's logs. ``retryable`` tells the pipeline whether another attempt
-on a healthy ComfyUI could succeed; a bad graph or a node that raises never gets better.
+The error classes themselves are in :mod:`processor.errors`, with every other error; whether
+one is retried is decided in :mod:`processor.job.retry_table`. The ``details`` kept here are
+what the status document stores, so whoever reads the bucket sees the same facts the worker
+saw (node ids, error types, the values ComfyUI expected) without access to the worker's logs.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from processor.errors import ComfyValidationError
 
 # Model files: a value of a combo input that looks like one is "not installed", not "not allowed".
 _MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft", ".onnx")
@@ -17,82 +19,6 @@ _MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sf
 def as_dict(value: Any) -> dict[str, Any]:
     """JSON from ComfyUI, typed: anything that is not an object reads as an empty one."""
     return value if isinstance(value, dict) else {}
-
-
-class ComfyError(Exception):
-    """Base of every ComfyUI failure; ``str()`` is the readable summary."""
-
-    retryable: bool = False
-
-    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.details: dict[str, Any] = details if details is not None else {}
-
-
-class ComfyValidationError(ComfyError):
-    """ComfyUI refused the graph (HTTP 400): nothing was queued, and resubmitting cannot help."""
-
-    def __init__(self, message: str, lines: list[str], details: dict[str, Any]) -> None:
-        text = message if not lines else message + "\n" + "\n".join(f"  - {ln}" for ln in lines)
-        super().__init__(text, details)
-        self.lines = lines
-
-
-class ComfyRuntimeError(ComfyError):
-    """A node raised while the prompt ran; the traceback stays in ``details``."""
-
-    def __init__(
-        self,
-        *,
-        prompt_id: str,
-        node_id: str | None,
-        node_type: str | None,
-        exception_type: str,
-        exception_message: str,
-        traceback: str,
-    ) -> None:
-        where = f"node {node_id} ({node_type})" if node_id else "ComfyUI"
-        message = exception_message.strip() or "(no message)"
-        super().__init__(
-            f"{where} failed: {exception_type}: {message}",
-            {
-                "kind": "runtime_error",
-                "prompt_id": prompt_id,
-                "node_id": node_id,
-                "node_type": node_type,
-                "exception_type": exception_type,
-                "exception_message": exception_message,
-                "traceback": traceback,
-            },
-        )
-        self.node_id = node_id
-        self.node_type = node_type
-        self.exception_type = exception_type
-        self.exception_message = exception_message
-        self.traceback = traceback
-
-
-class ComfyTimeout(ComfyError):
-    """The prompt ran past the job timeout and was interrupted."""
-
-
-class ComfyInterrupted(ComfyError):
-    """Someone (not this client's timeout) interrupted the prompt."""
-
-
-class ComfyUnavailable(ComfyError):
-    """ComfyUI cannot be reached or died; a later attempt on a restarted ComfyUI may succeed."""
-
-    retryable = True
-
-
-class ComfyDiedWhileWaiting(ComfyUnavailable):
-    """ComfyUI died while another prompt ran, and this one was only waiting in its queue.
-
-    The prompt that ran is the suspect (a node that runs out of memory kills the process);
-    this one is a bystander, so its attempt is not counted: a job that crashes ComfyUI every
-    time must not use up the attempts of whatever happened to be queued behind it.
-    """
 
 
 def validation_error(status: int, body: Any) -> ComfyValidationError:

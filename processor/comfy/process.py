@@ -26,10 +26,10 @@ from types import TracebackType
 import aiohttp
 
 from processor.comfy.client import ComfyClient, RunResult
-from processor.comfy.node_errors import ComfyDiedWhileWaiting, ComfyUnavailable
 from processor.comfy.waiting import LogNotices, Waiting, WaitListener, reporting
+from processor.errors import ComfyDiedWhileWaiting, ComfyUnavailable, SettingsError
 from processor.ops import volume
-from processor.settings import SettingsError, WorkerSettings
+from processor.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 

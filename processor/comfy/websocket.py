@@ -19,7 +19,8 @@ from typing import Any
 
 import websocket
 
-from processor.comfy.node_errors import ComfyError, as_dict
+from processor.comfy.node_errors import as_dict
+from processor.errors import ComfyError
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from processor.errors import Problem
+from processor.errors import Problem, StorageError
 from processor.job.manifest import Job
-from processor.storage.base import Storage, StorageError, validate_key
+from processor.storage.base import Storage, validate_key
 
 RULE = (
     "an input file is a path relative to the storage root: a key in the bucket, a path under "

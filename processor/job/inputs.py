@@ -12,9 +12,7 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-
-class InputInvalid(Exception):
-    """An input file that no attempt could use; the message names it and says why."""
+from processor.errors import InputInvalid
 
 
 def check_image(data: bytes, source: str, *, max_pixels: int) -> tuple[str, int, int]:

@@ -11,20 +11,17 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from processor.errors import ManifestError, Problem, problems_from_validation
-from processor.ops.webhooks import NotifyRecord
-from processor.safejson import JsonLimitError, load_json
+from processor.errors import JsonLimitError, ManifestError, Problem, problems_from_validation
+from processor.job.status_book import StatusBook
+from processor.safejson import load_json
 from processor.workflows import Graph, StagedInput, WorkflowRegistry, set_output_prefixes
 
 MANIFEST_VERSION: Literal[1] = 1
-STATUS_VERSION: Literal[1] = 1
 JOB_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 MAX_BATCH = 1000
 
@@ -269,11 +266,12 @@ def resolve_jobs(
 def _unwritable_status(job: Job, where: str) -> Problem | None:
     """A job whose status document cannot be written must fail here, before anything runs:
     found later, it would fail after its GPU time, and take its batch siblings with it."""
-    try:
-        status_for_job(job, state=JobState.queued, worker=None, attempt=1).to_json()
-    except Exception as error:  # whatever the serialiser refuses, said once, for this entry
-        return Problem(where, f"cannot be recorded in the job's status: {error}")
-    return None
+    reason = StatusBook.unrecordable(job)
+    return (
+        None
+        if reason is None
+        else Problem(where, f"cannot be recorded in the job's status: {reason}")
+    )
 
 
 def _locate_batch_problem(problem: Problem, where: str, manifest: JobManifest) -> Problem:
@@ -329,112 +327,3 @@ def _payload_problems(document: dict[str, Any], registry: WorkflowRegistry) -> l
     except ManifestError as error:
         return error.problems
     return []
-
-
-# ---------------------------------------------------------------------------------------------
-# Status
-
-
-class JobState(StrEnum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-
-
-class OutputRecord(BaseModel):
-    key: str = Field(description="Where the file is: a bucket key, or a path under the root.")
-    node_id: str = Field(description="The ComfyUI node that made it.")
-    kind: str = Field(description="ComfyUI's output kind: images, gifs, audio, video, text ...")
-    content_type: str
-    bytes: int
-    sha256: str
-
-
-class ErrorInfo(BaseModel):
-    type: str = Field(description="validation | runtime | timeout | comfyui_unavailable | ...")
-    message: str = Field(description="What went wrong, for a person.")
-    details: dict[str, Any] = Field(default_factory=dict)
-
-
-class ProgressInfo(BaseModel):
-    fraction: float = Field(0.0, ge=0.0, le=1.0)
-    node: str | None = Field(None, description="The node running now (id and type).")
-    step: int | None = None
-    steps: int | None = None
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-class JobStatus(BaseModel):
-    """The job's durable record, rewritten as it moves: whoever holds the bucket sees it all."""
-
-    model_config = ConfigDict(title="comfys3 job status")
-
-    version: Literal[1] = STATUS_VERSION
-    id: str
-    state: JobState
-    attempt: int = 1
-    max_attempts: int | None = None
-    worker: str | None = None
-    manifest_key: str | None = None
-    manifest_version: str | None = Field(
-        default=None,
-        description="Which upload of the manifest this records (its ETag and modification "
-        "time): a manifest uploaded again runs again, a leftover of this one is only retired.",
-    )
-    workflow: str | None = None
-    payload: dict[str, Any] = Field(
-        default_factory=dict, description="The payload as resolved: defaults filled, seed used."
-    )
-    progress: ProgressInfo = Field(default_factory=ProgressInfo)  # type: ignore[arg-type]
-    outputs: list[OutputRecord] = Field(default_factory=list)
-    texts: dict[str, list[str]] = Field(
-        default_factory=dict, description="Text outputs by node id."
-    )
-    timings: dict[str, float] = Field(
-        default_factory=dict, description="Seconds per phase: claim, stage, queue, execute ..."
-    )
-    error: ErrorInfo | None = None
-    notify: NotifyRecord | None = Field(
-        default=None, description="What became of the job's webhook, once it was sent."
-    )
-    notes: list[str] = Field(default_factory=list)
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    created_at: datetime = Field(default_factory=utcnow)
-    updated_at: datetime = Field(default_factory=utcnow)
-
-    def to_json(self) -> bytes:
-        return self.model_dump_json(indent=2).encode()
-
-
-def status_for_job(job: Job, *, state: JobState, worker: str | None, attempt: int) -> JobStatus:
-    return JobStatus(
-        id=job.id,
-        state=state,
-        attempt=attempt,
-        worker=worker,
-        manifest_key=job.manifest_key,
-        workflow=job.workflow,
-        payload=job.payload,
-        metadata=job.metadata,
-    )
-
-
-def failed_manifest_status(
-    manifest_key: str, error: ManifestError, *, job_id: str | None, worker: str | None
-) -> JobStatus:
-    """A manifest that could not become a job still gets a status that says what is wrong."""
-    return JobStatus(
-        id=job_id or default_job_id(manifest_key),
-        state=JobState.failed,
-        worker=worker,
-        manifest_key=manifest_key,
-        error=ErrorInfo(
-            type="invalid_manifest",
-            message=str(error),
-            details={"problems": [{"path": p.path, "message": p.message} for p in error.problems]},
-        ),
-    )

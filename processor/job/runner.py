@@ -1,8 +1,9 @@
 """One job, end to end on ComfyUI: stage inputs, queue, follow, publish outputs, report.
 
-This knows nothing of claims or manifests' fate; :mod:`processor.worker.loop` decides those. Here
-every failure becomes a :class:`JobOutcome` whose status already says what went wrong, so the
-caller only chooses between "done", "try again" and "give up".
+This knows nothing of claims or manifests' fate; :mod:`processor.worker.loop` decides those.
+Here every failure becomes a :class:`JobOutcome` whose status already says what went wrong
+(written by :mod:`processor.job.status_book`, decided by :mod:`processor.job.retry_table`), so
+the caller only chooses between "done", "try again" and "give up".
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import asyncio
 import contextlib
 import enum
 import time
-import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,39 +19,21 @@ from pathlib import PurePosixPath
 from typing import Any, Protocol
 
 from processor.comfy.client import OutputFile, Progress, RunResult
-from processor.comfy.node_errors import (
-    ComfyDiedWhileWaiting,
-    ComfyError,
-    ComfyInterrupted,
-    ComfyRuntimeError,
-    ComfyTimeout,
-    ComfyUnavailable,
-    ComfyValidationError,
-)
-from processor.errors import ManifestError
-from processor.job.inputs import InputInvalid, check_image
-from processor.job.manifest import (
-    ErrorInfo,
-    Job,
-    JobState,
-    JobStatus,
-    OutputRecord,
-    ProgressInfo,
-    utcnow,
-)
-from processor.job.outputs import prepare_output
-from processor.logsafe import printable_logger
-from processor.ops.webhooks import NotifyRecord
-from processor.storage.base import (
-    InvalidKey,
+from processor.errors import (
+    InputInvalid,
+    InputMissing,
     ObjectNotFound,
     ObjectTooLarge,
-    PreconditionFailed,
-    Storage,
     StorageError,
-    StoredObject,
-    validate_key,
 )
+from processor.job.inputs import check_image
+from processor.job.manifest import Job
+from processor.job.outputs import prepare_output
+from processor.job.retry_table import describe, policy_for, will_retry
+from processor.job.status import JobState, JobStatus, OutputRecord, ProgressInfo
+from processor.job.status_book import FINAL, Announce, AttemptRecord, Beginning, Begun, StatusBook
+from processor.logsafe import printable_logger
+from processor.storage.base import Storage, StoredObject, validate_key
 from processor.storage.layout import Layout
 
 log = printable_logger("comfys3.job")
@@ -95,15 +77,7 @@ class ResultStore(Protocol):
 
 
 Cleanup = Callable[[RunResult, str | None], Awaitable[None]]
-# Send a final status to its webhook in the background: (manifest URL or None for the
-# worker's default, message id, body, what to do with the delivery's record) -> sent at all.
-Announce = Callable[[str | None, str, bytes, Callable[[NotifyRecord], Awaitable[None]]], bool]
 ProgressHook = Callable[[str, ProgressInfo], None]
-
-
-class InputMissing(Exception):
-    """An input file the payload names is not in storage; uploading it later will not help
-    this attempt, so the job fails at once, naming it."""
 
 
 class Verdict(enum.Enum):
@@ -147,42 +121,9 @@ class JobSettings:
     storage_patience: float = 0.0
 
 
-def classify(error: BaseException) -> tuple[ErrorInfo, bool]:
-    """An exception -> (what the status says, whether another attempt could succeed)."""
-    details: dict[str, Any] = dict(getattr(error, "details", {}) or {})
-    retry = True
-    if isinstance(error, ManifestError):
-        kind, retry = "invalid_manifest", False
-        details["problems"] = [{"path": p.path, "message": p.message} for p in error.problems]
-    elif isinstance(error, InputMissing):
-        kind, retry = "input_missing", False
-    elif isinstance(error, InputInvalid):
-        kind, retry = "input_invalid", False
-    elif isinstance(error, ComfyValidationError):
-        kind, retry = "validation", False
-        details.setdefault("lines", error.lines)
-    elif isinstance(error, ComfyRuntimeError):
-        kind = "runtime"
-    elif isinstance(error, ComfyTimeout):
-        kind = "timeout"
-    elif isinstance(error, ComfyInterrupted):
-        kind = "interrupted"
-    elif isinstance(error, ComfyUnavailable):
-        kind = "comfyui_unavailable"
-    elif isinstance(error, ComfyError):
-        kind = "comfyui"
-    elif isinstance(error, StorageError):
-        kind = "storage"
-    else:
-        kind = "internal"
-        details["exception_type"] = type(error).__name__
-        details["traceback"] = "".join(traceback.format_exception(error))
-    message = str(error) or type(error).__name__
-    return ErrorInfo(type=kind, message=message, details=details), retry
-
-
 class JobRunner:
-    """Runs jobs on one ComfyUI, reading inputs from and writing results to storage."""
+    """Runs jobs on one ComfyUI, reading inputs from storage and recording results through the
+    status book."""
 
     def __init__(
         self,
@@ -203,33 +144,7 @@ class JobRunner:
         self.settings = settings
         self.cleanup = cleanup
         self.on_progress = on_progress
-        self.announce = announce
-
-    # -- status ---------------------------------------------------------------------------
-
-    async def read_status(self, job_id: str) -> JobStatus | None:
-        try:
-            stored = await self.storage.get(self.layout.status_key(job_id))
-        except ObjectNotFound:
-            return None
-        try:
-            status = JobStatus.model_validate_json(stored.data)
-        except ValueError:
-            return None  # a status we cannot read is treated as absent, never as success
-        # Nor one that names another job: written back with a note, it would land in that
-        # job's folder (or at no valid key at all).
-        return status if status.id == job_id else None
-
-    async def write_status(self, status: JobStatus, *, create: bool = False) -> None:
-        """Write ``status``; with ``create``, only if the job has no status yet
-        (:class:`PreconditionFailed` otherwise)."""
-        status.updated_at = utcnow()
-        await self.storage.put(
-            self.layout.status_key(status.id),
-            status.to_json(),
-            content_type="application/json",
-            if_none_match=create,
-        )
+        self.book = StatusBook(storage, layout, worker=settings.worker_id, announce=announce)
 
     # -- one job --------------------------------------------------------------------------
 
@@ -255,18 +170,12 @@ class JobRunner:
         when the lane may queue another prompt; publishing happens after.
         """
         hooks = hooks or LaneHooks()
-        status = JobStatus(
-            id=job.id,
-            state=JobState.running,
+        record = self.book.attempt(
+            job,
             attempt=attempt,
             max_attempts=max_attempts,
-            worker=self.settings.worker_id,
-            manifest_key=job.manifest_key,
+            notes=notes,
             manifest_version=manifest_version,
-            workflow=job.workflow,
-            payload=job.payload,
-            metadata=job.metadata,
-            notes=list(notes or []),
         )
         executed = _Once(hooks.on_executed)
         started = time.monotonic()
@@ -277,23 +186,23 @@ class JobRunner:
         subfolder = f"comfys3/{run_id}"
         staged_any = False
         try:
-            earlier = await self._begin(job, status, resumed)
-            if earlier is not None:
+            beginning = await record.begin(job, resumed=resumed)
+            if beginning.begun is not Begun.run:
                 executed(0.0)
-                return earlier
+                return _earlier(beginning)
             phase = time.monotonic()
             staged_any = bool(job.inputs)
             staged = await self._stage_inputs(job, subfolder)
-            status.timings["stage"] = _since(phase)
+            record.timing("stage", time.monotonic() - phase)
             graph = job.filled_graph(staged, run_id)
 
             phase = time.monotonic()
             await self.comfy.queue_prompt(graph, run_id)
-            status.timings["queue"] = _since(phase)
+            record.timing("queue", time.monotonic() - phase)
             if hooks.on_queued is not None:
                 hooks.on_queued(time.monotonic() - started)
             phase = time.monotonic()
-            async with self._progress_writer(status, hooks.on_started) as on_progress:
+            async with self._progress_writer(record, hooks.on_started) as on_progress:
                 try:
                     result = await self.comfy.wait_for(
                         run_id, timeout=self.settings.job_timeout, on_progress=on_progress
@@ -304,29 +213,23 @@ class JobRunner:
                     raise
             executed(result.execution_seconds)
             patience = time.monotonic() + self.settings.storage_patience
-            status.timings["wait"] = _since(phase)
-            status.timings["execute"] = round(result.execution_seconds, 3)
+            record.timing("wait", time.monotonic() - phase)
+            record.timing("execute", result.execution_seconds)
 
             phase = time.monotonic()
-            status.outputs = await self._publish(job, graph, result, patience)
-            status.texts = result.texts
-            status.timings["publish"] = _since(phase)
-            status.state = JobState.succeeded
-            status.progress = ProgressInfo(fraction=1.0, node=None)
+            outputs = await self._publish(job, graph, result, patience)
+            record.succeeded(outputs, result.texts)
+            record.timing("publish", time.monotonic() - phase)
             verdict = Verdict.succeeded
         except asyncio.CancelledError:
             executed(0.0)
-            status.state = JobState.queued
-            status.notes.append(
-                f"attempt {attempt} was stopped with its worker; the job was given back "
-                "and this try does not count"
-            )
+            record.given_back()
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.write_status(status))
+                await asyncio.shield(record.save())
             raise
         except Exception as error:
             executed(0.0)
-            verdict, charged = self._failed(job, status, error, attempt, max_attempts)
+            verdict, charged = self._failed(job, record, error)
         finally:
             # Clean up after failures too: an attempt that staged inputs and then failed must
             # not leave them in ComfyUI's input folder, or a warm worker's disk creeps up.
@@ -334,7 +237,8 @@ class JobRunner:
                 done = result or RunResult(run_id, [], {}, [], 0.0)
                 with contextlib.suppress(Exception):
                     await self.cleanup(done, subfolder if staged_any else None)
-        status.timings["total"] = _since(started)
+        status = record.status
+        record.timing("total", time.monotonic() - started)
         if verdict is Verdict.succeeded:
             log.info(
                 "job %s succeeded in %.2f s (ComfyUI %.2f s), %d output(s)",
@@ -352,161 +256,44 @@ class JobRunner:
             )
         try:
             if patience is not None:  # ComfyUI's work is in it: worth waiting for storage
-                await _patiently("writing its status", job.id, patience, self._write(status))
+                await _patiently("writing its status", job.id, patience, record.save)
             else:
-                await self.write_status(status)
+                await record.save()
         except Exception as error:  # storage trouble: the result is not recorded, so not done
             log.error("job %s: could not write its status: %s", job.id, error)
             if verdict is not Verdict.failed:
                 return JobOutcome(Verdict.retry, status, charged=False)
             return JobOutcome(verdict, status, charged)
-        if status.state in (JobState.succeeded, JobState.failed):
-            self.announce_final(status, job.notify_url)
+        if status.state in FINAL:
+            self.book.announce_final(status, job.notify_url)
         return JobOutcome(verdict, status, charged)
 
-    # -- webhooks -------------------------------------------------------------------------
-
-    def announce_final(self, status: JobStatus, manifest_url: str | None) -> None:
-        """Send a final status to its webhook without waiting; the delivery's record is
-        written back into that status when it is known."""
-        if self.announce is None:
-            return
-        sent = status.model_copy(deep=True)
-
-        async def record(result: NotifyRecord) -> None:
-            await self._record_notify(sent, result)
-
-        self.announce(manifest_url, f"msg_{uuid.uuid4().hex}", sent.to_json(), record)
-
-    async def _record_notify(self, sent: JobStatus, record: NotifyRecord) -> None:
-        """Put the webhook's record into the status it announced, unless a newer run has
-        replaced that status since: a conditional write, re-read if a note slipped in."""
-        key = self.layout.status_key(sent.id)
-        for _ in range(3):
-            try:
-                stored = await self.storage.get(key)
-                current = JobStatus.model_validate_json(stored.data)
-            except (StorageError, ValueError) as error:
-                log.warning("job %s: webhook record not saved: %s", sent.id, error)
-                return
-            if (current.attempt, current.state, current.manifest_version) != (
-                sent.attempt,
-                sent.state,
-                sent.manifest_version,
-            ):
-                return  # a newer run owns the status now
-            current.notify = record
-            current.updated_at = utcnow()
-            try:
-                await self.storage.put(
-                    key, current.to_json(), content_type="application/json", if_match=stored.etag
-                )
-                return
-            except PreconditionFailed:
-                continue
-            except StorageError as error:
-                log.warning("job %s: webhook record not saved: %s", sent.id, error)
-                return
-
-    async def _begin(self, job: Job, status: JobStatus, resumed: bool) -> JobOutcome | None:
-        """Write the "running" status, and learn from the same conditional write whether this
-        job already has one. ``None``: go on and run it; otherwise the outcome that stands.
-
-        - no status yet (nearly every job): the create is the only request;
-        - a final status written for this very upload of a manifest claimed before: it ran to
-          its end and only its retirement was cut short (an outage between status and move),
-          so it is retired now, not run again. A fresh claim never means this: the same bytes
-          uploaded again within a second (S3 times have one-second steps) still run;
-        - an earlier success of the same id: not run again unless the manifest says ``rerun``;
-        - anything else (an earlier failure, an attempt cut short): run, and say so.
-        """
-        try:
-            await self.write_status(status, create=True)
-            return None
-        except PreconditionFailed:
-            previous = await self.read_status(job.id)
-        if (
-            resumed
-            and previous is not None
-            and previous.state in (JobState.succeeded, JobState.failed)
-            and status.manifest_version is not None
-            and previous.manifest_version == status.manifest_version
-        ):
-            verdict = Verdict.succeeded if previous.state is JobState.succeeded else Verdict.failed
-            return JobOutcome(verdict, previous, leftover=True)
-        if previous is not None and previous.state is JobState.succeeded and not job.rerun:
-            previous.notes.append(
-                f"manifest {job.manifest_key} arrived again and was not run: "
-                'this id already succeeded (set "rerun": true to run it again)'
-            )
-            await self.write_status(previous)
-            return JobOutcome(Verdict.skipped, previous)
-        await self.write_status(status)
-        return None
-
-    def _failed(
-        self, job: Job, status: JobStatus, error: Exception, attempt: int, max_attempts: int
-    ) -> tuple[Verdict, bool]:
-        """Record a failed attempt in ``status``: (verdict, whether the attempt counts)."""
-        info, retryable = classify(error)
-        status.error = info
-        verdict = Verdict.retry if retryable else Verdict.failed
-        charged = True
-        if isinstance(error, ComfyDiedWhileWaiting):
-            charged = False
-            status.state = JobState.queued
-            status.notes.append(
-                f"attempt {attempt} did not run: ComfyUI died while another job ran; "
-                "it will be retried and this try does not count"
-            )
-        elif verdict is Verdict.retry and attempt < max_attempts:
-            status.state = JobState.queued
-            status.notes.append(
-                f"attempt {attempt} of {max_attempts} failed ({info.type}); it will be retried"
-            )
-        else:
-            status.state = JobState.failed
-            if verdict is Verdict.retry:
-                status.notes.append(f"gave up after {attempt} attempt(s)")
-            verdict = Verdict.failed
-        if info.type == "internal":
-            log.error("job %s attempt %d: internal error", job.id, attempt, exc_info=error)
+    def _failed(self, job: Job, record: AttemptRecord, error: Exception) -> tuple[Verdict, bool]:
+        """Record a failed attempt: (verdict, whether the attempt counts). The retry table
+        decides; the status book words it."""
+        info, policy = describe(error)
+        status = record.status
+        retrying = will_retry(policy, status.attempt, status.max_attempts or status.attempt)
+        record.failed(info, retrying=retrying, charged=policy.charge)
+        if policy.retry and not retrying:
+            record.gave_up()
+        if policy.internal:
+            log.error("job %s attempt %d: internal error", job.id, status.attempt, exc_info=error)
         log.warning(
             "job %s attempt %d %s: %s: %s",
             job.id,
-            attempt,
-            "failed" if status.state is JobState.failed else "will be retried",
+            status.attempt,
+            "will be retried" if retrying else "failed",
             info.type,
             info.message,
             extra={
                 "job_id": job.id,
-                "attempt": attempt,
+                "attempt": status.attempt,
                 "state": status.state.value,
                 "error_type": info.type,
             },
         )
-        return verdict, charged
-
-    async def fail(
-        self,
-        job_id: str,
-        manifest_key: str,
-        error: BaseException,
-        *,
-        manifest_version: str | None = None,
-    ) -> JobStatus:
-        """Record a job that never got to run (broken manifest, out of attempts)."""
-        info, _ = classify(error)
-        status = JobStatus(
-            id=job_id,
-            state=JobState.failed,
-            worker=self.settings.worker_id,
-            manifest_key=manifest_key,
-            manifest_version=manifest_version,
-            error=info,
-        )
-        await self.write_status(status)
-        return status
+        return (Verdict.retry if retrying else Verdict.failed), policy.charge
 
     # -- phases ---------------------------------------------------------------------------
 
@@ -536,9 +323,6 @@ class JobRunner:
 
         pairs = await asyncio.gather(*(stage_one(i.field, i.source) for i in job.inputs))
         return dict(pairs)
-
-    def _write(self, status: JobStatus) -> Callable[[], Awaitable[object]]:
-        return lambda: self.write_status(status)
 
     async def _publish(
         self, job: Job, graph: dict[str, Any], result: RunResult, patience: float
@@ -576,7 +360,7 @@ class JobRunner:
 
     @contextlib.asynccontextmanager
     async def _progress_writer(
-        self, status: JobStatus, on_started: Callable[[], None] | None = None
+        self, record: AttemptRecord, on_started: Callable[[], None] | None = None
     ) -> Any:
         """Progress reaches the status at most once per ``progress_interval``, the first time
         after one interval: often enough to watch, rarely enough that a 50-step job does not
@@ -597,7 +381,7 @@ class JobRunner:
             latest[:] = [info]
             changed.set()
             if self.on_progress is not None:
-                self.on_progress(status.id, info)
+                self.on_progress(record.job_id, info)
 
         async def writer() -> None:
             with contextlib.suppress(TimeoutError):
@@ -607,11 +391,11 @@ class JobRunner:
                 if stopping.is_set():
                     return
                 changed.clear()
-                status.progress = latest[-1]
+                record.progress(latest[-1])
                 try:
-                    await self.write_status(status)
+                    await record.save()
                 except StorageError as error:
-                    log.warning("job %s: progress not saved: %s", status.id, error)
+                    log.warning("job %s: progress not saved: %s", record.job_id, error)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), self.settings.progress_interval)
 
@@ -642,11 +426,9 @@ async def _patiently(
         try:
             await write()
             return
-        except (InvalidKey, PreconditionFailed, ObjectTooLarge):
-            raise  # not an outage: waiting cannot help
         except StorageError as error:
-            if time.monotonic() + pause > deadline:
-                raise
+            if not policy_for(error).wait_out or time.monotonic() + pause > deadline:
+                raise  # not an outage (waiting cannot help), or waited long enough
             log.warning(
                 "job %s: %s failed, trying again in %.1f s: %s",
                 job_id,
@@ -670,5 +452,11 @@ class _Once:
             self.callback(*args)
 
 
-def _since(start: float) -> float:
-    return round(time.monotonic() - start, 3)
+def _earlier(beginning: Beginning) -> JobOutcome:
+    """The outcome of a job whose earlier run stands (nothing ran now)."""
+    previous = beginning.previous
+    assert previous is not None
+    if beginning.begun is Begun.already_succeeded:
+        return JobOutcome(Verdict.skipped, previous)
+    verdict = Verdict.succeeded if previous.state is JobState.succeeded else Verdict.failed
+    return JobOutcome(verdict, previous, leftover=True)

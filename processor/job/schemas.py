@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from processor.job.manifest import JobManifest, JobStatus
+from processor.job.manifest import JobManifest
+from processor.job.status import JobStatus
 from processor.workflows import WorkflowRegistry, builtin_workflows_dir
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"

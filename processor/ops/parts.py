@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from processor.errors import SettingsError
 from processor.job.runner import JobOutcome, Verdict
 from processor.ops.metrics import Health, Metrics
 from processor.ops.webhooks import (
@@ -22,7 +23,7 @@ from processor.ops.webhooks import (
     WebhookPolicy,
     parse_allowlist,
 )
-from processor.settings import SettingsError, WorkerSettings, webhook_key
+from processor.settings import WorkerSettings, webhook_key
 
 log = logging.getLogger("comfys3.ops")
 

@@ -39,31 +39,15 @@ from datetime import UTC, datetime
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
-from pydantic import BaseModel, Field
 from yarl import URL
 
+from processor.job.status import NotifyRecord
 from processor.ops.version import package_version
 
 log = logging.getLogger("comfys3.notify")
 
 MAX_URL_LENGTH = 2048
 MAX_NOTE = 200  # characters of a receiver's answer (reason, Location) kept in a record
-
-
-class NotifyRecord(BaseModel):
-    """What became of a job's webhook; the status document carries it as ``notify``.
-
-    ``delivered_at`` is set when a receiver answered 2xx. ``last_error`` is the most recent
-    failure, also when a later attempt succeeded (it says why more than one was needed).
-    """
-
-    url: str = Field(description="Where it was sent (query and credentials left out).")
-    message_id: str | None = Field(
-        None, description="The webhook-id header: the receiver's key for dropping duplicates."
-    )
-    delivered_at: datetime | None = Field(None, description="When a receiver answered 2xx.")
-    attempts: int = Field(0, ge=0, description="POSTs made; 0 when it was never sent.")
-    last_error: str | None = Field(None, description="The latest failure, for a person.")
 
 
 # ---------------------------------------------------------------------------------------------

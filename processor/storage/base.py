@@ -13,28 +13,9 @@ from datetime import datetime
 from types import TracebackType
 from typing import Protocol, Self
 
+from processor.errors import InvalidKey
+
 MAX_KEY_BYTES = 1024
-
-
-class StorageError(Exception):
-    """A storage operation that failed; the message names the operation and key, never secrets."""
-
-
-class ObjectNotFound(StorageError):
-    """The key does not exist (S3 ``NoSuchKey``, or no such file under the local root)."""
-
-
-class PreconditionFailed(StorageError):
-    """A conditional write lost: the key exists (``if_none_match``) or changed (``if_match``)."""
-
-
-class InvalidKey(StorageError):
-    """A key no backend should use (see :func:`validate_key`). It is a property of the name,
-    not an outage: retrying the same name can never help."""
-
-
-class ObjectTooLarge(StorageError):
-    """An object larger than the reader's limit; refused before its body is read."""
 
 
 @dataclass(frozen=True)

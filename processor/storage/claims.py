@@ -29,15 +29,16 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
-from processor.safejson import JsonLimitError, load_json
-from processor.settings import normalise_prefix
-from processor.storage.base import (
+from processor.errors import (
+    JsonLimitError,
+    LeaseLost,
     ObjectNotFound,
     PreconditionFailed,
-    Storage,
     StorageError,
-    validate_key,
 )
+from processor.safejson import load_json
+from processor.settings import normalise_prefix
+from processor.storage.base import Storage, validate_key
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,6 @@ class ClaimState:
             state=state if state in (HELD, RELEASED) else "",
             last_error=last_error,
         )
-
-
-class LeaseLost(Exception):
-    """Someone else replaced or removed our claim; the job is no longer ours to report on."""
 
 
 class Heartbeat:

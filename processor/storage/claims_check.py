@@ -13,16 +13,13 @@ import contextlib
 import json
 import uuid
 
-from processor.storage.base import PreconditionFailed, Storage, StorageError, folder_prefix
+from processor.errors import ConditionalWritesIgnored, PreconditionFailed, StorageError
+from processor.storage.base import Storage, folder_prefix
 
 # Probe names: this, then a random uuid, which no manifest's claim will share.
 PROBE_PREFIX = "_probe-"
 # An ETag no object has: a replace conditional on it must be refused.
 _STALE_ETAG = '"00000000000000000000000000000000"'
-
-
-class ConditionalWritesIgnored(StorageError):
-    """The storage accepted a write its condition should have refused."""
 
 
 async def check_conditional_writes(storage: Storage, claims_prefix: str, holder: str) -> None:

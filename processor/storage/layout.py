@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import quote
 
+from processor.errors import StorageError
 from processor.settings import normalise_prefix
-from processor.storage.base import StorageError, validate_key
+from processor.storage.base import validate_key
 
 CLAIMS = "_claims"
 DONE = "_done"

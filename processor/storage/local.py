@@ -22,18 +22,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
 
-from processor.storage.base import (
+from processor.errors import (
     InvalidKey,
-    ObjectInfo,
     ObjectNotFound,
     ObjectTooLarge,
-    Page,
     PreconditionFailed,
     StorageError,
-    StoredObject,
-    folder_prefix,
-    validate_key,
 )
+from processor.storage.base import ObjectInfo, Page, StoredObject, folder_prefix, validate_key
 
 PRIVATE_DIR = ".comfys3"
 _ETAG_CACHE_SIZE = 4096

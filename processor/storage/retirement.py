@@ -18,18 +18,15 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 
+from processor.errors import ObjectNotFound, RetireFailed, StorageError
 from processor.logsafe import printable_logger
-from processor.storage.base import ObjectNotFound, Storage, StorageError
+from processor.storage.base import Storage
 from processor.storage.layout import Layout
 
 log = printable_logger("comfys3.worker")
 
 BATCH_WINDOW = 0.02  # seconds a delete waits for others to share its request
 MAX_BATCH = 1000
-
-
-class RetireFailed(StorageError):
-    """Retiring did not succeed within its tries; the manifest is left for the next claim."""
 
 
 class _DeleteBatch:

@@ -22,18 +22,9 @@ from aiobotocore.session import AioSession, get_session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from processor.errors import ObjectNotFound, ObjectTooLarge, PreconditionFailed, StorageError
 from processor.settings import S3Settings
-from processor.storage.base import (
-    ObjectInfo,
-    ObjectNotFound,
-    ObjectTooLarge,
-    Page,
-    PreconditionFailed,
-    StorageError,
-    StoredObject,
-    folder_prefix,
-    validate_key,
-)
+from processor.storage.base import ObjectInfo, Page, StoredObject, folder_prefix, validate_key
 
 # Concurrent conditional writes on AWS answer 409 ConditionalRequestConflict: "try again".
 CONFLICT_RETRIES = 4

@@ -27,28 +27,24 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from processor.errors import ManifestError
-from processor.job.manifest import (
-    ErrorInfo,
-    Job,
-    JobState,
-    JobStatus,
-    check_job_id,
-    load_jobs,
-)
-from processor.job.runner import JobOutcome, JobRunner, LaneHooks, Verdict
-from processor.logsafe import printable_logger
-from processor.ops.parts import Ops
-from processor.safejson import JsonLimitError, load_json
-from processor.storage.base import (
+from processor.errors import (
     InvalidKey,
+    JsonLimitError,
+    LeaseLost,
+    ManifestError,
     ObjectNotFound,
     ObjectTooLarge,
-    Storage,
     StorageError,
-    StoredObject,
 )
-from processor.storage.claims import ClaimStore, Heartbeat, Lease, LeaseLost, Taken
+from processor.job.manifest import Job, check_job_id, load_jobs
+from processor.job.retry_table import claim_retry_pause, policy_for, retry_pause
+from processor.job.runner import JobOutcome, JobRunner, LaneHooks, Verdict
+from processor.job.status import ErrorInfo, JobStatus
+from processor.logsafe import printable_logger
+from processor.ops.parts import Ops
+from processor.safejson import load_json
+from processor.storage.base import Storage, StoredObject
+from processor.storage.claims import ClaimStore, Heartbeat, Lease, Taken
 from processor.storage.layout import Layout
 from processor.storage.retirement import Retirer
 from processor.worker.aio import wait_any
@@ -57,9 +53,6 @@ from processor.worker.prompt_queue import Lane, LaneDepth, Slot
 from processor.workflows import WorkflowRegistry
 
 log = printable_logger("comfys3.worker")
-
-MAX_RETRY_DELAY = 300.0
-MAX_CLAIM_RETRY_DELAY = 10.0  # storage refusing claims: the longest pause before trying again
 
 
 @dataclass
@@ -76,9 +69,6 @@ class LaneSettings:
     def max_tries(self) -> int:
         """Every try, counted or not: a manifest given back this often ends anyway."""
         return max(10, 4 * self.max_attempts)
-
-    def retry_pause(self, tries: int) -> float:
-        return min(MAX_RETRY_DELAY, self.retry_delay * 2 ** max(0, tries - 1))
 
 
 @dataclass
@@ -175,6 +165,7 @@ class Worker:
         self.storage = storage
         self.ops = ops or Ops.quiet()
         self.runner = runner
+        self.book = runner.book
         self.registry = registry
         self.layout = layout
         self.settings = settings
@@ -413,7 +404,7 @@ class Worker:
                 # Storage is down or refusing: each failure in a row doubles the pause, so an
                 # outage costs a few tries per key, not one every retry_delay for its length.
                 self._claim_failures += 1
-                pause = min(MAX_CLAIM_RETRY_DELAY, self.settings.retry_pause(self._claim_failures))
+                pause = claim_retry_pause(self._claim_failures, self.settings.retry_delay)
                 log.warning("claiming %s failed (again in %.1f s): %s", key, pause, error)
                 self.intake.retry_at(key, pause)
                 await self.intake.report(key, HintOutcome.released)
@@ -455,16 +446,8 @@ class Worker:
                         await self._settle(key, beat, outcomes)
                 except asyncio.CancelledError:
                     raise
-                except (InvalidKey, ObjectTooLarge) as error:
-                    await self._crashed(key, beat, error)
-                except StorageError as error:
-                    # Storage trouble is not the manifest's fault: give it back uncounted
-                    # (bounded by max_tries) and come back to it after a pause.
-                    self.ops.storage_failed("job", error)
-                    log.warning("%s: storage trouble, giving it back: %s", key, error)
-                    await self._give_back(key, beat, f"storage: {error}", charge=False)
                 except Exception as error:
-                    await self._crashed(key, beat, error)
+                    await self._failed_handling(key, beat, error)
             if beat.lost is not None:
                 self.ops.metrics.claim_lost()
                 log.warning("%s: %s; leaving the manifest to its new holder", key, beat.lost)
@@ -580,8 +563,22 @@ class Worker:
             await self.claims.release(lease, error=reason, charge=charge)
         except (StorageError, LeaseLost) as error:  # either way the claim expires by itself
             log.warning("%s: could not give the claim back: %s", key, error)
-        self.intake.retry_at(key, self.settings.retry_pause(lease.tries))
+        self.intake.retry_at(key, retry_pause(lease.tries, self.settings.retry_delay))
         await self.intake.report(key, HintOutcome.released)
+
+    async def _failed_handling(self, key: str, beat: Heartbeat, error: Exception) -> None:
+        """Handling a claimed manifest failed outside any job's attempt. The retry table says
+        whose fault it is: storage trouble is not the manifest's, so it is given back
+        uncounted (bounded by max_tries) and tried again after a pause; anything else counts
+        as an attempt, like any failure of the manifest's."""
+        policy = policy_for(error)
+        if policy.error_type == "storage":
+            self.ops.storage_failed("job", error)
+        if not policy.charge:
+            log.warning("%s: %s trouble, giving it back: %s", key, policy.error_type, error)
+            await self._give_back(key, beat, f"{policy.error_type}: {error}", charge=False)
+            return
+        await self._crashed(key, beat, error)
 
     async def _crashed(self, key: str, beat: Heartbeat, error: BaseException) -> None:
         """Something unexpected while handling a claimed manifest: an attempt, like any other
@@ -620,9 +617,9 @@ class Worker:
     async def _invalid(
         self, key: str, stored: StoredObject | None, error: ManifestError
     ) -> JobOutcome:
-        """A broken manifest fails with a status that says why, but never buries the result
-        of an earlier run of the same id: a succeeded status keeps its state and gets a note.
-        Where no status can be written (no usable id), the manifest still fails, once."""
+        """A broken manifest fails with a status that says why (never burying an earlier
+        success of the same id). Where no status can be written (no usable id), the manifest
+        still fails, once."""
         job_id = _declared_id(stored.data if stored else b"") or self.layout.manifest_name(key)
         version = stored.version if stored else None
         try:
@@ -633,21 +630,8 @@ class Worker:
                 key,
                 error,
             )
-            return JobOutcome(
-                Verdict.failed,
-                JobStatus(id=job_id, state=JobState.failed, manifest_key=key),
-            )
-        previous = await self.runner.read_status(job_id)
-        if previous is not None and previous.state is JobState.succeeded:
-            if previous.manifest_version != version:
-                previous.notes.append(
-                    f"manifest {key} arrived again but was not run, because it is not valid: "
-                    f"{error}"
-                )
-                await self.runner.write_status(previous)
-            return JobOutcome(Verdict.failed, previous)
-        status = await self.runner.fail(job_id, key, error, manifest_version=version)
-        self.runner.announce_final(status, None)  # its own URL is not to be trusted
+            return JobOutcome(Verdict.failed, self.book.unnamed(job_id, key))
+        status, _ = await self.book.manifest_invalid(job_id, key, error, version)
         return JobOutcome(Verdict.failed, status)
 
     async def _give_up(self, key: str, stored: StoredObject, lease: Lease) -> list[JobOutcome]:
@@ -688,22 +672,20 @@ class Worker:
             except ValueError:
                 log.error("%s: gave up (%s), and no status can be written for it", key, note)
                 continue
-            previous = await self.runner.read_status(job_id)
-            if previous is not None and previous.state is JobState.succeeded:
-                outcomes.append(JobOutcome(Verdict.succeeded, previous, leftover=True))
-                continue
-            status = previous or JobStatus(id=job_id, state=JobState.failed, manifest_key=key)
-            if job is not None:
-                status.workflow, status.payload = job.workflow, job.payload
-            status.state = JobState.failed
-            status.attempt = attempts
-            status.max_attempts = self.settings.max_attempts
-            status.manifest_version = stored.version if stored else None
-            status.error = info
-            status.notes.append(note)
-            await self.runner.write_status(status)
-            self.runner.announce_final(status, job.notify_url if job is not None else None)
-            outcomes.append(JobOutcome(Verdict.failed, status))
+            status, kept = await self.book.gave_up(
+                job_id,
+                key,
+                job=job,
+                manifest_version=stored.version if stored else None,
+                attempts=attempts,
+                max_attempts=self.settings.max_attempts,
+                info=info,
+                note=note,
+            )
+            if kept:
+                outcomes.append(JobOutcome(Verdict.succeeded, status, leftover=True))
+            else:
+                outcomes.append(JobOutcome(Verdict.failed, status))
         log.warning("%s: %s", key, note, extra={"manifest": key, "error_type": info.type})
         return outcomes
 

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from processor.errors import ManifestError
-from processor.job.manifest import Job, JobStatus, load_jobs
+from processor.job.manifest import Job, load_jobs
 from processor.job.runner import Cleanup, Comfy, JobRunner, JobSettings, Verdict
+from processor.job.status import JobStatus
 from processor.settings import WarmupSpec, WorkerSettings, parse_warmup
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage

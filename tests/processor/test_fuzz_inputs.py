@@ -22,10 +22,12 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processor.errors import ManifestError
-from processor.job.manifest import Job, JobManifest, JobState, JobStatus, load_jobs, status_for_job
+from processor.errors import ManifestError, ObjectNotFound
+from processor.job.manifest import Job, JobManifest, load_jobs
 from processor.job.runner import JobRunner, JobSettings
-from processor.storage.base import ObjectNotFound, StoredObject
+from processor.job.status import JobStatus
+from processor.job.status_book import StatusBook
+from processor.storage.base import StoredObject
 from processor.storage.claims import HELD, MAX_COUNT, MAX_ERROR_CHARS, ClaimState, ClaimStore, Lease
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage
@@ -175,7 +177,7 @@ def test_load_jobs_gives_jobs_or_a_manifest_error(data: bytes) -> None:
     assert jobs and all(isinstance(job, Job) for job in jobs)
     for job in jobs:  # whatever loads can be run and recorded
         json.dumps(job.graph, allow_nan=False)
-        status_for_job(job, state=JobState.queued, worker="w", attempt=1).to_json()
+        assert StatusBook.unrecordable(job) is None
 
 
 @settings(FUZZ, max_examples=50)  # each run loads the templates again, as the command does
@@ -267,7 +269,7 @@ class OneObject:
 @FUZZ
 @given(documents(status_text))
 def test_a_status_read_by_the_worker_is_its_own_and_can_be_written_back(data: bytes) -> None:
-    """``JobRunner.read_status`` is how the worker reads statuses (an earlier success, a
+    """``StatusBook.read`` is how the worker reads statuses (an earlier success, a
     re-upload, a broken manifest's id): it gives this job's status or None, never an error, and
     what it gives can be written again (the worker appends a note and writes it)."""
     layout = Layout("input", "output")
@@ -278,12 +280,12 @@ def test_a_status_read_by_the_worker_is_its_own_and_can_be_written_back(data: by
         layout=layout,  # type: ignore[arg-type]
         settings=JobSettings(worker_id="w", job_timeout=1),
     )
-    status = asyncio.run(runner.read_status("job"))
+    status = asyncio.run(runner.book.read("job"))
     if status is None:
         return
     assert isinstance(status, JobStatus) and status.id == "job"
     status.notes.append("a note")
-    asyncio.run(runner.write_status(status))
+    asyncio.run(runner.book.write(status))
     assert set(store.objects) == {"output/job/status.json"}
 
 

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processor.safejson import MAX_DEPTH, MAX_INT_DIGITS, JsonLimitError, check_value, load_json
+from processor.errors import JsonLimitError
+from processor.safejson import MAX_DEPTH, MAX_INT_DIGITS, check_value, load_json
 
 
 def nested_lists(levels: int) -> str:

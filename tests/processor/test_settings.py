@@ -7,12 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from processor.settings import (
-    SettingsError,
-    load_s3_settings,
-    load_worker_settings,
-    normalise_prefix,
-)
+from processor.errors import SettingsError
+from processor.settings import load_s3_settings, load_worker_settings, normalise_prefix
 
 S3_REQUIRED = (
     "COMFYS3_S3_REGION",

@@ -10,13 +10,12 @@ from typing import Any
 
 import pytest
 
-from processor.errors import ManifestError
+from processor.errors import ManifestError, WorkflowLoadError
 from processor.settings import load_worker_settings
 from processor.workflows import (
     Bind,
     StagedInput,
     Workflow,
-    WorkflowLoadError,
     WorkflowRegistry,
     builtin_workflows_dir,
     load_workflow,

@@ -37,8 +37,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from processor.errors import StorageError
 from processor.settings import load_worker_settings
-from processor.storage.base import Storage, StorageError
+from processor.storage.base import Storage
 from processor.storage.claims_check import PROBE_PREFIX
 from processor.storage.layout import DONE, FAILED, Layout
 from processor.storage.local import LocalStorage

@@ -12,7 +12,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from processor.storage.base import ObjectInfo, StorageError, StoredObject
+from processor.errors import StorageError
+from processor.storage.base import ObjectInfo, StoredObject
 from processor.storage.local import LocalStorage
 
 OUTPUT_PREFIX = "output"

@@ -10,10 +10,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from processor.comfy.node_errors import ComfyError
-from processor.settings import SettingsError
-from processor.storage.base import StorageError
-from processor.workflows import WorkflowLoadError
+from processor.errors import ComfyError, SettingsError, StorageError, WorkflowLoadError
 from provision import cli as provision_cli
 from triggers.cli import offline, submit, worker_commands
 from triggers.cli.help_format import CommandParser, RawDescriptionHelpFormatter

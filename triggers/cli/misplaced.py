@@ -24,7 +24,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from processor.storage.base import ObjectNotFound, Storage, StorageError
+from processor.errors import ObjectNotFound, StorageError
+from processor.storage.base import Storage
 from processor.storage.layout import CLAIMS, DONE, FAILED, Layout
 from processor.storage.local import LocalStorage
 

@@ -15,17 +15,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from processor.errors import ManifestError
+from processor.errors import ManifestError, PreconditionFailed
 from processor.job.input_refs import RULE, key_problems, missing_inputs
-from processor.job.manifest import Job, JobState, JobStatus, load_jobs
+from processor.job.manifest import Job, load_jobs
+from processor.job.status import JobState, JobStatus
+from processor.job.status_book import FINAL, StatusBook
 from processor.settings import load_worker_settings
-from processor.storage.base import ObjectNotFound, PreconditionFailed, Storage
+from processor.storage.base import Storage
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage
 from processor.worker.assembly import storage_from_env
 from processor.workflows import WorkflowRegistry
 
-FINAL = (JobState.succeeded, JobState.failed)
 # How long --wait stays quiet before saying that no worker has touched the jobs: long enough
 # for a worker that is already running to claim them, short enough that a typo in the bucket or
 # prefix shows soon. It is said again after twice as long each time, up to every 10 minutes.
@@ -131,7 +132,7 @@ async def _submit(
         jobs = [job.id for s in submissions for job in s.jobs]
         # What each job's status said before: a job run before keeps its old final status
         # until a worker claims it again, and that old one must not end the wait.
-        found = await asyncio.gather(*(read_status(storage, layout, j) for j in jobs))
+        found = await StatusBook(storage, layout).read_many(jobs)
         before = dict(zip(jobs, found, strict=True))
         waiting: list[str] = []
         for submission in submissions:
@@ -168,17 +169,6 @@ async def _submit(
     return report(jobs, statuses, args.timeout)
 
 
-async def read_status(storage: Storage, layout: Layout, job_id: str) -> JobStatus | None:
-    try:
-        stored = await storage.get(layout.status_key(job_id))
-    except ObjectNotFound:
-        return None
-    try:
-        return JobStatus.model_validate_json(stored.data)
-    except ValueError:
-        return None  # half-written by a foreign tool: look again on the next round
-
-
 async def follow(
     storage: Storage,
     layout: Layout,
@@ -204,11 +194,12 @@ async def follow(
     shown: dict[str, str] = {}
     latest: dict[str, JobStatus] = {}
     print(f"waiting for {len(job_ids)} job(s); Ctrl-C stops waiting, not the jobs")
+    book = StatusBook(storage, layout)
     while True:
         # Only the jobs still open are read again, and at once: a big batch costs one round
         # trip a poll, not one per job, and a finished job costs nothing.
         open_ids = [j for j in job_ids if j not in latest or latest[j].state not in FINAL]
-        fresh = await asyncio.gather(*(read_status(storage, layout, j) for j in open_ids))
+        fresh = await book.read_many(open_ids)
         for job_id, status in zip(open_ids, fresh, strict=True):
             if status is None or status == stale.get(job_id):
                 continue

@@ -13,20 +13,21 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from processor.comfy.process import ComfyEngine
-from processor.errors import ManifestError
-from processor.job.manifest import Job, JobState, JobStatus, ProgressInfo, load_jobs
+from processor.errors import ManifestError, SettingsError, StorageError
+from processor.job.manifest import Job, load_jobs
 from processor.job.runner import JobRunner, JobSettings, Verdict
+from processor.job.status import JobState, JobStatus, ProgressInfo
+from processor.job.status_book import JobRecord, StatusBook
 from processor.ops.parts import build_ops
 from processor.ops.server import OpsServer
 from processor.settings import (
-    SettingsError,
     SqsSettings,
     WorkerSettings,
     load_s3_settings,
     load_sqs_settings,
     load_worker_settings,
 )
-from processor.storage.base import ObjectNotFound, Storage, StorageError
+from processor.storage.base import Storage, validate_key
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage
 from processor.worker.assembly import open_worker, storage_from_env, worker_name
@@ -38,7 +39,6 @@ from triggers.cli.misplaced import MisplacedManifests
 from triggers.cli.wait_line import WaitLine
 from triggers.events.sqs import SqsEvents
 from triggers.poll import AdaptiveInterval
-from triggers.report.data import parse_status
 from triggers.watch import FolderWatch
 
 log = logging.getLogger("comfys3.worker")
@@ -173,26 +173,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         return backlog.cmd_summary(args)
     storage, layout = storage_from_env(args.local)
 
-    async def read() -> tuple[bytes | None, bool]:
-        """The status document, and whether a manifest of that name still waits to be run."""
+    async def read() -> tuple[JobRecord, bool]:
+        """The job's status record, and whether a manifest of that name still waits to be run."""
+        validate_key(layout.status_key(args.job_id))  # a name no key can have: a usage error
         async with storage:
-            try:
-                return (await storage.get(layout.status_key(args.job_id))).data, False
-            except ObjectNotFound:
-                pass
+            record = await StatusBook(storage, layout).read_record(args.job_id)
+            if not record.missing:
+                return record, False
             try:
                 waiting = await storage.head(layout.manifest_key(args.job_id)) is not None
             except StorageError:  # not a usable manifest name: there is simply no such job
                 waiting = False
-            return None, waiting
+            return record, waiting
 
     try:
-        data, waiting = asyncio.run(read())
+        record, waiting = asyncio.run(read())
     except StorageError as error:
         print(f"comfys3: {error}", file=sys.stderr)
         return 2
-    if data is None:
-        where = layout.status_key(args.job_id)
+    where = record.key
+    if record.missing:
         if waiting:
             print(
                 f"job {args.job_id}: waiting: {layout.manifest_key(args.job_id)} has not been "
@@ -201,14 +201,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 0
         print(f"comfys3: no status for job {args.job_id!r} at {where}")
         return 1
-    if args.json:
-        print(data.decode())
-        return 0
-    status = parse_status(data)
-    if isinstance(status, str):  # the bucket is untrusted: a foreign or broken document
-        print(f"comfys3: the status at {layout.status_key(args.job_id)} is {status}")
+    if record.status is None:  # the bucket is untrusted: a foreign or broken document
+        print(f"comfys3: the status at {where} is {record.problem}")
         return 1
-    print(describe_status(status))
+    if args.json:
+        print(record.status.model_dump_json(indent=2))
+        return 0
+    print(describe_status(record.status))
     return 0
 
 

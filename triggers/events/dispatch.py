@@ -49,6 +49,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from processor.errors import ObjectNotFound, PreconditionFailed, StorageError
 from processor.settings import (
     DispatchSettings,
     S3Settings,
@@ -59,7 +60,7 @@ from processor.settings import (
     load_sqs_settings,
     load_worker_settings,
 )
-from processor.storage.base import ObjectNotFound, PreconditionFailed, Storage, StorageError
+from processor.storage.base import Storage
 from processor.storage.layout import DISPATCHED, Layout
 from processor.storage.s3 import S3Storage
 from triggers.cli import logs

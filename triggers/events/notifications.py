@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
-from processor.storage.base import StorageError, validate_key
+from processor.errors import StorageError
+from processor.storage.base import validate_key
 from processor.storage.layout import Layout
 
 # SQS accepts messages up to 1 MiB; an S3 notification is about 1 KiB.

@@ -38,8 +38,8 @@ from aiobotocore.session import get_session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from processor.errors import StorageError
 from processor.settings import S3Settings, SqsSettings
-from processor.storage.base import StorageError
 from processor.storage.layout import Layout
 from triggers.events.notifications import EventError, parse_message
 

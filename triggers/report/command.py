@@ -23,8 +23,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
-from processor.job.manifest import OutputRecord
-from processor.storage.base import Storage, StorageError
+from processor.errors import StorageError
+from processor.job.status import OutputRecord
+from processor.storage.base import Storage
 from processor.storage.layout import Layout
 from processor.worker.assembly import storage_from_env
 from triggers.report.data import JobRecord, Selection, parse_since, read_records, select_jobs

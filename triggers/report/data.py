@@ -1,32 +1,23 @@
 """What a report covers: which jobs, and what their status documents say.
 
-Statuses are read from the bucket, so they are untrusted: a document that is missing, too big,
-not JSON or not a status becomes a :class:`JobRecord` with a readable ``problem``, never an
-exception. Reads run concurrently, at most ``concurrency`` at once, so 10,000 jobs cost a few
-seconds of round trips without opening 10,000 connections.
+Statuses are read by the status book (:mod:`processor.job.status_book`): a document that is
+missing, too big, not JSON or not a status becomes a :class:`JobRecord` with a readable
+``problem``, never an exception. Reads run concurrently, at most ``concurrency`` at once, so
+10,000 jobs cost a few seconds of round trips without opening 10,000 connections.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from pydantic import ValidationError
-
-from processor.errors import problems_from_validation
-from processor.job.manifest import JobStatus
-from processor.storage.base import ObjectNotFound, Storage, StorageError, folder_prefix
+from processor.job.status_book import STATUS_CONCURRENCY, JobRecord, StatusBook
+from processor.storage.base import Storage, folder_prefix
 from processor.storage.layout import Layout
 
 STATUS_NAME = "status.json"
-# A status carries payload, outputs and texts; a few MiB is far beyond any real one, and a
-# hostile 5 GB object must not be pulled into memory.
-MAX_STATUS_BYTES = 4 * 1024 * 1024
-STATUS_CONCURRENCY = 32
-_PROBLEMS_SHOWN = 3
 
 
 @dataclass(frozen=True)
@@ -37,20 +28,6 @@ class Selection:
     job_ids: tuple[str, ...] = ()
     prefix: str | None = None
     since: datetime | None = None
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """One job of the report: its status, or why it could not be read.
-
-    ``job_id`` is the folder the status lives in, not the id the document claims: the folder
-    is what links and thumbnails are made from, and a document may say anything.
-    """
-
-    job_id: str
-    key: str
-    status: JobStatus | None = None
-    problem: str | None = None
 
 
 def job_id_of(key: str, layout: Layout) -> str | None:
@@ -88,63 +65,16 @@ async def select_jobs(
     return sorted(found)
 
 
-def parse_status(data: bytes) -> JobStatus | str:
-    """Bytes of a status document -> the status, or a one-line reason it is unreadable."""
-    try:
-        return JobStatus.model_validate_json(data)
-    except ValidationError as error:
-        if any(item["type"] == "json_invalid" for item in error.errors()):
-            return "not valid JSON"
-        problems = [str(p) for p in problems_from_validation(error)]
-        more = len(problems) - _PROBLEMS_SHOWN
-        shown = "; ".join(problems[:_PROBLEMS_SHOWN]) + (f"; and {more} more" if more > 0 else "")
-        return f"not a job status: {shown}"
-    except (ValueError, RecursionError) as error:  # defensive: the parser's own limits
-        return f"not a job status: {type(error).__name__}"
-
-
-async def read_record(storage: Storage, layout: Layout, job_id: str, size: int | None) -> JobRecord:
-    """One job's record; every way reading can fail ends as a ``problem``, not an exception."""
-    key = layout.status_key(job_id)
-    try:
-        if size is None:
-            info = await storage.head(key)
-            if info is None:
-                return JobRecord(job_id, key, problem="no status document")
-            size = info.size
-        if size > MAX_STATUS_BYTES:
-            return JobRecord(
-                job_id, key, problem=f"status is {size} bytes; the limit is {MAX_STATUS_BYTES}"
-            )
-        data = (await storage.get(key)).data
-    except ObjectNotFound:
-        return JobRecord(job_id, key, problem="no status document")
-    except StorageError as error:
-        return JobRecord(job_id, key, problem=f"cannot read it: {error}")
-    if len(data) > MAX_STATUS_BYTES:  # grew since it was listed
-        return JobRecord(
-            job_id, key, problem=f"status is {len(data)} bytes; the limit is {MAX_STATUS_BYTES}"
-        )
-    parsed = parse_status(data)
-    if isinstance(parsed, str):
-        return JobRecord(job_id, key, problem=parsed)
-    return JobRecord(job_id, key, status=parsed)
-
-
 async def read_records(
     storage: Storage,
     layout: Layout,
     jobs: Iterable[tuple[str, int | None]],
     concurrency: int = STATUS_CONCURRENCY,
 ) -> list[JobRecord]:
-    """Every job's record, in the order given, with at most ``concurrency`` reads at once."""
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(job_id: str, size: int | None) -> JobRecord:
-        async with gate:
-            return await read_record(storage, layout, job_id, size)
-
-    return list(await asyncio.gather(*(one(job_id, size) for job_id, size in jobs)))
+    """Every selected job's record, in the order given (the status book reads them)."""
+    return await StatusBook(storage, layout).read_records(
+        [job_id for job_id, _ in jobs], concurrency
+    )
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from processor.job.manifest import OutputRecord
-from processor.storage.base import Storage, StorageError
+from processor.errors import StorageError
+from processor.job.status import OutputRecord
+from processor.storage.base import Storage
 
 THUMB_DIR = "thumbs"
 THUMB_BOX = 256  # px, the longer side: sharp in a ~160 px card on a 1.5x screen

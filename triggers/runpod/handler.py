@@ -13,15 +13,23 @@ import logging
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from processor.comfy.node_errors import ComfyError
-from processor.errors import ManifestError
-from processor.job.manifest import JobState, JobStatus, check_job_id, default_job_id, load_jobs
+from processor.errors import (
+    ComfyError,
+    ManifestError,
+    ObjectNotFound,
+    PreconditionFailed,
+    SettingsError,
+    StorageError,
+    WorkflowLoadError,
+)
+from processor.job.manifest import check_job_id, default_job_id, load_jobs
 from processor.job.runner import JobOutcome, Verdict
-from processor.settings import S3Settings, SettingsError, WorkerSettings
-from processor.storage.base import ObjectNotFound, PreconditionFailed, Storage, StorageError
+from processor.job.status import JobState, JobStatus
+from processor.settings import S3Settings, WorkerSettings
+from processor.storage.base import Storage
 from processor.worker.assembly import open_storage, open_worker, s3_layout
 from processor.worker.loop import Worker
-from processor.workflows import WorkflowLoadError, WorkflowRegistry
+from processor.workflows import WorkflowRegistry
 from triggers.runpod.host import WorkerHost
 from triggers.runpod.progress import (
     DEFAULT_INTERVAL,

@@ -13,8 +13,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from processor.errors import StorageError
 from processor.job.manifest import JobManifest, check_job_id
-from processor.storage.base import StorageError, validate_key
+from processor.storage.base import validate_key
 from processor.storage.layout import Layout
 
 MANIFEST_FIELDS = frozenset(JobManifest.model_fields)

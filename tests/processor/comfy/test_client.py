@@ -14,18 +14,17 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from processor.comfy.client import (
-    ComfyClient,
+from processor.comfy.client import ComfyClient, Progress, RunResult, sniff_content_type
+from processor.comfy.node_errors import validation_error
+from processor.errors import (
+    ComfyDiedWhileWaiting,
     ComfyInterrupted,
     ComfyRuntimeError,
     ComfyTimeout,
     ComfyUnavailable,
     ComfyValidationError,
-    Progress,
-    RunResult,
-    sniff_content_type,
 )
-from processor.comfy.node_errors import ComfyDiedWhileWaiting, validation_error
+from processor.job.retry_table import policy_for
 from tests.paths import WORKFLOWS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -161,7 +160,7 @@ async def test_bad_checkpoint_is_a_readable_validation_error(
     ]
     assert "x.safetensors" in str(error)
     assert error.details["node_errors"]["4"]["class_type"] == "CheckpointLoaderSimple"
-    assert not error.retryable
+    assert not policy_for(error).retry
     assert "run-bad-ckpt" not in (await fake_stats(fake_comfyui.url)).get("executed", {})
 
 
@@ -257,7 +256,7 @@ async def test_runtime_error_names_node_and_exception(
     assert fake_comfyui.state.fail_message in error.exception_message
     assert str(error).startswith("node 2 (ImageInvert) failed: RuntimeError: ")
     assert error.details["traceback"]
-    assert not error.retryable
+    assert not policy_for(error).retry
 
 
 async def test_timeout_interrupts_the_prompt(client: ComfyClient, fake_comfyui: Any) -> None:
@@ -430,7 +429,7 @@ async def test_wait_ready_names_url_and_log_tail() -> None:
     message = str(caught.value)
     assert "http://127.0.0.1:9" in message
     assert "CUDA out of memory" in message
-    assert caught.value.retryable
+    assert policy_for(caught.value).retry
 
 
 async def test_a_crash_is_blamed_on_the_running_prompt_not_the_waiting_one(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from processor.job.manifest import JobState, JobStatus
+from processor.job.status import JobState, JobStatus
 from processor.settings import WorkerSettings
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage

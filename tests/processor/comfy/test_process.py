@@ -12,10 +12,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from processor.comfy.client import ComfyClient, ComfyUnavailable
-from processor.comfy.node_errors import ComfyDiedWhileWaiting
+from processor.comfy.client import ComfyClient
 from processor.comfy.process import ComfyEngine, ComfyProcess, describe_exit
-from processor.settings import SettingsError, WorkerSettings
+from processor.errors import ComfyDiedWhileWaiting, ComfyUnavailable, SettingsError
+from processor.job.retry_table import policy_for
+from processor.settings import WorkerSettings
 from tests.paths import FAKE_COMFYUI
 from tests.processor.comfy.test_client import load_graph, png_bytes, solid
 
@@ -126,7 +127,7 @@ async def test_comfyui_dying_mid_run_fails_the_job_and_restarts(
     with pytest.raises(ComfyUnavailable) as caught:
         await client.run(solid(prefix="dies"), "run-dies", timeout=30)
     assert "ComfyUI died" in str(caught.value)
-    assert caught.value.retryable
+    assert policy_for(caught.value).retry
 
     # The next job waits for the restarted ComfyUI and succeeds.
     result = await client.run(solid(prefix="after"), "run-after-death", timeout=30)
@@ -147,7 +148,7 @@ async def test_the_prompt_waiting_behind_one_that_kills_comfyui_is_a_bystander(
     assert not isinstance(ran.value, ComfyDiedWhileWaiting)
     with pytest.raises(ComfyDiedWhileWaiting, match="while another job ran") as waited:
         await client.wait_for("run-waiting", timeout=30)
-    assert waited.value.retryable and waited.value.details["bystander"] is True
+    assert policy_for(waited.value).retry and waited.value.details["bystander"] is True
 
 
 async def test_attached_comfyui_that_vanishes_fails_the_job_as_unreachable(
@@ -170,7 +171,7 @@ async def test_attached_comfyui_that_vanishes_fails_the_job_as_unreachable(
             await process.stop()  # nobody restarts it: as if a remote ComfyUI went away
             with pytest.raises(ComfyUnavailable, match="unreachable") as caught:
                 await client.wait_for("run-gone", timeout=60)
-            assert caught.value.retryable
+            assert policy_for(caught.value).retry
     finally:
         await process.stop()
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from processor.comfy.client import ComfyClient
-from processor.comfy.node_errors import ComfyUnavailable
 from processor.comfy.process import ComfyEngine
 from processor.comfy.waiting import LogNotices, Waiting
+from processor.errors import ComfyUnavailable
 from processor.settings import WorkerSettings
 from tests.fake_comfyui.thread import FakeComfyUIThread
 from tests.s3_servers import free_port

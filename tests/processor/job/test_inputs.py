@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from processor.job.inputs import InputInvalid, check_image
-from processor.job.manifest import JobState
+from processor.errors import InputInvalid
+from processor.job.inputs import check_image
+from processor.job.status import JobState
 from processor.storage.local import LocalStorage
 from processor.worker.assembly import open_worker
 from tests.processor.worker.test_loop import LAYOUT, drop, executions, status_of, worker_settings

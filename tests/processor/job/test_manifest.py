@@ -11,17 +11,16 @@ import pytest
 
 from processor.errors import ManifestError, Problem
 from processor.job.manifest import (
-    ErrorInfo,
     JobManifest,
-    JobState,
-    JobStatus,
-    OutputRecord,
     check_job_id,
-    failed_manifest_status,
+    default_job_id,
     load_jobs,
     parse_manifest_bytes,
-    status_for_job,
 )
+from processor.job.status import ErrorInfo, JobState, JobStatus, OutputRecord
+from processor.job.status_book import StatusBook
+from processor.storage.layout import Layout
+from processor.storage.local import LocalStorage
 from processor.workflows import WorkflowRegistry, builtin_workflows_dir
 from tests.paths import MANIFESTS
 
@@ -483,7 +482,8 @@ def test_status_for_job_carries_the_resolved_payload(registry: WorkflowRegistry)
         manifest_key="input/s1.json",
         registry=registry,
     )
-    status = status_for_job(job, state=JobState.running, worker="w1", attempt=2)
+    book = StatusBook(LocalStorage(Path("unused")), Layout(), worker="w1")
+    status = book.attempt(job, attempt=2, max_attempts=3).status
     assert status.id == "s1"
     assert status.state is JobState.running
     assert status.attempt == 2
@@ -522,10 +522,15 @@ def test_status_round_trips_through_json() -> None:
     assert JobStatus.model_validate_json(data) == status
 
 
-def test_failed_manifest_status_lists_problems(registry: WorkflowRegistry) -> None:
+async def test_failed_manifest_status_lists_problems(
+    registry: WorkflowRegistry, tmp_path: Path
+) -> None:
     problems = problems_of(registry, {"workflow": TXT, "payload": {"steps": 0, "sed": 1}})
     error = ManifestError(problems)
-    status = failed_manifest_status("input/bad.json", error, job_id=None, worker="w")
+    async with LocalStorage(tmp_path) as storage:
+        book = StatusBook(storage, Layout(), worker="w")
+        status = await book.never_ran(default_job_id("input/bad.json"), "input/bad.json", error)
+        assert await book.read("bad") == status
     assert status.id == "bad"
     assert status.state is JobState.failed
     assert isinstance(status.error, ErrorInfo)

@@ -15,14 +15,8 @@ from jsonschema import Draft202012Validator
 
 from processor.errors import ManifestError
 from processor.job import schemas
-from processor.job.manifest import (
-    JobManifest,
-    JobState,
-    JobStatus,
-    OutputOptions,
-    check_job_id,
-    load_jobs,
-)
+from processor.job.manifest import JobManifest, OutputOptions, check_job_id, load_jobs
+from processor.job.status import JobState, JobStatus
 from processor.workflows import WorkflowRegistry, builtin_workflows_dir, load_workflow
 from tests.paths import MANIFESTS, REPO
 from triggers.cli import main as cli

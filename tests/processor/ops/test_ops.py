@@ -12,12 +12,13 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from processor.job.manifest import ErrorInfo, JobState, JobStatus
+from processor.errors import SettingsError
 from processor.job.runner import JobOutcome, Verdict
+from processor.job.status import ErrorInfo, JobState, JobStatus
 from processor.ops.metrics import Health, LabelGuard, Metrics
 from processor.ops.parts import build_ops
 from processor.ops.server import OpsServer
-from processor.settings import SettingsError, WorkerSettings
+from processor.settings import WorkerSettings
 from tests.paths import DOCS
 
 SECRET = "whsec_" + base64.b64encode(b"s" * 32).decode()

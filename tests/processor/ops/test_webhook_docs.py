@@ -13,7 +13,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from processor.ops.webhooks import Notifier, NotifyRecord, RetryPolicy, Signer, WebhookPolicy
+from processor.job.status import NotifyRecord
+from processor.ops.webhooks import Notifier, RetryPolicy, Signer, WebhookPolicy
 from processor.settings import webhook_key
 from tests.paths import DOCS
 

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from standardwebhooks import Webhook
 
+from processor.job.status import NotifyRecord
 from processor.ops.webhooks import (
     Notifier,
-    NotifyRecord,
     RetryPolicy,
     Signer,
     WebhookPolicy,

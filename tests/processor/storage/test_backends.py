@@ -17,16 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
+from processor.errors import ObjectNotFound, PreconditionFailed, StorageError
 from processor.settings import S3Settings
 from processor.storage import s3 as storage_s3
-from processor.storage.base import (
-    ObjectNotFound,
-    PreconditionFailed,
-    Storage,
-    StorageError,
-    folder_prefix,
-    validate_key,
-)
+from processor.storage.base import Storage, folder_prefix, validate_key
 from processor.storage.local import LocalStorage
 from processor.storage.s3 import S3Storage
 from tests.paths import REPO
@@ -349,7 +343,7 @@ def test_local_if_match_holds_across_processes(tmp_path: Path) -> None:
         """
         import asyncio, sys
         from pathlib import Path
-        from processor.storage.base import PreconditionFailed
+        from processor.errors import PreconditionFailed
         from processor.storage.local import LocalStorage
 
         async def main() -> None:

@@ -10,8 +10,9 @@ from typing import Any, cast
 
 import pytest
 
-from processor.storage.base import PreconditionFailed, Storage, StoredObject
-from processor.storage.claims import ClaimStore, Lease, LeaseLost
+from processor.errors import LeaseLost, PreconditionFailed
+from processor.storage.base import Storage, StoredObject
+from processor.storage.claims import ClaimStore, Lease
 from processor.storage.local import LocalStorage
 from tests.s3_servers import storage_backend
 
@@ -185,7 +186,7 @@ async def test_unreadable_claim_does_not_block_its_job(storage: Storage) -> None
 
 
 def test_claim_names_are_file_stems(tmp_path: Path) -> None:
-    from processor.storage.base import StorageError
+    from processor.errors import StorageError
 
     store = ClaimStore(LocalStorage(tmp_path), "", "w", LEASE)
     assert store.key_for("job") == "job.json"

@@ -10,8 +10,9 @@ from typing import Any, cast
 
 import pytest
 
+from processor.errors import ConditionalWritesIgnored
 from processor.storage.base import Storage
-from processor.storage.claims_check import ConditionalWritesIgnored, check_conditional_writes
+from processor.storage.claims_check import check_conditional_writes
 from processor.storage.local import LocalStorage
 from processor.worker.assembly import local_layout, open_worker
 from tests.processor.worker.test_loop import worker_settings

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
+from processor.errors import RetireFailed, StorageError
 from processor.storage import retirement as retire
-from processor.storage.base import StorageError
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage
-from processor.storage.retirement import MAX_BATCH, RetireFailed, Retirer, _DeleteBatch
+from processor.storage.retirement import MAX_BATCH, Retirer, _DeleteBatch
 from processor.worker.assembly import open_worker
 from tests.processor.worker.test_loop import drop, status_of, worker_settings
 

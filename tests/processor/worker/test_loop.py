@@ -10,8 +10,8 @@ from typing import Any
 
 from PIL import Image
 
-from processor.job.manifest import JobState, JobStatus
 from processor.job.runner import JobOutcome, Verdict
+from processor.job.status import JobState, JobStatus
 from processor.settings import WorkerSettings
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from processor.job.manifest import JobState
+from processor.job.status import JobState
 from processor.worker.assembly import open_worker
 from tests.poison_parts import (
     LAYOUT,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from processor.job.manifest import JobState
-from processor.storage.base import StorageError
+from processor.errors import StorageError
+from processor.job.status import JobState
 from processor.worker.loop import Worker
 from tests.poison_parts import (
     Bucket,

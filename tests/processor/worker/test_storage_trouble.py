@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
-from processor.job.manifest import JobState, JobStatus
+from processor.errors import StorageError
+from processor.job.status import JobState, JobStatus
 from processor.settings import WorkerSettings
 from processor.storage import claims as claims_module
-from processor.storage.base import Page, StorageError
+from processor.storage.base import Page
 from processor.storage.claims import ClaimStore, Lease
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage

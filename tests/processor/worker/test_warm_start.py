@@ -17,8 +17,9 @@ from pydantic import ValidationError
 
 from processor.comfy.client import ComfyClient
 from processor.comfy.process import ComfyEngine
-from processor.job.manifest import JobStatus, load_jobs
+from processor.job.manifest import load_jobs
 from processor.job.runner import JobRunner, JobSettings, Verdict
+from processor.job.status import JobStatus
 from processor.settings import WarmupSpec, WorkerSettings, parse_warmup
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage

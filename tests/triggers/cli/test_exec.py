@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from processor.storage.base import StorageError
+from processor.errors import StorageError
 from tests.workers import comfys3
 from triggers.cli.exec_folder import OutputFolder
 

@@ -10,8 +10,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from processor.errors import StorageError
 from processor.settings import S3Settings
-from processor.storage.base import StorageError
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage
 from processor.storage.s3 import S3Storage

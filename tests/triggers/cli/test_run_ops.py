@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from processor.job.manifest import JobState, JobStatus
+from processor.job.status import JobState, JobStatus
 from processor.settings import WorkerSettings
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage

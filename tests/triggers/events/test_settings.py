@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from processor.settings import SettingsError, load_dispatch_settings, load_sqs_settings
+from processor.errors import SettingsError
+from processor.settings import load_dispatch_settings, load_sqs_settings
 from triggers.events.runpod_api import _retry_after
 
 VARIABLES = (

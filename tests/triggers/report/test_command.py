@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from processor.job.manifest import ErrorInfo, JobState, JobStatus, OutputRecord
+from processor.job import status_book
+from processor.job.status import ErrorInfo, JobState, JobStatus, OutputRecord
 from processor.settings import S3Settings
 from processor.storage.base import StoredObject
 from processor.storage.layout import Layout
@@ -23,7 +24,6 @@ from processor.storage.local import LocalStorage
 from tests.triggers.cli.test_submit import use_s3
 from tests.workers import s3_client
 from triggers.cli.main import main
-from triggers.report import data as report_data
 from triggers.report import thumbs as report_thumbs
 from triggers.report.data import Selection, parse_since, read_records, select_jobs
 
@@ -78,7 +78,7 @@ async def test_every_bad_status_becomes_a_readable_problem(
     put_job(tmp_path, "garbage", b"\xff\xfe not json")
     put_job(tmp_path, "wrong-shape", b'{"id": "x", "state": "exploded", "attempt": "many"}')
     put_job(tmp_path, "huge", finished("huge", payload={"prompt": "x" * 5000}))
-    monkeypatch.setattr(report_data, "MAX_STATUS_BYTES", 4096)
+    monkeypatch.setattr(status_book, "MAX_STATUS_BYTES", 4096)
     ids = ("good", "garbage", "wrong-shape", "huge", "never-ran", "../../etc")
 
     async with LocalStorage(tmp_path) as storage:
@@ -105,12 +105,12 @@ class CountingStorage(LocalStorage):
         self.running = 0
         self.most = 0
 
-    async def get(self, key: str) -> StoredObject:
+    async def get(self, key: str, *, max_bytes: int | None = None) -> StoredObject:
         self.running += 1
         self.most = max(self.most, self.running)
         try:
             await asyncio.sleep(0.01)
-            return await super().get(key)
+            return await super().get(key, max_bytes=max_bytes)
         finally:
             self.running -= 1
 

@@ -12,7 +12,7 @@ from typing import Any
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from processor.job.manifest import ErrorInfo, JobState, JobStatus, OutputRecord
+from processor.job.status import ErrorInfo, JobState, JobStatus, OutputRecord
 from processor.storage.layout import Layout
 from triggers.report.data import JobRecord
 from triggers.report.page import render_pages

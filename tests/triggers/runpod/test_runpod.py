@@ -23,7 +23,8 @@ from botocore.exceptions import ClientError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processor.job.manifest import ProgressInfo, check_job_id
+from processor.job.manifest import check_job_id
+from processor.job.status import ProgressInfo
 from processor.settings import S3Settings, WorkerSettings
 from processor.storage.claims import ClaimStore
 from processor.storage.s3 import S3Storage

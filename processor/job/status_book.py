@@ -1,0 +1,520 @@
+"""The status book: the one place that builds, writes and reads job status documents.
+
+Every transition of a job's record is a method here (an attempt begins, makes progress,
+succeeds, fails or is given back; a manifest that never ran is recorded invalid or given up
+on; a webhook's fate is written back), so "what did the user see" is answerable from this file
+alone. Two rules live here and nowhere else:
+
+- **Never bury a success.** A later write for the same job id (a broken manifest arriving
+  again, a manifest given up on, a duplicate upload) never turns a succeeded status into
+  anything else: the success stays and gets a note.
+- **Read the bucket as untrusted.** A status is parsed through :mod:`processor.safejson` with a
+  size cap; one that cannot be read is treated as absent (never as success) when deciding, and
+  reported as a one-line problem when shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from pydantic import ValidationError
+
+from processor.errors import (
+    JsonLimitError,
+    ManifestError,
+    ObjectNotFound,
+    ObjectTooLarge,
+    PreconditionFailed,
+    StorageError,
+    problems_from_validation,
+)
+from processor.job.retry_table import describe
+from processor.job.status import (
+    ErrorInfo,
+    JobState,
+    JobStatus,
+    NotifyRecord,
+    OutputRecord,
+    ProgressInfo,
+    utcnow,
+)
+from processor.logsafe import printable_logger
+from processor.safejson import load_json
+from processor.storage.base import StoredObject
+from processor.storage.layout import Layout
+
+if TYPE_CHECKING:
+    from processor.job.manifest import Job
+
+log = printable_logger("comfys3.job")
+
+# A status larger than this is not read: a real one is a few kB (outputs, notes, payload).
+MAX_STATUS_BYTES = 4 * 1024 * 1024
+STATUS_CONCURRENCY = 32  # status reads at once when many are read (report, submit --wait)
+_PROBLEMS_SHOWN = 3
+FINAL = (JobState.succeeded, JobState.failed)
+NO_STATUS = "no status document"
+
+# Send a final status to its webhook in the background: (manifest URL or None for the
+# worker's default, message id, body, what to do with the delivery's record) -> sent at all.
+Announce = Callable[[str | None, str, bytes, Callable[[NotifyRecord], Awaitable[None]]], bool]
+
+
+class StatusStore(Protocol):
+    """The part of :class:`processor.storage.base.Storage` the book reads and writes with."""
+
+    async def get(self, key: str, *, max_bytes: int | None = None) -> StoredObject: ...
+
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> str: ...
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def parse_status(data: bytes, job_id: str | None = None) -> JobStatus | str:
+    """Bytes of a status document -> the status, or a one-line reason it is unreadable.
+
+    With ``job_id``, a document that names another job is unreadable too: written back with a
+    note, it would land in that job's folder (or at no valid key at all).
+    """
+    if len(data) > MAX_STATUS_BYTES:
+        return f"status is {len(data)} bytes; the limit is {MAX_STATUS_BYTES}"
+    try:
+        document = load_json(data)
+    except JsonLimitError as error:
+        text = str(error)
+        if text.startswith(("is not valid JSON", "is not UTF-8")):
+            return "not valid JSON"
+        return f"not a job status: {text}"
+    try:
+        status = JobStatus.model_validate(document)
+    except ValidationError as error:
+        problems = [str(p) for p in problems_from_validation(error)]
+        more = len(problems) - _PROBLEMS_SHOWN
+        shown = "; ".join(problems[:_PROBLEMS_SHOWN]) + (f"; and {more} more" if more > 0 else "")
+        return f"not a job status: {shown}"
+    except (ValueError, RecursionError) as error:  # defensive: the validator's own limits
+        return f"not a job status: {type(error).__name__}"
+    if job_id is not None and status.id != job_id:
+        return f"not this job's status: it names job {status.id[:128]!r}"
+    return status
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job's status as found, or why it could not be read (for people: report, status).
+
+    ``job_id`` is the folder the status lives in, not the id the document claims: the folder
+    is what links and thumbnails are made from, and a document may say anything.
+    """
+
+    job_id: str
+    key: str
+    status: JobStatus | None = None
+    problem: str | None = None
+
+    @property
+    def missing(self) -> bool:
+        """No status document at all (the job never ran, or its id is wrong)."""
+        return self.problem == NO_STATUS
+
+
+# -- one attempt ------------------------------------------------------------------------------
+
+
+class Begun(enum.Enum):
+    """What the first write of an attempt found."""
+
+    run = "run"  # no final status stands in the way: run the job
+    leftover = "leftover"  # this very upload already ran to its end; only its retirement is left
+    already_succeeded = "already_succeeded"  # an earlier run succeeded and no rerun is asked
+
+
+@dataclass
+class Beginning:
+    begun: Begun
+    previous: JobStatus | None = None
+
+
+class AttemptRecord:
+    """The status document of one attempt at one job, written as the attempt moves."""
+
+    def __init__(self, book: StatusBook, status: JobStatus) -> None:
+        self._book = book
+        self.status = status
+
+    @property
+    def job_id(self) -> str:
+        return self.status.id
+
+    async def begin(self, job: Job, *, resumed: bool) -> Beginning:
+        """Write the "running" status, and learn from the same conditional write whether this
+        job already has one.
+
+        - no status yet (nearly every job): the create is the only request;
+        - a final status written for this very upload of a manifest claimed before: it ran to
+          its end and only its retirement was cut short (an outage between status and move),
+          so it is retired now, not run again. A fresh claim never means this: the same bytes
+          uploaded again within a second (S3 times have one-second steps) still run;
+        - an earlier success of the same id: not run again unless the manifest says ``rerun``
+          (never bury a success: it gets a note);
+        - anything else (an earlier failure, an attempt cut short): run, and say so.
+        """
+        status = self.status
+        try:
+            await self._book.write(status, create=True)
+            return Beginning(Begun.run)
+        except PreconditionFailed:
+            previous = await self._book.read(status.id)
+        if (
+            resumed
+            and previous is not None
+            and previous.state in FINAL
+            and status.manifest_version is not None
+            and previous.manifest_version == status.manifest_version
+        ):
+            return Beginning(Begun.leftover, previous)
+        note = (
+            f"manifest {job.manifest_key} arrived again and was not run: "
+            'this id already succeeded (set "rerun": true to run it again)'
+        )
+        if not job.rerun and previous is not None and await self._book.keep_success(previous, note):
+            return Beginning(Begun.already_succeeded, previous)
+        await self._book.write(status)
+        return Beginning(Begun.run)
+
+    def timing(self, phase: str, seconds: float) -> None:
+        self.status.timings[phase] = round(seconds, 3)
+
+    def progress(self, info: ProgressInfo) -> None:
+        self.status.progress = info
+
+    async def save(self) -> None:
+        """Write the document as it stands (progress, or the final state set just before)."""
+        await self._book.write(self.status)
+
+    def succeeded(self, outputs: list[OutputRecord], texts: dict[str, list[str]]) -> None:
+        self.status.outputs = outputs
+        self.status.texts = texts
+        self.status.state = JobState.succeeded
+        self.status.progress = ProgressInfo(fraction=1.0, node=None)
+
+    def failed(self, info: ErrorInfo, *, retrying: bool, charged: bool) -> None:
+        """Record a failed attempt: queued for another one, or failed for good."""
+        status = self.status
+        status.error = info
+        attempt, most = status.attempt, status.max_attempts or status.attempt
+        if retrying and not charged:
+            status.state = JobState.queued
+            status.notes.append(
+                f"attempt {attempt} did not run: ComfyUI died while another job ran; "
+                "it will be retried and this try does not count"
+                if info.type == "comfyui_unavailable"
+                else f"attempt {attempt} failed ({info.type}) through no fault of the job; "
+                "it will be retried and this try does not count"
+            )
+        elif retrying:
+            status.state = JobState.queued
+            status.notes.append(
+                f"attempt {attempt} of {most} failed ({info.type}); it will be retried"
+            )
+        else:
+            status.state = JobState.failed
+
+    def gave_up(self) -> None:
+        """A retryable failure on the last attempt: the status says the attempts ran out."""
+        self.status.notes.append(f"gave up after {self.status.attempt} attempt(s)")
+
+    def given_back(self) -> None:
+        """The worker stopped mid-attempt: the job waits for another worker, uncounted."""
+        self.status.state = JobState.queued
+        self.status.notes.append(
+            f"attempt {self.status.attempt} was stopped with its worker; the job was given back "
+            "and this try does not count"
+        )
+
+
+# -- the book ---------------------------------------------------------------------------------
+
+
+class StatusBook:
+    """Reads and writes the status documents of one storage and layout.
+
+    ``worker`` names the writer in documents it creates; ``announce`` sends final statuses to
+    their webhooks (None: no webhooks, e.g. ``comfys3 exec``). Readers (``status``, ``report``,
+    ``submit --wait``) need neither.
+    """
+
+    def __init__(
+        self,
+        storage: StatusStore,
+        layout: Layout,
+        *,
+        worker: str | None = None,
+        announce: Announce | None = None,
+    ) -> None:
+        self.storage = storage
+        self.layout = layout
+        self.worker = worker
+        self.announce = announce
+
+    def key(self, job_id: str) -> str:
+        return self.layout.status_key(job_id)
+
+    # -- reading --------------------------------------------------------------------------
+
+    async def read(self, job_id: str) -> JobStatus | None:
+        """The job's status, for a decision: absent, unreadable, oversized or naming another
+        job all read as None, never as success. Storage trouble raises."""
+        try:
+            stored = await self.storage.get(self.key(job_id), max_bytes=MAX_STATUS_BYTES)
+        except (ObjectNotFound, ObjectTooLarge):
+            return None
+        parsed = parse_status(stored.data, job_id)
+        return parsed if isinstance(parsed, JobStatus) else None
+
+    async def read_record(self, job_id: str) -> JobRecord:
+        """The job's status for a person; every way reading can fail ends as a ``problem``."""
+        key = self.key(job_id)
+        try:
+            data = (await self.storage.get(key, max_bytes=MAX_STATUS_BYTES)).data
+        except ObjectNotFound:
+            return JobRecord(job_id, key, problem=NO_STATUS)
+        except ObjectTooLarge as error:
+            return JobRecord(job_id, key, problem=f"too large: {error}")
+        except StorageError as error:
+            return JobRecord(job_id, key, problem=f"cannot read it: {error}")
+        parsed = parse_status(data)
+        if isinstance(parsed, str):
+            return JobRecord(job_id, key, problem=parsed)
+        return JobRecord(job_id, key, status=parsed)
+
+    async def read_records(
+        self, job_ids: Iterable[str], concurrency: int = STATUS_CONCURRENCY
+    ) -> list[JobRecord]:
+        """Every job's record, in the order given, with at most ``concurrency`` reads at once."""
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(job_id: str) -> JobRecord:
+            async with gate:
+                return await self.read_record(job_id)
+
+        return list(await asyncio.gather(*(one(job_id) for job_id in job_ids)))
+
+    async def read_many(
+        self, job_ids: Iterable[str], concurrency: int = STATUS_CONCURRENCY
+    ) -> list[JobStatus | None]:
+        """Each job's status for a decision (see :meth:`read`), at most ``concurrency`` at once;
+        an unreadable one (half-written by a foreign tool, say) is None until it is fixed."""
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(job_id: str) -> JobStatus | None:
+            async with gate:
+                return await self.read(job_id)
+
+        return list(await asyncio.gather(*(one(job_id) for job_id in job_ids)))
+
+    # -- writing --------------------------------------------------------------------------
+
+    async def write(self, status: JobStatus, *, create: bool = False) -> None:
+        """Write ``status``; with ``create``, only if the job has no status yet
+        (:class:`PreconditionFailed` otherwise)."""
+        status.updated_at = utcnow()
+        await self.storage.put(
+            self.key(status.id),
+            status.to_json(),
+            content_type="application/json",
+            if_none_match=create,
+        )
+
+    def attempt(
+        self,
+        job: Job,
+        *,
+        attempt: int,
+        max_attempts: int,
+        notes: list[str] | None = None,
+        manifest_version: str | None = None,
+    ) -> AttemptRecord:
+        """The document of a new attempt at ``job``, not written yet (see
+        :meth:`AttemptRecord.begin`)."""
+        return AttemptRecord(
+            self,
+            JobStatus(
+                id=job.id,
+                state=JobState.running,
+                attempt=attempt,
+                max_attempts=max_attempts,
+                worker=self.worker,
+                manifest_key=job.manifest_key,
+                manifest_version=manifest_version,
+                workflow=job.workflow,
+                payload=job.payload,
+                metadata=job.metadata,
+                notes=list(notes or []),
+            ),
+        )
+
+    async def keep_success(
+        self, previous: JobStatus | None, note: str | None = None, *, unless: str | None = None
+    ) -> bool:
+        """The never-bury rule, the one place it is written: if ``previous`` is a success, it
+        stands (with ``note`` added, unless it records this very upload, ``unless`` being that
+        upload's version) and nothing may replace it. True when it stood."""
+        if previous is None or previous.state is not JobState.succeeded:
+            return False
+        if note is not None and (unless is None or previous.manifest_version != unless):
+            previous.notes.append(note)
+            await self.write(previous)
+        return True
+
+    async def never_ran(
+        self,
+        job_id: str,
+        manifest_key: str,
+        error: BaseException,
+        *,
+        manifest_version: str | None = None,
+    ) -> JobStatus:
+        """A job that never got to run (a broken manifest, say) fails with a status that says
+        why; it is written whatever stood before, so call :meth:`manifest_invalid` where an
+        earlier success may stand."""
+        info, _ = describe(error)
+        status = JobStatus(
+            id=job_id,
+            state=JobState.failed,
+            worker=self.worker,
+            manifest_key=manifest_key,
+            manifest_version=manifest_version,
+            error=info,
+        )
+        await self.write(status)
+        return status
+
+    async def manifest_invalid(
+        self, job_id: str, manifest_key: str, error: ManifestError, version: str | None
+    ) -> tuple[JobStatus, bool]:
+        """A manifest that cannot run: (its status, whether an earlier success was kept)."""
+        previous = await self.read(job_id)
+        note = (
+            f"manifest {manifest_key} arrived again but was not run, because it is not valid: "
+            f"{error}"
+        )
+        if previous is not None and await self.keep_success(previous, note, unless=version):
+            return previous, True
+        status = await self.never_ran(job_id, manifest_key, error, manifest_version=version)
+        self.announce_final(status, None)  # its own URL is not to be trusted
+        return status, False
+
+    async def gave_up(
+        self,
+        job_id: str,
+        manifest_key: str,
+        *,
+        job: Job | None,
+        manifest_version: str | None,
+        attempts: int,
+        max_attempts: int,
+        info: ErrorInfo,
+        note: str,
+    ) -> tuple[JobStatus, bool]:
+        """A job whose manifest will not run again: (its status, whether an earlier success
+        was kept). Its last status, if any, gets the error and the note."""
+        previous = await self.read(job_id)
+        if previous is not None and await self.keep_success(previous):
+            return previous, True
+        status = previous or JobStatus(id=job_id, state=JobState.failed, manifest_key=manifest_key)
+        if job is not None:
+            status.workflow, status.payload = job.workflow, job.payload
+        status.state = JobState.failed
+        status.attempt = attempts
+        status.max_attempts = max_attempts
+        status.manifest_version = manifest_version
+        status.error = info
+        status.notes.append(note)
+        await self.write(status)
+        self.announce_final(status, job.notify_url if job is not None else None)
+        return status, False
+
+    @staticmethod
+    def unrecordable(job: Job) -> str | None:
+        """Why ``job``'s status could not be written (a payload no serialiser takes), or None.
+        Checked when a manifest is loaded: found later, it would fail after its GPU time."""
+        try:
+            JobStatus(
+                id=job.id,
+                state=JobState.queued,
+                manifest_key=job.manifest_key,
+                workflow=job.workflow,
+                payload=job.payload,
+                metadata=job.metadata,
+            ).to_json()
+        except Exception as error:  # whatever the serialiser refuses, said once
+            return str(error)
+        return None
+
+    @staticmethod
+    def unnamed(job_id: str, manifest_key: str) -> JobStatus:
+        """The record of a manifest with no usable job id: never written (there is no key for
+        it), only counted and logged."""
+        return JobStatus(id=job_id, state=JobState.failed, manifest_key=manifest_key)
+
+    # -- webhooks -------------------------------------------------------------------------
+
+    def announce_final(self, status: JobStatus, manifest_url: str | None) -> None:
+        """Send a final status to its webhook without waiting; the delivery's record is
+        written back into that status when it is known."""
+        if self.announce is None:
+            return
+        sent = status.model_copy(deep=True)
+
+        async def record(result: NotifyRecord) -> None:
+            await self._record_notify(sent, result)
+
+        self.announce(manifest_url, f"msg_{uuid.uuid4().hex}", sent.to_json(), record)
+
+    async def _record_notify(self, sent: JobStatus, record: NotifyRecord) -> None:
+        """Put the webhook's record into the status it announced, unless a newer run has
+        replaced that status since: a conditional write, re-read if a note slipped in."""
+        key = self.key(sent.id)
+        for _ in range(3):
+            try:
+                stored = await self.storage.get(key, max_bytes=MAX_STATUS_BYTES)
+            except StorageError as error:
+                log.warning("job %s: webhook record not saved: %s", sent.id, error)
+                return
+            current = parse_status(stored.data, sent.id)
+            if isinstance(current, str):
+                log.warning("job %s: webhook record not saved: the status is %s", sent.id, current)
+                return
+            if (current.attempt, current.state, current.manifest_version) != (
+                sent.attempt,
+                sent.state,
+                sent.manifest_version,
+            ):
+                return  # a newer run owns the status now
+            current.notify = record
+            current.updated_at = utcnow()
+            try:
+                await self.storage.put(
+                    key, current.to_json(), content_type="application/json", if_match=stored.etag
+                )
+                return
+            except PreconditionFailed:
+                continue
+            except StorageError as error:
+                log.warning("job %s: webhook record not saved: %s", sent.id, error)
+                return
