@@ -304,6 +304,23 @@ class Worker:
         finally:
             self._reap()
 
+    async def run_to_end(self, key: str) -> list[JobOutcome] | None:
+        """Claim and run one named manifest until its jobs are final, for a caller that wants
+        the final answer rather than "try later" (a RunPod request): a failure the retry table
+        retries is tried again here, on this worker, after the table's pause, within
+        ``max_tries``. ``None`` when another worker holds it.
+        """
+        outcomes: list[JobOutcome] = []
+        for tries in range(1, self.settings.max_tries + 1):
+            found = await self.run_manifest(key)
+            if found is None:
+                return None
+            outcomes = found
+            if not any(outcome.verdict is Verdict.retry for outcome in outcomes):
+                break
+            await asyncio.sleep(retry_pause(tries, self.settings.retry_delay))
+        return outcomes
+
     # -- the loop's helpers ---------------------------------------------------------------
 
     def _busy(self, key: str) -> bool:

@@ -23,7 +23,7 @@ from processor.errors import (
     WorkflowLoadError,
 )
 from processor.job.manifest import check_job_id, default_job_id, load_jobs
-from processor.job.runner import JobOutcome, Verdict
+from processor.job.runner import JobOutcome
 from processor.job.status import JobState, JobStatus
 from processor.settings import S3Settings, WorkerSettings
 from processor.storage.base import Storage
@@ -49,8 +49,6 @@ from triggers.runpod.request import (
 )
 
 log = logging.getLogger("comfys3.runpod")
-
-RETRY_PAUSE = 1.0
 
 
 class HandlerError(Exception):
@@ -204,20 +202,14 @@ class RunpodHandler:
         )
 
     async def _run_to_end(self, worker: Worker, key: str) -> list[JobOutcome]:
-        """Run a manifest until its jobs are final: a retryable failure is retried here, on
-        this worker, so the RunPod caller gets the final answer rather than "try later"."""
-        outcomes: list[JobOutcome] = []
-        for _ in range(worker.settings.max_attempts + 1):
-            found = await worker.run_manifest(key)
-            if found is None:
-                raise HandlerError(
-                    f"manifest {key} is being run by another worker right now; its results "
-                    f"and status.json will appear under {self.layout.output_dir}/<job id>/"
-                )
-            outcomes = found
-            if not any(outcome.verdict is Verdict.retry for outcome in outcomes):
-                break
-            await asyncio.sleep(RETRY_PAUSE)
+        """Run a manifest until its jobs are final, so the RunPod caller gets the final answer
+        rather than "try later" (the worker retries as its retry table says)."""
+        outcomes = await worker.run_to_end(key)
+        if outcomes is None:
+            raise HandlerError(
+                f"manifest {key} is being run by another worker right now; its results "
+                f"and status.json will appear under {self.layout.output_dir}/<job id>/"
+            )
         if not outcomes:
             raise HandlerError(
                 f"manifest {key} was gone when its turn came (another worker finished it); "
