@@ -96,7 +96,9 @@ async def poll_intake(
 ) -> AsyncIterator[IntakeParts]:
     """What `comfys3 run` does without events: the adaptive poll interval."""
     defaults = WorkerSettings()
-    interval = AdaptiveInterval(defaults.poll_min_interval, defaults.poll_max_interval, stop)
+    interval = AdaptiveInterval(
+        defaults.triggers.poll_min_interval, defaults.triggers.poll_max_interval, stop
+    )
     yield interval.wait, lambda: 0, None
 
 
@@ -120,7 +122,7 @@ async def events_intake(
         layout=Layout(s3.input_dir, s3.output_dir),
         on_key=on_key,
         stop=stop,
-        fallback_interval=WorkerSettings().events_fallback_interval,
+        fallback_interval=WorkerSettings().triggers.events_fallback_interval,
     )
     async with events:
         yield events.wait_for_work, lambda: events.requests, events.listing_due

@@ -37,7 +37,7 @@ async def measure(idle_s: float, samples: int, max_gap: float) -> None:
             )
             stop = asyncio.Event()
             interval = AdaptiveInterval(
-                defaults.poll_min_interval, defaults.poll_max_interval, stop
+                defaults.triggers.poll_min_interval, defaults.triggers.poll_max_interval, stop
             )
             serving = asyncio.create_task(worker.run(wait_for_work=interval.wait, stop=stop))
 
@@ -70,8 +70,8 @@ async def measure(idle_s: float, samples: int, max_gap: float) -> None:
         print(
             json.dumps(
                 {
-                    "poll_min_interval_s": defaults.poll_min_interval,
-                    "poll_max_interval_s": defaults.poll_max_interval,
+                    "poll_min_interval_s": defaults.triggers.poll_min_interval,
+                    "poll_max_interval_s": defaults.triggers.poll_max_interval,
                     "idle_requests_per_minute": round(idle_per_minute, 1),
                     "pickup_samples": samples,
                     "pickup_p50_s": round(p50, 3),

@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 from processor.comfy.process import ComfyEngine
 from processor.job.manifest import load_jobs
-from processor.job.runner import JobRunner, JobSettings
-from processor.settings import WorkerSettings
+from processor.job.runner import JobRunner
+from processor.settings import JobLimits, WorkerSettings
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage
 from processor.worker.warm_start import warm_up
@@ -44,7 +44,8 @@ async def first_job(url: str, folder: Path, steps: int, warmup: str | None) -> d
                 storage=storage,
                 comfy=client,
                 layout=Layout("input", "output"),
-                settings=JobSettings(worker_id="bench", job_timeout=120),
+                limits=JobLimits(job_timeout=120),
+                worker_id="bench",
             )
             outcome = await runner.run(job, attempt=1, max_attempts=1)
     return {

@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from processor.errors import SettingsError
@@ -72,18 +81,72 @@ class S3Settings(BaseSettings):
         return value.rstrip("/")
 
 
-class WorkerSettings(BaseSettings):
-    """How the worker runs jobs: ComfyUI, leases, polling, templates."""
+def _names(value: object) -> object:
+    """A comma-separated list in the environment, a list in code."""
+    if isinstance(value, str):
+        return [name.strip() for name in value.split(",") if name.strip()]
+    return value
+
+
+def _empty_is_unset(value: object) -> object:
+    """``COMFYS3_METRICS_PORT=`` (a compose file passing an unset variable) means off."""
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+class ComfyUISettings(BaseSettings):
+    """The ComfyUI the worker runs jobs on: one it starts, or one it attaches to."""
+
+    model_config = SettingsConfigDict(env_prefix=f"{ENV_PREFIX}COMFYUI_", extra="ignore")
+
+    url: str | None = Field(
+        default=None, description="Attach to this running ComfyUI instead of starting one."
+    )
+    path: Path | None = Field(default=None, description="ComfyUI checkout to start (its main.py).")
+    python: str = Field(default="python3", description="Python that runs ComfyUI.")
+    args: str = Field(default="", description="Extra ComfyUI arguments, e.g. --cpu.")
+    env: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="More environment variables a started ComfyUI may see (comma-separated; "
+        "NAME* for a prefix). It gets PATH, HOME, CUDA/HF/torch variables and these, never "
+        "the worker's credentials.",
+    )
+    port: int = Field(default=8188, description="Port for a ComfyUI the worker starts.")
+    startup_timeout: float = Field(
+        default=300.0, gt=0, description="Seconds to wait for ComfyUI to answer."
+    )
+    connect_grace: float = Field(
+        default=20.0,
+        ge=0,
+        description="Seconds an attached ComfyUI (COMFYS3_COMFYUI_URL) may refuse connections "
+        "at start, while it boots, before the worker gives up.",
+    )
+    max_restarts: int = Field(
+        default=5, ge=0, description="Restarts of a local ComfyUI that keeps dying, then give up."
+    )
+    log_file: Path | None = Field(
+        default=None,
+        description="Log of a local ComfyUI (default: comfys3-comfyui-<port>.log in the temp dir).",
+    )
+    reconnect_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds an attached ComfyUI may be unreachable mid-job."
+    )
+    input_dir: Path | None = Field(
+        default=None, description="Input folder of an attached ComfyUI, so jobs clean up after."
+    )
+    output_dir: Path | None = Field(
+        default=None, description="Output folder of an attached ComfyUI, so jobs clean up after."
+    )
+    temp_dir: Path | None = Field(
+        default=None, description="Temp folder of an attached ComfyUI, so jobs clean up after."
+    )
+
+    _split_env = field_validator("env", mode="before")(_names)
+
+
+class JobLimits(BaseSettings):
+    """What one job may be and do: its manifest, its inputs, its time, its attempts."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
-
-    @field_validator("comfyui_env", mode="before")
-    @classmethod
-    def _names(cls, value: object) -> object:
-        """A comma-separated list in the environment, a list in code."""
-        if isinstance(value, str):
-            return [name.strip() for name in value.split(",") if name.strip()]
-        return value
 
     workflows_dir: Path | None = Field(
         default=None, description="Extra folder of workflow templates, loaded after workflows/."
@@ -94,57 +157,8 @@ class WorkerSettings(BaseSettings):
     max_manifest_bytes: int = Field(
         default=1_048_576, ge=1024, description="Manifests larger than this are refused."
     )
-    comfyui_url: str | None = Field(
-        default=None, description="Attach to this running ComfyUI instead of starting one."
-    )
-    comfyui_path: Path | None = Field(
-        default=None, description="ComfyUI checkout to start (its main.py)."
-    )
-    comfyui_python: str = Field(default="python3", description="Python that runs ComfyUI.")
-    comfyui_args: str = Field(default="", description="Extra ComfyUI arguments, e.g. --cpu.")
-    comfyui_env: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="More environment variables a started ComfyUI may see (comma-separated; "
-        "NAME* for a prefix). It gets PATH, HOME, CUDA/HF/torch variables and these, never "
-        "the worker's credentials.",
-    )
-    comfyui_port: int = Field(default=8188, description="Port for a ComfyUI the worker starts.")
-    comfyui_startup_timeout: float = Field(
-        default=300.0, gt=0, description="Seconds to wait for ComfyUI to answer."
-    )
-    comfyui_connect_grace: float = Field(
-        default=20.0,
-        ge=0,
-        description="Seconds an attached ComfyUI (COMFYS3_COMFYUI_URL) may refuse connections "
-        "at start, while it boots, before the worker gives up.",
-    )
-    comfyui_max_restarts: int = Field(
-        default=5, ge=0, description="Restarts of a local ComfyUI that keeps dying, then give up."
-    )
-    comfyui_log_file: Path | None = Field(
-        default=None,
-        description="Log of a local ComfyUI (default: comfys3-comfyui-<port>.log in the temp dir).",
-    )
-    comfyui_reconnect_timeout: float = Field(
-        default=60.0, gt=0, description="Seconds an attached ComfyUI may be unreachable mid-job."
-    )
-    comfyui_input_dir: Path | None = Field(
-        default=None, description="Input folder of an attached ComfyUI, so jobs clean up after."
-    )
-    comfyui_output_dir: Path | None = Field(
-        default=None, description="Output folder of an attached ComfyUI, so jobs clean up after."
-    )
-    comfyui_temp_dir: Path | None = Field(
-        default=None, description="Temp folder of an attached ComfyUI, so jobs clean up after."
-    )
     job_timeout: float = Field(
         default=1800.0, gt=0, description="Seconds one prompt may run before it is interrupted."
-    )
-    lane_depth_max: int = Field(
-        default=8,
-        ge=2,
-        description="Most prompts kept in ComfyUI's queue; the worker goes this deep only for "
-        "prompts much shorter than preparing one.",
     )
     max_input_bytes: int = Field(
         default=50 * 1024 * 1024, ge=1, description="Input files larger than this are refused."
@@ -154,6 +168,19 @@ class WorkerSettings(BaseSettings):
         ge=1,
         description="Input images with more pixels than this are refused (decompression bombs).",
     )
+    max_attempts: int = Field(default=3, ge=1, description="Attempts before a job fails for good.")
+    retry_delay: float = Field(
+        default=2.0,
+        ge=0,
+        description="Seconds before this worker retries a job it gave back; doubles per attempt.",
+    )
+
+
+class LaneSettings(BaseSettings):
+    """How the worker claims work and keeps ComfyUI's queue fed."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
     lease_seconds: float = Field(
         default=120.0, gt=0, description="A claim not renewed for this long is taken over."
     )
@@ -161,12 +188,19 @@ class WorkerSettings(BaseSettings):
         default=True,
         description="At start, check that storage honours the conditional writes claims need.",
     )
-    max_attempts: int = Field(default=3, ge=1, description="Attempts before a job fails for good.")
-    retry_delay: float = Field(
-        default=2.0,
-        ge=0,
-        description="Seconds before this worker retries a job it gave back; doubles per attempt.",
+    lane_depth_max: int = Field(
+        default=8,
+        ge=2,
+        description="Most prompts kept in ComfyUI's queue; the worker goes this deep only for "
+        "prompts much shorter than preparing one.",
     )
+
+
+class TriggerSettings(BaseSettings):
+    """How work is noticed and how the worker stops."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
     poll_min_interval: float = Field(
         default=0.5, gt=0, description="Poll interval right after finding work (seconds)."
     )
@@ -183,6 +217,13 @@ class WorkerSettings(BaseSettings):
         ge=0,
         description="On SIGTERM, seconds to let running jobs finish before giving them back.",
     )
+
+
+class HostSettings(BaseSettings):
+    """Who this worker is, where it keeps what outlives it, and how it warms up."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
     worker_id: str | None = Field(
         default=None, description="Name of this worker in claims and statuses (default: host-pid)."
     )
@@ -191,6 +232,27 @@ class WorkerSettings(BaseSettings):
         description="Network volume for logs (logs/) and the Hugging Face cache (huggingface/); "
         "default: /runpod-volume when it exists.",
     )
+    warmup: str | None = Field(
+        default=None,
+        description="Job run once before claiming any: a template (solid), "
+        "template:payload JSON, or @manifest path.",
+    )
+
+    _unset = field_validator("warmup", mode="before")(_empty_is_unset)
+
+    @field_validator("warmup")
+    @classmethod
+    def _warmup(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_warmup(value)
+        return value
+
+
+class RunpodSettings(BaseSettings):
+    """The RunPod serverless handler's own knobs."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
     presign_seconds: int = Field(
         default=3600,
         ge=1,
@@ -203,67 +265,160 @@ class WorkerSettings(BaseSettings):
     refresh_worker: bool = Field(
         default=False, description="Ask RunPod for a fresh worker after each job."
     )
-    webhook_url: str | None = Field(
+
+
+class WebhookSettings(BaseSettings):
+    """Completion webhooks: where finished jobs are announced, and which URLs may be named."""
+
+    model_config = SettingsConfigDict(env_prefix=f"{ENV_PREFIX}WEBHOOK_", extra="ignore")
+
+    url: str | None = Field(
         default=None,
         description="POST each finished job's status here, unless its manifest names a URL.",
     )
-    webhook_secret: SecretStr | None = Field(
+    secret: SecretStr | None = Field(
         default=None,
         description="Signing secret of webhooks (Standard Webhooks: whsec_ and base64).",
     )
-    webhook_allow: str = Field(
+    allow: str = Field(
         default="",
         description="Hosts a manifest's notify.url may name, e.g. hooks.example.com,*.acme.io "
         "(empty: manifests may not name one).",
     )
-    webhook_allow_http: bool = Field(
+    allow_http: bool = Field(
         default=False, description="Allow http:// webhook URLs (default: https only)."
     )
-    webhook_allow_private: bool = Field(
+    allow_private: bool = Field(
         default=False,
         description="Allow webhook hosts on loopback and private addresses (10/8, 192.168/16 ...).",
     )
-    webhook_attempts: int = Field(
+    attempts: int = Field(
         default=5, ge=1, le=20, description="Delivery attempts per webhook, with back-off."
     )
-    webhook_timeout: float = Field(
+    timeout: float = Field(
         default=10.0, gt=0, le=120, description="Seconds one webhook attempt may take."
     )
-    metrics_port: int | None = Field(
-        default=None,
-        ge=1,
-        le=65535,
-        description="Serve /metrics, /healthz and /livez on this port (default: off).",
-    )
-    metrics_host: str = Field(
-        default="127.0.0.1",
-        description="Address the metrics server listens on (0.0.0.0 to be scraped from outside).",
-    )
-    warmup: str | None = Field(
-        default=None,
-        description="Job run once before claiming any: a template (solid), "
-        "template:payload JSON, or @manifest path.",
-    )
 
-    @field_validator("webhook_url", "webhook_secret", "metrics_port", "warmup", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        """``COMFYS3_METRICS_PORT=`` (a compose file passing an unset variable) means off."""
-        return None if isinstance(value, str) and not value.strip() else value
+    _unset = field_validator("url", "secret", mode="before")(_empty_is_unset)
 
-    @field_validator("webhook_secret")
+    @field_validator("secret")
     @classmethod
     def _secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             webhook_key(value.get_secret_value())  # refuse a malformed secret at start
         return value
 
-    @field_validator("warmup")
+
+class MetricsSettings(BaseSettings):
+    """The ops server: /metrics, /healthz and /livez."""
+
+    model_config = SettingsConfigDict(env_prefix=f"{ENV_PREFIX}METRICS_", extra="ignore")
+
+    port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Serve /metrics, /healthz and /livez on this port (default: off).",
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address the metrics server listens on (0.0.0.0 to be scraped from outside).",
+    )
+
+    _unset = field_validator("port", mode="before")(_empty_is_unset)
+
+
+# The groups of WorkerSettings, by attribute: each reads its own variables, named by its prefix.
+GROUPS: dict[str, type[BaseSettings]] = {
+    "comfyui": ComfyUISettings,
+    "jobs": JobLimits,
+    "lane": LaneSettings,
+    "triggers": TriggerSettings,
+    "host": HostSettings,
+    "runpod": RunpodSettings,
+    "webhooks": WebhookSettings,
+    "metrics": MetricsSettings,
+}
+
+
+def _prefix(group: type[BaseSettings]) -> str:
+    return str(group.model_config.get("env_prefix", ENV_PREFIX))
+
+
+def _flat_names() -> dict[str, tuple[str, str]]:
+    """``comfyui_url`` -> ("comfyui", "url"): each setting by its variable's name after COMFYS3_."""
+    names: dict[str, tuple[str, str]] = {}
+    for attribute, group in GROUPS.items():
+        short = _prefix(group).removeprefix(ENV_PREFIX).lower()
+        for name in group.model_fields:
+            names[f"{short}{name}"] = (attribute, name)
+    return names
+
+
+class WorkerSettings(BaseModel):
+    """Every knob of a worker, grouped by concern and read once; passed down whole, so a
+    setting can never reach one trigger and not another.
+
+    Built from the environment by ``WorkerSettings()`` (each group reads its own
+    ``COMFYS3_*`` variables). In code, a group can be given whole (``comfyui=...``) or single
+    settings by their variable's name after ``COMFYS3_`` (``comfyui_url=...``,
+    ``lease_seconds=...``); those override the environment.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    comfyui: ComfyUISettings = Field(default_factory=ComfyUISettings)
+    jobs: JobLimits = Field(default_factory=JobLimits)
+    lane: LaneSettings = Field(default_factory=LaneSettings)
+    triggers: TriggerSettings = Field(default_factory=TriggerSettings)
+    host: HostSettings = Field(default_factory=HostSettings)
+    runpod: RunpodSettings = Field(default_factory=RunpodSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+
+    @model_validator(mode="before")
     @classmethod
-    def _warmup(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_warmup(value)
-        return value
+    def _route_flat_names(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        flat = _flat_names()
+        routed: dict[str, dict[str, Any]] = {}
+        rest: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in flat:
+                attribute, name = flat[key]
+                routed.setdefault(attribute, {})[name] = value
+            else:
+                rest[key] = value
+        for attribute, values in routed.items():
+            if attribute in rest:
+                raise ValueError(f"give {attribute} whole or by single settings, not both")
+            rest[attribute] = GROUPS[attribute](**values)
+        return rest
+
+    def replace(self, **flat: Any) -> WorkerSettings:
+        """A copy with some settings changed, named as in the constructor (``comfyui_url``)."""
+        names = _flat_names()
+        groups: dict[str, dict[str, Any]] = {}
+        for key, value in flat.items():
+            if key not in names:
+                raise TypeError(f"no setting {key!r}")
+            attribute, name = names[key]
+            groups.setdefault(attribute, {})[name] = value
+        update = {
+            attribute: getattr(self, attribute).model_copy(update=values)
+            for attribute, values in groups.items()
+        }
+        return self.model_copy(update=update)
+
+
+def environment_variables() -> set[str]:
+    """Every COMFYS3_* variable a worker reads (the README's settings table lists them)."""
+    return {
+        f"{_prefix(group)}{name}".upper()
+        for group in GROUPS.values()
+        for name in group.model_fields
+    }
 
 
 WEBHOOK_SECRET_PREFIX = "whsec_"
@@ -466,10 +621,17 @@ def load_s3_settings() -> S3Settings:
 
 
 def load_worker_settings() -> WorkerSettings:
-    try:
-        return WorkerSettings()
-    except ValidationError as error:
-        raise _explain(error, ENV_PREFIX, "worker settings") from None
+    """Every group from the environment; one message names every wrong variable of all."""
+    groups: dict[str, BaseSettings] = {}
+    problems: list[str] = []
+    for attribute, group in GROUPS.items():
+        try:
+            groups[attribute] = group()
+        except ValidationError as error:
+            problems.append(str(_explain(error, _prefix(group), "worker settings")))
+    if problems:
+        raise SettingsError("\n".join(problems))
+    return WorkerSettings.model_validate(groups)
 
 
 def load_sqs_settings() -> SqsSettings:

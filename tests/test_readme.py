@@ -6,7 +6,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from processor.settings import DispatchSettings, S3Settings, SqsSettings, WorkerSettings
+from processor.settings import (
+    DispatchSettings,
+    S3Settings,
+    SqsSettings,
+    environment_variables,
+)
 from triggers.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,7 +24,7 @@ def documented_variables() -> set[str]:
 
 def code_variables() -> set[str]:
     names = {f"COMFYS3_S3_{name.upper()}" for name in S3Settings.model_fields}
-    names |= {f"COMFYS3_{name.upper()}" for name in WorkerSettings.model_fields}
+    names |= environment_variables()
     names |= {f"COMFYS3_SQS_{name.upper()}" for name in SqsSettings.model_fields}
     names |= {
         f"COMFYS3_{name.upper()}"

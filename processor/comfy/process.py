@@ -382,23 +382,23 @@ class ComfyEngine:
         self.on_wait = on_wait  # where the wait for ComfyUI at start is told (None: the log)
         self.process: ComfyProcess | None = None
         self._client: ComfyClient | None = None
-        self.input_dir: Path | None = settings.comfyui_input_dir
-        self.output_dir: Path | None = settings.comfyui_output_dir
-        self.temp_dir: Path | None = settings.comfyui_temp_dir
-        if settings.comfyui_url:
-            self.url = settings.comfyui_url.rstrip("/")
-        elif settings.comfyui_path is not None:
+        self.input_dir: Path | None = settings.comfyui.input_dir
+        self.output_dir: Path | None = settings.comfyui.output_dir
+        self.temp_dir: Path | None = settings.comfyui.temp_dir
+        if settings.comfyui.url:
+            self.url = settings.comfyui.url.rstrip("/")
+        elif settings.comfyui.path is not None:
             self.process = ComfyProcess(
-                path=settings.comfyui_path,
-                python=settings.comfyui_python,
-                port=settings.comfyui_port,
-                args=shlex.split(settings.comfyui_args),
+                path=settings.comfyui.path,
+                python=settings.comfyui.python,
+                port=settings.comfyui.port,
+                args=shlex.split(settings.comfyui.args),
                 log_path=volume.comfyui_log(settings),
-                startup_timeout=settings.comfyui_startup_timeout,
-                max_restarts=settings.comfyui_max_restarts,
+                startup_timeout=settings.comfyui.startup_timeout,
+                max_restarts=settings.comfyui.max_restarts,
                 env=volume.comfyui_environment(
                     settings,
-                    env if env is not None else comfyui_environment(settings.comfyui_env),
+                    env if env is not None else comfyui_environment(settings.comfyui.env),
                 ),
                 stop_grace=stop_grace,
                 backoff=restart_backoff,
@@ -424,9 +424,9 @@ class ComfyEngine:
         if self.process is not None:
             await self.process.start(self.on_wait)
             # While a dead ComfyUI restarts, queued prompts wait for it, not for the job timeout.
-            reconnect = settings.comfyui_startup_timeout + 30.0
+            reconnect = settings.comfyui.startup_timeout + 30.0
         else:
-            reconnect = settings.comfyui_reconnect_timeout
+            reconnect = settings.comfyui.reconnect_timeout
         client = ComfyClient(self.url, reconnect_timeout=reconnect)
         await client.__aenter__()
         self._client = client
@@ -434,7 +434,7 @@ class ComfyEngine:
             if self.process is not None:
                 # It answers already; what is left is the websocket, not worth a report.
                 await client.wait_ready(
-                    settings.comfyui_startup_timeout,
+                    settings.comfyui.startup_timeout,
                     log_tail=self.process.log_tail,
                     on_wait=_unreported,
                 )
@@ -442,8 +442,8 @@ class ComfyEngine:
                 # Nobody here started it: an address that refuses connections fails after a
                 # short grace (for one that is booting), not after the whole startup timeout.
                 await client.wait_ready(
-                    settings.comfyui_startup_timeout,
-                    refused_grace=settings.comfyui_connect_grace,
+                    settings.comfyui.startup_timeout,
+                    refused_grace=settings.comfyui.connect_grace,
                     on_wait=self.on_wait,
                 )
         except BaseException:

@@ -110,6 +110,11 @@ def will_retry(policy: Policy, attempt: int, max_attempts: int) -> bool:
     return policy.retry and (not policy.charge or attempt < max_attempts)
 
 
+def max_tries(max_attempts: int) -> int:
+    """Every try of a manifest, counted or not: one given back this often ends anyway."""
+    return max(10, 4 * max_attempts)
+
+
 def retry_pause(tries: int, base: float) -> float:
     """Seconds before this worker tries a manifest again that it gave back after ``tries``
     tries: ``base`` doubled each time, at most :data:`MAX_RETRY_DELAY`."""

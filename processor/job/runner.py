@@ -33,6 +33,7 @@ from processor.job.retry_table import describe, policy_for, will_retry
 from processor.job.status import JobState, JobStatus, OutputRecord, ProgressInfo
 from processor.job.status_book import FINAL, Announce, AttemptRecord, Beginning, Begun, StatusBook
 from processor.logsafe import printable_logger
+from processor.settings import JobLimits, WorkerSettings
 from processor.storage.base import Storage, StoredObject, validate_key
 from processor.storage.layout import Layout
 
@@ -108,17 +109,37 @@ class LaneHooks:
     on_executed: Callable[[float], None] | None = None  # ComfyUI is done (its execution seconds)
 
 
-@dataclass
-class JobSettings:
-    worker_id: str
-    job_timeout: float
-    progress_interval: float = 1.0
-    upload_concurrency: int = 8
-    max_input_bytes: int = 50 * 1024 * 1024
-    max_input_pixels: int = 64 * 1024 * 1024
-    # Seconds to wait out storage trouble once ComfyUI has run the prompt, before giving the
-    # job back (which runs the prompt again); the worker uses its lease, 0 gives up at once.
-    storage_patience: float = 0.0
+PROGRESS_INTERVAL = 1.0  # seconds between progress writes to a running job's status
+UPLOAD_CONCURRENCY = 8  # outputs of one job uploaded at once
+
+
+def runner_for(
+    settings: WorkerSettings,
+    *,
+    storage: ResultStore,
+    comfy: Comfy,
+    layout: Layout,
+    worker_id: str,
+    inputs: Storage | None = None,
+    cleanup: Cleanup | None = None,
+    on_progress: ProgressHook | None = None,
+    announce: Announce | None = None,
+) -> JobRunner:
+    """The one way a runner is built from settings (a worker, ``exec``, the warm-up): the job
+    limits go whole, and storage trouble after a prompt ran is waited out for up to a lease
+    (how long other workers wait for this one anyway)."""
+    return JobRunner(
+        storage=storage,
+        comfy=comfy,
+        layout=layout,
+        limits=settings.jobs,
+        worker_id=worker_id,
+        inputs=inputs,
+        cleanup=cleanup,
+        on_progress=on_progress,
+        announce=announce,
+        storage_patience=settings.lane.lease_seconds,
+    )
 
 
 class JobRunner:
@@ -131,20 +152,28 @@ class JobRunner:
         storage: ResultStore,
         comfy: Comfy,
         layout: Layout,
-        settings: JobSettings,
+        limits: JobLimits,
+        worker_id: str,
         inputs: Storage | None = None,
         cleanup: Cleanup | None = None,
         on_progress: ProgressHook | None = None,
         announce: Announce | None = None,
+        storage_patience: float = 0.0,
     ) -> None:
+        """``limits`` is the settings group, whole: a limit added there reaches every runner.
+        ``storage_patience``: seconds to wait out storage trouble once ComfyUI has run the
+        prompt, before giving the job back (which runs the prompt again); 0 gives up at once.
+        """
         self.storage = storage
         self.inputs: Storage = inputs or storage  # type: ignore[assignment]
         self.comfy = comfy
         self.layout = layout
-        self.settings = settings
+        self.limits = limits
+        self.worker_id = worker_id
+        self.storage_patience = storage_patience
         self.cleanup = cleanup
         self.on_progress = on_progress
-        self.book = StatusBook(storage, layout, worker=settings.worker_id, announce=announce)
+        self.book = StatusBook(storage, layout, worker=worker_id, announce=announce)
 
     # -- one job --------------------------------------------------------------------------
 
@@ -205,14 +234,14 @@ class JobRunner:
             async with self._progress_writer(record, hooks.on_started) as on_progress:
                 try:
                     result = await self.comfy.wait_for(
-                        run_id, timeout=self.settings.job_timeout, on_progress=on_progress
+                        run_id, timeout=self.limits.job_timeout, on_progress=on_progress
                     )
                 except asyncio.CancelledError:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(self.comfy.interrupt(run_id))
                     raise
             executed(result.execution_seconds)
-            patience = time.monotonic() + self.settings.storage_patience
+            patience = time.monotonic() + self.storage_patience
             record.timing("wait", time.monotonic() - phase)
             record.timing("execute", result.execution_seconds)
 
@@ -304,7 +333,7 @@ class JobRunner:
             except StorageError as error:
                 raise InputMissing(f"input '{field_name}': {error}") from None
             try:
-                stored = await self.inputs.get(key, max_bytes=self.settings.max_input_bytes)
+                stored = await self.inputs.get(key, max_bytes=self.limits.max_input_bytes)
             except ObjectNotFound:
                 raise InputMissing(
                     f"input '{field_name}': file {source!r} was not found "
@@ -315,7 +344,7 @@ class JobRunner:
                     f"input '{field_name}': {error} (COMFYS3_MAX_INPUT_BYTES)"
                 ) from None
             try:
-                check_image(stored.data, source, max_pixels=self.settings.max_input_pixels)
+                check_image(stored.data, source, max_pixels=self.limits.max_input_pixels)
             except InputInvalid as error:
                 raise InputInvalid(f"input '{field_name}': {error}") from None
             name = await self.comfy.upload_input(stored.data, PurePosixPath(key).name, subfolder)
@@ -332,7 +361,7 @@ class JobRunner:
         for ref in result.files:
             counters[ref.node_id] = counters.get(ref.node_id, 0) + 1
             plan.append((ref, counters[ref.node_id]))
-        limit = asyncio.Semaphore(self.settings.upload_concurrency)
+        limit = asyncio.Semaphore(UPLOAD_CONCURRENCY)
 
         async def publish_one(ref: OutputFile, index: int) -> OutputRecord:
             async with limit:
@@ -385,7 +414,7 @@ class JobRunner:
 
         async def writer() -> None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), self.settings.progress_interval)
+                await asyncio.wait_for(stopping.wait(), PROGRESS_INTERVAL)
             while True:
                 await changed.wait()
                 if stopping.is_set():
@@ -397,7 +426,7 @@ class JobRunner:
                 except StorageError as error:
                     log.warning("job %s: progress not saved: %s", record.job_id, error)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), self.settings.progress_interval)
+                    await asyncio.wait_for(stopping.wait(), PROGRESS_INTERVAL)
 
         # Never cancel the writer mid-write: a write already sent could land after the final
         # status and turn a finished job back into "running". Ask it to stop and wait instead.

@@ -106,17 +106,17 @@ class Ops:
 def webhook_policy(settings: WorkerSettings) -> WebhookPolicy:
     """The URL policy from COMFYS3_WEBHOOK_*; SettingsError names what is wrong."""
     try:
-        allow = parse_allowlist(settings.webhook_allow)
+        allow = parse_allowlist(settings.webhooks.allow)
     except ValueError as error:
         raise SettingsError(f"COMFYS3_WEBHOOK_ALLOW: {error}") from None
     policy = WebhookPolicy(
         allow=allow,
-        allow_http=settings.webhook_allow_http,
-        allow_private=settings.webhook_allow_private,
-        default_url=settings.webhook_url,
+        allow_http=settings.webhooks.allow_http,
+        allow_private=settings.webhooks.allow_private,
+        default_url=settings.webhooks.url,
     )
-    if settings.webhook_url is not None:
-        refusal = policy.refusal(settings.webhook_url, from_manifest=False)
+    if settings.webhooks.url is not None:
+        refusal = policy.refusal(settings.webhooks.url, from_manifest=False)
         if refusal:
             raise SettingsError(f"COMFYS3_WEBHOOK_URL {refusal}")
     return policy
@@ -130,19 +130,21 @@ def build_ops(settings: WorkerSettings, *, lookup: Lookup | None = None) -> Ops:
     """
     policy = webhook_policy(settings)
     metrics = Metrics()
-    health = Health(storage_window=max(STORAGE_WINDOW, 3 * settings.poll_max_interval))
+    health = Health(storage_window=max(STORAGE_WINDOW, 3 * settings.triggers.poll_max_interval))
     metrics.watch_health(health)
     notifier = None
     if policy.default_url is not None or policy.allow:
-        if settings.webhook_secret is None:
+        if settings.webhooks.secret is None:
             raise SettingsError(
                 "COMFYS3_WEBHOOK_SECRET is required when COMFYS3_WEBHOOK_URL or "
                 "COMFYS3_WEBHOOK_ALLOW is set: every webhook is signed"
             )
         notifier = Notifier(
             policy,
-            Signer(webhook_key(settings.webhook_secret.get_secret_value())),
-            retry=RetryPolicy(attempts=settings.webhook_attempts, timeout=settings.webhook_timeout),
+            Signer(webhook_key(settings.webhooks.secret.get_secret_value())),
+            retry=RetryPolicy(
+                attempts=settings.webhooks.attempts, timeout=settings.webhooks.timeout
+            ),
             lookup=lookup,
             observe=metrics.webhook_result,
         )

@@ -33,14 +33,14 @@ LOG_BACKUPS = 3
 
 def volume_dir(settings: WorkerSettings) -> Path | None:
     """The mounted volume, or None when there is none."""
-    if settings.volume_dir is not None:
-        return settings.volume_dir
+    if settings.host.volume_dir is not None:
+        return settings.host.volume_dir
     return RUNPOD_VOLUME if RUNPOD_VOLUME.is_dir() else None
 
 
 def worker_name(settings: WorkerSettings) -> str:
     """This worker's name in claims, statuses and log file names (default: host-pid)."""
-    return settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    return settings.host.worker_id or f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _file_safe(name: str) -> str:
@@ -65,8 +65,8 @@ def worker_log(settings: WorkerSettings) -> Path | None:
 def comfyui_log(settings: WorkerSettings) -> Path | None:
     """Where the log of a ComfyUI the worker starts goes: COMFYS3_COMFYUI_LOG_FILE, else
     ``<volume>/logs/comfyui-<worker id>.log``, else None (the temp folder)."""
-    if settings.comfyui_log_file is not None:
-        return settings.comfyui_log_file
+    if settings.comfyui.log_file is not None:
+        return settings.comfyui.log_file
     folder = logs_dir(settings)
     return None if folder is None else folder / f"comfyui-{_file_safe(worker_name(settings))}.log"
 

@@ -1,7 +1,7 @@
 """Assembling a worker from settings: storage, ComfyUI, templates, the lane.
 
-Triggers call this instead of wiring the parts themselves, so polling, watching a folder and
-RunPod run exactly the same worker.
+Triggers call this instead of wiring the parts themselves, so polling, watching a folder,
+``exec`` and RunPod run exactly the same worker, with the same settings.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from processor.comfy.process import ComfyEngine
-from processor.job.runner import JobRunner, JobSettings, ProgressHook
+from processor.comfy.waiting import WaitListener
+from processor.job.runner import ProgressHook, runner_for
 from processor.ops.parts import Ops, build_ops
 from processor.ops.volume import worker_name
 from processor.settings import S3Settings, WorkerSettings, load_s3_settings
@@ -21,7 +22,7 @@ from processor.storage.claims_check import check_conditional_writes
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage
 from processor.storage.s3 import S3Storage
-from processor.worker.loop import LaneSettings, Worker
+from processor.worker.loop import Worker
 from processor.worker.warm_start import warm_up
 from processor.workflows import WorkflowRegistry
 
@@ -61,25 +62,37 @@ async def open_worker(
     storage: Storage,
     layout: Layout,
     settings: WorkerSettings,
+    inputs: Storage | None = None,
     on_progress: ProgressHook | None = None,
+    on_wait: WaitListener | None = None,
     ops: Ops | None = None,
+    shared: bool = True,
 ) -> AsyncIterator[Worker]:
-    """A ready worker: templates loaded, storage open and able to referee claims, ComfyUI
-    answering and warmed up. Storage is checked before ComfyUI starts, so a wrong bucket fails
-    in a second, not after a model load. ``ops`` (metrics, health, webhooks) is built from
-    settings when not given; a trigger that serves /metrics passes its own."""
-    registry = WorkflowRegistry.default(settings.workflows_dir)
+    """A ready worker, the same for every trigger (``run``, ``exec``, RunPod): templates
+    loaded, storage open and able to referee claims, ComfyUI answering and warmed up, and
+    ``settings`` passed down whole, so no setting reaches one trigger and not another.
+
+    Storage is checked before ComfyUI starts, so a wrong bucket fails in a second, not after a
+    model load. ``ops`` (metrics, health, webhooks) is built from settings when not given; a
+    trigger that serves /metrics passes its own. ``inputs``: where input files are read, when
+    not from ``storage`` (``exec`` reads them from the current folder). ``shared``: other
+    workers may use this storage, so it must referee claims; ``exec``'s output folder is its
+    own. ``on_wait`` shows a person what the worker waits for (ComfyUI starting).
+    """
+    registry = WorkflowRegistry.default(settings.jobs.workflows_dir)
     holder = worker_name(settings)
     ops = ops or build_ops(settings)
-    engine = ComfyEngine(settings)
+    engine = ComfyEngine(settings, on_wait=on_wait)
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(storage)
-        if settings.check_conditional_writes:
+        if inputs is not None:
+            await stack.enter_async_context(inputs)
+        if shared and settings.lane.check_conditional_writes:
             await check_conditional_writes(storage, layout.claims_prefix, holder)
         ops.storage_ok()
         await ops.start()
         # Closed before storage: a webhook's record is written into its status.
-        stack.push_async_callback(ops.aclose, min(5.0, settings.shutdown_grace))
+        stack.push_async_callback(ops.aclose, min(5.0, settings.triggers.shutdown_grace))
         client = await stack.enter_async_context(engine)
         ops.health.set_comfy_check(lambda: client.connected)
         if engine.process is not None:
@@ -103,17 +116,13 @@ async def open_worker(
             ", ".join(registry.names()),
             extra={"worker": holder, "comfyui": engine.url},
         )
-        runner = JobRunner(
+        runner = runner_for(
+            settings,
             storage=storage,
+            inputs=inputs,
             comfy=client,
             layout=layout,
-            settings=JobSettings(
-                worker_id=holder,
-                job_timeout=settings.job_timeout,
-                max_input_bytes=settings.max_input_bytes,
-                max_input_pixels=settings.max_input_pixels,
-                storage_patience=settings.lease_seconds,
-            ),
+            worker_id=holder,
             cleanup=engine.cleanup,
             on_progress=on_progress,
             announce=ops.notify,
@@ -123,14 +132,7 @@ async def open_worker(
             runner=runner,
             registry=registry,
             layout=layout,
-            settings=LaneSettings(
-                lease_seconds=settings.lease_seconds,
-                max_attempts=settings.max_attempts,
-                retry_delay=settings.retry_delay,
-                allow_raw=settings.allow_raw_workflows,
-                max_manifest_bytes=settings.max_manifest_bytes,
-                lane_depth_max=settings.lane_depth_max,
-            ),
+            settings=settings,
             holder=holder,
             ops=ops,
         )

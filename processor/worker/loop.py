@@ -37,12 +37,13 @@ from processor.errors import (
     StorageError,
 )
 from processor.job.manifest import Job, check_job_id, load_jobs
-from processor.job.retry_table import claim_retry_pause, policy_for, retry_pause
+from processor.job.retry_table import claim_retry_pause, max_tries, policy_for, retry_pause
 from processor.job.runner import JobOutcome, JobRunner, LaneHooks, Verdict
 from processor.job.status import ErrorInfo, JobStatus
 from processor.logsafe import printable_logger
 from processor.ops.parts import Ops
 from processor.safejson import load_json
+from processor.settings import WorkerSettings
 from processor.storage.base import Storage, StoredObject
 from processor.storage.claims import ClaimStore, Heartbeat, Lease, Taken
 from processor.storage.layout import Layout
@@ -55,20 +56,7 @@ from processor.workflows import WorkflowRegistry
 log = printable_logger("comfys3.worker")
 
 
-@dataclass
-class LaneSettings:
-    lease_seconds: float = 120.0
-    max_attempts: int = 3
-    allow_raw: bool = False
-    max_manifest_bytes: int = 1_048_576
-    lane_depth_max: int = 8
-    retry_delay: float = 2.0
-    page_max_age: float = 2.0
-
-    @property
-    def max_tries(self) -> int:
-        """Every try, counted or not: a manifest given back this often ends anyway."""
-        return max(10, 4 * self.max_attempts)
+PAGE_MAX_AGE = 2.0  # seconds a page of the intake is trusted before it is listed again
 
 
 @dataclass
@@ -158,7 +146,7 @@ class Worker:
         runner: JobRunner,
         registry: WorkflowRegistry,
         layout: Layout,
-        settings: LaneSettings,
+        settings: WorkerSettings,
         holder: str,
         ops: Ops | None = None,
     ) -> None:
@@ -173,20 +161,22 @@ class Worker:
             storage,
             layout.claims_prefix,
             holder,
-            settings.lease_seconds,
+            settings.lane.lease_seconds,
             on_renewed=self.ops.storage_ok,
         )
         self.depth = LaneDepth(
-            settings.lane_depth_max, max_queued_seconds=min(10.0, settings.lease_seconds / 6)
+            settings.lane.lane_depth_max,
+            max_queued_seconds=min(10.0, settings.lane.lease_seconds / 6),
         )
         self.lane = Lane(self.depth)
         self.intake = Intake(
             storage,
             layout,
-            lease_seconds=settings.lease_seconds,
-            page_max_age=settings.page_max_age,
+            lease_seconds=settings.lane.lease_seconds,
+            page_max_age=PAGE_MAX_AGE,
         )
         self.retirer = Retirer(storage, layout)
+        self.max_tries = max_tries(settings.jobs.max_attempts)
         self.counts = Counts()
         self._inflight: dict[str, asyncio.Task[list[JobOutcome] | None]] = {}
         self._claiming = 0  # claim attempts in flight
@@ -311,14 +301,14 @@ class Worker:
         ``max_tries``. ``None`` when another worker holds it.
         """
         outcomes: list[JobOutcome] = []
-        for tries in range(1, self.settings.max_tries + 1):
+        for tries in range(1, self.max_tries + 1):
             found = await self.run_manifest(key)
             if found is None:
                 return None
             outcomes = found
             if not any(outcome.verdict is Verdict.retry for outcome in outcomes):
                 break
-            await asyncio.sleep(retry_pause(tries, self.settings.retry_delay))
+            await asyncio.sleep(retry_pause(tries, self.settings.jobs.retry_delay))
         return outcomes
 
     # -- the loop's helpers ---------------------------------------------------------------
@@ -421,7 +411,7 @@ class Worker:
                 # Storage is down or refusing: each failure in a row doubles the pause, so an
                 # outage costs a few tries per key, not one every retry_delay for its length.
                 self._claim_failures += 1
-                pause = claim_retry_pause(self._claim_failures, self.settings.retry_delay)
+                pause = claim_retry_pause(self._claim_failures, self.settings.jobs.retry_delay)
                 log.warning("claiming %s failed (again in %.1f s): %s", key, pause, error)
                 self.intake.retry_at(key, pause)
                 await self.intake.report(key, HintOutcome.released)
@@ -489,14 +479,14 @@ class Worker:
 
     async def _jobs(self, key: str, lease: Lease, slot: Slot) -> list[JobOutcome]:
         try:
-            stored = await self.storage.get(key, max_bytes=self.settings.max_manifest_bytes)
+            stored = await self.storage.get(key, max_bytes=self.settings.jobs.max_manifest_bytes)
         except ObjectNotFound:
             log.info("%s is gone (finished by another worker)", key)
             return []
         except ObjectTooLarge as error:
             slot.release()
             return [await self._invalid(key, None, ManifestError.single(f"manifest {error}"))]
-        if lease.attempt > self.settings.max_attempts or lease.tries > self.settings.max_tries:
+        if lease.attempt > self.settings.jobs.max_attempts or lease.tries > self.max_tries:
             slot.release()
             return await self._give_up(key, stored, lease)
         try:
@@ -504,8 +494,8 @@ class Worker:
                 stored.data,
                 manifest_key=key,
                 registry=self.registry,
-                allow_raw=self.settings.allow_raw,
-                max_bytes=self.settings.max_manifest_bytes,
+                allow_raw=self.settings.jobs.allow_raw_workflows,
+                max_bytes=self.settings.jobs.max_manifest_bytes,
                 notify_check=self.ops.webhook_refusal,
             )
         except ManifestError as error:
@@ -546,7 +536,7 @@ class Worker:
             return await self.runner.run(
                 job,
                 attempt=lease.attempt,
-                max_attempts=self.settings.max_attempts,
+                max_attempts=self.settings.jobs.max_attempts,
                 hooks=LaneHooks(on_queued=queued, on_started=began, on_executed=executed),
                 notes=_previous_error_note(lease),
                 manifest_version=version,
@@ -580,7 +570,7 @@ class Worker:
             await self.claims.release(lease, error=reason, charge=charge)
         except (StorageError, LeaseLost) as error:  # either way the claim expires by itself
             log.warning("%s: could not give the claim back: %s", key, error)
-        self.intake.retry_at(key, retry_pause(lease.tries, self.settings.retry_delay))
+        self.intake.retry_at(key, retry_pause(lease.tries, self.settings.jobs.retry_delay))
         await self.intake.report(key, HintOutcome.released)
 
     async def _failed_handling(self, key: str, beat: Heartbeat, error: Exception) -> None:
@@ -607,7 +597,7 @@ class Worker:
             log.error("%s: internal error on attempt %d", key, lease.attempt, exc_info=error)
         else:
             log.error("%s: internal error on attempt %d: %s", key, lease.attempt, description)
-        if lease.attempt < self.settings.max_attempts:
+        if lease.attempt < self.settings.jobs.max_attempts:
             await self._give_back(key, beat, f"internal: {description}"[:2000], charge=True)
             return
         info = ErrorInfo(
@@ -617,7 +607,7 @@ class Worker:
         )
         try:
             stored: StoredObject | None = await self.storage.get(
-                key, max_bytes=self.settings.max_manifest_bytes
+                key, max_bytes=self.settings.jobs.max_manifest_bytes
             )
         except StorageError:
             stored = None
@@ -671,16 +661,16 @@ class Worker:
                     stored.data,
                     manifest_key=key,
                     registry=self.registry,
-                    allow_raw=self.settings.allow_raw,
-                    max_bytes=self.settings.max_manifest_bytes,
+                    allow_raw=self.settings.jobs.allow_raw_workflows,
+                    max_bytes=self.settings.jobs.max_manifest_bytes,
                 )
                 ids = [(job.id, job) for job in jobs]
         if not ids:
             ids = [(_declared_id(stored.data if stored else b"") or lease.name, None)]
-        attempts = min(lease.attempt, self.settings.max_attempts)
+        attempts = min(lease.attempt, self.settings.jobs.max_attempts)
         note = (
             f"gave up after {attempts} attempt(s) and {lease.tries} tries in all "
-            f"(COMFYS3_MAX_ATTEMPTS={self.settings.max_attempts}); last error: {info.message}"
+            f"(COMFYS3_MAX_ATTEMPTS={self.settings.jobs.max_attempts}); last error: {info.message}"
         )
         outcomes = []
         for job_id, job in ids:
@@ -695,7 +685,7 @@ class Worker:
                 job=job,
                 manifest_version=stored.version if stored else None,
                 attempts=attempts,
-                max_attempts=self.settings.max_attempts,
+                max_attempts=self.settings.jobs.max_attempts,
                 info=info,
                 note=note,
             )

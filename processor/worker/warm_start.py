@@ -29,7 +29,7 @@ from pathlib import Path
 
 from processor.errors import ManifestError
 from processor.job.manifest import Job, load_jobs
-from processor.job.runner import Cleanup, Comfy, JobRunner, JobSettings, Verdict
+from processor.job.runner import Cleanup, Comfy, Verdict, runner_for
 from processor.job.status import JobStatus
 from processor.settings import WarmupSpec, WorkerSettings, parse_warmup
 from processor.storage.layout import Layout
@@ -75,8 +75,8 @@ def _load(spec: WarmupSpec, registry: WorkflowRegistry, settings: WorkerSettings
             data,
             manifest_key=key,
             registry=registry,
-            allow_raw=settings.allow_raw_workflows,
-            max_bytes=settings.max_manifest_bytes,
+            allow_raw=settings.jobs.allow_raw_workflows,
+            max_bytes=settings.jobs.max_manifest_bytes,
         )
     except ManifestError as error:
         raise _WarmupFailed(f"the warm-up job is not valid: {error}") from None
@@ -95,13 +95,13 @@ async def warm_up(
     *,
     cleanup: Cleanup | None = None,
 ) -> WarmupResult:
-    """Run ``settings.warmup`` once on ``client``; never raises (except when cancelled)."""
-    if settings.warmup is None:
+    """Run ``settings.host.warmup`` once on ``client``; never raises (except when cancelled)."""
+    if settings.host.warmup is None:
         return WarmupResult(ran=False)
     started = time.monotonic()
-    result = WarmupResult(ran=True, spec=settings.warmup)
+    result = WarmupResult(ran=True, spec=settings.host.warmup)
     try:
-        spec = parse_warmup(settings.warmup)
+        spec = parse_warmup(settings.host.warmup)
         result.spec = spec.describe()
         jobs = _load(spec, registry, settings)
         log.info("warm-up: running %s before claiming any job", result.spec)
@@ -110,15 +110,13 @@ async def warm_up(
                 LocalStorage(Path(scratch)) as storage,
                 LocalStorage(_inputs_root(spec)) as inputs,
             ):
-                runner = JobRunner(
+                runner = runner_for(
+                    settings,
                     storage=storage,
                     inputs=inputs,
                     comfy=client,
                     layout=Layout("input", "output"),
-                    settings=JobSettings(
-                        worker_id=f"{settings.worker_id or 'worker'} (warm-up)",
-                        job_timeout=settings.job_timeout,
-                    ),
+                    worker_id=f"{settings.host.worker_id or 'worker'} (warm-up)",
                     cleanup=cleanup,
                 )
                 for job in jobs:

@@ -24,9 +24,10 @@ from hypothesis import strategies as st
 
 from processor.errors import ManifestError, ObjectNotFound
 from processor.job.manifest import Job, JobManifest, load_jobs
-from processor.job.runner import JobRunner, JobSettings
+from processor.job.runner import JobRunner
 from processor.job.status import JobStatus
 from processor.job.status_book import StatusBook
+from processor.settings import JobLimits
 from processor.storage.base import StoredObject
 from processor.storage.claims import HELD, MAX_COUNT, MAX_ERROR_CHARS, ClaimState, ClaimStore, Lease
 from processor.storage.layout import Layout
@@ -278,7 +279,8 @@ def test_a_status_read_by_the_worker_is_its_own_and_can_be_written_back(data: by
         storage=store,
         comfy=None,
         layout=layout,  # type: ignore[arg-type]
-        settings=JobSettings(worker_id="w", job_timeout=1),
+        limits=JobLimits(job_timeout=1),
+        worker_id="w",
     )
     status = asyncio.run(runner.book.read("job"))
     if status is None:

@@ -159,9 +159,9 @@ def test_secrets_never_in_error_messages(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_worker_settings_need_no_s3(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_worker_settings()
-    assert settings.max_manifest_bytes == 1_048_576
-    assert settings.allow_raw_workflows is False
-    assert settings.workflows_dir is None
+    assert settings.jobs.max_manifest_bytes == 1_048_576
+    assert settings.jobs.allow_raw_workflows is False
+    assert settings.jobs.workflows_dir is None
 
 
 def test_worker_settings_read_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -169,9 +169,9 @@ def test_worker_settings_read_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     monkeypatch.setenv("COMFYS3_ALLOW_RAW_WORKFLOWS", "true")
     monkeypatch.setenv("COMFYS3_WORKFLOWS_DIR", str(tmp_path))
     settings = load_worker_settings()
-    assert settings.max_manifest_bytes == 2048
-    assert settings.allow_raw_workflows is True
-    assert settings.workflows_dir == tmp_path
+    assert settings.jobs.max_manifest_bytes == 2048
+    assert settings.jobs.allow_raw_workflows is True
+    assert settings.jobs.workflows_dir == tmp_path
 
 
 def test_bad_worker_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -318,7 +318,7 @@ def test_extra_folder_adds_and_overrides_by_name(
     write_template(tmp_path, "tiny", doc="Added from the extra folder.")
     write_template(tmp_path, "txt2img", doc="My own txt2img.")
     monkeypatch.setenv("COMFYS3_WORKFLOWS_DIR", str(tmp_path))
-    registry = WorkflowRegistry.default(load_worker_settings().workflows_dir)
+    registry = WorkflowRegistry.default(load_worker_settings().jobs.workflows_dir)
     assert set(registry.names()) == SHIPPED | {"tiny"}
     assert registry.get("tiny").description == "Added from the extra folder."
     override = registry.get("txt2img")

@@ -277,7 +277,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if args.job_id is not None:
         print("comfys3 status: give a JOB_ID or --summary, not both", file=sys.stderr)
         return 2
-    lease_seconds = load_worker_settings().lease_seconds
+    lease_seconds = load_worker_settings().lane.lease_seconds
     storage, layout = storage_from_env(args.local)
 
     async def count() -> Summary:

@@ -8,12 +8,13 @@ compare line for line.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 from processor.errors import StorageError
-from processor.storage.base import ObjectInfo, StoredObject
+from processor.storage.base import ObjectInfo, Page, StoredObject
 from processor.storage.local import LocalStorage
 
 OUTPUT_PREFIX = "output"
@@ -75,8 +76,25 @@ class OutputFolder:
         found = await self._folder.list(inner, recursive=recursive, limit=limit)
         return [self._outer(info) for info in found]
 
+    async def list_page(
+        self, prefix: str, *, start_after: str | None = None, limit: int = 1000
+    ) -> Page:
+        inner = self._inner(prefix.rstrip("/") + "/") if prefix.strip("/") != self.prefix else ""
+        after = None if start_after is None else self._inner(start_after)
+        page = await self._folder.list_page(inner, start_after=after, limit=limit)
+        return Page([self._outer(info) for info in page.items], page.truncated)
+
     async def delete(self, key: str) -> None:
         await self._folder.delete(self._inner(key))
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        await self._folder.delete_many([self._inner(key) for key in keys])
+
+    async def copy(self, src: str, dst: str) -> None:
+        await self._folder.copy(self._inner(src), self._inner(dst))
+
+    def location(self, key: str) -> str:
+        return str(self.path_of(key))
 
     async def move(self, src: str, dst: str, *, lenient: bool = False) -> None:
         await self._folder.move(self._inner(src), self._inner(dst), lenient=lenient)

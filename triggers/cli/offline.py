@@ -20,7 +20,7 @@ from processor.workflows import Workflow, WorkflowRegistry
 
 def load_registry() -> WorkflowRegistry:
     settings = load_worker_settings()
-    return WorkflowRegistry.default(settings.workflows_dir)
+    return WorkflowRegistry.default(settings.jobs.workflows_dir)
 
 
 def _describe_type(schema: dict[str, Any]) -> str:
@@ -79,7 +79,7 @@ def cmd_workflows(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     settings = load_worker_settings()
-    registry = WorkflowRegistry.default(settings.workflows_dir)
+    registry = WorkflowRegistry.default(settings.jobs.workflows_dir)
     failures = 0
     for path in args.files:
         try:
@@ -93,8 +93,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 data,
                 manifest_key=Path(path).name,
                 registry=registry,
-                allow_raw=settings.allow_raw_workflows,
-                max_bytes=settings.max_manifest_bytes,
+                allow_raw=settings.jobs.allow_raw_workflows,
+                max_bytes=settings.jobs.max_manifest_bytes,
             )
             problems = key_problems(jobs)  # what the worker would refuse when it stages them
             if problems:

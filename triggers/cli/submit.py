@@ -46,13 +46,15 @@ class Submission:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     settings = load_worker_settings()
-    registry = WorkflowRegistry.default(settings.workflows_dir)
+    registry = WorkflowRegistry.default(settings.jobs.workflows_dir)
 
     # The files first: a missing or broken manifest is named before any S3 setting is needed.
     submissions: list[Submission] = []
     problems = 0
     for path in args.manifests:
-        checked = check(path, registry, settings.allow_raw_workflows, settings.max_manifest_bytes)
+        checked = check(
+            path, registry, settings.jobs.allow_raw_workflows, settings.jobs.max_manifest_bytes
+        )
         if isinstance(checked, str):
             print(checked, file=sys.stderr)
             problems += 1

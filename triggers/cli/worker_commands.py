@@ -12,13 +12,12 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO
 
-from processor.comfy.process import ComfyEngine
 from processor.errors import ManifestError, SettingsError, StorageError
 from processor.job.manifest import Job, load_jobs
-from processor.job.runner import JobRunner, JobSettings, Verdict
+from processor.job.runner import Verdict
 from processor.job.status import JobState, JobStatus, ProgressInfo
 from processor.job.status_book import JobRecord, StatusBook
-from processor.ops.parts import build_ops
+from processor.ops.parts import Ops, build_ops
 from processor.ops.server import OpsServer
 from processor.settings import (
     SqsSettings,
@@ -30,7 +29,7 @@ from processor.settings import (
 from processor.storage.base import Storage, validate_key
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage
-from processor.worker.assembly import open_worker, storage_from_env, worker_name
+from processor.worker.assembly import open_worker, storage_from_env
 from processor.worker.loop import Counts, WaitForWork
 from processor.workflows import WorkflowRegistry
 from triggers.cli import backlog, logs
@@ -81,7 +80,7 @@ async def _run(
             log.info(
                 "%s: no new claims; running jobs get up to %g s to finish, then are given back",
                 signum.name,
-                settings.shutdown_grace,
+                settings.triggers.shutdown_grace,
             )
         ops.health.stopping()
         stop.set()
@@ -90,10 +89,10 @@ async def _run(
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, on_signal, signum)
     async with contextlib.AsyncExitStack() as stack:
-        if settings.metrics_port is not None:
+        if settings.metrics.port is not None:
             # First, so /livez answers (and /healthz says "not ready") while ComfyUI starts.
             server = OpsServer(
-                ops.metrics, ops.health, host=settings.metrics_host, port=settings.metrics_port
+                ops.metrics, ops.health, host=settings.metrics.host, port=settings.metrics.port
             )
             try:
                 await stack.enter_async_context(server)
@@ -108,7 +107,7 @@ async def _run(
             pass
         elif args.local is not None:
             folder = Path(args.local) / layout.input_dir
-            watch = FolderWatch(folder, stop, settings.poll_max_interval)
+            watch = FolderWatch(folder, stop, settings.triggers.poll_max_interval)
             wait_for_work = (await stack.enter_async_context(watch)).wait
         elif sqs is not None:
             events = await stack.enter_async_context(
@@ -118,15 +117,17 @@ async def _run(
                     layout=layout,
                     stop=stop,
                     on_key=lambda key, ack: worker.hint(key, on_outcome=ack),
-                    fallback_interval=settings.events_fallback_interval,
-                    max_in_flight=settings.lane_depth_max,
-                    retry_visibility=max(1, round(settings.retry_delay)),
+                    fallback_interval=settings.triggers.events_fallback_interval,
+                    max_in_flight=settings.lane.lane_depth_max,
+                    retry_visibility=max(1, round(settings.jobs.retry_delay)),
                 )
             )
             wait_for_work = events.wait_for_work
             may_list = events.listing_due
         else:
-            poll = AdaptiveInterval(settings.poll_min_interval, settings.poll_max_interval, stop)
+            poll = AdaptiveInterval(
+                settings.triggers.poll_min_interval, settings.triggers.poll_max_interval, stop
+            )
             wait_for_work = poll.wait
         misplaced = MisplacedManifests(storage, layout)
 
@@ -140,7 +141,7 @@ async def _run(
             may_list=may_list,
             on_idle=warn_misplaced,
         )
-        await _until_stopped(work, stop, settings.shutdown_grace)
+        await _until_stopped(work, stop, settings.triggers.shutdown_grace)
     if stop.is_set():
         log.info("stopped: %s", worker.counts.describe(), extra=worker.counts.summary())
     return worker.counts
@@ -273,8 +274,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     logs.configure("text", "ERROR")  # a failed job is reported once, below, not also logged
     settings = load_worker_settings()
     if args.comfyui_url:
-        settings = settings.model_copy(update={"comfyui_url": args.comfyui_url})
-    if not settings.comfyui_url and settings.comfyui_path is None:
+        settings = settings.replace(comfyui_url=args.comfyui_url)
+    if not settings.comfyui.url and settings.comfyui.path is None:
         print(
             "comfys3: no ComfyUI to run on: give --comfyui-url URL (a ComfyUI that runs), or "
             "set COMFYS3_COMFYUI_URL, or COMFYS3_COMFYUI_PATH to a ComfyUI checkout to start",
@@ -287,14 +288,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
     except OSError as error:
         print(f"comfys3: cannot read {manifest}: {error.strerror}", file=sys.stderr)
         return 2
-    registry = WorkflowRegistry.default(settings.workflows_dir)
+    registry = WorkflowRegistry.default(settings.jobs.workflows_dir)
     try:
         jobs = load_jobs(
             data,
             manifest_key=manifest.name,
             registry=registry,
-            allow_raw=settings.allow_raw_workflows,
-            max_bytes=settings.max_manifest_bytes,
+            allow_raw=settings.jobs.allow_raw_workflows,
+            max_bytes=settings.jobs.max_manifest_bytes,
         )
     except ManifestError as error:
         print(f"{manifest}: invalid manifest", file=sys.stderr)
@@ -311,36 +312,33 @@ async def _exec(jobs: list[Job], settings: WorkerSettings, out: Path) -> int:
     # Keys as a worker writes them (output/<job id>/...), files in out/<job id>/.
     layout = Layout("input", OUTPUT_PREFIX)
     failures = 0
-    async with OutputFolder(out) as storage, LocalStorage(Path.cwd()) as inputs:
-        engine = ComfyEngine(settings, on_wait=WaitLine())
-        async with engine as client:
-            runner = JobRunner(
-                storage=storage,
-                inputs=inputs,
-                comfy=client,
-                layout=layout,
-                settings=JobSettings(
-                    worker_id=worker_name(settings), job_timeout=settings.job_timeout
-                ),
-                cleanup=engine.cleanup,
-                on_progress=bar,
-            )
-            for job in jobs:
-                outcome = await runner.run(job, attempt=1, max_attempts=1)
-                bar.close()
-                folder = storage.path_of(layout.job_prefix(job.id))
-                if outcome.verdict is Verdict.succeeded:
-                    print(f"{job.id}: succeeded -> {folder}/")
-                    for output in outcome.status.outputs:
-                        print(f"  {storage.path_of(output.key)}")
-                else:
-                    failures += 1
-                    error = outcome.status.error
-                    print(f"{job.id}: failed ({error.type if error else '?'})", file=sys.stderr)
-                    if error is not None:
-                        for line in error.message.splitlines():
-                            print(f"  {line}", file=sys.stderr)
-                print(f"  status: {storage.path_of(layout.status_key(job.id))}")
+    storage = OutputFolder(out)
+    async with open_worker(
+        storage=storage,
+        inputs=LocalStorage(Path.cwd()),
+        layout=layout,
+        settings=settings,
+        on_progress=bar,
+        on_wait=WaitLine(),
+        ops=Ops.quiet(),  # a try-out on one's own machine: no webhooks, no metrics
+        shared=False,
+    ) as worker:
+        for job in jobs:
+            outcome = await worker.runner.run(job, attempt=1, max_attempts=1)
+            bar.close()
+            folder = storage.path_of(layout.job_prefix(job.id))
+            if outcome.verdict is Verdict.succeeded:
+                print(f"{job.id}: succeeded -> {folder}/")
+                for output in outcome.status.outputs:
+                    print(f"  {storage.path_of(output.key)}")
+            else:
+                failures += 1
+                error = outcome.status.error
+                print(f"{job.id}: failed ({error.type if error else '?'})", file=sys.stderr)
+                if error is not None:
+                    for line in error.message.splitlines():
+                        print(f"  {line}", file=sys.stderr)
+            print(f"  status: {storage.path_of(layout.status_key(job.id))}")
     return 1 if failures else 0
 
 

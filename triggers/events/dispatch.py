@@ -455,8 +455,8 @@ async def _dispatch_command(
             sqs=sqs,
             s3=s3,
             layout=layout,
-            poll_interval=worker.poll_max_interval,
-            fallback_interval=worker.events_fallback_interval,
+            poll_interval=worker.triggers.poll_max_interval,
+            fallback_interval=worker.triggers.events_fallback_interval,
         )
     return 0
 

@@ -80,7 +80,7 @@ class RunpodHandler:
     def concurrency(self, current: int) -> int:
         """RunPod's ``concurrency_modifier``: a fixed number of jobs at once per worker."""
         del current
-        return self.settings.runpod_concurrency
+        return self.settings.runpod.runpod_concurrency
 
     def close(self) -> None:
         self.host.close()
@@ -105,7 +105,7 @@ class RunpodHandler:
         except Exception as error:
             log.exception("RunPod job %s failed unexpectedly", job.get("id"))
             answer = {"error": f"internal error ({type(error).__name__}): {error}"}
-        if self.settings.refresh_worker:
+        if self.settings.runpod.refresh_worker:
             answer["refresh_worker"] = True
         return answer
 
@@ -143,8 +143,8 @@ class RunpodHandler:
             data,
             manifest_key=key,
             registry=self.registry,
-            allow_raw=self.settings.allow_raw_workflows,
-            max_bytes=self.settings.max_manifest_bytes,
+            allow_raw=self.settings.jobs.allow_raw_workflows,
+            max_bytes=self.settings.jobs.max_manifest_bytes,
         )
         return data
 
@@ -190,7 +190,7 @@ class RunpodHandler:
     @property
     def registry(self) -> WorkflowRegistry:
         if self._registry is None:
-            self._registry = WorkflowRegistry.default(self.settings.workflows_dir)
+            self._registry = WorkflowRegistry.default(self.settings.jobs.workflows_dir)
         return self._registry
 
     def _open_worker(self) -> AbstractAsyncContextManager[Worker]:
@@ -246,7 +246,7 @@ class RunpodHandler:
         return answer
 
     async def _job(self, storage: Storage, status: JobStatus) -> dict[str, Any]:
-        expires = self.settings.presign_seconds
+        expires = self.settings.runpod.presign_seconds
         urls = await asyncio.gather(
             *(storage.presign_get(output.key, expires) for output in status.outputs)
         )

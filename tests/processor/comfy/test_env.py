@@ -99,8 +99,8 @@ def test_empty_names_add_nothing() -> None:
 def test_the_setting_is_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COMFYS3_COMFYUI_ENV", "MY_NODE_TOKEN, CIVITAI_*,,")
     settings = WorkerSettings()
-    assert settings.comfyui_env == ["MY_NODE_TOKEN", "CIVITAI_*"]
-    env = comfyui_environment(settings.comfyui_env, environ=WORLD)
+    assert settings.comfyui.env == ["MY_NODE_TOKEN", "CIVITAI_*"]
+    env = comfyui_environment(settings.comfyui.env, environ=WORLD)
     assert {"MY_NODE_TOKEN", "CIVITAI_API_KEY"} <= set(env) and "DATABASE_URL" not in env
 
 
@@ -128,7 +128,7 @@ async def test_a_comfyui_the_worker_starts_does_not_see_its_secrets(
     FAKE_COMFYUI_* in COMFYS3_COMFYUI_ENV)."""
     report = tmp_path / "comfyui-env.json"
     settings = owned_comfyui(tmp_path)
-    settings = settings.model_copy(update={"comfyui_env": [*settings.comfyui_env, "MY_NODE_*"]})
+    settings = settings.replace(comfyui_env=[*settings.comfyui.env, "MY_NODE_*"])
     for name, value in WORLD.items():
         if name not in {"PATH", "HOME", "PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH"}:
             monkeypatch.setenv(name, value)  # the worker's own PATH etc. must stay usable

@@ -73,7 +73,7 @@ async def test_a_job_that_kills_comfyui_does_not_use_up_the_next_ones_attempts(
     monkeypatch.setenv("FAKE_COMFYUI_EXEC_DELAY", "3")  # ~1 s a node: the second gets queued
     drop(jobs, "one", {"workflow": "solid"})
     drop(jobs, "two", {"workflow": "solid"})
-    settings = owned_comfyui(tmp_path).model_copy(update={"max_attempts": 1})
+    settings = owned_comfyui(tmp_path).replace(max_attempts=1)
     async with open_worker(storage=LocalStorage(jobs), layout=LAYOUT, settings=settings) as worker:
         counts = await worker.run()
 

@@ -303,10 +303,10 @@ def test_an_empty_port_variable_means_off(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("COMFYS3_METRICS_PORT", "")
     monkeypatch.setenv("COMFYS3_WARMUP", " ")
     settings = WorkerSettings()
-    assert settings.metrics_port is None and settings.warmup is None
-    assert settings.metrics_host == "127.0.0.1"
+    assert settings.metrics.port is None and settings.host.warmup is None
+    assert settings.metrics.host == "127.0.0.1"
     monkeypatch.setenv("COMFYS3_METRICS_PORT", "9188")
-    assert WorkerSettings().metrics_port == 9188
+    assert WorkerSettings().metrics.port == 9188
 
 
 def test_every_metric_the_operations_page_names_exists() -> None:

@@ -39,7 +39,7 @@ def test_log_files_are_named_by_worker(tmp_path: Path, monkeypatch: pytest.Monke
     assert volume.worker_log(settings) == tmp_path / "logs" / "worker-pod-7-a.log"
     assert volume.comfyui_log(settings) == tmp_path / "logs" / "comfyui-pod-7-a.log"
     chosen = tmp_path / "mine.log"
-    assert volume.comfyui_log(settings.model_copy(update={"comfyui_log_file": chosen})) == chosen
+    assert volume.comfyui_log(settings.replace(comfyui_log_file=chosen)) == chosen
     assert volume.worker_log(WorkerSettings()) is None
     assert volume.comfyui_log(WorkerSettings()) is None  # ComfyProcess's temp-folder default
 

@@ -535,6 +535,6 @@ def test_a_malformed_secret_stops_the_worker_at_start() -> None:
     with pytest.raises(ValidationError, match="decodes to 3 bytes"):
         WorkerSettings(webhook_secret="whsec_YWJj")
     settings_ = WorkerSettings(webhook_secret=SECRET)
-    assert settings_.webhook_secret is not None
-    assert webhook_key(settings_.webhook_secret.get_secret_value()) == b"k" * 32
+    assert settings_.webhooks.secret is not None
+    assert webhook_key(settings_.webhooks.secret.get_secret_value()) == b"k" * 32
     assert "kkkk" not in repr(settings_)

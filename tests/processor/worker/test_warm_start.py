@@ -18,9 +18,9 @@ from pydantic import ValidationError
 from processor.comfy.client import ComfyClient
 from processor.comfy.process import ComfyEngine
 from processor.job.manifest import load_jobs
-from processor.job.runner import JobRunner, JobSettings, Verdict
+from processor.job.runner import JobRunner, Verdict
 from processor.job.status import JobStatus
-from processor.settings import WarmupSpec, WorkerSettings, parse_warmup
+from processor.settings import JobLimits, WarmupSpec, WorkerSettings, parse_warmup
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage
 from processor.worker.warm_start import warm_up
@@ -61,7 +61,8 @@ async def user_job(client: ComfyClient, root: Path, **payload: Any) -> JobStatus
             storage=storage,
             comfy=client,
             layout=Layout("input", "output"),
-            settings=JobSettings(worker_id="test-worker", job_timeout=30),
+            limits=JobLimits(job_timeout=30),
+            worker_id="test-worker",
         )
         outcome = await runner.run(job, attempt=1, max_attempts=1)
     assert outcome.verdict is Verdict.succeeded, outcome.status.error

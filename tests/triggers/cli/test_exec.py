@@ -16,11 +16,12 @@ from triggers.cli.exec_folder import OutputFolder
 
 
 def run_exec(
-    tmp_path: Path, manifest: dict[str, Any], url: str
+    tmp_path: Path, manifest: dict[str, Any], url: str, **settings: str
 ) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "job.json"
     path.write_text(json.dumps(manifest))
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMFYS3_")}
+    env.update(settings)
     return subprocess.run(
         comfys3("exec", str(path), "--out", str(tmp_path / "out"), "--comfyui-url", url),
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
@@ -54,6 +55,32 @@ def test_exec_reads_inputs_relative_to_the_current_folder(
     assert result.returncode == 0, result.stderr
     with Image.open(tmp_path / "out" / "job" / "3_SaveImage_001.png") as image:
         assert image.size == (20, 12)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "says"),
+    [
+        ("COMFYS3_MAX_INPUT_PIXELS", "100", "COMFYS3_MAX_INPUT_PIXELS"),
+        ("COMFYS3_MAX_INPUT_BYTES", "50", "COMFYS3_MAX_INPUT_BYTES"),
+    ],
+)
+def test_exec_honours_the_input_limits_a_worker_has(
+    tmp_path: Path, fake_comfyui: Any, setting: str, value: str, says: str
+) -> None:
+    """exec builds its worker through the same assembly as `comfys3 run`, so the input limits
+    apply to it too (it once built its own runner and dropped them)."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "green").save(tmp_path / "big.png")
+    manifest = {"workflow": "scale", "payload": {"image": "big.png"}}
+    result = run_exec(tmp_path, manifest, fake_comfyui.url, **{setting: value})
+
+    assert result.returncode == 1, result.stdout
+    assert "job: failed (input_invalid)" in result.stderr
+    assert says in result.stderr
+    status = json.loads((tmp_path / "out" / "job" / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"]["type"] == "input_invalid"
+    assert fake_comfyui.stats()["queued"] == 0  # refused before anything reached ComfyUI
 
 
 def test_exec_failure_exits_1_with_a_readable_error(tmp_path: Path, fake_comfyui: Any) -> None:

@@ -482,7 +482,7 @@ async def test_unreachable_comfyui_is_a_readable_error_and_is_retried_next_job(
         assert "Traceback" not in answer["error"] and not handler.host.started
         # The inline manifest was validated but not written: the worker never opened.
         assert keys(s3_client(moto_s3_settings), moto_s3_settings, "") == []
-        handler.settings = settings.model_copy(update={"comfyui_url": fake_comfyui.url})
+        handler.settings = settings.replace(comfyui_url=fake_comfyui.url)
         ok = await handler({"id": "rp-up", "input": {"workflow": "solid"}})
         assert ok["status"]["state"] == "succeeded" and handler.host.started
         assert ok["refresh_worker"] is True
