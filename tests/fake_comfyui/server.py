@@ -124,9 +124,11 @@ def create_app(state: FakeState, dirs: FakeDirs) -> web.Application:
 
 
 async def unknown_route(request: web.Request) -> web.StreamResponse:
-    """What aiohttp answers for a path only ComfyUI's static "/" route matches."""
+    """What a real 0.3.64 answers for a path only its static "/" route matches (recorded in
+    recordings/unknown_routes_0.3.64.json): GET and HEAD a bare 404 without a body, anything
+    else aiohttp's 405 page allowing GET and HEAD."""
     if request.method in ("GET", "HEAD"):
-        raise web.HTTPNotFound()
+        return web.Response(status=404)
     raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
 
 
