@@ -127,8 +127,10 @@ async def unknown_route(request: web.Request) -> web.StreamResponse:
     """What a real 0.3.64 answers for a path only its static "/" route matches (recorded in
     recordings/unknown_routes_0.3.64.json): GET and HEAD a bare 404 without a body, anything
     else aiohttp's 405 page allowing GET and HEAD."""
-    if request.method in ("GET", "HEAD"):
+    if request.method == "HEAD":
         return web.Response(status=404)
+    if request.method == "GET":
+        return web.Response(status=404, content_type="application/octet-stream")
     raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
 
 
