@@ -381,7 +381,9 @@ def test_interrupt_running_prompt_and_delete_pending(
         == {
             "client_id": fake_client.client_id,
             **(
-                {"create_time": running[3].get("create_time")} if fake_protocol == PROTOCOL_CURRENT else {}
+                {"create_time": running[3].get("create_time")}
+                if fake_protocol == PROTOCOL_CURRENT
+                else {}
             ),
         }
         and running[4] == ["9"]
