@@ -98,7 +98,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "collected and named at the end; the exit code is 1 if anything failed. "
             "ComfyUI-Manager is left out unless --keep-manager: a git clone of it in "
             "custom_nodes/ (ComfyUI up to 0.3.x) is removed (it slows boot), and its pip "
-            "package (ComfyUI 0.36+, loaded only with --enable-manager) is not installed."
+            "package (ComfyUI 0.36+, loaded only when ComfyUI enables the Manager) is not "
+            "installed."
         ),
     )
     restore.add_argument(
