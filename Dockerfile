@@ -27,8 +27,10 @@ FROM base-${DEVICE} AS worker
 ARG DEVICE
 # PyTorch wheel flavour for comfy-cli (cu128 wheels run on the CUDA 12.8 base).
 ARG TORCH_CUDA=12.8
+# comfy-cli 1.23.0 checks out tag v<COMFYUI_VERSION>. Supported: 0.38.x (default) and 0.3.64;
+# the worker finds out at run time which protocol its ComfyUI speaks.
 ARG COMFY_CLI_VERSION=1.23.0
-ARG COMFYUI_VERSION=0.3.64
+ARG COMFYUI_VERSION=0.38.1
 # Extra Debian packages some custom nodes need to build (e.g. "build-essential python3-dev").
 ARG EXTRA_APT_PACKAGES=""
 ARG DEBIAN_FRONTEND=noninteractive
@@ -52,7 +54,9 @@ RUN python3 -m venv /opt/venv \
     && pip install --no-cache-dir "comfy-cli==${COMFY_CLI_VERSION}"
 
 # ComfyUI at a pinned release, with PyTorch for the device. comfy-cli installs into the Python
-# it runs from: /opt/venv. ComfyUI-Manager is not installed: a batch worker never uses it.
+# it runs from: /opt/venv. ComfyUI-Manager is not installed (--skip-manager: since ComfyUI 0.36
+# it is the pip package of manager_requirements.txt, loaded only with --enable-manager): a batch
+# worker never uses it.
 RUN if [ "${DEVICE}" = "cpu" ]; then set -- --cpu; else set -- --nvidia --cuda-version "${TORCH_CUDA}"; fi \
     && comfy --skip-prompt tracking disable \
     && comfy --skip-prompt --workspace /comfyui install --version "${COMFYUI_VERSION}" --skip-manager "$@" \

@@ -96,7 +96,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "registry; install the snapshot's pips. Disabled nodes are skipped. Nodes already "
             "in place are left alone, so a second run changes nothing. Every failure is "
             "collected and named at the end; the exit code is 1 if anything failed. "
-            "ComfyUI-Manager is removed afterwards (it slows boot) unless --keep-manager."
+            "ComfyUI-Manager is left out unless --keep-manager: a git clone of it in "
+            "custom_nodes/ (ComfyUI up to 0.3.x) is removed (it slows boot), and its pip "
+            "package (ComfyUI 0.36+, loaded only when ComfyUI enables the Manager) is not "
+            "installed."
         ),
     )
     restore.add_argument(
@@ -126,7 +129,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     restore.add_argument(
         "--keep-manager",
         action="store_true",
-        help="install and keep ComfyUI-Manager instead of removing it",
+        help="install and keep ComfyUI-Manager: its git clone on ComfyUI up to 0.3.x, "
+        "manager_requirements.txt (the pip package) on a ComfyUI that ships that file",
     )
     restore.add_argument(
         "--skip-pips",

@@ -5,6 +5,12 @@ fails at the first job (every failure is collected and named, and the exit code 
 cost nothing the second time (a node already at its commit, with its dependencies installed, is
 left alone; a marker in the node's ``.git`` records that the install finished, so a node whose
 requirements failed last time is retried instead of being taken as done).
+
+ComfyUI-Manager is left out unless asked for, in whichever layout the install has (see
+provision.manager): a git clone in custom_nodes/ (ComfyUI up to 0.3.x) is removed, and the pip
+package of today's ComfyUI is neither installed from the snapshot's pips nor needed, since
+ComfyUI loads it only with --enable-manager. With keep_manager a packaged install gets
+``manager_requirements.txt`` instead of a clone.
 """
 
 from __future__ import annotations
@@ -17,12 +23,18 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from provision.commands import CommandResult, Runner, run_command
+from provision.manager import (
+    MANAGER_REQUIREMENTS,
+    ManagerLayout,
+    detect,
+    is_manager_name,
+    is_manager_requirement,
+)
 from provision.registry import PackFetcher, RegistryClient, RegistryError
 from provision.snapshot import FileNode, GitNode, RegistryNode, Snapshot
 
 GIT_MARKER = "comfys3-installed"  # inside <node>/.git: the commit whose install completed
 PACK_MARKER = ".comfys3-pack"  # inside a registry pack: the version whose install completed
-MANAGER_NAMES = {"comfyui-manager"}
 
 
 class StepFailed(Exception):
@@ -68,7 +80,7 @@ class RestoreReport:
 
 
 def is_manager(name: str) -> bool:
-    return name.lower() in MANAGER_NAMES
+    return is_manager_name(name)
 
 
 def merge(snapshots: Sequence[Snapshot]) -> Snapshot:
@@ -110,6 +122,7 @@ class Restorer:
         self.report = RestoreReport()
         self._step = 0
         self._steps = 0
+        self.layout = ManagerLayout(packaged=False, clones=())
 
     # -- output ---------------------------------------------------------------------------
 
@@ -151,12 +164,16 @@ class Restorer:
     def restore(self, snapshots: Sequence[Snapshot]) -> RestoreReport:
         snap = merge(snapshots)
         self.options.custom_nodes.mkdir(parents=True, exist_ok=True)
-        pips = [req for req in snap.pips if not self._local_pip(req)] if snap.pips else []
+        self.layout = detect(self.options.comfyui)
+        self._say(self.layout.describe())
+        pips = [req for req in snap.pips if self._wanted_pip(req)] if snap.pips else []
+        packaged_manager = self.options.keep_manager and self.layout.packaged
         self._steps = (
             len(snap.git_nodes)
             + len(snap.registry_nodes)
             + len(snap.file_nodes)
             + (1 if pips and self.options.install_pips else 0)
+            + (1 if packaged_manager else 0)
         )
         self._check_comfyui(snap.comfyui)
         for git_node in snap.git_nodes:
@@ -166,6 +183,8 @@ class Restorer:
         for file_node in snap.file_nodes:
             self._guard(file_node.filename, self._file_node, file_node)
         self._pips(snap.pips)
+        if packaged_manager:
+            self._guard("ComfyUI-Manager", self._packaged_manager, None)
         if not self.options.keep_manager:
             self._remove_manager()
         return self.report
@@ -233,6 +252,13 @@ class Restorer:
             self._progress(f"skipping {node.url} (ComfyUI-Manager is removed after the restore)")
             self.report.skipped.append(node.name)
             return
+        if is_manager(node.name) and self.layout.packaged:
+            self._progress(
+                f"skipping {node.url} (this ComfyUI installs ComfyUI-Manager from "
+                f"{MANAGER_REQUIREMENTS} instead)"
+            )
+            self.report.skipped.append(node.name)
+            return
         target = self.options.custom_nodes / node.name
         if target.exists():
             if not (target / ".git").is_dir():
@@ -276,8 +302,13 @@ class Restorer:
     # -- registry packs -------------------------------------------------------------------
 
     def _registry_node(self, pack: RegistryNode) -> None:
-        if is_manager(pack.node_id) and not self.options.keep_manager:
-            self._progress(f"skipping {pack.node_id} (ComfyUI-Manager is removed afterwards)")
+        if is_manager(pack.node_id) and (not self.options.keep_manager or self.layout.packaged):
+            why = (
+                f"this ComfyUI installs it from {MANAGER_REQUIREMENTS}"
+                if self.options.keep_manager
+                else "ComfyUI-Manager is removed afterwards"
+            )
+            self._progress(f"skipping {pack.node_id} ({why})")
             self.report.skipped.append(pack.node_id)
             return
         target = self.options.custom_nodes / pack.node_id
@@ -311,6 +342,12 @@ class Restorer:
             f"so copy it into custom_nodes/ (or drop it from the snapshot)"
         )
 
+    def _wanted_pip(self, requirement: str) -> bool:
+        """Installable here: not a path on the snapshot's machine, not the Manager unless kept."""
+        if self._local_pip(requirement):
+            return False
+        return self.options.keep_manager or not is_manager_requirement(requirement)
+
     @staticmethod
     def _local_pip(requirement: str) -> bool:
         """``pkg @ file:///home/me/...`` names the snapshotting machine's disk: not installable."""
@@ -322,7 +359,11 @@ class Restorer:
         for req in local:
             self._say(f"note: skipping pip requirement {req!r} (a path on the snapshot's machine)")
             self.report.skipped.append(req)
-        wanted = [req for req in requirements if req not in local]
+        for req in requirements:
+            if req not in local and not self._wanted_pip(req):
+                self._say(f"note: skipping pip requirement {req!r} (ComfyUI-Manager is left out)")
+                self.report.skipped.append(req)
+        wanted = [req for req in requirements if self._wanted_pip(req)]
         if not wanted:
             return
         if not self.options.install_pips:
@@ -348,10 +389,20 @@ class Restorer:
 
     # -- ComfyUI-Manager ------------------------------------------------------------------
 
+    def _packaged_manager(self, _: object) -> None:
+        """Today's ComfyUI: the Manager is the pip package its manager_requirements.txt pins."""
+        self._progress(f"pip install -r {MANAGER_REQUIREMENTS} (ComfyUI-Manager)")
+        self._pip_install(
+            ["-r", MANAGER_REQUIREMENTS], f"pip install -r {MANAGER_REQUIREMENTS}",
+            cwd=self.options.comfyui,
+        )  # fmt: skip
+        self.report.installed.append("ComfyUI-Manager")
+        self._say("note: ComfyUI loads ComfyUI-Manager only when started with --enable-manager")
+
     def _remove_manager(self) -> None:
         """The Manager scans registries at every boot; a batch worker never uses it."""
         custom_nodes = self.options.custom_nodes
         for entry in sorted(custom_nodes.iterdir()):
-            if entry.is_dir() and is_manager(entry.name.split("@", 1)[0]):
+            if entry.is_dir() and is_manager(entry.name):
                 shutil.rmtree(entry)
                 self._say(f"removed {entry} (pass --keep-manager to keep it)")

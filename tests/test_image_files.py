@@ -363,3 +363,13 @@ def test_extra_model_paths_cover_every_folder_in_both_places() -> None:
         missing = [folder for folder in COMFYUI_MODEL_FOLDERS if folder not in covered]
         assert not missing, f"{section['base_path']} lacks {missing}"
         assert "custom_nodes" not in section
+
+
+def test_the_default_comfyui_is_a_current_release() -> None:
+    """The issue-22 floor: a fresh image gets ComfyUI 0.36 or newer, still a build argument."""
+    version = dockerfile_arg("COMFYUI_VERSION")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", version), version
+    assert tuple(int(part) for part in version.split(".")) >= (0, 36, 0)
+    docs = (ROOT / "docs" / "image.md").read_text()
+    assert f"| `COMFYUI_VERSION` | `{version}` |" in docs
+    assert "--build-arg COMFYUI_VERSION=" in (ROOT / "README.md").read_text()

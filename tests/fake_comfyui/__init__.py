@@ -1,4 +1,4 @@
-"""A fake ComfyUI 0.3.64 for tests: same HTTP/websocket protocol, Pillow nodes, no GPU.
+"""A fake ComfyUI for tests (0.3.64, or today's with protocol="current"): Pillow nodes, no GPU.
 
 Use the `fake_comfyui` pytest fixture (tests.fake_comfyui.fixtures), `FakeComfyUIThread` for an
 in-process server outside pytest, or run `python -m tests.fake_comfyui --port N` (or

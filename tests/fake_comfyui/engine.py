@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -20,6 +21,7 @@ import struct
 import sys
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,8 @@ class QueueItem:
     prompt: dict[str, Any] = field(compare=False)
     extra_data: dict[str, Any] = field(compare=False)
     outputs: list[str] = field(compare=False)
+    # Today's ComfyUI keeps the API keys out of extra_data (so /queue never shows them).
+    sensitive: dict[str, Any] = field(compare=False, default_factory=dict)
 
     def as_list(self) -> list[Any]:
         """The 5-element shape ComfyUI uses in /queue and in history `prompt`."""
@@ -329,6 +333,7 @@ class _PromptRun:
         self.client_id: str | None = item.extra_data.get("client_id")
         self.messages: list[tuple[str, dict[str, Any]]] = []
         self.executed: list[str] = []
+        self.emitted: set[str] = set()  # nodes whose `executed` went out in this run
         self.progress = _Progress(self.hub, self.prompt_id, self.client_id)
         self.inputs: dict[str, Any] = {}  # of the node being run, for execution_error
         self.delay_share = 0.0
@@ -384,6 +389,8 @@ class _PromptRun:
                 break
             plan.done(node_id)
         if success:
+            if self.state.current:
+                self._replay_intermediate_outputs(signatures)
             self._message("execution_success", {"prompt_id": self.prompt_id})
         self._record("end", success=success)
 
@@ -391,7 +398,7 @@ class _PromptRun:
         for node_id in self.prompt:
             ui = engine._ui_cache.get(signatures[node_id])
             if ui is not None:
-                outputs[node_id] = ui
+                outputs[node_id] = self._with_assets(ui)
                 meta[node_id] = {
                     "node_id": node_id,
                     "display_node": node_id,
@@ -420,6 +427,54 @@ class _PromptRun:
         self._to_client("executing", {"node": None, "prompt_id": self.prompt_id})
         log.info("Prompt %s executed (%s)", self.prompt_id, "success" if success else "error")
 
+    def _replay_intermediate_outputs(self, signatures: dict[str, str]) -> None:
+        """Today's ComfyUI, after a successful run, sends `executed` again for every
+        HAS_INTERMEDIATE_OUTPUT node that did not run (it came from cache), so a client that
+        only listens sees its preview too."""
+        for node_id in self.prompt:
+            if node_id in self.executed or node_id in self.emitted:
+                continue
+            if not NODES[self.prompt[node_id]["class_type"]].intermediate_output:
+                continue
+            ui = self.engine._ui_cache.get(signatures[node_id])
+            if ui is not None:
+                self._send_executed(node_id, ui)
+
+    def _send_executed(self, node_id: str, ui: dict[str, Any] | None) -> None:
+        self.emitted.add(node_id)
+        self._to_client(
+            "executed",
+            {
+                "node": node_id,
+                "display_node": node_id,
+                "output": self._with_assets(ui) if ui is not None else None,
+                "prompt_id": self.prompt_id,
+            },
+        )
+
+    def _with_assets(self, ui: dict[str, Any]) -> dict[str, Any]:
+        """With the assets knob (current protocol), each output file entry gets the asset `id`
+        ComfyUI registers it under, and images their own `preview_id`. The id is derived from
+        the file's path, so a cached replay of the same file names the same asset."""
+        if not (self.state.current and self.state.assets):
+            return ui
+        enriched = copy.deepcopy(ui)
+        bases = {"output": self.engine.ctx.output_dir, "temp": self.engine.ctx.temp_dir}
+        for entries in enriched.values():
+            if not isinstance(entries, list):
+                continue
+            for entry in entries:
+                if not (isinstance(entry, dict) and "filename" in entry and "type" in entry):
+                    continue
+                base = bases.get(entry["type"], self.engine.ctx.input_dir)
+                path = (base / (entry.get("subfolder") or "") / entry["filename"]).resolve()
+                if not path.is_file():
+                    continue
+                entry["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, path.as_uri()))
+                if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".gif"):
+                    entry["preview_id"] = entry["id"]
+        return enriched
+
     def _record(self, event: str, **fields: Any) -> None:
         """One line in the exec_log file (if set): it outlives the process, stats do not."""
         path = self.state.exec_log
@@ -439,11 +494,13 @@ class _PromptRun:
             units += max(int(steps), 1) if isinstance(steps, int) else 1
         return self.state.exec_delay / units if units else 0.0
 
-    async def _pause(self) -> None:
-        """Spend this unit's share of exec_delay; an interrupt cuts the wait short."""
-        if self.delay_share > 0:
+    async def _pause(self, extra: float = 0.0) -> None:
+        """Spend this unit's share of exec_delay (plus `extra`, a sampler step's step_delay);
+        an interrupt cuts the wait short."""
+        seconds = self.delay_share + extra
+        if seconds > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.engine._interrupt.wait(), self.delay_share)
+                await asyncio.wait_for(self.engine._interrupt.wait(), seconds)
 
     def _check_interrupt(self) -> None:
         if self.engine._interrupt.is_set():
@@ -454,16 +511,7 @@ class _PromptRun:
         definition = NODES[node["class_type"]]
         signature = signatures[node_id]
         if is_cached:
-            ui = self.engine._ui_cache.get(signature)
-            self._to_client(
-                "executed",
-                {
-                    "node": node_id,
-                    "display_node": node_id,
-                    "output": ui,
-                    "prompt_id": self.prompt_id,
-                },
-            )
+            self._send_executed(node_id, self.engine._ui_cache.get(signature))
             self.progress.finish(node_id)
             return
 
@@ -481,7 +529,7 @@ class _PromptRun:
         self._check_interrupt()
         if isinstance(steps, int):
             for step in range(1, steps + 1):
-                await self._pause()
+                await self._pause(self.state.step_delay)
                 self._check_interrupt()
                 self._step_progress(node_id, step, steps, kwargs)
         else:
@@ -493,15 +541,7 @@ class _PromptRun:
 
         if result.ui:
             self.engine._ui_cache[signature] = result.ui
-            self._to_client(
-                "executed",
-                {
-                    "node": node_id,
-                    "display_node": node_id,
-                    "output": result.ui,
-                    "prompt_id": self.prompt_id,
-                },
-            )
+            self._send_executed(node_id, result.ui)
         self.engine._outputs_cache[signature] = result.outputs
         self.progress.finish(node_id)
         self.executed.append(node_id)

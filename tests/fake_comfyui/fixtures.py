@@ -15,20 +15,33 @@ from pathlib import Path
 import pytest
 
 from .client import ComfyTestClient
-from .state import FakeState
+from .state import PROTOCOL_0_3_64, PROTOCOLS, FakeState
 from .thread import FakeComfyUIThread
 
 MAIN = Path(__file__).with_name("main.py")
 
 
+# Run a test against both ComfyUI versions the fake speaks: `@both_protocols` on a test that
+# takes `fake_protocol` (and uses fake_comfyui, fake_client or fake_comfyui_process).
+both_protocols = pytest.mark.parametrize("fake_protocol", PROTOCOLS)
+
+
 @pytest.fixture
-def fake_comfyui(tmp_path: Path) -> Iterator[FakeComfyUIThread]:
+def fake_protocol() -> str:
+    """The protocol the fake fixtures speak: 0.3.64 unless a test parametrises it."""
+    return PROTOCOL_0_3_64
+
+
+@pytest.fixture
+def fake_comfyui(tmp_path: Path, fake_protocol: str) -> Iterator[FakeComfyUIThread]:
     """A fresh fake ComfyUI on 127.0.0.1:<free port>, served from a background thread.
 
     Yields an object with .url, .ws_url, .state (mutable knobs), .stats(), .input_dir,
-    .output_dir and .temp_dir.
+    .output_dir and .temp_dir. It speaks `fake_protocol` (0.3.64 unless parametrised).
     """
-    with FakeComfyUIThread(tmp_path / "comfyui", FakeState()) as fake:
+    state = FakeState()
+    state.update({"protocol": fake_protocol})
+    with FakeComfyUIThread(tmp_path / "comfyui", state) as fake:
         yield fake
 
 
@@ -118,9 +131,11 @@ def start_fake_process(
 
 
 @pytest.fixture
-def fake_comfyui_process(tmp_path: Path) -> Iterator[FakeComfyUIProcess]:
-    """A fake ComfyUI subprocess, ready to answer; FAKE_COMFYUI_* knobs via monkeypatch.setenv."""
-    process = start_fake_process(tmp_path / "comfyui-proc")
+def fake_comfyui_process(tmp_path: Path, fake_protocol: str) -> Iterator[FakeComfyUIProcess]:
+    """A fake ComfyUI subprocess, ready to answer; FAKE_COMFYUI_* knobs via monkeypatch.setenv.
+    It speaks `fake_protocol` (FAKE_COMFYUI_PROTOCOL) unless the environment already says."""
+    env = {} if "FAKE_COMFYUI_PROTOCOL" in os.environ else {"FAKE_COMFYUI_PROTOCOL": fake_protocol}
+    process = start_fake_process(tmp_path / "comfyui-proc", env)
     try:
         process.wait_ready()
         yield process

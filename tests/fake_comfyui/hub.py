@@ -25,6 +25,24 @@ PREVIEW_IMAGE_WITH_METADATA = 4
 SERVER_FEATURES = {"supports_preview_metadata": True, "max_upload_size": 100 * 1024 * 1024}
 
 
+def server_features(current: bool, assets: bool = False) -> dict[str, Any]:
+    """The server's feature flags (websocket handshake answer and GET /features).
+
+    0.3.64 sends the two recorded flags; today's ComfyUI adds model type tags, the Manager's v4
+    marker, node replacements and whether its assets system is on.
+    """
+    if not current:
+        return dict(SERVER_FEATURES)
+    return {
+        "supports_preview_metadata": True,
+        "supports_model_type_tags": True,
+        "max_upload_size": SERVER_FEATURES["max_upload_size"],
+        "extension": {"manager": {"supports_v4": True}},
+        "node_replacements": True,
+        "assets": assets,
+    }
+
+
 @dataclass
 class Client:
     ws: web.WebSocketResponse

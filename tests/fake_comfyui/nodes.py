@@ -170,6 +170,9 @@ class NodeDef:
     is_changed: Callable[[NodeContext, dict[str, Any]], Any] | None = None
     # Input holding a step count: the executor sends `progress` once per step for this node.
     steps_input: str | None = None
+    # HAS_INTERMEDIATE_OUTPUT: today's ComfyUI sends `executed` again for such a node after a
+    # successful run in which it came from cache (current protocol only).
+    intermediate_output: bool = False
 
     def input_types(self, ctx: NodeContext) -> dict[str, dict[str, InputSpec]]:
         types = {"required": self.required(ctx)}
@@ -196,6 +199,10 @@ class NodeDef:
         }
         if self.output_tooltips:
             out["output_tooltips"] = list(self.output_tooltips)
+        if ctx.state.current:  # keys today's ComfyUI adds to every node
+            out["is_input_list"] = False
+            out["has_intermediate_output"] = self.intermediate_output
+            out["search_aliases"] = []
         return out
 
 
@@ -715,4 +722,12 @@ def _registry() -> dict[str, NodeDef]:
     return {d.name: d for d in defs}
 
 
-NODES: dict[str, NodeDef] = _registry()
+def _all_nodes() -> dict[str, NodeDef]:
+    from .media import media_nodes  # media builds on this module's helpers
+
+    nodes = _registry()
+    nodes.update({node.name: node for node in media_nodes()})
+    return nodes
+
+
+NODES: dict[str, NodeDef] = _all_nodes()

@@ -1,7 +1,10 @@
 """HTTP and websocket routes of the fake ComfyUI, each also served under /api.
 
 Answers mirror ComfyUI 0.3.64 (see recordings/): the same status codes,
-body shapes, and even the 500 page aiohttp writes for a malformed POST /prompt body. The extra
+body shapes, and even the 500 page aiohttp writes for a malformed POST /prompt body. With the
+`protocol` knob at "current" they mirror today's ComfyUI (0.38.x, DELTA.md) instead: the job
+API, UUID-only prompt ids, `create_time`, the new /system_stats and feature flags. A route the
+chosen version does not have answers as that server answers any unknown path. The extra
 /fake/* routes let a test or a supervisor turn knobs and read counters over HTTP.
 """
 
@@ -16,6 +19,7 @@ import mimetypes
 import os
 import platform
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -24,8 +28,9 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from .engine import Engine, QueueItem
-from .hub import SERVER_FEATURES, Hub
+from . import jobs
+from .engine import SENSITIVE_EXTRA_DATA_KEYS, Engine, QueueItem
+from .hub import SERVER_FEATURES, Hub, server_features
 from .nodes import NODES, NodeContext
 from .state import ConfigError, FakeState
 from .validation import validate_prompt
@@ -33,6 +38,7 @@ from .validation import validate_prompt
 log = logging.getLogger("fake_comfyui")
 
 COMFYUI_VERSION = "0.3.64"
+CURRENT_COMFYUI_VERSION = "0.38.1"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -101,11 +107,43 @@ def create_app(state: FakeState, dirs: FakeDirs) -> web.Application:
         ("GET", "/fake/stats", fake_stats),
         ("GET", "/fake/config", get_fake_config),
         ("POST", "/fake/config", post_fake_config),
+        # Today's ComfyUI declares these with a literal /api, so the prefixing below also
+        # serves them at /api/api/jobs...; there is no bare /jobs (DELTA.md §2).
+        ("GET", "/api/jobs", list_jobs),
+        ("GET", "/api/jobs/{job_id}", get_job),
+        ("POST", "/api/jobs/cancel", cancel_jobs),
+        ("POST", "/api/jobs/{job_id}/cancel", cancel_job),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
         app.router.add_route(method, "/api" + path, handler)
+    # ComfyUI serves its web frontend from "/" as a static folder, registered last: any other
+    # path is looked up there, so an unknown GET is a 404 and an unknown POST a 405.
+    app.router.add_route("*", "/{tail:.*}", unknown_route)
     return app
+
+
+async def unknown_route(request: web.Request) -> web.StreamResponse:
+    """What a real 0.3.64 answers for a path only its static "/" route matches (recorded in
+    recordings/unknown_routes_0.3.64.json): GET and HEAD a bare 404 without a body, anything
+    else aiohttp's 405 page allowing GET and HEAD."""
+    if request.method == "HEAD":
+        return web.Response(status=404)
+    if request.method == "GET":
+        return web.Response(status=404, content_type="application/octet-stream")
+    raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
+
+
+def current_only(handler: Handler) -> Handler:
+    """A route today's ComfyUI has and 0.3.64 does not: unknown under protocol 0.3.64."""
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        if not request.app[STATE].current:
+            return await unknown_route(request)
+        return await handler(request)
+
+    route.__doc__ = handler.__doc__
+    return route
 
 
 # --- websocket ------------------------------------------------------------------------------
@@ -134,7 +172,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 client = hub.clients.get(sid)
                 if client is not None:
                     client.feature_flags = dict(data.get("data") or {})
-                hub.send("feature_flags", dict(SERVER_FEATURES), sid)
+                state = request.app[STATE]
+                hub.send("feature_flags", server_features(state.current, state.assets), sid)
             first = False
     finally:
         hub.unregister(sid, ws)
@@ -165,21 +204,48 @@ async def post_prompt(request: web.Request) -> web.Response:
         return web.json_response({"error": error, "node_errors": {}}, status=400)
 
     prompt = body["prompt"]
-    prompt_id = str(body.get("prompt_id") or uuid.uuid4())
-    result = validate_prompt(prompt, engine.ctx)
+    current = request.app[STATE].current
+    if not current:
+        prompt_id = str(body.get("prompt_id", uuid.uuid4()))  # null becomes "None", as in 0.3.64
+    elif body.get("prompt_id") is None:
+        prompt_id = str(uuid.uuid4())
+    elif jobs.is_canonical_uuid(body["prompt_id"]):
+        prompt_id = body["prompt_id"]
+    else:
+        engine.stats.rejected += 1
+        return web.json_response({"error": INVALID_PROMPT_ID, "node_errors": {}}, status=400)
+    result = validate_prompt(prompt, engine.ctx, current)
     extra_data = dict(body.get("extra_data") or {})
     if "client_id" in body:
         extra_data["client_id"] = body["client_id"]
+    usage_source = request.headers.get("Comfy-Usage-Source")
+    if current and usage_source and "comfy_usage_source" not in extra_data:
+        extra_data["comfy_usage_source"] = usage_source
     if not result.ok:
         engine.stats.rejected += 1
         log.warning("invalid prompt: %s", result.error)
         return web.json_response(
             {"error": result.error, "node_errors": result.node_errors}, status=400
         )
-    engine.put(QueueItem(number, prompt_id, prompt, extra_data, result.outputs))
+    sensitive: dict[str, Any] = {}
+    if current:
+        for key in SENSITIVE_EXTRA_DATA_KEYS:
+            if key in extra_data:
+                sensitive[key] = extra_data.pop(key)
+        extra_data["create_time"] = int(time.time() * 1000)
+    engine.put(QueueItem(number, prompt_id, prompt, extra_data, result.outputs, sensitive))
     return web.json_response(
         {"prompt_id": prompt_id, "number": number, "node_errors": result.node_errors}
     )
+
+
+INVALID_PROMPT_ID = {
+    "type": "invalid_prompt_id",
+    "message": "prompt_id must be a valid UUID",
+    "details": "prompt_id must be a UUID string in canonical lowercase hyphenated form; "
+    "omit it to let the server generate one",
+    "extra_info": {},
+}
 
 
 async def get_prompt(request: web.Request) -> web.Response:
@@ -276,10 +342,10 @@ async def view(request: web.Request) -> web.StreamResponse:
     if not path.is_file():
         return web.Response(status=404)
     content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return web.FileResponse(
-        path,
-        headers={"Content-Disposition": f'filename="{path.name}"', "Content-Type": content_type},
-    )
+    headers = {"Content-Disposition": f'filename="{path.name}"', "Content-Type": content_type}
+    if request.app[STATE].current:
+        headers["X-Content-Type-Options"] = "nosniff"
+    return web.FileResponse(path, headers=headers)
 
 
 async def upload_image(request: web.Request) -> web.Response:
@@ -319,21 +385,39 @@ async def upload_image(request: web.Request) -> web.Response:
 
 
 async def system_stats(request: web.Request) -> web.Response:
+    """0.3.64's shape; today's reports `sys.platform` as os and two more keys (DELTA.md §8)."""
+    current = request.app[STATE].current
+    system: dict[str, Any] = {
+        "os": sys.platform if current else os.name,
+        "ram_total": 8 * 1024**3,
+        "ram_free": 6 * 1024**3,
+        "comfyui_version": CURRENT_COMFYUI_VERSION if current else COMFYUI_VERSION,
+        "required_frontend_version": "1.53.6" if current else "1.27.10",
+        "installed_templates_version": "0.11.73" if current else "0.1.95",
+        "required_templates_version": "0.11.73" if current else "0.1.95",
+    }
+    if current:
+        system["comfy_package_versions"] = [
+            {"name": name, "installed": version, "required": version}
+            for name, version in (
+                ("comfyui-frontend-package", "1.53.6"),
+                ("comfyui-workflow-templates", "0.11.73"),
+                ("comfyui-embedded-docs", "0.5.12"),
+            )
+        ]
+    system.update(
+        {
+            "python_version": sys.version,
+            "pytorch_version": "fake",
+            "embedded_python": False,
+        }
+    )
+    if current:
+        system["deploy_environment"] = "local-git"
+    system["argv"] = sys.argv
     return web.json_response(
         {
-            "system": {
-                "os": os.name,
-                "ram_total": 8 * 1024**3,
-                "ram_free": 6 * 1024**3,
-                "comfyui_version": COMFYUI_VERSION,
-                "required_frontend_version": "1.27.10",
-                "installed_templates_version": "0.1.95",
-                "required_templates_version": "0.1.95",
-                "python_version": sys.version,
-                "pytorch_version": "fake",
-                "embedded_python": False,
-                "argv": sys.argv,
-            },
+            "system": system,
             "devices": [
                 {
                     "name": "cpu",
@@ -362,12 +446,38 @@ async def object_info_node(request: web.Request) -> web.Response:
 
 
 async def features(request: web.Request) -> web.Response:
-    return web.json_response(SERVER_FEATURES)
+    state = request.app[STATE]
+    return web.json_response(server_features(state.current, state.assets))
 
 
 async def free(request: web.Request) -> web.Response:
     await request.read()
     return web.Response(status=200)
+
+
+# --- today's job API ----------------------------------------------------------------------------
+
+
+@current_only
+async def list_jobs(request: web.Request) -> web.Response:
+    return jobs.list_jobs(request.app[ENGINE], request.query)
+
+
+@current_only
+async def get_job(request: web.Request) -> web.Response:
+    return jobs.get_job(request.app[ENGINE], request.match_info["job_id"])
+
+
+@current_only
+async def cancel_job(request: web.Request) -> web.Response:
+    """Always 200: {"cancelled": true} only if a running or pending job was stopped."""
+    cancelled = jobs.cancel(request.app[ENGINE], request.match_info["job_id"])
+    return web.json_response({"cancelled": cancelled})
+
+
+@current_only
+async def cancel_jobs(request: web.Request) -> web.Response:
+    return await jobs.cancel_many(request.app[ENGINE], request)
 
 
 # --- fake-only --------------------------------------------------------------------------------

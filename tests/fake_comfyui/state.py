@@ -21,6 +21,10 @@ DEFAULT_CHECKPOINTS = (
 
 ENV_PREFIX = "FAKE_COMFYUI_"
 
+PROTOCOL_0_3_64 = "0.3.64"
+PROTOCOL_CURRENT = "current"
+PROTOCOLS = (PROTOCOL_0_3_64, PROTOCOL_CURRENT)
+
 
 class ConfigError(ValueError):
     """A knob name or value that the fake does not understand."""
@@ -52,6 +56,13 @@ class FakeState:
     exec_log          if set, a file path: one JSON line is appended when a prompt starts and
                       one when it ends, so executions can be counted across restarts (stats
                       die with the process)
+    step_delay        seconds per step of a node with a step count (KSampler), on top of
+                      exec_delay: a 40-step prompt with 0.25 runs 10 s with 40 progress events
+    protocol          which ComfyUI the fake speaks: "0.3.64" (the recordings) or "current"
+                      (0.38.x, see ../shared/comfyui-protocol/DELTA.md): the job API, UUID-only
+                      prompt ids, missing_node_type errors, create_time, new /system_stats keys
+    assets            current protocol only: output file entries carry an asset `id` (and
+                      `preview_id` for images), as with ComfyUI's assets system on
     """
 
     exec_delay: float = 0.0
@@ -70,6 +81,14 @@ class FakeState:
     gc_interval: float = 10.0
     first_load_delay: float = 0.0
     exec_log: str | None = None
+    step_delay: float = 0.0
+    protocol: str = PROTOCOL_0_3_64
+    assets: bool = False
+
+    @property
+    def current(self) -> bool:
+        """True when the fake speaks today's ComfyUI (0.38.x) rather than 0.3.64."""
+        return self.protocol == PROTOCOL_CURRENT
 
     def update(self, values: Mapping[str, Any]) -> None:
         """Set knobs from a mapping (JSON body or env), converting values; unknown names fail."""
@@ -103,6 +122,7 @@ _FLOATS = {
     "gc_pause",
     "gc_interval",
     "first_load_delay",
+    "step_delay",
 }
 _OPTIONAL_INTS = {"fail_times"}
 _INTS = {"die_exit_code"}
@@ -122,7 +142,11 @@ def _convert(name: str, raw: Any) -> Any:
             return None if raw in (None, "", "none", "None") else int(raw)
         if name in _NODE_IDS:
             return None if raw in (None, "") else str(raw)
-        if name == "preview_frames":
+        if name == "protocol":
+            if raw not in PROTOCOLS:
+                raise ConfigError(f"protocol must be one of {list(PROTOCOLS)}, got {raw!r}")
+            return raw
+        if name in ("preview_frames", "assets"):
             if isinstance(raw, str):
                 return raw.strip().lower() in ("1", "true", "yes", "on")
             return bool(raw)

@@ -235,29 +235,55 @@ class _Validator:
             )
 
 
-def validate_prompt(prompt: dict[str, Any], ctx: NodeContext) -> ValidationResult:
-    """Check a prompt as ComfyUI's POST /prompt does. `prompt` is converted in place."""
+def _unknown_node_error(node_id: str, node: Any, current: bool) -> Error:
+    """A node without class_type, or of a class nobody registered.
+
+    0.3.64 calls both `invalid_prompt`; today's ComfyUI calls them `missing_node_type` and names
+    the node by its title (``_meta.title``), so a client can tell which custom node is missing.
+    """
+    has_class = isinstance(node, dict) and "class_type" in node
+    if not current:
+        if not has_class:
+            message = "Cannot execute because a node is missing the class_type property."
+        else:
+            message = f"Cannot execute because node {node['class_type']} does not exist."
+        return _error("invalid_prompt", message, f"Node ID '#{node_id}'")
+    meta = node.get("_meta") if isinstance(node, dict) else None
+    title = meta.get("title") if isinstance(meta, dict) else None
+    if not has_class:
+        message = (
+            f"Node '{title or f'ID #{node_id}'}' has no class_type. "
+            "The workflow may be corrupted or a custom node is missing."
+        )
+        class_type = None
+    else:
+        class_type = node["class_type"]
+        title = title if title is not None else class_type
+        message = f"Node '{title}' not found. The custom node may not be installed."
+    return _error(
+        "missing_node_type",
+        message,
+        f"Node ID '#{node_id}'",
+        node_id=node_id,
+        class_type=class_type,
+        node_title=title,
+    )
+
+
+def validate_prompt(
+    prompt: dict[str, Any], ctx: NodeContext, current: bool = False
+) -> ValidationResult:
+    """Check a prompt as ComfyUI's POST /prompt does. `prompt` is converted in place.
+
+    `current` picks today's error type for unknown nodes (see _unknown_node_error).
+    """
     outputs: list[str] = []
     for node_id, node in prompt.items():
         if not isinstance(node, dict) or "class_type" not in node:
-            return ValidationResult(
-                False,
-                _error(
-                    "invalid_prompt",
-                    "Cannot execute because a node is missing the class_type property.",
-                    f"Node ID '#{node_id}'",
-                ),
-            )
+            return ValidationResult(False, _unknown_node_error(node_id, node, current))
         definition = NODES.get(node["class_type"])
         if definition is None:
-            return ValidationResult(
-                False,
-                _error(
-                    "invalid_prompt",
-                    f"Cannot execute because node {node['class_type']} does not exist.",
-                    f"Node ID '#{node_id}'",
-                ),
-            )
+            return ValidationResult(False, _unknown_node_error(node_id, node, current))
         if definition.output_node:
             outputs.append(node_id)
     if not outputs:

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 from provision import cli
+from provision.manager import is_manager_name, is_manager_requirement
 from provision.registry import RegistryClient
 from provision.restore import GIT_MARKER, RestoreOptions, Restorer
 from provision.snapshot import SnapshotError, load_snapshot, parse_snapshot, repo_name
@@ -434,3 +435,108 @@ def test_a_comfyui_at_another_commit_is_reported(
 
     assert run_restore(comfyui, snapshot, registry, "--checkout-comfyui") == 0
     assert git(comfyui, "rev-parse", "HEAD") == first
+
+
+# --- both ComfyUI-Manager layouts ---------------------------------------------------------------
+
+
+def packaged_comfyui(tmp_path: Path, manager_requirements: str = "pip\n") -> Path:
+    """A ComfyUI tree as 0.36+ lays it out: manager_requirements.txt names the Manager's pip
+    package (here a stand-in pip can satisfy offline), and an old clone is left behind."""
+    comfyui = comfyui_dir(tmp_path)
+    (comfyui / "manager_requirements.txt").write_text(manager_requirements)
+    return comfyui
+
+
+def test_packaged_manager_is_left_out_with_its_pip_and_old_clone(
+    tmp_path: Path, repos: Repos, registry: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    comfyui = packaged_comfyui(tmp_path)
+    snapshot = snapshot_file(
+        tmp_path,
+        repos,
+        comfyui=None,  # a Manager 4.x "custom nodes only" snapshot
+        git_custom_nodes={repos.url("good-node"): {"hash": repos.hashes["good-node"][1]}},
+        cnr_custom_nodes={"comfyui-manager": "4.3"},
+        pips={"comfyui_manager==4.3": "", "pip": ""},
+    )
+    assert run_restore(comfyui, snapshot, registry) == 0
+    out = capsys.readouterr().out
+    assert "ComfyUI-Manager here is the pip package of manager_requirements.txt" in out
+    assert "found ComfyUI-Manager" in out  # the old clone, detected and then removed
+    assert (
+        "note: skipping pip requirement 'comfyui_manager==4.3' (ComfyUI-Manager is left out)" in out
+    )
+    assert "skipping comfyui-manager (ComfyUI-Manager is removed afterwards)" in out
+    assert "[4/4] pip install of the snapshot's 1 requirement(s)" in out
+    assert not (comfyui / "custom_nodes" / "ComfyUI-Manager").exists()
+    assert not (comfyui / "custom_nodes" / "comfyui-manager").exists()
+    nodes = comfyui / "custom_nodes"
+    assert git(nodes / "good-node", "rev-parse", "HEAD") == repos.hashes["good-node"][1]
+    assert "manager_requirements" not in out.split("pip install of the snapshot's")[1]
+
+
+def test_keep_manager_on_a_packaged_comfyui_installs_its_requirements_not_a_clone(
+    tmp_path: Path, repos: Repos, registry: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    comfyui = packaged_comfyui(tmp_path)
+    pinned = {repos.url("ComfyUI-Manager"): {"hash": repos.hashes["ComfyUI-Manager"][0]}}
+    snapshot = snapshot_file(
+        tmp_path, repos, git_custom_nodes=pinned, cnr_custom_nodes={}, pips={}, file_custom_nodes=[]
+    )
+    (comfyui / "custom_nodes" / "ComfyUI-Manager").rmdir()
+    assert run_restore(comfyui, snapshot, registry, "--keep-manager") == 0
+    out = capsys.readouterr().out
+    assert (
+        f"[1/2] skipping {repos.url('ComfyUI-Manager')} (this ComfyUI installs ComfyUI-Manager "
+        "from manager_requirements.txt instead)" in out
+    )
+    assert "[2/2] pip install -r manager_requirements.txt (ComfyUI-Manager)" in out
+    assert "started with --enable-manager" in out
+    assert not (comfyui / "custom_nodes" / "ComfyUI-Manager").exists()
+
+    (comfyui / "manager_requirements.txt").write_text("./no-such-manager-dir\n")
+    assert run_restore(comfyui, snapshot, registry, "--keep-manager") == 1
+    err = capsys.readouterr().err
+    assert "failed: ComfyUI-Manager" in err
+    assert "pip install -r manager_requirements.txt failed" in err
+
+
+def test_a_git_era_comfyui_is_told_apart_and_keeps_cloning(
+    tmp_path: Path, repos: Repos, registry: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    comfyui = comfyui_dir(tmp_path)  # no manager_requirements.txt: ComfyUI up to 0.3.x
+    (comfyui / "custom_nodes" / "ComfyUI-Manager").rmdir()
+    pinned = {repos.url("ComfyUI-Manager"): {"hash": repos.hashes["ComfyUI-Manager"][0]}}
+    snapshot = snapshot_file(
+        tmp_path,
+        repos,
+        git_custom_nodes=pinned,
+        cnr_custom_nodes={},
+        pips={"comfyui-manager==3.37": ""},
+        file_custom_nodes=[],
+    )
+    assert run_restore(comfyui, snapshot, registry) == 0
+    out = capsys.readouterr().out
+    assert "ComfyUI-Manager here is a git clone in custom_nodes/" in out
+    assert "note: skipping pip requirement 'comfyui-manager==3.37'" in out
+    assert not (comfyui / "custom_nodes" / "ComfyUI-Manager").exists()
+
+    code = run_restore(comfyui, snapshot, registry, "--keep-manager", "--skip-pips")
+    assert code == 0
+    manager = comfyui / "custom_nodes" / "ComfyUI-Manager"
+    assert git(manager, "rev-parse", "HEAD") == repos.hashes["ComfyUI-Manager"][0]
+    assert "found ComfyUI-Manager" not in capsys.readouterr().out  # none was there before
+
+
+def test_manager_names_and_requirements_are_recognised() -> None:
+    assert all(map(is_manager_name, ["ComfyUI-Manager", "comfyui-manager@4.3"]))
+    assert not is_manager_name("ComfyUI-Manager-Extras")
+    for req in [
+        "comfyui-manager==4.3",
+        "comfyui_manager",
+        "ComfyUI.Manager>=4",
+        "comfyui-manager @ https://x/y.whl",
+    ]:
+        assert is_manager_requirement(req), req
+    assert not is_manager_requirement("comfyui-frontend-package==1.53.6")

@@ -4,6 +4,10 @@ Every graph here is the one the recording's /history shows, replayed over real H
 websocket (websocket-client, as the worker uses). Where the fake and a recording disagree, the
 fake is wrong: message types must come in the recorded order with the recorded data keys, 400
 bodies must have the recorded shape and error types, history entries the recorded structure.
+
+Tests marked @both_protocols run against both versions the fake speaks: today's ComfyUI shares
+these behaviours, with the differences DELTA.md documents (`create_time` in extra_data, UUID-only
+prompt ids), which the helpers allow for. tests/test_fake_current_protocol.py covers the rest.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import pytest
 from PIL import Image
 
 from tests.fake_comfyui.client import ComfyTestClient, Run
+from tests.fake_comfyui.fixtures import both_protocols
+from tests.fake_comfyui.state import PROTOCOL_CURRENT, PROTOCOLS
 from tests.fake_comfyui.thread import FakeComfyUIThread
 from tests.paths import RECORDINGS
 
@@ -49,8 +55,17 @@ def digits_free(name: str) -> str:
     return re.sub(r"\d{5}", "NNNNN", name)
 
 
+def recorded_extra_keys(recorded: dict[str, Any], current: bool) -> set[str]:
+    """The recorded extra_data keys; today's ComfyUI adds the queueing time, create_time."""
+    return set(recorded) | ({"create_time"} if current else set())
+
+
 def assert_run_matches(
-    ours: Run, recorded: dict[str, Any], exact_files: bool = True, same_number: bool = True
+    ours: Run,
+    recorded: dict[str, Any],
+    exact_files: bool = True,
+    same_number: bool = True,
+    current: bool = False,
 ) -> None:
     """Same message types in the same order, same data keys, same caching and history shape.
 
@@ -93,10 +108,12 @@ def assert_run_matches(
                     re.sub(r"temp_\w{5}_", "temp_", expected),
                 )
             assert got == expected
-    assert_history_matches(ours, next(iter(recorded["history"].values())), same_number)
+    assert_history_matches(ours, next(iter(recorded["history"].values())), same_number, current)
 
 
-def assert_history_matches(ours: Run, want: dict[str, Any], same_number: bool = True) -> None:
+def assert_history_matches(
+    ours: Run, want: dict[str, Any], same_number: bool = True, current: bool = False
+) -> None:
     entry = ours.history[ours.prompt_id]
     assert list(entry) == list(want)
     number, prompt_id, prompt, extra, outputs = entry["prompt"]
@@ -104,7 +121,9 @@ def assert_history_matches(ours: Run, want: dict[str, Any], same_number: bool = 
     assert isinstance(number, int)
     if same_number:
         assert number == want["prompt"][0]
-    assert extra.keys() == want["prompt"][3].keys()
+    assert extra.keys() == recorded_extra_keys(want["prompt"][3], current)
+    if current:
+        assert isinstance(extra["create_time"], int)
     assert shape(entry["status"]) == shape(want["status"])
     assert [m[0] for m in entry["status"]["messages"]] == [m[0] for m in want["status"]["messages"]]
     assert entry["status"]["status_str"] == want["status"]["status_str"]
@@ -129,14 +148,19 @@ def test_websocket_greeting_and_feature_flags(fake_comfyui: FakeComfyUIThread) -
     flagged.close()
 
 
-def test_invert_fresh_then_fully_cached_then_new_prefix(fake_client: ComfyTestClient) -> None:
+@both_protocols
+def test_invert_fresh_then_fully_cached_then_new_prefix(
+    fake_client: ComfyTestClient, fake_protocol: str
+) -> None:
+    current = fake_protocol == PROTOCOL_CURRENT
     for key in ("A1_invert_first", "A2_invert_identical_again", "A3_invert_new_prefix_only"):
         recorded = WEIGHTFREE[key]
-        assert_run_matches(fake_client.run(recorded_prompt(recorded)), recorded)
+        assert_run_matches(fake_client.run(recorded_prompt(recorded)), recorded, current=current)
 
 
+@both_protocols
 def test_upload_load_scale_blur_and_view(
-    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread, fake_protocol: str
 ) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (80, 60), (10, 200, 30)).save(buffer, format="PNG")
@@ -149,7 +173,7 @@ def test_upload_load_scale_blur_and_view(
 
     recorded = WEIGHTFREE["B_load_scale_blur"]
     run = fake_client.run(recorded_prompt(recorded))
-    assert_run_matches(run, recorded, same_number=False)
+    assert_run_matches(run, recorded, same_number=False, current=fake_protocol == PROTOCOL_CURRENT)
 
     image = run.last("executed")["data"]["output"]["images"][0]
     status, content, headers = fake_client.request(
@@ -170,17 +194,19 @@ def test_upload_load_scale_blur_and_view(
     )
 
 
+@both_protocols
 def test_preview_runtime_error_and_queue_endpoints(
-    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread, fake_protocol: str
 ) -> None:
+    current = fake_protocol == PROTOCOL_CURRENT
     preview_rec, error_rec = WEIGHTFREE["C_preview_image"], WEIGHTFREE["R_runtime_error"]
     preview = fake_client.run(recorded_prompt(preview_rec))
-    assert_run_matches(preview, preview_rec, same_number=False)
+    assert_run_matches(preview, preview_rec, same_number=False, current=current)
     for image in preview.last("executed")["data"]["output"]["images"]:
         assert (fake_comfyui.temp_dir / image["filename"]).is_file()
 
     failed = fake_client.run(recorded_prompt(error_rec))
-    assert_run_matches(failed, error_rec, same_number=False)
+    assert_run_matches(failed, error_rec, same_number=False, current=current)
     error = failed.last("execution_error")["data"]
     want = next(m for m in error_rec["ws"] if m["type"] == "execution_error")["data"]
     for key in ("node_id", "node_type", "executed", "exception_message", "exception_type"):
@@ -248,9 +274,22 @@ def without_tracebacks(value: Any) -> Any:
     return value
 
 
-@pytest.mark.parametrize("case", sorted(WEIGHTFREE["validation_errors"]))
+# Today's ComfyUI names unknown nodes differently (missing_node_type); the current-protocol test
+# file checks those two bodies. Every other 400 body is the same in both versions.
+RENAMED_IN_CURRENT = {"unknown_class", "missing_class_type"}
+
+
+@pytest.mark.parametrize(
+    ("case", "fake_protocol"),
+    [
+        (case, protocol)
+        for protocol in PROTOCOLS
+        for case in sorted(WEIGHTFREE["validation_errors"])
+        if not (protocol == PROTOCOL_CURRENT and case in RENAMED_IN_CURRENT)
+    ],
+)
 def test_validation_error_bodies(
-    case: str, fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    case: str, fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread, fake_protocol: str
 ) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, format="PNG")
@@ -271,7 +310,10 @@ def test_validation_error_bodies(
     assert fake_client.get_json("/queue") == {"queue_running": [], "queue_pending": []}
 
 
-def test_bad_checkpoint_body(fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread) -> None:
+@both_protocols
+def test_bad_checkpoint_body(
+    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread, fake_protocol: str
+) -> None:
     want = EXTRA["bad_ckpt"]
     fake_comfyui.state.installed_checkpoints = list(
         want["body"]["node_errors"]["4"]["errors"][0]["extra_info"]["input_config"][0]
@@ -283,13 +325,16 @@ def test_bad_checkpoint_body(fake_client: ComfyTestClient, fake_comfyui: FakeCom
     assert fake_comfyui.stats()["queued"] == 0
 
 
-def test_txt2img_cold_then_warm_runs(fake_client: ComfyTestClient) -> None:
+@both_protocols
+def test_txt2img_cold_then_warm_runs(fake_client: ComfyTestClient, fake_protocol: str) -> None:
     """Recorded on one server: the full-UNet file first, then the tiny one (node 5 stays cached)."""
     for name in ("txt2img_full_1step.json", "txt2img_tiny_1step.json"):
         recording = load(name)
         for recorded in [recording["cold"], *recording["warm_runs"], recording["warm_new_text"]]:
             run = fake_client.run(recorded_prompt(recorded))
-            assert_run_matches(run, recorded, exact_files=False)
+            assert_run_matches(
+                run, recorded, exact_files=False, current=fake_protocol == PROTOCOL_CURRENT
+            )
             assert run.post_body["number"] == recorded["post_body"]["number"]
         view = recording["view"]
         image = run.last("executed")["data"]["output"]["images"][0]
@@ -300,15 +345,17 @@ def test_txt2img_cold_then_warm_runs(fake_client: ComfyTestClient) -> None:
         assert (status, list(picture.size), picture.mode) == (view["status"], view["size"], "RGB")
 
 
+@both_protocols
 def test_interrupt_running_prompt_and_delete_pending(
-    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread, fake_protocol: str
 ) -> None:
     graph = recorded_prompt(load("txt2img_tiny_1step.json")["cold"])
     fake_client.run(graph)  # warm the cache, as in the recording: p1 finds 4, 6, 7, 5 cached
     fake_comfyui.state.exec_delay = 30.0  # ~1 s per step: the interrupt lands in step 1
     slow = copy.deepcopy(graph)
     slow["3"]["inputs"].update(seed=1234, steps=30)
-    p1, p2, p3 = "p1-" + "a" * 33, "p2-" + "b" * 33, "p3-" + "c" * 33
+    # Canonical UUIDs, the only ids today's ComfyUI accepts (0.3.64 takes any string).
+    p1, p2, p3 = (f"{n}{n}{n}{n}{n}{n}{n}{n}-{n * 4}-4{n * 3}-8{n * 3}-{n * 12}" for n in "123")
     assert fake_client.post_prompt(slow, p1)[0] == 200
     second = copy.deepcopy(slow)
     second["3"]["inputs"].update(seed=99, steps=2)
@@ -328,7 +375,15 @@ def test_interrupt_running_prompt_and_delete_pending(
     assert [type(x).__name__ for x in running] == want["running_item_shape"]
     assert (
         running[1] == p1
-        and running[3] == {"client_id": fake_client.client_id}
+        and running[3]
+        == {
+            "client_id": fake_client.client_id,
+            **(
+                {"create_time": running[3].get("create_time")}
+                if fake_protocol == PROTOCOL_CURRENT
+                else {}
+            ),
+        }
         and running[4] == ["9"]
     )
 
@@ -369,8 +424,11 @@ def test_interrupt_running_prompt_and_delete_pending(
     assert fake_comfyui.stats()["interrupted"] == [p1]
 
 
+@both_protocols
 @pytest.mark.parametrize("metadata", [False, True])
-def test_binary_preview_frames(metadata: bool, fake_comfyui: FakeComfyUIThread) -> None:
+def test_binary_preview_frames(
+    metadata: bool, fake_comfyui: FakeComfyUIThread, fake_protocol: str
+) -> None:
     fake_comfyui.state.preview_frames = True
     c = ComfyTestClient(fake_comfyui.url)
     c.connect(feature_flags={"supports_preview_metadata": True} if metadata else None)
@@ -391,13 +449,14 @@ def test_binary_preview_frames(metadata: bool, fake_comfyui: FakeComfyUIThread) 
             }
 
 
+@both_protocols
 def test_history_gap_is_reproduced(
-    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread, fake_protocol: str
 ) -> None:
     """Right after execution_success, /history is still {}; after executing-null it is there."""
     fake_comfyui.state.history_gap = 1.0
     graph = recorded_prompt(WEIGHTFREE["A1_invert_first"])
-    prompt_id = "gap-check"
+    prompt_id = "6a9c1f52-7d0e-4c1b-9a55-3f2e8d4b7c60"
     assert fake_client.post_prompt(graph, prompt_id)[0] == 200
     while fake_client.receive()["type"] != "execution_success":
         pass
@@ -406,7 +465,8 @@ def test_history_gap_is_reproduced(
     assert prompt_id in fake_client.get_json(f"/history/{prompt_id}")
 
 
-def test_every_route_is_served_under_api(fake_client: ComfyTestClient) -> None:
+@both_protocols
+def test_every_route_is_served_under_api(fake_client: ComfyTestClient, fake_protocol: str) -> None:
     for path in ("/prompt", "/queue", "/history", "/system_stats", "/object_info", "/features"):
         assert fake_client.get_json("/api" + path) == fake_client.get_json(path)
     info = fake_client.get_json("/api/object_info/KSampler")["KSampler"]

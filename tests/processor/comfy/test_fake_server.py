@@ -1,10 +1,15 @@
-"""The fake ComfyUI's knobs and extras: the failure modes tests rely on must really happen."""
+"""The fake ComfyUI's knobs and extras: the failure modes tests rely on must really happen.
+
+Every test runs against both protocols the fake speaks (0.3.64 and today's), since the knobs
+and failure modes are the same in both; prompt ids are canonical UUIDs, which both accept.
+"""
 
 from __future__ import annotations
 
 import copy
 import io
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -17,7 +22,12 @@ import websocket
 from PIL import Image
 
 from tests.fake_comfyui.client import ComfyTestClient
-from tests.fake_comfyui.fixtures import FakeComfyUIProcess, free_port, start_fake_process
+from tests.fake_comfyui.fixtures import (
+    FakeComfyUIProcess,
+    both_protocols,
+    free_port,
+    start_fake_process,
+)
 from tests.fake_comfyui.state import ConfigError, FakeState
 from tests.fake_comfyui.thread import FakeComfyUIThread
 from tests.paths import REPO
@@ -67,14 +77,22 @@ def graph(base: dict[str, Any], **changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def pid(name: str) -> str:
+    """A readable name as a canonical UUID prompt id (today's ComfyUI accepts nothing else)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_OID, name))
+
+
 def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (20, 10)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
+@both_protocols
 def test_fail_at_node_reports_execution_error_then_recovers(
-    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient,
+    fake_comfyui: FakeComfyUIThread,
+    fake_protocol: str,
 ) -> None:
     fake_comfyui.state.update({"fail_at_node": "2", "fail_times": 1, "fail_message": "boom"})
     failed = fake_client.run(INVERT)
@@ -94,8 +112,11 @@ def test_fail_at_node_reports_execution_error_then_recovers(
     assert fake_comfyui.stats()["nodes_run"] == {"EmptyImage": 1, "ImageInvert": 1, "SaveImage": 1}
 
 
+@both_protocols
 def test_first_load_delay_is_paid_once_per_checkpoint(
-    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient,
+    fake_comfyui: FakeComfyUIThread,
+    fake_protocol: str,
 ) -> None:
     fake_comfyui.state.first_load_delay = 0.3
     first = fake_client.run(TXT2IMG)
@@ -113,11 +134,14 @@ def test_first_load_delay_is_paid_once_per_checkpoint(
     }
 
 
+@both_protocols
 def test_an_interrupted_first_load_loads_nothing(
-    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient,
+    fake_comfyui: FakeComfyUIThread,
+    fake_protocol: str,
 ) -> None:
     fake_comfyui.state.first_load_delay = 60.0  # the interrupt ends it early
-    prompt_id = "loading"
+    prompt_id = pid("loading")
     fake_client.post_prompt(TXT2IMG, prompt_id)
     while True:  # until the loader starts (the fake sends "executing" before it waits)
         message = fake_client.receive()
@@ -132,12 +156,15 @@ def test_an_interrupted_first_load_loads_nothing(
     assert [load["prompt_id"] for load in fake_comfyui.stats()["model_loads"]] == [again.prompt_id]
 
 
+@both_protocols
 def test_exec_delay_keeps_a_prompt_running_and_progress_counts_steps(
-    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient,
+    fake_comfyui: FakeComfyUIThread,
+    fake_protocol: str,
 ) -> None:
     fake_client.run(TXT2IMG)  # warm the model nodes so only sampling is slow
     fake_comfyui.state.exec_delay = 60.0  # ~0.6 s per step of 100; the interrupt ends it early
-    prompt_id = "slow-one"
+    prompt_id = pid("slow-one")
     fake_client.post_prompt(graph(TXT2IMG, n3={"steps": 100, "seed": 9}), prompt_id)
     first_progress = None
     while first_progress is None:
@@ -159,14 +186,16 @@ def test_exec_delay_keeps_a_prompt_running_and_progress_counts_steps(
     assert fake_client.history(prompt_id)[prompt_id]["status"]["status_str"] == "error"
 
 
+@both_protocols
 def test_drop_ws_at_node_closes_sockets_once_and_the_prompt_still_finishes(
     fake_comfyui: FakeComfyUIThread,
+    fake_protocol: str,
 ) -> None:
     fake_comfyui.state.drop_ws_at_node = "2"
     c = ComfyTestClient(fake_comfyui.url, client_id="dropper")
     c.connect()
-    status, body = c.post_prompt(INVERT, "dropped-run")
-    assert (status, body["prompt_id"]) == (200, "dropped-run")
+    status, body = c.post_prompt(INVERT, pid("dropped-run"))
+    assert (status, body["prompt_id"]) == (200, pid("dropped-run"))
     seen = []
     with pytest.raises(websocket.WebSocketConnectionClosedException):
         while True:
@@ -175,7 +204,7 @@ def test_drop_ws_at_node_closes_sockets_once_and_the_prompt_still_finishes(
     assert "executing" in seen and "execution_success" not in seen
     c.ws = None
     c.connect()  # same client id: the worker reconnects and falls back to /history
-    entry = c.history("dropped-run")["dropped-run"]
+    entry = c.history(pid("dropped-run"))[pid("dropped-run")]
     assert entry["status"]["status_str"] == "success"
     assert fake_comfyui.state.drop_ws_at_node is None
     assert fake_comfyui.stats()["ws_drops"] == 1
@@ -184,24 +213,30 @@ def test_drop_ws_at_node_closes_sockets_once_and_the_prompt_still_finishes(
     c.close()
 
 
+@both_protocols
 def test_stats_count_executions_per_prompt_id_and_rejections(
-    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient,
+    fake_comfyui: FakeComfyUIThread,
+    fake_protocol: str,
 ) -> None:
-    fake_client.run(INVERT, prompt_id="same-id")
-    fake_client.run(graph(INVERT, n3={"filename_prefix": "second"}), prompt_id="same-id")
-    fake_client.run(INVERT, prompt_id="other-id")
+    fake_client.run(INVERT, prompt_id=pid("same-id"))
+    fake_client.run(graph(INVERT, n3={"filename_prefix": "second"}), prompt_id=pid("same-id"))
+    fake_client.run(INVERT, prompt_id=pid("other-id"))
     assert fake_client.post_prompt(graph(INVERT, n1={"width": 0}))[0] == 400
     stats = fake_client.get_json("/fake/stats")
     assert stats == fake_comfyui.stats()
-    assert stats["executed"] == {"same-id": 2, "other-id": 1}
+    assert stats["executed"] == {pid("same-id"): 2, pid("other-id"): 1}
     assert (stats["queued"], stats["rejected"], stats["interrupted"]) == (3, 1, [])
 
 
+@both_protocols
 def test_prompts_run_one_at_a_time_in_fifo_order(
-    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient,
+    fake_comfyui: FakeComfyUIThread,
+    fake_protocol: str,
 ) -> None:
     fake_comfyui.state.exec_delay = 0.05
-    ids = [f"fifo-{i}" for i in range(3)]
+    ids = [pid(f"fifo-{i}") for i in range(3)]
     for i, prompt_id in enumerate(ids):
         fake_client.post_prompt(graph(INVERT, n1={"color": i}), prompt_id)
     messages = fake_client.collect(ids[-1])
@@ -221,7 +256,10 @@ def test_prompts_run_one_at_a_time_in_fifo_order(
     assert remaining[0] == 1 and max(remaining) <= 3 and remaining[-1] == 0
 
 
-def test_events_go_only_to_the_prompts_client(fake_comfyui: FakeComfyUIThread) -> None:
+@both_protocols
+def test_events_go_only_to_the_prompts_client(
+    fake_comfyui: FakeComfyUIThread, fake_protocol: str
+) -> None:
     owner, bystander = ComfyTestClient(fake_comfyui.url), ComfyTestClient(fake_comfyui.url)
     owner.connect()
     bystander.connect()
@@ -239,8 +277,11 @@ def test_events_go_only_to_the_prompts_client(fake_comfyui: FakeComfyUIThread) -
     bystander.close()
 
 
+@both_protocols
 def test_model_nodes_are_deterministic_and_validate_like_comfyui(
-    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient,
+    fake_comfyui: FakeComfyUIThread,
+    fake_protocol: str,
 ) -> None:
     first = fake_client.run(TXT2IMG)
     images = first.history[first.prompt_id]["outputs"]["9"]["images"]
@@ -272,8 +313,11 @@ def test_model_nodes_are_deterministic_and_validate_like_comfyui(
     assert status == 400 and body["node_errors"]["4"]["errors"][0]["type"] == "value_not_in_list"
 
 
+@both_protocols
 def test_loadimage_subfolder_reupload_and_save_subfolder(
-    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient,
+    fake_comfyui: FakeComfyUIThread,
+    fake_protocol: str,
 ) -> None:
     assert fake_client.upload("pic.png", png_bytes((255, 0, 0)), subfolder="job1") == (
         200,
@@ -307,8 +351,11 @@ def test_loadimage_subfolder_reupload_and_save_subfolder(
     assert pixel == (0, 0, 255)
 
 
+@both_protocols
 def test_non_image_outputs_text_and_audio(
-    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient,
+    fake_comfyui: FakeComfyUIThread,
+    fake_protocol: str,
 ) -> None:
     run = fake_client.run(
         {
@@ -333,8 +380,11 @@ def test_non_image_outputs_text_and_audio(
         assert audio.getnframes() == 800
 
 
+@both_protocols
 def test_config_over_http_and_from_env(
-    fake_client: ComfyTestClient, fake_comfyui: FakeComfyUIThread
+    fake_client: ComfyTestClient,
+    fake_comfyui: FakeComfyUIThread,
+    fake_protocol: str,
 ) -> None:
     status, raw, _ = fake_client.request(
         "POST", "/fake/config", {"exec_delay": "0.25", "installed_checkpoints": ["a.safetensors"]}
@@ -363,19 +413,23 @@ def wait_exit(proc: FakeComfyUIProcess, timeout: float = 20.0) -> int:
     return proc.proc.wait(timeout=timeout)
 
 
-def test_die_at_node_kills_the_subprocess_once_with_a_marker(tmp_path: Path) -> None:
+@both_protocols
+def test_die_at_node_kills_the_subprocess_once_with_a_marker(
+    tmp_path: Path, fake_protocol: str
+) -> None:
     marker = tmp_path / "died-once"
     env = {
         "FAKE_COMFYUI_DIE_AT_NODE": "2",
         "FAKE_COMFYUI_DIE_EXIT_CODE": "7",
         "FAKE_COMFYUI_DIE_MARKER": str(marker),
     }
+    env["FAKE_COMFYUI_PROTOCOL"] = fake_protocol
     first = start_fake_process(tmp_path / "base", env)
     try:
         first.wait_ready()
         c = ComfyTestClient(first.url)
         c.connect()
-        assert c.post_prompt(INVERT, "doomed")[0] == 200
+        assert c.post_prompt(INVERT, pid("doomed"))[0] == 200
         seen = []
         with pytest.raises((websocket.WebSocketConnectionClosedException, ConnectionError)):
             while True:
@@ -393,7 +447,7 @@ def test_die_at_node_kills_the_subprocess_once_with_a_marker(tmp_path: Path) -> 
         second.wait_ready()
         c = ComfyTestClient(second.url)
         c.connect()
-        run = c.run(INVERT, "retried")
+        run = c.run(INVERT, pid("retried"))
         assert "execution_success" in run.types()
         assert (tmp_path / "base" / "output" / "inv_00001_.png").is_file()
         c.close()
@@ -402,7 +456,10 @@ def test_die_at_node_kills_the_subprocess_once_with_a_marker(tmp_path: Path) -> 
     assert second.proc.returncode == 0
 
 
-def test_module_entry_point_accepts_comfyui_flags_and_directories(tmp_path: Path) -> None:
+@both_protocols
+def test_module_entry_point_accepts_comfyui_flags_and_directories(
+    tmp_path: Path, fake_protocol: str
+) -> None:
     port = free_port()
     out_dir, in_dir = tmp_path / "out", tmp_path / "in"
     cmd = [
@@ -424,7 +481,13 @@ def test_module_entry_point_accepts_comfyui_flags_and_directories(tmp_path: Path
         "--temp-directory",
         str(tmp_path),
     ]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, "FAKE_COMFYUI_PROTOCOL": fake_protocol},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     fake = FakeComfyUIProcess(proc, port, tmp_path)
     try:
         fake.wait_ready()
