@@ -23,8 +23,9 @@ from tests.fake_comfyui.client import ComfyTestClient
 from tests.fake_comfyui.fixtures import both_protocols, start_fake_process
 from tests.fake_comfyui.state import PROTOCOL_0_3_64, PROTOCOL_CURRENT, ConfigError, FakeState
 from tests.fake_comfyui.thread import FakeComfyUIThread
+from tests.paths import RECORDINGS as RECORDINGS_DIR
 
-RECORDINGS = Path(__file__).parent / "fake_comfyui" / "recordings"
+RECORDINGS = RECORDINGS_DIR
 UNKNOWN = json.loads((RECORDINGS / "unknown_routes_0.3.64.json").read_text())
 current = pytest.mark.parametrize("fake_protocol", [PROTOCOL_CURRENT])
 
