@@ -345,7 +345,7 @@ def _prefix(group: type[BaseSettings]) -> str:
     return str(group.model_config.get("env_prefix", ENV_PREFIX))
 
 
-def _flat_names() -> dict[str, tuple[str, str]]:
+def setting_names() -> dict[str, tuple[str, str]]:
     """``comfyui_url`` -> ("comfyui", "url"): each setting by its variable's name after COMFYS3_."""
     names: dict[str, tuple[str, str]] = {}
     for attribute, group in GROUPS.items():
@@ -378,10 +378,10 @@ class WorkerSettings(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _route_flat_names(cls, data: Any) -> Any:
+    def _routesetting_names(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        flat = _flat_names()
+        flat = setting_names()
         routed: dict[str, dict[str, Any]] = {}
         rest: dict[str, Any] = {}
         for key, value in data.items():
@@ -398,7 +398,7 @@ class WorkerSettings(BaseModel):
 
     def replace(self, **flat: Any) -> WorkerSettings:
         """A copy with some settings changed, named as in the constructor (``comfyui_url``)."""
-        names = _flat_names()
+        names = setting_names()
         groups: dict[str, dict[str, Any]] = {}
         for key, value in flat.items():
             if key not in names:

@@ -7,8 +7,8 @@ bodies must have the recorded shape and error types, history entries the recorde
 
 Tests marked @both_protocols run against both versions the fake speaks: today's ComfyUI shares
 these behaviours, with the differences DELTA.md documents (`create_time` in extra_data, UUID-only
-prompt ids), which the helpers allow for. tests/processor/comfy/test_fake_current_protocol.py covers the
-rest.
+prompt ids), which the helpers allow for. tests/processor/comfy/test_fake_current_protocol.py
+covers the rest.
 """
 
 from __future__ import annotations

@@ -23,21 +23,24 @@ import yaml
 
 # What the manifests must agree with. processor/ and triggers/ are moving into sub-packages:
 # when they move, re-point these imports and nothing else.
-from processor.metrics import Health, Metrics
-from processor.ops import build_ops
+from processor.ops.metrics import Health, Metrics
+from processor.ops.parts import build_ops
+from processor.ops.server import make_app
 from processor.settings import (
     ENV_PREFIX,
     S3_ENV_PREFIX,
     SQS_ENV_PREFIX,
+    MetricsSettings,
     S3Settings,
     SqsSettings,
     WorkerSettings,
+    setting_names,
 )
-from tests import keda_schema
-from triggers.cli import build_parser
-from triggers.ops import make_app
+from tests.deploy import keda_schema
+from tests.paths import REPO
+from triggers.cli.main import build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 KUBE = ROOT / "deploy" / "kubernetes"
 SECRET_EXAMPLE = KUBE / "secret.example.env"
 DOC = ROOT / "docs" / "kubernetes.md"
@@ -145,12 +148,10 @@ def worker_env(target: str) -> dict[str, str | None]:
 
 def settings_variables() -> dict[str, tuple[type, str]]:
     """Every COMFYS3_* variable a settings model reads -> (model, field)."""
-    variables: dict[str, tuple[type, str]] = {}
-    for model, prefix in (
-        (WorkerSettings, ENV_PREFIX),
-        (S3Settings, S3_ENV_PREFIX),
-        (SqsSettings, SQS_ENV_PREFIX),
-    ):
+    variables: dict[str, tuple[type, str]] = {
+        f"{ENV_PREFIX}{name.upper()}": (WorkerSettings, name) for name in setting_names()
+    }
+    for model, prefix in ((S3Settings, S3_ENV_PREFIX), (SqsSettings, SQS_ENV_PREFIX)):
         for field, info in model.model_fields.items():
             assert info.validation_alias is None, f"{model.__name__}.{field} has an alias"
             variables[f"{prefix}{field.upper()}"] = (model, field)
@@ -388,10 +389,10 @@ def test_probes_use_the_ops_servers_routes_and_port(target: str) -> None:
     routes = ops_routes()
     assert {"/healthz", "/livez", "/metrics"} <= routes
     port = int(env["COMFYS3_METRICS_PORT"] or 0)
-    assert port == settings_from(env, WorkerSettings).metrics_port
+    assert port == settings_from(env, WorkerSettings).metrics.port
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     # The kubelet probes the pod's address: the ops server must listen beyond loopback.
-    host = env.get("COMFYS3_METRICS_HOST") or WorkerSettings.model_fields["metrics_host"].default
+    host = env.get("COMFYS3_METRICS_HOST") or MetricsSettings.model_fields["host"].default
     assert ipaddress.ip_address(host).is_unspecified, f"{target}: ops server on {host}"
     for probe, path in (("readinessProbe", "/healthz"), ("livenessProbe", "/livez")):
         get = container[probe]["httpGet"]
@@ -405,7 +406,7 @@ def test_probes_use_the_ops_servers_routes_and_port(target: str) -> None:
 @pytest.mark.parametrize("target", TARGETS)
 def test_grace_period_covers_the_drain_on_sigterm(target: str) -> None:
     env = worker_env(target)
-    grace = settings_from(env, WorkerSettings).shutdown_grace
+    grace = settings_from(env, WorkerSettings).triggers.shutdown_grace
     period = pod_spec(target)["terminationGracePeriodSeconds"]
     assert period >= grace + DRAIN_AFTER_GRACE, (target, period, grace)
     # The preStop hook starts the drain at once and neither sleeps nor waits: until SIGTERM the
@@ -435,7 +436,10 @@ def test_idle_events_worker_stays_ready(target: str) -> None:
     storage success within its window, so the listing must come round sooner."""
     settings = settings_from(worker_env(target), WorkerSettings)
     window = build_ops(settings).health.storage_window
-    assert settings.events_fallback_interval < window, (settings.events_fallback_interval, window)
+    assert settings.triggers.events_fallback_interval < window, (
+        settings.triggers.events_fallback_interval,
+        window,
+    )
 
 
 def test_prometheus_query_reads_gauges_the_worker_exports() -> None:
