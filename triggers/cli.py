@@ -21,6 +21,7 @@ from triggers import (
     report_command,
     runpod,
     submit_command,
+    template_command,
     worker_commands,
 )
 from triggers.help_format import CommandParser, RawDescriptionHelpFormatter
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _registrations() -> list[Callable[[Any], None]]:
     registrations: list[Callable[[Any], None]] = [
         offline_commands.register,
+        template_command.register,
         worker_commands.register,
         submit_command.register,
         report_command.register,
