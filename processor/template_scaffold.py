@@ -162,15 +162,14 @@ class NodeCatalog:
     nodes: Mapping[str, Mapping[str, Any]]
 
     @classmethod
-    def from_object_info(cls, document: Any) -> NodeCatalog:
-        if not isinstance(document, dict) or not document:
-            raise ScaffoldError(
-                "object_info is not ComfyUI's /object_info answer (an object of node types)"
-            )
-        nodes = {k: v for k, v in document.items() if isinstance(v, dict)}
+    def from_object_info(cls, document: Any, source: str = "object_info") -> NodeCatalog:
+        nodes = {}
+        if isinstance(document, dict):
+            nodes = {k: v for k, v in document.items() if isinstance(v, dict)}
         if not any(isinstance(v.get("input"), dict) for v in nodes.values()):
             raise ScaffoldError(
-                "object_info names no node inputs; is it ComfyUI's /object_info answer?"
+                f"{source} is not ComfyUI's /object_info answer "
+                "(an object of node types, each with its inputs)"
             )
         return cls(nodes)
 

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from processor import workflows
 from processor.template_scaffold import (
@@ -40,7 +41,9 @@ from processor.template_scaffold import (
 from processor.workflows import WorkflowPayload, load_workflow
 from tests.fake_comfyui.nodes import NODES, NodeContext
 from tests.fake_comfyui.state import FakeState
-from tests.workers import ROOT
+from tests.s3_servers import free_port
+from tests.workers import ROOT, comfys3
+from triggers import cli
 
 GRAPHS = ROOT / "tests" / "data" / "graphs"
 API_GRAPHS = sorted(p.stem for p in GRAPHS.glob("*.json") if p.stem != "ui_export")
@@ -507,7 +510,9 @@ def test_random_graphs_make_a_template_that_reproduces_them(original: dict[str, 
         for field in plan.fields:
             for target in field.targets:
                 if not field.input_file:
-                    assert filled[target.node]["inputs"][target.input] == field.graph_value
+                    sent = field.graph_value
+                    expected = float(sent) if field.python_type == "float" else sent
+                    assert filled[target.node]["inputs"][target.input] == expected
         targets = {(t.node, t.input) for f in plan.fields for t in f.targets}
         for line in differences(original, filled):
             assert any(line.startswith(f"node {n!r} input {i!r}:") for n, i in targets), line
@@ -532,3 +537,234 @@ def test_random_bytes_give_a_plan_or_one_readable_error(data: bytes) -> None:
         parse_graph(data)
     except ScaffoldError as error:
         assert str(error).startswith("the graph")
+
+
+# --- the command, as a user runs it ----------------------------------------------------------
+
+
+def run(
+    *args: str, cwd: Path, workflows_dir: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMFYS3_")}
+    if workflows_dir is not None:
+        env["COMFYS3_WORKFLOWS_DIR"] = str(workflows_dir)
+    return subprocess.run(
+        comfys3(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("comfys3: "), result.stderr
+    return lines[0]
+
+
+def without_prefixes(graph: dict[str, Any]) -> dict[str, Any]:
+    for node in graph.values():
+        node["inputs"].pop("filename_prefix", None)
+    return graph
+
+
+def test_new_then_workflows_and_validate(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    made = run("template", "new", "hires", "--from", str(GRAPHS / "hires_fix.json"),
+               "--dir", str(folder), cwd=tmp_path)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["hires.json", "hires.py"]
+    assert "fields (18)" in made.stdout and "left fixed (6)" in made.stdout
+    assert "hires_seed" in made.stdout and "11.seed (KSampler)" in made.stdout
+    assert "10.upscale_method = 'nearest-exact'" in made.stdout
+    assert "set per job by the worker" in made.stdout
+
+    listed = run("workflows", cwd=tmp_path, workflows_dir=folder)
+    assert listed.returncode == 0, listed.stderr
+    assert "hires: From hires_fix.json" in listed.stdout and "txt2img:" in listed.stdout
+    assert "  hires_seed" in listed.stdout and "default 469771404043268" in listed.stdout
+
+    (tmp_path / "as_saved.json").write_text('{"workflow": "hires", "payload": {}}')
+    (tmp_path / "new_seed.json").write_text('{"workflow": "hires", "payload": {"hires_seed": 5}}')
+    for manifest, seed in (("as_saved.json", 469771404043268), ("new_seed.json", 5)):
+        checked = run("validate", "--print-graph", manifest, cwd=tmp_path, workflows_dir=folder)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        first, graph_text = checked.stdout.split("\n", 1)
+        assert first == f"{manifest}: ok (1 job: {manifest[:-5]})"
+        expected = graph("hires_fix")
+        expected["11"]["inputs"]["seed"] = seed
+        assert without_prefixes(json.loads(graph_text)) == without_prefixes(expected)
+
+
+def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The command in this process (the working folder set by the test): quicker than a
+    subprocess where only the command's own behaviour is under test."""
+    code = cli.main(["template", "new", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(out: str, err: str) -> str:
+    assert out == "" and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("comfys3: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_ui_format_refused_by_the_command(tmp_path: Path) -> None:
+    result = run("template", "new", "mine", "--from", str(GRAPHS / "ui_export.json"),
+                 cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert "is not an API-format graph: it is the editor's normal save (UI format" in line
+    assert "choose 'Export (API)'" in line and "'Dev mode options'" in line
+    assert not (tmp_path / "workflows").exists()
+
+
+def test_dry_run_writes_nothing(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = in_process(
+        capsys, "x", "--from", str(GRAPHS / "lora_img2img.json"), "--dry-run"
+    )
+    assert code == 0, err
+    assert out.startswith("would write workflows/x.json and workflows/x.py")
+    assert "image" in out and "input file" in out
+    assert not (in_tmp / "workflows").exists()
+
+
+def test_existing_files_need_force(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ("t", "--from", str(GRAPHS / "txt2img_classic.json"))
+    assert in_process(capsys, *args)[0] == 0
+    (in_tmp / "workflows" / "t.py").write_text("# edited by hand\n")
+    code, out, err = in_process(capsys, *args)
+    assert code == 2
+    assert "workflows/t.json and workflows/t.py already exist; add --force" in error_line(out, err)
+    assert (in_tmp / "workflows" / "t.py").read_text() == "# edited by hand\n"
+    assert in_process(capsys, *args, "--force")[0] == 0
+    assert "class Payload(WorkflowPayload)" in (in_tmp / "workflows" / "t.py").read_text()
+
+
+@pytest.mark.parametrize(
+    ("name", "source", "expected"),
+    [
+        ("mine", "missing.json", "cannot read missing.json: No such file or directory"),
+        ("bad name", "txt2img_classic.json", "'bad name' is not a valid template name"),
+        ("mine", "not_json.txt", "not_json.txt is not valid JSON: Expecting value at line 1"),
+        ("mine", "list.json", "list.json is not a ComfyUI API graph"),
+        ("mine", "no_class.json", "no_class.json: node '3' has no class_type"),
+        ("__init__", "txt2img_classic.json", "is not a valid template name"),
+    ],
+)
+def test_bad_input_gets_one_line_and_exit_2(
+    name: str, source: str, expected: str, in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (in_tmp / "not_json.txt").write_text("Export (API)? no, a note")
+    (in_tmp / "list.json").write_text("[]")
+    (in_tmp / "no_class.json").write_text('{"3": {"inputs": {"seed": 1}}}')
+    path = str(GRAPHS / source) if (GRAPHS / source).exists() else source
+    code, out, err = in_process(capsys, name, "--from", path)
+    assert code == 2
+    assert expected in error_line(out, err)
+    assert not (in_tmp / "workflows").exists()
+
+
+def test_object_info_that_cannot_be_had(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    graph_path = str(GRAPHS / "txt2img_classic.json")
+    closed = f"http://127.0.0.1:{free_port()}"
+    code, out, err = in_process(capsys, "t", "--from", graph_path, "--object-info", closed)
+    assert code == 1
+    assert f"cannot get {closed}/object_info" in error_line(out, err)
+    (in_tmp / "oi.json").write_text('{"KSampler": 3}')
+    code, out, err = in_process(capsys, "t", "--from", graph_path, "--object-info", "oi.json")
+    assert code == 2
+    assert "oi.json is not ComfyUI's /object_info answer" in error_line(out, err)
+    assert not (in_tmp / "workflows").exists()
+
+
+def test_object_info_from_a_running_comfyui_or_a_file(tmp_path: Path, fake_comfyui: Any) -> None:
+    source = str(GRAPHS / "lora_img2img.json")
+    from_url = run("template", "new", "lora", "--from", source, "--object-info",
+                   fake_comfyui.url, cwd=tmp_path)  # fmt: skip
+    assert from_url.returncode == 0, from_url.stderr
+    assert "Sampler (42)" in from_url.stdout and "Scheduler (9)" in from_url.stdout
+    # The fake has no LoraLoader, as a ComfyUI may lack a custom node: the user is told.
+    assert "does not offer the node types LoraLoader" in from_url.stdout
+    module = (tmp_path / "workflows" / "lora.py").read_text()
+    assert "Sampler = Literal[" in module and "Annotated[Sampler, Bind(" in module
+
+    (tmp_path / "object_info.json").write_text(json.dumps(fake_object_info()))
+    from_file = run("template", "new", "lora", "--from", source, "--object-info",
+                    "object_info.json", "--force", cwd=tmp_path)  # fmt: skip
+    assert from_file.returncode == 0, from_file.stderr
+    assert (tmp_path / "workflows" / "lora.py").read_text() == module
+
+
+def test_notes_about_the_folder(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = in_tmp / "wf"
+    folder.mkdir()
+    (folder / "export.json").write_text("{}")  # a graph with no model: the folder won't load
+    code, out, err = in_process(
+        capsys, "txt2img", "--from", str(GRAPHS / "txt2img_classic.json"), "--dir", "wf"
+    )
+    assert code == 0, err
+    assert "'txt2img' replaces the built-in template" in out
+    assert "wf/export.json has no export.py" in out
+
+
+# --- exec on the fake ComfyUI -----------------------------------------------------------------
+
+
+def exec_job(
+    tmp_path: Path, folder: Path, payload: dict[str, Any], url: str, job: str
+) -> dict[str, Any]:
+    (tmp_path / f"{job}.json").write_text(json.dumps({"workflow": "mine", "payload": payload}))
+    result = run("exec", f"{job}.json", "--out", "out", "--comfyui-url", url,
+                 cwd=tmp_path, workflows_dir=folder)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    status: dict[str, Any] = json.loads((tmp_path / "out" / job / "status.json").read_text())
+    assert status["state"] == "succeeded"
+    return status
+
+
+def test_exec_runs_the_users_graph_as_saved(tmp_path: Path, fake_comfyui: Any) -> None:
+    folder = tmp_path / "wf"
+    made = run("template", "new", "mine", "--from", str(GRAPHS / "pixel_hires.json"),
+               "--dir", str(folder), cwd=tmp_path)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    as_saved = exec_job(tmp_path, folder, {}, fake_comfyui.url, "as-saved")
+    assert as_saved["payload"]["hires_seed"] == 4711 and as_saved["payload"]["width"] == 64
+    image = tmp_path / "out" / "as-saved" / "14_SaveImage_001.png"
+    with Image.open(image) as picture:
+        assert picture.size == (96, 72)  # the graph's 64x48, scaled by its own 1.5
+    exec_job(tmp_path, folder, {"hires_seed": 1}, fake_comfyui.url, "reseeded")
+    other = tmp_path / "out" / "reseeded" / "14_SaveImage_001.png"
+    assert other.read_bytes() != image.read_bytes()
+
+
+def test_exec_with_a_load_image_graph(tmp_path: Path, fake_comfyui: Any) -> None:
+    """An input-file field: omitted, the graph's own file in ComfyUI's input folder is used;
+    given, the file is staged from where exec reads its inputs."""
+    scale = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"},
+              "_meta": {"title": "Load Image"}},
+        "2": {"class_type": "ImageScaleBy", "inputs": {"upscale_method": "bilinear",
+              "scale_by": 2.0, "image": ["1", 0]}, "_meta": {"title": "Upscale Image By"}},
+        "3": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI",
+              "images": ["2", 0]}, "_meta": {"title": "Save Image"}},
+    }  # fmt: skip
+    (tmp_path / "scale.json").write_text(json.dumps(scale))
+    folder = tmp_path / "wf"
+    made = run("template", "new", "mine", "--from", "scale.json", "--dir", str(folder),
+               cwd=tmp_path)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    Image.new("RGB", (5, 4), "red").save(fake_comfyui.input_dir / "photo.png")
+    Image.new("RGB", (7, 3), "blue").save(tmp_path / "mine.png")
+    exec_job(tmp_path, folder, {}, fake_comfyui.url, "own")
+    exec_job(tmp_path, folder, {"image": "mine.png"}, fake_comfyui.url, "given")
+    with Image.open(tmp_path / "out" / "own" / "3_SaveImage_001.png") as own:
+        assert own.size == (10, 8)
+    with Image.open(tmp_path / "out" / "given" / "3_SaveImage_001.png") as given_image:
+        assert given_image.size == (14, 6)

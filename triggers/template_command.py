@@ -101,7 +101,7 @@ def _catalog(where: str) -> NodeCatalog:
         document = load_json(data)
     except JsonLimitError as error:
         raise ScaffoldError(f"object_info from {source} {error}") from None
-    return NodeCatalog.from_object_info(document)
+    return NodeCatalog.from_object_info(document, source)
 
 
 def _fetch_object_info(url: str) -> tuple[bytes, str]:
