@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import keyword
+import math
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -208,7 +209,7 @@ def _input_spec(raw: Any) -> InputSpec:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # --- the plan --------------------------------------------------------------------------------
@@ -330,6 +331,10 @@ DISPLAY_NAMES = {
     "LoadImageMask": "Load Image (as Mask)",
     "LoraLoader": "Load LoRA",
     "PreviewImage": "Preview Image",
+    "PrimitiveFloat": "Float",
+    "PrimitiveInt": "Int",
+    "PrimitiveString": "String",
+    "PrimitiveStringMultiline": "String (Multiline)",
     "SaveImage": "Save Image",
     "StyleModelLoader": "Load Style Model",
     "UNETLoader": "Load Diffusion Model",
@@ -345,6 +350,7 @@ NODE_WORDS = frozenset(
         "ksampler", "sampler", "advanced", "custom", "node", "clip", "text", "encode", "encoder",
         "prompt", "load", "loader", "checkpoint", "ckpt", "model", "lora", "vae", "unet",
         "empty", "latent", "image", "img", "simple", "the", "and", "of", "for", "input",
+        "primitive", "int", "float", "string", "number", "value",
     }
 )  # fmt: skip
 MAX_PREFIX = 32
@@ -396,8 +402,7 @@ class _Candidate:
     kind: str
     targets: list[Target]
     default: Any
-    title_key: str | None  # the user's title of the node, normalised; None when untitled
-    title: str | None
+    title: str | None  # the title a person gave the node, if any
     class_type: str
     spec: InputSpec | None = None
     model_base: str | None = None  # for model files: the field's base name
@@ -415,13 +420,15 @@ def plan_template(graph: Graph, catalog: NodeCatalog | None = None) -> Plan:
         node = graph[node_id]
         for input_name, value in inputs_of(node).items():
             target = Target(node_id, input_name)
+            wired = _wired_value(graph, value)
+            if wired is not None:  # a primitive node's value, wired into this input
+                target, value = wired
             if target in taken:
                 continue
-            candidate = _value_candidate(node, input_name, value, catalog)
+            candidate = _value_candidate(
+                target, node, input_name, value, titles[target.node], catalog
+            )
             if candidate is not None:
-                candidate.targets = [target]
-                candidate.title = titles[node_id]
-                candidate.title_key = _title_key(titles[node_id])
                 candidates.append(candidate)
                 taken.add(target)
 
@@ -507,9 +514,7 @@ def _text_candidates(
             if key in groups:
                 groups[key].targets.append(target)
             else:
-                groups[key] = _Candidate(
-                    kind, [target], value, _title_key(title), title, graph[node_id]["class_type"]
-                )
+                groups[key] = _Candidate(kind, [target], value, title, graph[node_id]["class_type"])
     return list(groups.values())
 
 
@@ -553,21 +558,42 @@ def _is_text_input(name: str) -> bool:
     }  # fmt: skip
 
 
+def _wired_value(graph: Graph, value: Any) -> tuple[Target, Any] | None:
+    """Where a wire's value really lives: the one plain value of the node it comes from
+    (PrimitiveInt, a seed node, ...), or None when that node has none or several."""
+    if not is_link(value) or not isinstance(graph.get(value[0]), dict):
+        return None
+    plain = [
+        (name, v)
+        for name, v in inputs_of(graph[value[0]]).items()
+        if not isinstance(v, list | dict)
+    ]
+    if len(plain) != 1:
+        return None
+    return Target(value[0], plain[0][0]), plain[0][1]
+
+
 def _value_candidate(
-    node: Mapping[str, Any], input_name: str, value: Any, catalog: NodeCatalog | None
+    target: Target,
+    node: Mapping[str, Any],
+    input_name: str,
+    value: Any,
+    title: str | None,
+    catalog: NodeCatalog | None,
 ) -> _Candidate | None:
-    """The kind of field a (non-prompt) input makes, or None to keep it fixed."""
+    """The field ``value`` makes as ``node``'s ``input_name``, or None to keep it fixed. It
+    lives at ``target``: that input itself, or a primitive node wired into it."""
     if is_link(value) or isinstance(value, bool):
         return None
-    class_type = node["class_type"]
-    spec = catalog.spec(class_type, input_name) if catalog else None
     kind = _kind_of(node, input_name, value)
     if kind is None:
         return None
+    class_type = node["class_type"]
+    spec = catalog.spec(class_type, input_name) if catalog else None
     model_base = None
     if kind == "model_file":
         model_base = "upscale_model_name" if input_name == "model_name" else input_name
-    return _Candidate(kind, [], value, None, None, class_type, spec, model_base)
+    return _Candidate(kind, [target], value, title, class_type, spec, model_base)
 
 
 def _kind_of(node: Mapping[str, Any], input_name: str, value: Any) -> str | None:
@@ -731,7 +757,7 @@ def _field_plan(
         elif offered:
             notes.append(
                 f"{name}: {default!r} is not among the {len(offered)} values ComfyUI offers "
-                f"for {candidate.class_type}.{targets[0].input}; kept as plain text"
+                f"for {candidate.class_type}; kept as plain text"
             )
     return FieldPlan(
         name,

@@ -212,6 +212,21 @@ def test_titles_and_custom_nodes() -> None:
     assert ("10", "tile_width") in {(v.node, v.input) for v in plan.fixed}
 
 
+def test_values_wired_from_primitive_nodes() -> None:
+    g = graph("hires_fix")
+    g["20"] = {"class_type": "PrimitiveInt", "inputs": {"value": 1234}, "_meta": {"title": "Int"}}
+    g["21"] = {"class_type": "PrimitiveInt", "inputs": {"value": 640}}
+    g["3"]["inputs"]["seed"] = ["20", 0]
+    g["11"]["inputs"]["seed"] = ["20", 0]  # one seed for both passes: one field
+    g["5"]["inputs"]["width"] = ["21", 0]
+    g["5"]["inputs"]["height"] = ["21", 0]
+    plan = plan_template(g)
+    names = bound(plan)
+    assert names["seed"] == ["20.value"] and by_name(plan)["seed"].default == 1234
+    assert names["width"] == ["21.value"] and "height" not in names
+    assert "hires_seed" not in names and names["hires_steps"] == ["11.steps"]
+
+
 def test_flux_with_the_custom_sampler_nodes() -> None:
     names = bound(plan_of("flux_custom_sampler"))
     assert names["prompt"] == ["6.text"]  # through FluxGuidance and BasicGuider

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import tempfile
 import urllib.error
@@ -168,12 +169,13 @@ def _report(
     notes = [*plan.notes, *_folder_notes(name, folder)]
     if notes:
         lines += ["", "notes:", *(f"  {note}" for note in notes)]
+    where = shlex.quote(str(folder))
     lines += [
         "",
         "next:",
-        f"  COMFYS3_WORKFLOWS_DIR={folder} comfys3 workflows {name}",
+        f"  COMFYS3_WORKFLOWS_DIR={where} comfys3 workflows {name}",
         f'  echo \'{{"workflow": "{name}", "payload": {{}}}}\' > job.json   # the graph as saved',
-        f"  COMFYS3_WORKFLOWS_DIR={folder} comfys3 validate job.json",
+        f"  COMFYS3_WORKFLOWS_DIR={where} comfys3 validate job.json",
     ]
     return lines
 
