@@ -14,6 +14,7 @@ belong to the command (``comfys3 template new``).
 
 from __future__ import annotations
 
+import heapq
 import json
 import keyword
 import math
@@ -435,16 +436,22 @@ def plan_template(graph: Graph, catalog: NodeCatalog | None = None) -> Plan:
     def position(candidate: _Candidate) -> tuple[int, int, int]:
         first = candidate.targets[0]
         prompt_rank = {"prompt": 0, "negative_prompt": 1, "text": 2}.get(candidate.kind, 3)
-        inputs = list(inputs_of(graph[first.node]))
-        return (prompt_rank, rank[first.node], inputs.index(first.input))
+        return (prompt_rank, rank[first.node], input_rank[first])
+
+    input_rank = {
+        Target(node_id, name): index
+        for node_id in order
+        for index, name in enumerate(inputs_of(graph[node_id]))
+    }
 
     candidates.sort(key=position)
     notes: list[str] = []
     aliases: dict[str, tuple[str, ...]] = {}
     fields = []
     used: set[str] = set()
+    numbers: dict[str, int] = {}
     for candidate in candidates:
-        name = _unique(_field_name(candidate), used)
+        name = _unique(_field_name(candidate), used, numbers)
         used.add(name)
         fields.append(_field_plan(name, candidate, catalog, aliases, notes))
     fixed = _fixed_values(graph, order, taken)
@@ -457,20 +464,35 @@ def plan_template(graph: Graph, catalog: NodeCatalog | None = None) -> Plan:
 def node_order(graph: Graph) -> list[str]:
     """Node ids, every node after the nodes it reads from (ties and cycles by id), so the
     first sampler of a pipeline is met first and keeps the plain names."""
-    sources = {
-        node_id: {v[0] for v in inputs_of(node).values() if is_link(v) and v[0] in graph}
-        for node_id, node in graph.items()
-    }
+    keys = {node_id: _natural_key(node_id) for node_id in graph}
+    readers: dict[str, list[str]] = {node_id: [] for node_id in graph}
+    waiting_for: dict[str, int] = {}
+    for node_id, node in graph.items():
+        sources = {v[0] for v in inputs_of(node).values() if is_link(v) and v[0] in graph}
+        sources.discard(node_id)
+        waiting_for[node_id] = len(sources)
+        for source in sources:
+            readers[source].append(node_id)
+    by_id = sorted(graph, key=keys.__getitem__)
+    ready = [(keys[n], n) for n in by_id if waiting_for[n] == 0]
     done: list[str] = []
     placed: set[str] = set()
-    waiting = sorted(graph, key=_natural_key)
-    while waiting:
-        ready = [n for n in waiting if sources[n] - {n} <= placed]
-        batch = ready or waiting[:1]  # a cycle: break it at the lowest id
-        for node_id in batch:
-            placed.add(node_id)
-            done.append(node_id)
-        waiting = [n for n in waiting if n not in placed]
+    cursor = 0
+    while len(done) < len(graph):
+        if ready:
+            node_id = heapq.heappop(ready)[1]
+            if node_id in placed:
+                continue
+        else:  # a cycle: break it at the lowest id still waiting
+            while by_id[cursor] in placed:
+                cursor += 1
+            node_id = by_id[cursor]
+        placed.add(node_id)
+        done.append(node_id)
+        for reader in readers[node_id]:
+            waiting_for[reader] -= 1
+            if waiting_for[reader] == 0 and reader not in placed:
+                heapq.heappush(ready, (keys[reader], reader))
     return done
 
 
@@ -684,12 +706,15 @@ def _usable_name(name: str) -> bool:
     )
 
 
-def _unique(name: str, used: set[str]) -> str:
+def _unique(name: str, used: set[str], numbers: dict[str, int]) -> str:
+    """``name``, or ``name_2``, ``name_3``, ... when it is taken; ``numbers`` remembers where
+    each name's count stands, so many nodes of one kind are named in linear time."""
     if name not in used and _usable_name(name):
         return name
-    number = 2
-    while f"{name}_{number}" in used:  # bounded: at most one step per field already named
+    number = numbers.get(name, 2)
+    while f"{name}_{number}" in used:  # bounded: one step per field already named
         number += 1
+    numbers[name] = number + 1
     return f"{name}_{number}"
 
 

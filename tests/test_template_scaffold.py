@@ -26,19 +26,21 @@ from PIL import Image
 
 from processor import workflows
 from processor.template_scaffold import (
+    FieldPlan,
     NodeCatalog,
     Plan,
     ScaffoldError,
     check_template_name,
     differences,
     is_link,
+    node_order,
     parse_graph,
     plan_template,
     py_literal,
     render_graph,
     render_module,
 )
-from processor.workflows import WorkflowPayload, load_workflow
+from processor.workflows import WorkflowPayload, builtin_workflows_dir, load_workflow
 from tests.fake_comfyui.nodes import NODES, NodeContext
 from tests.fake_comfyui.state import FakeState
 from tests.s3_servers import free_port
@@ -59,7 +61,7 @@ def plan_of(name: str, catalog: NodeCatalog | None = None) -> Plan:
     return plan_template(graph(name), catalog)
 
 
-def by_name(plan: Plan) -> dict[str, Any]:
+def by_name(plan: Plan) -> dict[str, FieldPlan]:
     return {f.name: f for f in plan.fields}
 
 
@@ -114,6 +116,8 @@ def test_classic_txt2img_gets_the_fields_of_the_shipped_template() -> None:
         "scheduler": ["3.scheduler"],
         "denoise": ["3.denoise"],
     }
+    shipped = load_workflow(builtin_workflows_dir() / "txt2img.json").payload_model
+    assert set(bound(plan)) == {*shipped.model_fields, "denoise"}  # a manifest fits both
     fields = by_name(plan)
     assert fields["seed"].default == 156680208700286 and fields["seed"].python_type == "int"
     assert fields["prompt"].default.startswith("beautiful scenery")
@@ -260,6 +264,20 @@ def test_links_are_never_fields() -> None:
         for item in plan_template(g).fields:
             for target in item.targets:
                 assert not is_link(g[target.node]["inputs"][target.input]), (name, target)
+
+
+def test_node_order_puts_readers_after_what_they_read() -> None:
+    chain = {
+        str(10 - i): {"class_type": "K", "inputs": {"samples": [str(11 - i), 0]} if i else {}}
+        for i in range(10)
+    }
+    assert node_order(chain) == [str(i) for i in range(10, 0, -1)]
+    looped = {
+        "1": {"class_type": "K", "inputs": {"a": ["2", 0]}},
+        "2": {"class_type": "K", "inputs": {"a": ["1", 0]}},
+        "3": {"class_type": "K", "inputs": {"a": ["3", 0], "b": ["9", 0]}},  # self, dangling
+    }
+    assert node_order(looped) == ["3", "1", "2"]
 
 
 @pytest.mark.parametrize(
