@@ -12,7 +12,7 @@ from typing import Any
 
 from processor.errors import ComfyError, SettingsError, StorageError, WorkflowLoadError
 from provision import cli as provision_cli
-from triggers.cli import offline, submit, worker_commands
+from triggers.cli import offline, submit, template, worker_commands
 from triggers.cli.help_format import CommandParser, RawDescriptionHelpFormatter
 from triggers.events import dispatch
 from triggers.report import command as report_command
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _registrations() -> list[Callable[[Any], None]]:
     registrations: list[Callable[[Any], None]] = [
         offline.register,
+        template.register,
         worker_commands.register,
         submit.register,
         report_command.register,
