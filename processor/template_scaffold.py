@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from processor.errors import JsonLimitError
+from processor.errors import Comfys3Error, JsonLimitError
 from processor.safejson import load_json
 from processor.workflows import SAVE_PREFIX_INPUT, Graph, WorkflowPayload
 
@@ -39,7 +39,7 @@ UI_FORMAT_HELP = (
 )
 
 
-class ScaffoldError(ValueError):
+class ScaffoldError(Comfys3Error, ValueError):
     """A graph (or name, or object_info) that cannot become a template; one line for a person."""
 
 

@@ -102,3 +102,16 @@ def rotate_if_large(path: Path, max_bytes: int = LOG_MAX_BYTES) -> None:
         handler.doRollover()
     finally:
         handler.close()
+
+
+class VolumeLogHandler(logging.handlers.RotatingFileHandler):
+    """The worker's log file on the network volume (one per worker, rotated)."""
+
+
+def worker_log_handler(settings: WorkerSettings) -> VolumeLogHandler | None:
+    """A handler that writes ``<volume>/logs/worker-<worker id>.log``, or None without a
+    volume; the file is rotated at :data:`LOG_MAX_BYTES`, :data:`LOG_BACKUPS` kept."""
+    path = worker_log(settings)
+    if path is None:
+        return None
+    return VolumeLogHandler(path, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8")

@@ -41,6 +41,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
+from processor.errors import Comfys3Error
 from processor.job.status import NotifyRecord
 from processor.ops.version import package_version
 
@@ -54,7 +55,7 @@ MAX_NOTE = 200  # characters of a receiver's answer (reason, Location) kept in a
 # Addresses
 
 
-class AddressRefused(OSError):
+class AddressRefused(Comfys3Error, OSError):
     """An address the policy forbids; an OSError so aiohttp passes it through its resolver."""
 
 
@@ -364,7 +365,7 @@ class RetryPolicy:
         return delay
 
 
-class _Attempt(Exception):
+class _Attempt(Comfys3Error):
     """One attempt's failure: ``note`` for the record, ``retry`` whether another may help."""
 
     def __init__(

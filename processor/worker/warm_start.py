@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from processor.errors import ManifestError
+from processor.errors import Comfys3Error, ManifestError
 from processor.job.manifest import Job, load_jobs
 from processor.job.runner import Cleanup, Comfy, Verdict, runner_for
 from processor.job.status import JobStatus
@@ -54,7 +54,7 @@ class WarmupResult:
     statuses: list[JobStatus] = field(default_factory=list)
 
 
-class _WarmupFailed(Exception):
+class _WarmupFailed(Comfys3Error):
     """A warm-up that cannot start; its message is the readable reason."""
 
 

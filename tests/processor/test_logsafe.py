@@ -18,10 +18,13 @@ def test_a_lone_surrogate_is_escaped_in_a_utf8_log_file(
     handler = logging.FileHandler(tmp_path / "worker.log", encoding="utf-8")
     logger = printable_logger("comfys3.test-logsafe")
     logger.addHandler(handler)
+    # Other tests in this process may have quietened "comfys3" (exec logs errors only).
+    level, logger.level = logger.level, logging.WARNING
     try:
         logger.warning("%s is not a valid manifest", name)
         logger.warning(f"{name} again")
     finally:
+        logger.level = level
         logger.removeHandler(handler)
         handler.close()
     assert (tmp_path / "worker.log").read_text(encoding="utf-8").splitlines() == [

@@ -37,13 +37,17 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from processor.errors import StorageError
-from processor.settings import load_worker_settings
-from processor.storage.base import Storage
-from processor.storage.claims_check import PROBE_PREFIX
-from processor.storage.layout import DONE, FAILED, Layout
-from processor.storage.local import LocalStorage
-from processor.worker.assembly import storage_from_env
+from processor import (
+    DONE,
+    FAILED,
+    PROBE_PREFIX,
+    Layout,
+    LocalStorage,
+    Storage,
+    StorageError,
+    load_worker_settings,
+    storage_from_env,
+)
 
 DEFAULT_MAX_KEYS = 100_000
 LIST_PAGE = 1000  # ListObjectsV2 answers at most this many keys a request

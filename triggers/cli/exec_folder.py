@@ -13,9 +13,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from processor.errors import StorageError
-from processor.storage.base import ObjectInfo, Page, StoredObject
-from processor.storage.local import LocalStorage
+from processor import LocalStorage, ObjectInfo, Page, StorageError, StoredObject
 
 OUTPUT_PREFIX = "output"
 

@@ -9,8 +9,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from processor.ops import volume
-from processor.settings import WorkerSettings
+from processor import VolumeLogHandler, WorkerSettings, worker_log_handler
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -62,22 +61,16 @@ def configure(log_format: str = "text", level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-class _VolumeLog(logging.handlers.RotatingFileHandler):
-    """The worker's log file on the network volume (one per worker, rotated)."""
-
-
 def to_volume(settings: WorkerSettings, log_format: str = "text") -> Path | None:
     """Also log to ``<volume>/logs/worker-<worker id>.log`` when a network volume is mounted,
     so an operator can read what a worker did after it is gone. Call after :func:`configure`;
     returns the file, or None without a volume."""
-    path = volume.worker_log(settings)
+    handler = worker_log_handler(settings)
     root = logging.getLogger()
-    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _VolumeLog)]
-    if path is None:
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, VolumeLogHandler)]
+    if handler is None:
         return None
-    handler = _VolumeLog(
-        path, maxBytes=volume.LOG_MAX_BYTES, backupCount=volume.LOG_BACKUPS, encoding="utf-8"
-    )
+    path = Path(handler.baseFilename)
     handler.setFormatter(_formatter(log_format))
     root.addHandler(handler)
     logging.getLogger("comfys3.worker").info("logging to %s", path)

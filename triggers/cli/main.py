@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from processor.errors import ComfyError, SettingsError, StorageError, WorkflowLoadError
+from processor import ComfyError, SettingsError, StorageError, WorkflowLoadError
 from provision import cli as provision_cli
 from triggers.cli import offline, submit, template, worker_commands
 from triggers.cli.help_format import CommandParser, RawDescriptionHelpFormatter

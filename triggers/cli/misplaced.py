@@ -24,10 +24,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from processor.errors import ObjectNotFound, StorageError
-from processor.storage.base import Storage
-from processor.storage.layout import CLAIMS, DONE, FAILED, Layout
-from processor.storage.local import LocalStorage
+from processor import (
+    CLAIMS,
+    DONE,
+    FAILED,
+    Layout,
+    LocalStorage,
+    ObjectNotFound,
+    Storage,
+    StorageError,
+)
 
 log = logging.getLogger("comfys3.worker")
 

@@ -11,11 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from processor.errors import ManifestError
-from processor.job.input_refs import key_problems
-from processor.job.manifest import load_jobs
-from processor.settings import load_worker_settings
-from processor.workflows import Workflow, WorkflowRegistry
+from processor import (
+    ManifestError,
+    Workflow,
+    WorkflowRegistry,
+    key_problems,
+    load_jobs,
+    load_worker_settings,
+)
 
 
 def load_registry() -> WorkflowRegistry:

@@ -15,17 +15,25 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from processor.errors import ManifestError, PreconditionFailed
-from processor.job.input_refs import RULE, key_problems, missing_inputs
-from processor.job.manifest import Job, load_jobs
-from processor.job.status import JobState, JobStatus
-from processor.job.status_book import FINAL, StatusBook
-from processor.settings import load_worker_settings
-from processor.storage.base import Storage
-from processor.storage.layout import Layout
-from processor.storage.local import LocalStorage
-from processor.worker.assembly import storage_from_env
-from processor.workflows import WorkflowRegistry
+from processor import (
+    FINAL,
+    RULE,
+    Job,
+    JobState,
+    JobStatus,
+    Layout,
+    LocalStorage,
+    ManifestError,
+    PreconditionFailed,
+    StatusBook,
+    Storage,
+    WorkflowRegistry,
+    key_problems,
+    load_jobs,
+    load_worker_settings,
+    missing_inputs,
+    storage_from_env,
+)
 
 # How long --wait stays quiet before saying that no worker has touched the jobs: long enough
 # for a worker that is already running to claim them, short enough that a typo in the bucket or

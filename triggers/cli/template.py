@@ -22,29 +22,31 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from processor.errors import JsonLimitError
-from processor.safejson import load_json
-from processor.template_scaffold import (
+from processor import (
+    Comfys3Error,
     FieldPlan,
     FixedValue,
+    JsonLimitError,
     NodeCatalog,
     Plan,
     ScaffoldError,
+    builtin_workflows_dir,
     check_template_name,
     differences,
+    load_json,
+    load_workflow,
     parse_graph,
     plan_template,
     render_graph,
     render_module,
 )
-from processor.workflows import builtin_workflows_dir, load_workflow
 
 MAX_GRAPH_BYTES = 64 * 1024 * 1024
 MAX_OBJECT_INFO_BYTES = 256 * 1024 * 1024  # many custom nodes make a large catalogue
 OBJECT_INFO_TIMEOUT = 30.0
 
 
-class ComfyUnreachable(Exception):
+class ComfyUnreachable(Comfys3Error):
     """ComfyUI could not be asked for its /object_info (refused, timed out, an HTTP error)."""
 
 

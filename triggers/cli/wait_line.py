@@ -11,7 +11,7 @@ import shutil
 import sys
 from typing import TextIO
 
-from processor.comfy.waiting import Waiting
+from processor import Waiting
 
 MAX_WIDTH = 100
 

@@ -12,26 +12,36 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO
 
-from processor.errors import ManifestError, SettingsError, StorageError
-from processor.job.manifest import Job, load_jobs
-from processor.job.runner import Verdict
-from processor.job.status import JobState, JobStatus, ProgressInfo
-from processor.job.status_book import JobRecord, StatusBook
-from processor.ops.parts import Ops, build_ops
-from processor.ops.server import OpsServer
-from processor.settings import (
+from processor import (
+    Counts,
+    Job,
+    JobRecord,
+    JobState,
+    JobStatus,
+    Layout,
+    LocalStorage,
+    ManifestError,
+    Ops,
+    OpsServer,
+    ProgressInfo,
+    SettingsError,
     SqsSettings,
+    StatusBook,
+    Storage,
+    StorageError,
+    Verdict,
+    WaitForWork,
     WorkerSettings,
+    WorkflowRegistry,
+    build_ops,
+    load_jobs,
     load_s3_settings,
     load_sqs_settings,
     load_worker_settings,
+    open_worker,
+    storage_from_env,
+    validate_key,
 )
-from processor.storage.base import Storage, validate_key
-from processor.storage.layout import Layout
-from processor.storage.local import LocalStorage
-from processor.worker.assembly import open_worker, storage_from_env
-from processor.worker.loop import Counts, WaitForWork
-from processor.workflows import WorkflowRegistry
 from triggers.cli import backlog, logs
 from triggers.cli.exec_folder import OUTPUT_PREFIX, OutputFolder
 from triggers.cli.misplaced import MisplacedManifests

@@ -49,20 +49,23 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from processor.errors import ObjectNotFound, PreconditionFailed, StorageError
-from processor.settings import (
+from processor import (
+    DISPATCHED,
     DispatchSettings,
+    Layout,
+    ObjectNotFound,
+    PreconditionFailed,
     S3Settings,
+    S3Storage,
     SqsSettings,
+    Storage,
+    StorageError,
     WorkerSettings,
     load_dispatch_settings,
     load_s3_settings,
     load_sqs_settings,
     load_worker_settings,
 )
-from processor.storage.base import Storage
-from processor.storage.layout import DISPATCHED, Layout
-from processor.storage.s3 import S3Storage
 from triggers.cli import logs
 from triggers.events.runpod_api import TERMINAL, RunPodApi, RunPodError
 from triggers.events.sqs import KeyOutcome, SqsEvents

@@ -25,9 +25,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from processor.settings import load_dispatch_settings, load_s3_settings
-from processor.storage.layout import Layout
-from processor.storage.s3 import S3Storage
+from processor import Comfys3Error, Layout, S3Storage, load_dispatch_settings, load_s3_settings
 from triggers.events.dispatch import Dispatch, Dispatcher, Verdict, summarise
 from triggers.events.notifications import EventError, parse_document, parse_message
 from triggers.events.runpod_api import RunPodApi
@@ -35,7 +33,7 @@ from triggers.events.runpod_api import RunPodApi
 log = logging.getLogger("comfys3.dispatch")
 
 
-class DispatchFailed(Exception):
+class DispatchFailed(Comfys3Error):
     """Some manifests could not be sent; raising makes Lambda try the event again."""
 
 

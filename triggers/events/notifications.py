@@ -29,9 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
-from processor.errors import StorageError
-from processor.storage.base import validate_key
-from processor.storage.layout import Layout
+from processor import Comfys3Error, Layout, StorageError, validate_key
 
 # SQS accepts messages up to 1 MiB; an S3 notification is about 1 KiB.
 MAX_MESSAGE_BYTES = 1_048_576
@@ -44,7 +42,7 @@ MAX_ENCODED_KEY = 3 * 1024 + 16
 _SHOWN = 80  # how much of an untrusted string a message quotes
 
 
-class EventError(Exception):
+class EventError(Comfys3Error):
     """A message that is none of the shapes an S3 bucket sends; the text says what is wrong."""
 
 

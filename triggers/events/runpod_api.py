@@ -23,6 +23,8 @@ from typing import Any, Self
 
 import aiohttp
 
+from processor import Comfys3Error
+
 log = logging.getLogger("comfys3.dispatch")
 
 MAX_ANSWER_BYTES = 65_536
@@ -31,7 +33,7 @@ TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
 _JOB_ID = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 
 
-class RunPodError(Exception):
+class RunPodError(Comfys3Error):
     """A RunPod call that failed for good; ``retryable`` when a later try may succeed."""
 
     def __init__(self, message: str, *, retryable: bool = False) -> None:
@@ -140,7 +142,7 @@ class RunPodApi:
         return random.uniform(0, min(self._max_delay, self._backoff * 2 ** (attempt - 1)))
 
 
-class _NotFound(Exception):
+class _NotFound(Comfys3Error):
     pass
 
 

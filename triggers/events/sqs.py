@@ -38,9 +38,7 @@ from aiobotocore.session import get_session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from processor.errors import StorageError
-from processor.settings import S3Settings, SqsSettings
-from processor.storage.layout import Layout
+from processor import Layout, S3Settings, SqsSettings, StorageError
 from triggers.events.notifications import EventError, parse_message
 
 log = logging.getLogger("comfys3.events")

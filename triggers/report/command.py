@@ -23,11 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
-from processor.errors import StorageError
-from processor.job.status import OutputRecord
-from processor.storage.base import Storage
-from processor.storage.layout import Layout
-from processor.worker.assembly import storage_from_env
+from processor import Layout, OutputRecord, Storage, StorageError, storage_from_env
 from triggers.report.data import JobRecord, Selection, parse_since, read_records, select_jobs
 from triggers.report.page import render_pages
 from triggers.report.thumbs import THUMB_DIR, Thumb, is_image, make_thumbnails

@@ -13,9 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from processor.job.status_book import STATUS_CONCURRENCY, JobRecord, StatusBook
-from processor.storage.base import Storage, folder_prefix
-from processor.storage.layout import Layout
+from processor import STATUS_CONCURRENCY, JobRecord, Layout, StatusBook, Storage, folder_prefix
 
 STATUS_NAME = "status.json"
 

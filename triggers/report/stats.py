@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from processor.job.status import JobState, JobStatus
+from processor import JobState, JobStatus
 
 EXECUTE = "execute"
 UNREADABLE = "unreadable"

@@ -17,9 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from processor.errors import StorageError
-from processor.job.status import OutputRecord
-from processor.storage.base import Storage
+from processor import OutputRecord, Storage, StorageError
 
 THUMB_DIR = "thumbs"
 THUMB_BOX = 256  # px, the longer side: sharp in a ~160 px card on a 1.5x screen

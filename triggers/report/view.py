@@ -16,9 +16,7 @@ from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
-from processor.errors import StorageError
-from processor.job.status import JobStatus, OutputRecord
-from processor.storage.base import validate_key
+from processor import JobStatus, OutputRecord, StorageError, validate_key
 from triggers.report.data import JobRecord
 from triggers.report.stats import (
     EXECUTE,

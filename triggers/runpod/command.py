@@ -17,8 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from processor.errors import SettingsError
-from processor.settings import load_s3_settings, load_worker_settings
+from processor import SettingsError, load_s3_settings, load_worker_settings
 from triggers.cli import logs
 from triggers.cli.help_format import CommandParser
 from triggers.runpod.handler import RunpodHandler

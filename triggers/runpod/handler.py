@@ -13,23 +13,30 @@ import logging
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from processor.errors import (
+from processor import (
     ComfyError,
+    Comfys3Error,
+    JobOutcome,
+    JobState,
+    JobStatus,
     ManifestError,
     ObjectNotFound,
     PreconditionFailed,
+    S3Settings,
     SettingsError,
+    Storage,
     StorageError,
+    Worker,
+    WorkerSettings,
     WorkflowLoadError,
+    WorkflowRegistry,
+    check_job_id,
+    default_job_id,
+    load_jobs,
+    open_storage,
+    open_worker,
+    s3_layout,
 )
-from processor.job.manifest import check_job_id, default_job_id, load_jobs
-from processor.job.runner import JobOutcome
-from processor.job.status import JobState, JobStatus
-from processor.settings import S3Settings, WorkerSettings
-from processor.storage.base import Storage
-from processor.worker.assembly import open_storage, open_worker, s3_layout
-from processor.worker.loop import Worker
-from processor.workflows import WorkflowRegistry
 from triggers.runpod.host import WorkerHost
 from triggers.runpod.progress import (
     DEFAULT_INTERVAL,
@@ -51,7 +58,7 @@ from triggers.runpod.request import (
 log = logging.getLogger("comfys3.runpod")
 
 
-class HandlerError(Exception):
+class HandlerError(Comfys3Error):
     """A request that was understood but cannot be served now; the message says why."""
 
 

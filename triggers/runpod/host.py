@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
-from processor.worker.loop import Worker
+from processor import Worker
 
 log = logging.getLogger("comfys3.runpod")
 

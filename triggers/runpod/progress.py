@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from processor.job.status import ProgressInfo
+from processor import ProgressInfo
 
 log = logging.getLogger("comfys3.runpod")
 

@@ -13,10 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from processor.errors import StorageError
-from processor.job.manifest import JobManifest, check_job_id
-from processor.storage.base import validate_key
-from processor.storage.layout import Layout
+from processor import Comfys3Error, JobManifest, Layout, StorageError, check_job_id, validate_key
 
 MANIFEST_FIELDS = frozenset(JobManifest.model_fields)
 DRAIN_FIELDS = frozenset({"drain", "max_jobs", "max_seconds"})
@@ -34,7 +31,7 @@ LOCAL_TEST_ID = "local_test"
 SHARED_IDS = frozenset({FALLBACK_ID, LOCAL_TEST_ID})
 
 
-class InputError(Exception):
+class InputError(Comfys3Error):
     """A request that cannot be served as given; the message says what to change."""
 
 
