@@ -7,6 +7,7 @@ exists, and no trigger reaches past this file. Workflow templates import the def
 from :mod:`processor.workflows`, whose path is part of what a user's own template relies on.
 """
 
+from processor.aio import ClosedOnExit
 from processor.comfy.waiting import Waiting
 from processor.errors import (
     ComfyError,
@@ -42,6 +43,7 @@ from processor.settings import (
 from processor.storage.base import (
     ObjectInfo,
     Page,
+    PutOptions,
     Storage,
     StoredObject,
     folder_prefix,
@@ -89,6 +91,7 @@ __all__ = [
     "RULE",
     "STATUS_CONCURRENCY",
     "Bind",
+    "ClosedOnExit",
     "ComfyError",
     "Comfys3Error",
     "Counts",
@@ -117,6 +120,7 @@ __all__ = [
     "PreconditionFailed",
     "Problem",
     "ProgressInfo",
+    "PutOptions",
     "S3Settings",
     "S3Storage",
     "Sampler",

@@ -378,7 +378,7 @@ class WorkerSettings(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _routesetting_names(cls, data: Any) -> Any:
+    def _route_setting_names(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
         flat = setting_names()

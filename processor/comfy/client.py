@@ -19,11 +19,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from types import TracebackType
 from typing import Any
 
 import aiohttp
 
+from processor.aio import ClosedOnExit
 from processor.comfy.node_errors import as_dict, validation_error
 from processor.comfy.waiting import LogNotices, WaitListener, reporting
 from processor.comfy.websocket import PromptWatch, SocketListener
@@ -166,7 +166,7 @@ def _safe_subfolder(subfolder: str) -> str:
     return "/".join(parts)
 
 
-class ComfyClient:
+class ComfyClient(ClosedOnExit):
     """Talks to one ComfyUI; safe to share between concurrent jobs on one event loop."""
 
     def __init__(
@@ -205,15 +205,7 @@ class ComfyClient:
         self._arm_down_timer()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._listener is not None:
             self._listener.stop()
             await asyncio.to_thread(self._listener.join, 5.0)

@@ -21,10 +21,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 
 import aiohttp
 
+from processor.aio import ClosedOnExit
 from processor.comfy.client import ComfyClient, RunResult
 from processor.comfy.waiting import LogNotices, Waiting, WaitListener, reporting
 from processor.errors import ComfyDiedWhileWaiting, ComfyUnavailable, SettingsError
@@ -362,7 +362,7 @@ class ComfyProcess:
                 log.exception("ComfyUI exit listener failed")
 
 
-class ComfyEngine:
+class ComfyEngine(ClosedOnExit):
     """ComfyUI as the worker sees it: attached by URL or started here, always with a ready client.
 
     ``async with ComfyEngine(settings) as client`` yields a ready ComfyClient; keep the engine to
@@ -447,23 +447,15 @@ class ComfyEngine:
                     on_wait=self.on_wait,
                 )
         except BaseException:
-            await self._shutdown()
+            await self.aclose()
             raise
         if self.process is not None:
             self.process.add_exit_listener(self._on_process_exit)
         return client
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._shutdown()
-
-    async def _shutdown(self) -> None:
+    async def aclose(self) -> None:
         if self._client is not None:
-            await self._client.close()
+            await self._client.aclose()
             self._client = None
         if self.process is not None:
             await self.process.stop()

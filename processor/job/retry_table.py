@@ -26,22 +26,7 @@ from __future__ import annotations
 import traceback
 from dataclasses import dataclass
 
-from processor.errors import (
-    ComfyDiedWhileWaiting,
-    ComfyError,
-    ComfyInterrupted,
-    ComfyRuntimeError,
-    ComfyTimeout,
-    ComfyUnavailable,
-    ComfyValidationError,
-    InputInvalid,
-    InputMissing,
-    InvalidKey,
-    ManifestError,
-    ObjectTooLarge,
-    PreconditionFailed,
-    StorageError,
-)
+import processor.errors as errors
 from processor.job.status import ErrorInfo
 
 # Back-off for a job given back: retry_delay doubled per try, at most this long.
@@ -61,23 +46,23 @@ class Policy:
 
 TABLE: dict[type[BaseException], Policy] = {
     # Nothing another attempt could change: fail at once.
-    ManifestError: Policy("invalid_manifest", retry=False),
-    InputMissing: Policy("input_missing", retry=False),
-    InputInvalid: Policy("input_invalid", retry=False),
-    ComfyValidationError: Policy("validation", retry=False),
+    errors.ManifestError: Policy("invalid_manifest", retry=False),
+    errors.InputMissing: Policy("input_missing", retry=False),
+    errors.InputInvalid: Policy("input_invalid", retry=False),
+    errors.ComfyValidationError: Policy("validation", retry=False),
     # ComfyUI failed this prompt: another attempt may not.
-    ComfyRuntimeError: Policy("runtime", retry=True),
-    ComfyTimeout: Policy("timeout", retry=True),
-    ComfyInterrupted: Policy("interrupted", retry=True),
-    ComfyUnavailable: Policy("comfyui_unavailable", retry=True),
-    ComfyDiedWhileWaiting: Policy("comfyui_unavailable", retry=True, charge=False),
-    ComfyError: Policy("comfyui", retry=True),
+    errors.ComfyRuntimeError: Policy("runtime", retry=True),
+    errors.ComfyTimeout: Policy("timeout", retry=True),
+    errors.ComfyInterrupted: Policy("interrupted", retry=True),
+    errors.ComfyUnavailable: Policy("comfyui_unavailable", retry=True),
+    errors.ComfyDiedWhileWaiting: Policy("comfyui_unavailable", retry=True, charge=False),
+    errors.ComfyError: Policy("comfyui", retry=True),
     # Storage: an outage is not the job's fault and may pass; a bad key or an oversized object
     # is a property of the request and will not.
-    StorageError: Policy("storage", retry=True, charge=False, wait_out=True),
-    PreconditionFailed: Policy("storage", retry=True, charge=False),
-    InvalidKey: Policy("storage", retry=True),
-    ObjectTooLarge: Policy("storage", retry=True),
+    errors.StorageError: Policy("storage", retry=True, charge=False, wait_out=True),
+    errors.PreconditionFailed: Policy("storage", retry=True, charge=False),
+    errors.InvalidKey: Policy("storage", retry=True),
+    errors.ObjectTooLarge: Policy("storage", retry=True),
     # Anything else is a bug somewhere: retried and charged, so it ends.
     Exception: Policy("internal", retry=True, internal=True),
 }

@@ -16,9 +16,9 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, Protocol
+from typing import Any
 
-from processor.comfy.client import OutputFile, Progress, RunResult
+from processor.comfy.client import ComfyClient, OutputFile, Progress, RunResult
 from processor.errors import (
     InputInvalid,
     InputMissing,
@@ -34,47 +34,14 @@ from processor.job.status import JobState, JobStatus, OutputRecord, ProgressInfo
 from processor.job.status_book import FINAL, Announce, AttemptRecord, Beginning, Begun, StatusBook
 from processor.logsafe import printable_logger
 from processor.settings import JobLimits, WorkerSettings
-from processor.storage.base import Storage, StoredObject, validate_key
+from processor.storage.base import ObjectStore, Storage, validate_key
 from processor.storage.layout import Layout
 
 log = printable_logger("comfys3.job")
 
 
-class Comfy(Protocol):
-    """The part of :class:`processor.comfy.client.ComfyClient` a job needs (a seam for tests)."""
-
-    async def upload_input(self, data: bytes, filename: str, subfolder: str) -> str: ...
-
-    async def queue_prompt(self, graph: dict[str, Any], prompt_id: str) -> None: ...
-
-    async def wait_for(
-        self,
-        prompt_id: str,
-        *,
-        timeout: float,
-        on_progress: Callable[[Progress], None] | None = None,
-        include_temp: bool = False,
-    ) -> RunResult: ...
-
-    async def fetch_output(self, ref: OutputFile) -> bytes: ...
-
-    async def interrupt(self, prompt_id: str | None = None) -> None: ...
-
-
-class ResultStore(Protocol):
-    """Where a job's status and outputs go: the part of :class:`Storage` a job writes with."""
-
-    async def get(self, key: str, *, max_bytes: int | None = None) -> StoredObject: ...
-
-    async def put(
-        self,
-        key: str,
-        data: bytes,
-        *,
-        content_type: str = "application/octet-stream",
-        if_none_match: bool = False,
-        if_match: str | None = None,
-    ) -> str: ...
+# What a job needs of ComfyUI: the client itself (tests stand in with anything shaped alike).
+Comfy = ComfyClient
 
 
 Cleanup = Callable[[RunResult, str | None], Awaitable[None]]
@@ -116,7 +83,7 @@ UPLOAD_CONCURRENCY = 8  # outputs of one job uploaded at once
 def runner_for(
     settings: WorkerSettings,
     *,
-    storage: ResultStore,
+    storage: ObjectStore,
     comfy: Comfy,
     layout: Layout,
     worker_id: str,
@@ -149,7 +116,7 @@ class JobRunner:
     def __init__(
         self,
         *,
-        storage: ResultStore,
+        storage: ObjectStore,
         comfy: Comfy,
         layout: Layout,
         limits: JobLimits,

@@ -20,7 +20,7 @@ import enum
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -45,7 +45,7 @@ from processor.job.status import (
 )
 from processor.logsafe import printable_logger
 from processor.safejson import load_json
-from processor.storage.base import StoredObject
+from processor.storage.base import ObjectStore
 from processor.storage.layout import Layout
 
 if TYPE_CHECKING:
@@ -63,22 +63,6 @@ NO_STATUS = "no status document"
 # Send a final status to its webhook in the background: (manifest URL or None for the
 # worker's default, message id, body, what to do with the delivery's record) -> sent at all.
 Announce = Callable[[str | None, str, bytes, Callable[[NotifyRecord], Awaitable[None]]], bool]
-
-
-class StatusStore(Protocol):
-    """The part of :class:`processor.storage.base.Storage` the book reads and writes with."""
-
-    async def get(self, key: str, *, max_bytes: int | None = None) -> StoredObject: ...
-
-    async def put(
-        self,
-        key: str,
-        data: bytes,
-        *,
-        content_type: str = "application/octet-stream",
-        if_none_match: bool = False,
-        if_match: str | None = None,
-    ) -> str: ...
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -260,7 +244,7 @@ class StatusBook:
 
     def __init__(
         self,
-        storage: StatusStore,
+        storage: ObjectStore,
         layout: Layout,
         *,
         worker: str | None = None,

@@ -186,9 +186,6 @@ class Metrics:
     def prompt_done(self) -> None:
         self.lane_prompts.dec()
 
-    def set_lane_prompts(self, count: int) -> None:
-        self.lane_prompts.set(count)
-
     def set_manifests_pending(self, count: int) -> None:
         self.manifests_pending.set(count)
 

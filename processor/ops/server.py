@@ -10,12 +10,12 @@ own, so Prometheus on the same network can scrape it).
 from __future__ import annotations
 
 import logging
-from types import TracebackType
 from typing import Self
 
 from aiohttp import web
 from prometheus_client import exposition
 
+from processor.aio import ClosedOnExit
 from processor.ops.metrics import Health, Metrics
 
 log = logging.getLogger("comfys3.ops")
@@ -44,7 +44,7 @@ def make_app(metrics: Metrics, health: Health) -> web.Application:
     return app
 
 
-class OpsServer:
+class OpsServer(ClosedOnExit):
     """``async with OpsServer(metrics, health, host, port) as server``; ``server.port`` is the
     port it listens on (useful with port 0)."""
 
@@ -77,17 +77,9 @@ class OpsServer:
         self.port = int(self._runner.addresses[0][1])
         log.info("metrics and health on %s (/metrics, /healthz, /livez)", self.url)
 
-    async def stop(self) -> None:
+    async def aclose(self) -> None:
         await self._runner.cleanup()
 
     async def __aenter__(self) -> Self:
         await self.start()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()

@@ -32,7 +32,6 @@ import random
 import re
 import socket
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -338,11 +337,6 @@ class Signer:
         }
 
 
-def new_message_id() -> str:
-    """A webhook-id: unique per message, the same for all its attempts."""
-    return f"msg_{uuid.uuid4().hex}"
-
-
 # ---------------------------------------------------------------------------------------------
 # One delivery, with retries
 
@@ -569,7 +563,6 @@ class _Item:
 
 @dataclass
 class NotifierStats:
-    submitted: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
 
 
@@ -635,7 +628,6 @@ class Notifier:
         """
         shown = display_url(url, origin_only=url == self.policy.default_url)
         item = _Item(Delivery(url, message_id, body, shown), on_done)
-        self.stats.submitted += 1
         if self._queue is None or self._closed:
             self._drop(item, "not sent: the webhook sender is not running (worker stopping)")
             return

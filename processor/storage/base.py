@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol, Self, TypedDict, Unpack
 
-from processor.errors import InvalidKey
+from processor.errors import InvalidKey, StorageError
 
 MAX_KEY_BYTES = 1024
 
@@ -50,26 +49,57 @@ class Page:
     truncated: bool
 
 
-class Storage(Protocol):
+class PutOptions(TypedDict, total=False):
+    """How an object is written: its content type, and the condition the write depends on
+    (``if_none_match``: only if the key is free; ``if_match``: only if it still has that
+    ETag). Conditions are how claims are refereed, with no lock service."""
+
+    content_type: str
+    if_none_match: bool
+    if_match: str | None
+
+
+@dataclass(frozen=True)
+class Put:
+    """A write's options, checked and with their defaults, for a backend to carry out."""
+
+    content_type: str
+    if_none_match: bool
+    if_match: str | None
+
+    @classmethod
+    def of(cls, where: str, options: PutOptions) -> Put:
+        put = cls(
+            options.get("content_type", "application/octet-stream"),
+            options.get("if_none_match", False),
+            options.get("if_match"),
+        )
+        if put.if_none_match and put.if_match is not None:
+            raise StorageError(f"put of {where}: if_none_match and if_match exclude each other")
+        return put
+
+    @property
+    def conditional(self) -> bool:
+        return self.if_none_match or self.if_match is not None
+
+
+class ObjectStore(Protocol):
+    """Reading and writing single objects: all a job's results and status documents need (a
+    seam for tests, which stand in with a dict)."""
+
+    async def get(self, key: str, *, max_bytes: int | None = None) -> StoredObject: ...
+
+    async def put(self, key: str, data: bytes, **options: Unpack[PutOptions]) -> str: ...
+
+
+class Storage(ObjectStore, Protocol):
     """What the processor needs from a bucket or a folder; both backends share these semantics.
 
     Prefixes passed to :meth:`list` name a folder: ``"input"`` and ``"input/"`` are the same, and
     ``"input"`` never matches ``"inputs/x"``. ETags are quoted strings, as S3 sends them.
     """
 
-    async def get(self, key: str, *, max_bytes: int | None = None) -> StoredObject: ...
-
     async def head(self, key: str) -> ObjectInfo | None: ...
-
-    async def put(
-        self,
-        key: str,
-        data: bytes,
-        *,
-        content_type: str = "application/octet-stream",
-        if_none_match: bool = False,
-        if_match: str | None = None,
-    ) -> str: ...
 
     async def list(
         self, prefix: str, *, recursive: bool = False, limit: int | None = None
@@ -95,12 +125,7 @@ class Storage(Protocol):
 
     async def __aenter__(self) -> Self: ...
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
+    async def __aexit__(self, *exc_info: object) -> None: ...
 
 
 def _key_problem(key: str, *, lenient: bool = False) -> str | None:

@@ -19,9 +19,9 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Self, TypeVar
+from typing import Self, TypeVar, Unpack
 
+from processor.aio import ClosedOnExit
 from processor.errors import (
     InvalidKey,
     ObjectNotFound,
@@ -29,7 +29,15 @@ from processor.errors import (
     PreconditionFailed,
     StorageError,
 )
-from processor.storage.base import ObjectInfo, Page, StoredObject, folder_prefix, validate_key
+from processor.storage.base import (
+    ObjectInfo,
+    Page,
+    Put,
+    PutOptions,
+    StoredObject,
+    folder_prefix,
+    validate_key,
+)
 
 PRIVATE_DIR = ".comfys3"
 _ETAG_CACHE_SIZE = 4096
@@ -40,7 +48,7 @@ def _etag(data: bytes) -> str:
     return f'"{hashlib.md5(data, usedforsecurity=False).hexdigest()}"'
 
 
-class LocalStorage:
+class LocalStorage(ClosedOnExit):
     """Keys are paths relative to ``root``; see the module docstring for the guarantees."""
 
     def __init__(self, root: Path) -> None:
@@ -60,14 +68,6 @@ class LocalStorage:
 
     async def __aenter__(self) -> Self:
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         return None
@@ -207,18 +207,9 @@ class LocalStorage:
 
         return await self._run("head", key, stat)
 
-    async def put(
-        self,
-        key: str,
-        data: bytes,
-        *,
-        content_type: str = "application/octet-stream",
-        if_none_match: bool = False,
-        if_match: str | None = None,
-    ) -> str:
+    async def put(self, key: str, data: bytes, **options: Unpack[PutOptions]) -> str:
         path = self._path(key)
-        if if_none_match and if_match is not None:
-            raise StorageError(f"put of {self._where(key)}: if_none_match and if_match exclude")
+        put = Put.of(self._where(key), options)
 
         def write() -> str:
             tmp = self._write_tmp(data)
@@ -229,12 +220,12 @@ class LocalStorage:
                         raise StorageError(
                             f"local put of {self._where(key)} failed: a folder has that name"
                         )
-                    if if_match is not None and self._current_etag(path) != if_match:
+                    if put.if_match is not None and self._current_etag(path) != put.if_match:
                         raise PreconditionFailed(
                             f"local put of {self._where(key)}: precondition failed "
                             "(object changed or is gone)"
                         )
-                    if if_none_match:
+                    if put.if_none_match:
                         self._create(tmp, path, key)
                     else:
                         os.replace(tmp, path)

@@ -13,8 +13,7 @@ import functools
 import random
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, Unpack
 
 import aiohttp
 import botocore.utils
@@ -22,9 +21,18 @@ from aiobotocore.session import AioSession, get_session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from processor.aio import ClosedOnExit
 from processor.errors import ObjectNotFound, ObjectTooLarge, PreconditionFailed, StorageError
 from processor.settings import S3Settings
-from processor.storage.base import ObjectInfo, Page, StoredObject, folder_prefix, validate_key
+from processor.storage.base import (
+    ObjectInfo,
+    Page,
+    Put,
+    PutOptions,
+    StoredObject,
+    folder_prefix,
+    validate_key,
+)
 
 # Concurrent conditional writes on AWS answer 409 ConditionalRequestConflict: "try again".
 CONFLICT_RETRIES = 4
@@ -87,7 +95,7 @@ def _error_code(error: ClientError) -> tuple[str, int]:
     return code, status
 
 
-class S3Storage:
+class S3Storage(ClosedOnExit):
     """A bucket seen through :class:`processor.storage.base.Storage`.
 
     Timeouts are constructor arguments rather than settings: the defaults suit a worker, and
@@ -155,14 +163,6 @@ class S3Storage:
             ) from None
         self._stack = stack
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         stack, self._stack, self._client = self._stack, None, None
@@ -249,24 +249,15 @@ class S3Storage:
             last_modified=response["LastModified"],
         )
 
-    async def put(
-        self,
-        key: str,
-        data: bytes,
-        *,
-        content_type: str = "application/octet-stream",
-        if_none_match: bool = False,
-        if_match: str | None = None,
-    ) -> str:
+    async def put(self, key: str, data: bytes, **options: Unpack[PutOptions]) -> str:
         validate_key(key)
-        if if_none_match and if_match is not None:
-            raise StorageError(f"put of {self._where(key)}: if_none_match and if_match exclude")
-        params: dict[str, Any] = {"Key": key, "Body": data, "ContentType": content_type}
-        if if_none_match:
+        put = Put.of(self._where(key), options)
+        params: dict[str, Any] = {"Key": key, "Body": data, "ContentType": put.content_type}
+        if put.if_none_match:
             params["IfNoneMatch"] = "*"
-        if if_match is not None:
-            params["IfMatch"] = if_match
-        conditional = if_none_match or if_match is not None
+        if put.if_match is not None:
+            params["IfMatch"] = put.if_match
+        conditional = put.conditional
         for attempt in range(CONFLICT_RETRIES + 1):
             try:
                 response = await self._s3.put_object(Bucket=self.bucket, **params)
@@ -282,7 +273,7 @@ class S3Storage:
                     raise PreconditionFailed(
                         f"S3 put of {self._where(key)}: precondition failed ({code or status})"
                     ) from None
-                if if_match is not None and (code in _NOT_FOUND_CODES or status == 404):
+                if put.if_match is not None and (code in _NOT_FOUND_CODES or status == 404):
                     # If-Match on a vanished object: the version we expected is gone.
                     raise PreconditionFailed(
                         f"S3 put of {self._where(key)}: precondition failed (object is gone)"
@@ -382,8 +373,11 @@ class S3Storage:
     async def copy(self, src: str, dst: str) -> None:
         validate_key(src)
         validate_key(dst)
+        await self._copy_object(src, dst, "copy")
+
+    async def _copy_object(self, src: str, dst: str, verb: str) -> None:
         await self._call(
-            f"copy to {self._where(dst)}",
+            f"{verb} to {self._where(dst)}",
             src,
             "copy_object",
             Key=dst,
@@ -397,13 +391,7 @@ class S3Storage:
             if await self.head(src) is None:
                 raise ObjectNotFound(f"S3 move: no object at {self._where(src)}")
             return
-        await self._call(
-            f"move to {self._where(dst)}",
-            src,
-            "copy_object",
-            Key=dst,
-            CopySource={"Bucket": self.bucket, "Key": src},
-        )
+        await self._copy_object(src, dst, "move")
         # The copy is done: a failed delete leaves the source behind, which whoever claims it
         # next recognises as a leftover (its status already records this upload) and retires.
         await self._call("delete (after move)", src, "delete_object", Key=src)

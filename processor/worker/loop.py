@@ -27,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from processor.aio import wait_any
 from processor.errors import (
     InvalidKey,
     JsonLimitError,
@@ -48,7 +49,6 @@ from processor.storage.base import Storage, StoredObject
 from processor.storage.claims import ClaimStore, Heartbeat, Lease, Taken
 from processor.storage.layout import Layout
 from processor.storage.retirement import Retirer
-from processor.worker.aio import wait_any
 from processor.worker.intake import Candidate, HintCallback, HintOutcome, Intake
 from processor.worker.prompt_queue import Lane, LaneDepth, Slot
 from processor.workflows import WorkflowRegistry
@@ -93,22 +93,11 @@ class Counts:
     def _count(self, verdict: Verdict) -> int:
         return sum(1 for v in self._by_job().values() if v is verdict)
 
-    @property
-    def succeeded(self) -> int:
-        return self._count(Verdict.succeeded)
-
-    @property
-    def failed(self) -> int:
-        return self._count(Verdict.failed)
-
-    @property
-    def retried(self) -> int:
-        """Jobs whose latest attempt failed and that wait for another one."""
-        return self._count(Verdict.retry)
-
-    @property
-    def skipped(self) -> int:
-        return self._count(Verdict.skipped)
+    succeeded = property(lambda self: self._count(Verdict.succeeded))
+    failed = property(lambda self: self._count(Verdict.failed))
+    # Jobs whose latest attempt failed and that wait for another one.
+    retried = property(lambda self: self._count(Verdict.retry))
+    skipped = property(lambda self: self._count(Verdict.skipped))
 
     @property
     def manifests(self) -> int:
@@ -490,14 +479,7 @@ class Worker:
             slot.release()
             return await self._give_up(key, stored, lease)
         try:
-            jobs = load_jobs(
-                stored.data,
-                manifest_key=key,
-                registry=self.registry,
-                allow_raw=self.settings.jobs.allow_raw_workflows,
-                max_bytes=self.settings.jobs.max_manifest_bytes,
-                notify_check=self.ops.webhook_refusal,
-            )
+            jobs = self._load(stored, key, check_notify=True)
         except ManifestError as error:
             slot.release()
             log.warning("%s is not a valid manifest: %s", key, error)
@@ -509,6 +491,18 @@ class Worker:
             for index, job in enumerate(jobs)
         ]
         return list(await asyncio.gather(*tasks))
+
+    def _load(self, stored: StoredObject, key: str, *, check_notify: bool) -> list[Job]:
+        """The manifest's jobs, checked as this worker runs them (its templates, its limits,
+        and, when it is to run, its webhook policy)."""
+        return load_jobs(
+            stored.data,
+            manifest_key=key,
+            registry=self.registry,
+            allow_raw=self.settings.jobs.allow_raw_workflows,
+            max_bytes=self.settings.jobs.max_manifest_bytes,
+            notify_check=self.ops.webhook_refusal if check_notify else None,
+        )
 
     async def _job(self, job: Job, lease: Lease, slot: Slot, version: str) -> JobOutcome:
         """One job of a manifest; whatever happens to it stays with it, never with siblings."""
@@ -657,14 +651,7 @@ class Worker:
         ids: list[tuple[str, Job | None]] = []
         if stored is not None:
             with contextlib.suppress(Exception):
-                jobs = load_jobs(
-                    stored.data,
-                    manifest_key=key,
-                    registry=self.registry,
-                    allow_raw=self.settings.jobs.allow_raw_workflows,
-                    max_bytes=self.settings.jobs.max_manifest_bytes,
-                )
-                ids = [(job.id, job) for job in jobs]
+                ids = [(job.id, job) for job in self._load(stored, key, check_notify=False)]
         if not ids:
             ids = [(_declared_id(stored.data if stored else b"") or lease.name, None)]
         attempts = min(lease.attempt, self.settings.jobs.max_attempts)

@@ -14,7 +14,7 @@ import asyncio
 import math
 from collections import deque
 
-from processor.worker.aio import wait_any
+from processor.aio import wait_any
 
 MIN_DEPTH = 2  # one running, one waiting: what a slow prompt needs
 WINDOW = 64  # recent jobs the figures are taken from

@@ -10,15 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
+from typing import Self, Unpack
 
-from processor import LocalStorage, ObjectInfo, Page, StorageError, StoredObject
+from processor import (
+    ClosedOnExit,
+    LocalStorage,
+    ObjectInfo,
+    Page,
+    PutOptions,
+    StorageError,
+    StoredObject,
+)
 
 OUTPUT_PREFIX = "output"
 
 
-class OutputFolder:
+class OutputFolder(ClosedOnExit):
     """A :class:`processor.storage.Storage` whose keys ``output/<path>`` are ``DIR/<path>``."""
 
     def __init__(self, folder: Path, prefix: str = OUTPUT_PREFIX) -> None:
@@ -50,22 +57,8 @@ class OutputFolder:
         info = await self._folder.head(self._inner(key))
         return None if info is None else self._outer(info)
 
-    async def put(
-        self,
-        key: str,
-        data: bytes,
-        *,
-        content_type: str = "application/octet-stream",
-        if_none_match: bool = False,
-        if_match: str | None = None,
-    ) -> str:
-        return await self._folder.put(
-            self._inner(key),
-            data,
-            content_type=content_type,
-            if_none_match=if_none_match,
-            if_match=if_match,
-        )
+    async def put(self, key: str, data: bytes, **options: Unpack[PutOptions]) -> str:
+        return await self._folder.put(self._inner(key), data, **options)
 
     async def list(
         self, prefix: str, *, recursive: bool = False, limit: int | None = None
@@ -106,14 +99,6 @@ class OutputFolder:
     async def __aenter__(self) -> Self:
         await self._folder.__aenter__()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._folder.__aexit__(exc_type, exc, tb)
 
     def __repr__(self) -> str:
         return f"OutputFolder({str(self.root)!r}, prefix={self.prefix!r})"

@@ -132,10 +132,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     validate = subparsers.add_parser(
         "validate",
         help="check job manifests offline",
-        description="Check manifests without S3 or ComfyUI: template, payload, and input file "
-        "names the worker would refuse (a leading /, '..', a URL). Whether the input files "
-        "exist is checked by `comfys3 submit`. Exit 0 when all are valid; otherwise exit 1 "
-        "and list, per file, every problem with its field path.",
+        description="""
+            Check manifests without S3 or ComfyUI: template, payload, and input file names the
+            worker would refuse (a leading /, '..', a URL). Whether the input files exist is
+            checked by `comfys3 submit`. Exit 0 when all are valid; otherwise exit 1 and list,
+            per file, every problem with its field path.
+        """,
     )
     validate.add_argument("files", nargs="+", metavar="FILE", help="manifest files (JSON)")
     validate.add_argument(

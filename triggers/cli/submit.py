@@ -297,15 +297,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit = subparsers.add_parser(
         "submit",
         help="check manifests and drop them into the intake prefix",
-        description="Check each manifest the way a worker will (template, payload, ids, and "
-        "that its input files are where the worker will read them: keys in the bucket, or "
-        "paths under DIR with --local DIR), then upload it to COMFYS3_S3_INPUT_DIR/<file "
-        "name>.json, where workers pick it up. If any manifest fails the check, nothing is "
-        "submitted. A manifest of the same name that is still waiting is never replaced. With "
-        "--wait, follow the jobs until they end (saying so when no worker has picked them up): "
-        "exit 0 when all succeeded, 1 when any failed or --timeout ran out. The check uses "
-        "this machine's COMFYS3_WORKFLOWS_DIR and COMFYS3_ALLOW_RAW_WORKFLOWS: set them as "
-        "your workers do.",
+        description="""
+            Check each manifest the way a worker will (template, payload, ids, and that its
+            input files are where the worker will read them: keys in the bucket, or paths under
+            DIR with --local DIR), then upload it to COMFYS3_S3_INPUT_DIR/<file name>.json,
+            where workers pick it up. If any manifest fails the check, nothing is submitted. A
+            manifest of the same name that is still waiting is never replaced. With --wait,
+            follow the jobs until they end (saying so when no worker has picked them up): exit 0
+            when all succeeded, 1 when any failed or --timeout ran out. The check uses this
+            machine's COMFYS3_WORKFLOWS_DIR and COMFYS3_ALLOW_RAW_WORKFLOWS: set them as your
+            workers do.
+        """,
     )
     submit.add_argument("manifests", nargs="+", type=Path, metavar="MANIFEST", help="JSON files")
     submit.add_argument(

@@ -40,6 +40,7 @@ from processor import (
     render_graph,
     render_module,
 )
+from triggers.cli.help_format import show_help
 
 MAX_GRAPH_BYTES = 64 * 1024 * 1024
 MAX_OBJECT_INFO_BYTES = 256 * 1024 * 1024  # many custom nodes make a large catalogue
@@ -221,11 +222,6 @@ def _folder_notes(name: str, folder: Path) -> list[str]:
     return notes
 
 
-def _show_help(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     template = subparsers.add_parser(
         "template",
@@ -233,7 +229,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Make workflow templates from graphs built in the ComfyUI editor.",
     )
     commands = template.add_subparsers(title="commands", metavar="COMMAND")
-    template.set_defaults(handler=lambda args: _show_help(template))
+    template.set_defaults(handler=lambda args: show_help(template))
     new = commands.add_parser(
         "new",
         help="write NAME.json and NAME.py from a graph saved with the editor's Export (API)",

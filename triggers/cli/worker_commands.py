@@ -359,11 +359,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run = subparsers.add_parser(
         "run",
         help="run jobs from S3 (or a local folder) until stopped",
-        description="Poll COMFYS3_S3_INPUT_DIR for job manifests, claim them, run them on "
-        "ComfyUI and write outputs and status.json under COMFYS3_S3_OUTPUT_DIR/<job id>/. "
-        "Many workers may share one bucket; at start the worker checks that the storage "
-        "honours the conditional writes that keep them from running a job twice. SIGTERM "
-        "finishes (or gives back) the running jobs and exits.",
+        description="""
+            Poll COMFYS3_S3_INPUT_DIR for job manifests, claim them, run them on ComfyUI and
+            write outputs and status.json under COMFYS3_S3_OUTPUT_DIR/<job id>/. Many workers
+            may share one bucket; at start the worker checks that the storage honours the
+            conditional writes that keep them from running a job twice. SIGTERM finishes (or
+            gives back) the running jobs and exits.
+        """,
     )
     run.add_argument(
         "--once", action="store_true", help="drain what is pending, print counts and exit"
@@ -393,9 +395,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     status = subparsers.add_parser(
         "status",
         help="show a job's status, or how the whole backlog stands",
-        description="Print the status document of a job for a person (or --json for the "
-        "document itself). With --summary instead of a job id: how many manifests wait, run, "
-        "succeeded and failed, counted from listings alone (no document is read).",
+        description="""
+            Print the status document of a job for a person (or --json for the document itself).
+            With --summary instead of a job id: how many manifests wait, run, succeeded and
+            failed, counted from listings alone (no document is read).
+        """,
     )
     status.add_argument("job_id", metavar="JOB_ID", nargs="?")
     status.add_argument(
@@ -408,10 +412,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run_one = subparsers.add_parser(
         "exec",
         help="run one manifest on a ComfyUI, no S3",
-        description="Run one manifest against a ComfyUI (--comfyui-url, or one started from "
-        "COMFYS3_COMFYUI_PATH) with no S3 at all. Input files are paths relative to the "
-        "current folder; outputs and status.json go to DIR/<job id>/. Exit 0 on success, "
-        "1 with the readable error on failure.",
+        description="""
+            Run one manifest against a ComfyUI (--comfyui-url, or one started from
+            COMFYS3_COMFYUI_PATH) with no S3 at all. Input files are paths relative to the
+            current folder; outputs and status.json go to DIR/<job id>/. Exit 0 on success, 1
+            with the readable error on failure.
+        """,
     )
     run_one.add_argument("manifest", metavar="MANIFEST", help="manifest file (JSON)")
     run_one.add_argument("--out", required=True, metavar="DIR", help="where results go")

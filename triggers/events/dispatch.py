@@ -43,7 +43,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -65,6 +65,7 @@ from processor import (
     load_s3_settings,
     load_sqs_settings,
     load_worker_settings,
+    s3_layout,
 )
 from triggers.cli import logs
 from triggers.events.runpod_api import TERMINAL, RunPodApi, RunPodError
@@ -405,6 +406,24 @@ def dispatcher_name() -> str:
     return f"dispatch-{socket.gethostname()}-{os.getpid()}"
 
 
+@contextlib.asynccontextmanager
+async def open_dispatcher(
+    s3: S3Settings, settings: DispatchSettings, name: str
+) -> AsyncIterator[Dispatcher]:
+    """A dispatcher with its bucket and RunPod API open: the command's and the Lambda's."""
+    async with (
+        S3Storage(s3) as storage,
+        RunPodApi(
+            base_url=settings.runpod_api_url,
+            endpoint_id=settings.runpod_endpoint_id,
+            api_key=settings.runpod_api_key.get_secret_value(),
+        ) as api,
+    ):
+        yield Dispatcher(
+            storage=storage, layout=s3_layout(s3), api=api, settings=settings, name=name
+        )
+
+
 # -- the command ----------------------------------------------------------------------------
 
 
@@ -429,18 +448,8 @@ async def _dispatch_command(
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
-    layout = Layout(s3.input_dir, s3.output_dir)
-    async with (
-        S3Storage(s3) as storage,
-        RunPodApi(
-            base_url=settings.runpod_api_url,
-            endpoint_id=settings.runpod_endpoint_id,
-            api_key=settings.runpod_api_key.get_secret_value(),
-        ) as api,
-    ):
-        dispatcher = Dispatcher(
-            storage=storage, layout=layout, api=api, settings=settings, name=dispatcher_name()
-        )
+    layout = s3_layout(s3)
+    async with open_dispatcher(s3, settings, dispatcher_name()) as dispatcher:
         if args.once:
             summary = summarise(await dispatcher.sweep(full=True))
             print(json.dumps(summary))

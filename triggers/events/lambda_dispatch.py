@@ -25,10 +25,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from processor import Comfys3Error, Layout, S3Storage, load_dispatch_settings, load_s3_settings
-from triggers.events.dispatch import Dispatch, Dispatcher, Verdict, summarise
+from processor import Comfys3Error, Layout, load_dispatch_settings, load_s3_settings
+from triggers.events.dispatch import Dispatch, Verdict, open_dispatcher, summarise
 from triggers.events.notifications import EventError, parse_document, parse_message
-from triggers.events.runpod_api import RunPodApi
 
 log = logging.getLogger("comfys3.dispatch")
 
@@ -85,17 +84,7 @@ async def handle(event: Any) -> dict[str, Any]:
     if not keys and not sweep:
         return summarise([])
     name = f"lambda-{os.environ.get('AWS_LAMBDA_FUNCTION_NAME', 'dispatch')}"
-    async with (
-        S3Storage(s3) as storage,
-        RunPodApi(
-            base_url=settings.runpod_api_url,
-            endpoint_id=settings.runpod_endpoint_id,
-            api_key=settings.runpod_api_key.get_secret_value(),
-        ) as api,
-    ):
-        dispatcher = Dispatcher(
-            storage=storage, layout=layout, api=api, settings=settings, name=name
-        )
+    async with open_dispatcher(s3, settings, name) as dispatcher:
         results: list[Dispatch]
         if sweep:
             results = await dispatcher.sweep(full=True)

@@ -18,12 +18,11 @@ import logging
 import random
 import re
 import time
-from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
 
-from processor import Comfys3Error
+from processor import ClosedOnExit, Comfys3Error
 
 log = logging.getLogger("comfys3.dispatch")
 
@@ -41,7 +40,7 @@ class RunPodError(Comfys3Error):
         self.retryable = retryable
 
 
-class RunPodApi:
+class RunPodApi(ClosedOnExit):
     """One endpoint of RunPod's serverless API; ``async with`` opens its HTTP session."""
 
     def __init__(
@@ -69,12 +68,7 @@ class RunPodApi:
         self._session = aiohttp.ClientSession(timeout=self._timeout)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def aclose(self) -> None:
         session, self._session = self._session, None
         if session is not None:
             await session.close()

@@ -67,8 +67,6 @@ class KeyOutcome(StrEnum):
     ignored = "ignored"  # not a manifest key of this intake
 
 
-DELETE_ON = frozenset({KeyOutcome.settled, KeyOutcome.taken, KeyOutcome.gone, KeyOutcome.ignored})
-
 Ack = Callable[[Any], Awaitable[None]]
 """``await ack(outcome)``: a :class:`KeyOutcome`, or any enum (or string) with the same values."""
 OnKey = Callable[[str, Ack], Awaitable[None] | None]

@@ -193,14 +193,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report = subparsers.add_parser(
         "report",
         help="write an HTML contact sheet of jobs, outputs and failures",
-        description="Read the status of each chosen job and write a static page, DIR/index.html, "
-        "with counts by state, execution times and the time span, a card per job (thumbnails "
-        "linking to the full outputs, the payload fields that differ between jobs, timings, "
-        f"other outputs with kind and size), and the failures grouped by error type. "
-        f"Thumbnails go to DIR/{THUMB_DIR}/ and are reused by the next run. Big batches are "
-        f"paged, {PER_PAGE} jobs a page. The page runs no script; open it from disk or upload "
-        "DIR anywhere static files are served. Without --presign, links are relative: a path "
-        "to the file with --local, the object key (relative to the bucket root) with S3.",
+        description=f"""
+            Read the status of each chosen job and write a static page, DIR/index.html, with
+            counts by state, execution times and the time span, a card per job (thumbnails
+            linking to the full outputs, the payload fields that differ between jobs, timings,
+            other outputs with kind and size), and the failures grouped by error type.
+            Thumbnails go to DIR/{THUMB_DIR}/ and are reused by the next run. Big batches are
+            paged, {PER_PAGE} jobs a page. The page runs no script; open it from disk or upload
+            DIR anywhere static files are served. Without --presign, links are relative: a path
+            to the file with --local, the object key (relative to the bucket root) with S3.
+        """,
     )
     report.add_argument(
         "job_ids", nargs="*", metavar="JOB_ID", help="jobs to show (default: every job)"

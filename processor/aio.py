@@ -1,4 +1,5 @@
-"""Waiting on several things at once, the one asyncio idiom this worker needs everywhere."""
+"""The two asyncio idioms this worker needs everywhere: waiting on several things at once, and
+closing what an ``async with`` opened."""
 
 from __future__ import annotations
 
@@ -24,3 +25,15 @@ async def wait_any(*events: asyncio.Event | None, timeout: float | None = None) 
         for waiter in waiters:
             with contextlib.suppress(asyncio.CancelledError):
                 await waiter
+
+
+class ClosedOnExit:
+    """``async with`` for anything that has an ``aclose``: leaving the block closes it, whatever
+    ended the block. Classes define ``__aenter__`` (which opens what needs opening) and
+    ``aclose``; this is the other half, written once."""
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
