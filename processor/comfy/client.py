@@ -222,6 +222,19 @@ class ComfyClient(ClosedOnExit):
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def generation(self) -> int:
+        """Counts websocket connections: it moves when ComfyUI comes back (a restart, or a
+        reconnect after a network fault), when what it offers may have changed."""
+        return self._generation
+
+    async def object_info(self) -> dict[str, Any]:
+        """``GET /object_info``: every node type ComfyUI offers, with its inputs (the model
+        files a loader accepts are the choices of its inputs). Large with many custom nodes,
+        so asked once per connection, not per job."""
+        await self._wait_connected()
+        return await self._request_json("GET", "/object_info")
+
     def drop_connection(self) -> None:
         """Abort the websocket as a network fault would (it reconnects and reconciles)."""
         if self._listener is not None:

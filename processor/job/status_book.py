@@ -38,6 +38,7 @@ from processor.job.status import (
     ErrorInfo,
     JobState,
     JobStatus,
+    ModelRecord,
     NotifyRecord,
     OutputRecord,
     ProgressInfo,
@@ -185,6 +186,10 @@ class AttemptRecord:
 
     def progress(self, info: ProgressInfo) -> None:
         self.status.progress = info
+
+    def models_ready(self, records: list[ModelRecord]) -> None:
+        """The models the manifest named, found in the cache or fetched for this attempt."""
+        self.status.models = records
 
     async def save(self) -> None:
         """Write the document as it stands (progress, or the final state set just before)."""

@@ -146,6 +146,12 @@ class Intake:
         if key in self._due_at:
             self._retries.add(key)
 
+    def put_off(self, key: str, delay: float) -> None:
+        """Offer ``key`` again only after ``delay`` seconds, and not as this worker's own retry
+        (a drain does not wait for it): it was left for other workers."""
+        self._schedule(key, self._clock() + max(0.0, delay))
+        self._retries.discard(key)
+
     def held_until(self, key: str, expires_at: float) -> None:
         """Another worker holds ``key`` until ``expires_at`` (epoch seconds, its clock).
         A hold that has already ended (a claim lost in a race, or deleted as its manifest was
