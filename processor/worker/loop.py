@@ -688,9 +688,8 @@ class Worker:
         await beat.halt()
         lease = beat()
         try:
-            await self.claims.release(
-                lease, error=f"capability_missing: {error}", charge=False, count_try=False
-            )
+            # No error recorded: nothing failed, and the next holder's status must not say so.
+            await self.claims.release(lease, error=None, charge=False, count_try=False)
         except (StorageError, LeaseLost) as trouble:  # either way the claim expires by itself
             log.warning("%s: could not give the claim back: %s", key, trouble)
         pause = float(error.details.get("left_for", 0.0)) + 1.0
