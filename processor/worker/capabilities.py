@@ -197,4 +197,33 @@ class CapabilityWatch:
             if any(job.models for job in jobs) and self.cache is None:
                 return Lack(no_cache=True)
             return None
-        return lacking(capabilities, jobs, self.cache)
+        lack = lacking(capabilities, jobs, self.cache)
+        if lack is not None and lack.nodes:
+            present = await self._confirm_absent(lack.nodes)
+            if present:
+                lack = lacking(self._with_nodes(capabilities, present), jobs, self.cache)
+        return lack
+
+    async def _confirm_absent(self, node_types: Iterable[str]) -> set[str]:
+        """Of node types missing from /object_info, those ComfyUI has after all (their
+        description failed to build when the catalogue was read); remembered per connection."""
+        has_node = getattr(self.comfy, "has_node", None)
+        if has_node is None:
+            return set()
+        present = set()
+        for node_type in node_types:
+            try:
+                found = await has_node(node_type)
+            except Exception as error:  # cannot tell: do not refuse the job for it
+                log.warning("could not ask ComfyUI about node type %s: %s", node_type, error)
+                found = True
+            if found:
+                log.info("ComfyUI has node type %s, though /object_info left it out", node_type)
+                present.add(node_type)
+        return present
+
+    def _with_nodes(self, capabilities: Capabilities, present: set[str]) -> Capabilities:
+        known = Capabilities(capabilities.nodes | present, capabilities.models)
+        if self._known is capabilities:
+            self._known = known
+        return known

@@ -436,13 +436,18 @@ async def system_stats(request: web.Request) -> web.Response:
 
 async def object_info(request: web.Request) -> web.Response:
     ctx = request.app[ENGINE].ctx
-    return web.json_response({name: node.info(ctx) for name, node in offered(ctx).items()})
+    broken = set(ctx.state.broken_info_nodes)  # logged and left out, as ComfyUI does
+    return web.json_response(
+        {name: node.info(ctx) for name, node in offered(ctx).items() if name not in broken}
+    )
 
 
 async def object_info_node(request: web.Request) -> web.Response:
     name = request.match_info["node_class"]
     ctx = request.app[ENGINE].ctx
     node = offered(ctx).get(name)
+    if node is not None and name in ctx.state.broken_info_nodes:
+        raise web.HTTPInternalServerError(text="500 Internal Server Error")
     return web.json_response({name: node.info(ctx)} if node else {})
 
 

@@ -168,6 +168,19 @@ async def test_capabilities_are_read_again_when_comfyui_comes_back(
     assert counts.succeeded == 1 and status_of(tmp_path, "blur").state is JobState.succeeded
 
 
+async def test_a_node_left_out_of_object_info_because_it_failed_is_not_missing(
+    tmp_path: Path, fake_comfyui: Any
+) -> None:
+    """A real ComfyUI leaves a node out of /object_info when its description raises (LoadImage
+    while its input folder does not exist): asked one by one, it is there, and the job runs."""
+    fake_comfyui.state.broken_info_nodes = ["ImageInvert"]
+    drop(tmp_path, "invert", {"graph": graph("ImageInvert")})
+
+    counts = await drain(tmp_path, raw(fake_comfyui, capability_wait=60))
+
+    assert counts.succeeded == 1 and executed(fake_comfyui) == 1
+
+
 def test_what_a_graph_lacks_models_included() -> None:
     info = {
         "CheckpointLoaderSimple": {
