@@ -505,8 +505,10 @@ class Worker:
             return [await self._invalid(key, stored, error)]
         lack = await self.capabilities.lacking(jobs)
         if lack is not None:
-            slot.release()
-            return await self._lacking(key, stored, lease, jobs, lack, leave=leave)
+            ended = await self._lacking(key, stored, lease, jobs, lack, leave=leave)
+            if ended is not None:
+                slot.release()
+                return ended
         tasks = [
             asyncio.create_task(
                 self._job(job, lease, slot if index == 0 else self.lane.take_now(), stored.version)
@@ -648,10 +650,12 @@ class Worker:
         lack: Lack,
         *,
         leave: bool,
-    ) -> list[JobOutcome]:
+    ) -> list[JobOutcome] | None:
         """A manifest that needs what this worker lacks. Until it is COMFYS3_CAPABILITY_WAIT
         seconds old it is left for another worker (:class:`CapabilityMissing`, handled by
-        :meth:`_leave`); then no worker that has what it needs took it, and it fails."""
+        :meth:`_leave`); then no worker that has what it needs took it, and it fails. When
+        only model files are missing, it runs instead (None): ComfyUI's own validation error
+        names the file and lists those it has."""
         wait = self.settings.lane.capability_wait
         age = _age(stored)
         if leave and age is not None and age < wait:
@@ -659,6 +663,8 @@ class Worker:
                 f"this worker's ComfyUI {lack.describe()}",
                 {**lack.details(), "left_for": round(wait - age, 1)},
             )
+        if not lack.nodes and not lack.no_cache:
+            return None
         waited = f"no worker that has them took it within {wait:g} s (COMFYS3_CAPABILITY_WAIT)"
         if not leave:
             waited = "this worker was asked to run it"

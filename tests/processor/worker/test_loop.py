@@ -202,29 +202,23 @@ async def test_output_converted_to_jpeg(tmp_path: Path, fake_comfyui: Any) -> No
         assert image.format == "JPEG"
 
 
-async def test_missing_checkpoint_fails_without_retry_when_nobody_waits(
-    tmp_path: Path, fake_comfyui: Any
-) -> None:
+async def test_refused_graph_fails_without_retry(tmp_path: Path, fake_comfyui: Any) -> None:
     """A checkpoint this worker's ComfyUI lacks: with COMFYS3_CAPABILITY_WAIT=0 no other worker
-    is waited for, and the job fails at once, naming the model and what is installed."""
+    is waited for, and ComfyUI's own refusal names the file."""
     drop(
         tmp_path,
         "nockpt",
-        {"workflow": "txt2img", "payload": {"ckpt_name": "random_sd15x.safetensors"}},
+        {"workflow": "txt2img", "payload": {"ckpt_name": "missing.safetensors"}},
     )
 
     counts = await drain(tmp_path, worker_settings(fake_comfyui, capability_wait=0))
 
     status = status_of(tmp_path, "nockpt")
     assert status.state is JobState.failed and status.error is not None
-    assert status.error.type == "capability_missing"
-    assert "CheckpointLoaderSimple.ckpt_name = random_sd15x.safetensors" in status.error.message
-    assert "random_sd15.safetensors" in status.error.message  # the closest installed one
-    assert status.error.details["missing_models"] == [
-        "CheckpointLoaderSimple.ckpt_name = random_sd15x.safetensors"
-    ]
+    assert status.error.type == "validation"
+    assert "missing.safetensors" in status.error.message
+    assert "CheckpointLoaderSimple" in status.error.message
     assert counts.retried == 0 and executions(fake_comfyui) == 0
-    assert fake_comfyui.stats()["queued"] == 0  # never sent to ComfyUI
 
 
 async def test_progress_is_recorded_while_running(tmp_path: Path, fake_comfyui: Any) -> None:
