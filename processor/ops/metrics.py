@@ -245,7 +245,7 @@ ComfyCheck = Callable[[], bool]
 
 
 # Past this many seconds between this machine's clock and the store's, the worker says so.
-CLOCK_WARN_SECONDS = 30.0
+CLOCK_WARN_SECONDS = 10.0
 
 
 def describe_clock_offset(offset: float) -> str:
