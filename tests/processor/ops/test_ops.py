@@ -216,6 +216,14 @@ async def test_healthz_flips_with_its_inputs(http: aiohttp.ClientSession) -> Non
         assert status == 503 and body["reason"] == "worker: the worker is stopping"
 
 
+def test_an_idle_events_worker_stays_ready_between_its_listings() -> None:
+    """With --events sqs an idle worker lists storage only every fallback interval (180 s by
+    default); health must not call it unready in between (it once did from 120 s on)."""
+    settings = WorkerSettings(events_fallback_interval=180)
+    assert build_ops(settings).health.storage_window == 120
+    assert build_ops(settings, listing_interval=180).health.storage_window == 270
+
+
 def test_healthz_says_how_far_the_clock_is_from_the_stores_and_stays_ready() -> None:
     health = Health(comfy_ok=lambda: True)
     health.storage_ok()
