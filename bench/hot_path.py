@@ -109,21 +109,34 @@ class Row:
     s3_kinds: collections.Counter[str] | None = None
     note: str = ""
 
+    spans: list[float] = field(default_factory=list)  # ComfyUI's span of each round, s
+    e2es: list[float] = field(default_factory=list)  # first exec start to client done, s
+    load: list[float] = field(default_factory=list)  # the machine's 1-min load at each end
+
+    def close(self) -> Row:
+        """Note this round's spans, from its /history times and when the client was done."""
+        starts = [h["start"] / 1000 for h in self.history.values()]
+        ends = [h["end"] / 1000 for h in self.history.values()]
+        if len(ends) > 1:
+            self.spans.append(max(ends) - min(starts))
+        if self.client_end is not None and starts:
+            self.e2es.append(self.client_end - min(starts))
+        self.load.append(os.getloadavg()[0])
+        return self
+
     def figures(self) -> dict[str, Any]:
-        starts = [h["start"] for h in self.history.values()]
-        ends = [h["end"] for h in self.history.values()]
         execs = sorted(h["end"] - h["start"] for h in self.history.values())
-        span = (max(ends) - min(starts)) / 1000 if len(ends) > 1 else None
         out: dict[str, Any] = {"client": self.client, "workload": self.workload,
                                "jobs": self.jobs, "ok": self.ok,
-                               "prompts_in_history": len(self.history)}  # fmt: skip
+                               "prompts_in_history": len(self.history),
+                               "rounds": len(self.load),
+                               "load_1min": [round(x, 1) for x in self.load]}  # fmt: skip
         if self.note:
             out["note"] = self.note
-        if span:
-            out["jobs_per_s"] = round(len(ends) / span, 2)
-        if self.client_end is not None and starts:
-            e2e = self.client_end - min(starts) / 1000
-            out["jobs_per_s_e2e"] = round(self.ok / e2e, 2) if e2e > 0 else None
+        if self.spans:
+            out["jobs_per_s"] = round(len(self.history) / sum(self.spans), 2)
+        if self.e2es and sum(self.e2es) > 0:
+            out["jobs_per_s_e2e"] = round(self.ok / sum(self.e2es), 2)
         if execs:
             out["exec_ms_p50"] = round(statistics.median(execs), 1)
             out["exec_ms_p95"] = round(
@@ -161,6 +174,49 @@ class Row:
 
 def _per(counter: Any, per: int) -> dict[str, float]:
     return {k: round(v / per, 2) for k, v in sorted(counter.items(), key=lambda kv: -kv[1])}
+
+
+def merge(rounds: list[Row]) -> Row:
+    """One row from the same client's rounds: counts and times added, histories joined."""
+    first = rounds[0]
+    row = Row(first.client, first.workload, 0, 0, [])
+    notes = []
+    for part in rounds:
+        row.jobs += part.jobs
+        row.ok += part.ok
+        row.prompt_ids += part.prompt_ids
+        row.history.update(part.history)
+        row.spans += part.spans
+        row.e2es += part.e2es
+        row.load += part.load
+        for name in ("worker_cpu_s", "worker_cpu_steady_s", "comfy_cpu_s", "s3_cpu_s"):
+            value = getattr(part, name)
+            if value is not None:
+                setattr(row, name, (getattr(row, name) or 0.0) + value)
+        for name in ("s3", "comfy"):
+            counts = getattr(part, name)
+            if counts is not None:
+                setattr(row, name, add_counts(getattr(row, name), counts))
+        if part.s3_kinds is not None:
+            row.s3_kinds = (row.s3_kinds or collections.Counter()) + part.s3_kinds
+        if part.note:
+            notes.append(part.note)
+    row.note = " | ".join(notes)
+    return row
+
+
+def add_counts(total: Counts | None, more: Counts) -> Counts:
+    if total is None:
+        total = Counts()
+    total.requests += more.requests
+    total.statuses += more.statuses
+    total.ws_messages += more.ws_messages
+    total.requests_before_first_prompt += more.requests_before_first_prompt
+    total.bytes_up += more.bytes_up
+    total.bytes_down += more.bytes_down
+    total.prompt_ids += more.prompt_ids
+    total.deleted_keys += more.deleted_keys
+    return total
 
 
 # -- ComfyUI, straight ------------------------------------------------------------------------
@@ -211,7 +267,7 @@ def queue_alone(comfy: Comfy, graphs: list[dict[str, Any]], label: str) -> Row:
     row = Row("ComfyUI alone (all queued)", label, len(graphs), len(graphs), ids, client_end=end)
     row.comfy_cpu_s = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
     row.history = history_times(comfy.url, ids)
-    return row
+    return row.close()
 
 
 # -- graphs, from comfys3's own CLI -----------------------------------------------------------
@@ -280,8 +336,16 @@ def worker_env(s3: S3, s3_url: str, comfy_url: str) -> dict[str, str]:
 
 
 def run_comfys3(
-    s3: S3, comfy: Comfy, workload: Workload, numbers: range, folder: Path, prefix: str
+    s3: S3,
+    comfy: Comfy,
+    workload: Workload,
+    numbers: range,
+    folder: Path,
+    prefix: str,
+    counted: bool = True,
 ) -> Row:
+    """One `comfys3 run --once` worker draining ``numbers`` jobs; ``counted``: through the
+    counting proxies (else straight to S3 and ComfyUI, for throughput without the proxies)."""
     client = s3.client()
     for n in numbers:
         body = {"id": f"{prefix}-{n:05d}", "workflow": workload.workflow,
@@ -294,38 +358,58 @@ def run_comfys3(
         holder["cpu_at_first_prompt"] = cpu_seconds(holder.get("pid"))
 
     jobs = len(numbers)
-    log_path = folder / f"worker-{workload.name}.log"
-    with (
-        CountingProxy(s3.endpoint_url, s3_operation) as s3_proxy,
-        CountingProxy(comfy.url, comfy_route, at_first_prompt, peer=s3_proxy) as comfy_proxy,
-        log_path.open("wb") as log,
-    ):
+    name = "comfys3, one worker" if counted else "comfys3, one worker, no proxies"
+    log_path = folder / f"worker-{workload.name}{'' if counted else '-bare'}.log"
+    with contextlib.ExitStack() as stack:
+        s3_proxy = comfy_proxy = None
+        if counted:
+            s3_proxy = stack.enter_context(CountingProxy(s3.endpoint_url, s3_operation))
+            comfy_proxy = stack.enter_context(
+                CountingProxy(comfy.url, comfy_route, at_first_prompt, peer=s3_proxy)
+            )
+        log = stack.enter_context(log_path.open("wb"))
         comfy_cpu0, s3_cpu0 = cpu_seconds(comfy.pid), cpu_seconds(s3.pid)
+        env = worker_env(s3, s3_proxy.url if s3_proxy else s3.endpoint_url,
+                         comfy_proxy.url if comfy_proxy else comfy.url)  # fmt: skip
         process = subprocess.Popen(
-            [*comfys3_command(), "run", "--once"],
-            env=worker_env(s3, s3_proxy.url, comfy_proxy.url), cwd=folder,
+            [*comfys3_command(), "run", "--once"], env=env, cwd=folder,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         holder["pid"] = process.pid
         code, cpu, timed_out = wait_child(process, jobs * WORKER_TIMEOUT_PER_JOB + 60)
         end = time.time()
         comfy_cpu1, s3_cpu1 = cpu_seconds(comfy.pid), cpu_seconds(s3.pid)
-    row = Row("comfys3, one worker", workload.name, jobs, 0, comfy_proxy.counts.prompt_ids,
-              client_end=end, worker_cpu_s=cpu, s3=s3_proxy.counts,
-              comfy=comfy_proxy.counts)  # fmt: skip
+    row = Row(name, workload.name, jobs, 0, [], client_end=end, worker_cpu_s=cpu)
     if holder.get("cpu_at_first_prompt") is not None:
         row.worker_cpu_steady_s = cpu - holder["cpu_at_first_prompt"]
     row.comfy_cpu_s = _diff(comfy_cpu0, comfy_cpu1)
     row.s3_cpu_s = _diff(s3_cpu0, s3_cpu1)
-    row.s3_kinds = s3_by_key_kind(s3_proxy.counts, s3.bucket)
     row.ok = succeeded(client, s3.bucket, prefix, numbers)
     if code != 0 or timed_out or row.ok != jobs:
         tail = log_path.read_text(errors="replace")[-1500:]
         row.note = f"worker exit {code}{' (timed out)' if timed_out else ''}; log tail: {tail}"
-    row.history = history_times(comfy.url, row.prompt_ids)
-    write_trace(folder / f"trace-comfys3-{workload.name}.jsonl", s3_proxy.counts, "s3")
-    write_trace(folder / f"trace-comfys3-{workload.name}.jsonl", comfy_proxy.counts, "comfyui")
-    return row
+    if s3_proxy is not None and comfy_proxy is not None:
+        row.s3, row.comfy = s3_proxy.counts, comfy_proxy.counts
+        row.s3_kinds = s3_by_key_kind(s3_proxy.counts, s3.bucket)
+        row.history = history_times(comfy.url, comfy_proxy.counts.prompt_ids)
+        trace = folder / f"trace-comfys3-{workload.name}.jsonl"
+        write_trace(trace, s3_proxy.counts, "s3")
+        write_trace(trace, comfy_proxy.counts, "comfyui")
+    else:
+        row.history = history_by_save_prefix(comfy.url, f"comfys3/{prefix}-", jobs)
+    return row.close()
+
+
+def history_by_save_prefix(url: str, prefix: str, jobs: int) -> dict[str, dict[str, float]]:
+    """Exec times of the last prompts whose save prefix starts with ``prefix`` (comfys3 names
+    outputs comfys3/<job id>/...), for rows whose prompt ids no proxy saw."""
+    ids = []
+    for prompt_id, entry in http_json(f"{url}/history?max_items={jobs + 50}").items():
+        graph = entry.get("prompt", [None, None, {}])[2]
+        prefixes = [node.get("inputs", {}).get("filename_prefix") for node in graph.values()]
+        if any(isinstance(p, str) and p.startswith(prefix) for p in prefixes):
+            ids.append(prompt_id)
+    return history_times(url, ids)
 
 
 def write_trace(path: Path, counts: Counts, server: str) -> None:
@@ -378,44 +462,59 @@ def _diff(before: float | None, after: float | None) -> float | None:
 
 
 def run_peer(
-    comfy: Comfy, graphs: list[Any], label: str, folder: Path, python: str, driver: str
+    comfy: Comfy,
+    graphs: list[Any],
+    label: str,
+    folder: Path,
+    args: argparse.Namespace,
+    save_prefix: str,
+    counted: bool = True,
 ) -> Row:
+    """worker-comfyui's handler, job after job, through a driver outside this repository."""
+    name = "worker-comfyui 5.8.5, base64 out" + ("" if counted else ", no proxy")
     try:
         urllib.request.urlopen(f"{comfy.url}/", timeout=10).read()
     except OSError as error:
-        row = Row("worker-comfyui 5.8.5, base64 out", label, len(graphs), 0, [])
+        row = Row(name, label, len(graphs), 0, [])
         row.note = f"not run: its handler waits for GET / to answer 200; this ComfyUI: {error}"
-        return row
-    graphs_file, out_file = folder / f"peer-{label}.json", folder / f"peer-{label}-out.json"
+        return row.close()
+    tag = f"{label}{'' if counted else '-bare'}"
+    graphs_file, out_file = folder / f"peer-{tag}.json", folder / f"peer-{tag}-out.json"
     graphs_file.write_text(json.dumps(graphs))
     holder: dict[str, Any] = {}
 
     def at_first_prompt() -> None:
         holder["cpu_at_first_prompt"] = cpu_seconds(holder.get("pid"))
 
-    with CountingProxy(comfy.url, comfy_route, at_first_prompt) as proxy:
+    with contextlib.ExitStack() as stack:
+        proxy = None
+        if counted:
+            proxy = stack.enter_context(CountingProxy(comfy.url, comfy_route, at_first_prompt))
         comfy_cpu0 = cpu_seconds(comfy.pid)
-        host = urllib.parse.urlsplit(proxy.url).netloc
+        host = urllib.parse.urlsplit(proxy.url if proxy else comfy.url).netloc
         process = subprocess.Popen(
-            [python, driver, "--comfy-host", host, "--graphs", str(graphs_file),
-             "--out", str(out_file), "--log", str(folder / f"peer-{label}.log")],
+            [args.peer_python, args.peer_driver, "--comfy-host", host, "--graphs",
+             str(graphs_file), "--out", str(out_file), "--log", str(folder / f"peer-{tag}.log")],
             stdin=subprocess.DEVNULL,
         )  # fmt: skip
         holder["pid"] = process.pid
         code, cpu, timed_out = wait_child(process, len(graphs) * WORKER_TIMEOUT_PER_JOB + 60)
         comfy_cpu1 = cpu_seconds(comfy.pid)
     result = json.loads(out_file.read_text()) if out_file.exists() else {}
-    row = Row("worker-comfyui 5.8.5, base64 out", label, len(graphs), int(result.get("ok", 0)),
-              proxy.counts.prompt_ids, client_end=result.get("ended_at"), worker_cpu_s=cpu,
-              comfy=proxy.counts)  # fmt: skip
+    row = Row(name, label, len(graphs), int(result.get("ok", 0)), [],
+              client_end=result.get("ended_at"), worker_cpu_s=cpu)  # fmt: skip
     if holder.get("cpu_at_first_prompt") is not None:
         row.worker_cpu_steady_s = cpu - holder["cpu_at_first_prompt"]
     row.comfy_cpu_s = _diff(comfy_cpu0, comfy_cpu1)
     if code != 0 or timed_out or row.ok != len(graphs):
         row.note = f"driver exit {code}; errors: {result.get('errors')}"
-    row.history = history_times(comfy.url, row.prompt_ids)
-    write_trace(folder / f"trace-peer-{label}.jsonl", proxy.counts, "comfyui")
-    return row
+    if proxy is not None:
+        row.comfy = proxy.counts
+        row.history = history_times(comfy.url, proxy.counts.prompt_ids)
+        write_trace(folder / f"trace-peer-{label}.jsonl", proxy.counts, "comfyui")
+    else:
+        row.history = history_by_save_prefix(comfy.url, save_prefix, len(graphs))
+    return row.close()
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -434,28 +533,44 @@ def comfyui_for(args: argparse.Namespace, workload: Workload, base: Path) -> Ite
 
 
 def run_workload(args: argparse.Namespace, workload: Workload, s3: S3, base: Path) -> list[Row]:
-    jobs = args.jobs
+    """Every client on this workload, in ``args.rounds`` rounds of jobs/rounds jobs each, the
+    order turned by one each round, so a change in the machine's load (other processes on a
+    shared box) falls on every client alike; each client's rounds are merged into one row."""
+    per_round = args.jobs // args.rounds
     say = lambda text: print(f"[{workload.name}] {text}", file=sys.stderr, flush=True)  # noqa: E731
-    rows: list[Row] = []
+    clients = ["alone", "comfys3"] + (["comfys3-bare"] if args.bare else [])
+    if args.peer_driver:
+        clients += ["peer"] + (["peer-bare"] if args.bare else [])
+    found: dict[str, list[Row]] = {client: [] for client in clients}
     with comfyui_for(args, workload, base) as comfy:
         stamp = uuid.uuid4().hex[:6]  # seeds and prefixes new in every run: no cache hits
-        offset = int(stamp, 16) % 1000 * 10_000
-        warm = filled_graphs(workload, f"warm{stamp}", range(offset + 9000, offset + 9002), base)
+        offset = int(stamp, 16) % 1000 * 1_000_000
+        warm = filled_graphs(workload, f"warm{stamp}", range(offset + 999_000, offset + 999_002),
+                             base)  # fmt: skip
         say("warm-up")
         queue_alone(comfy, warm, workload.name)
-        say(f"ComfyUI alone, {jobs} prompts")
-        alone = filled_graphs(workload, f"alone{stamp}", range(offset, offset + jobs), base)
-        rows.append(queue_alone(comfy, alone, workload.name))
-        say(f"comfys3, {jobs} jobs")
-        numbers = range(offset + 3000, offset + 3000 + jobs)
-        rows.append(run_comfys3(s3, comfy, workload, numbers, base, f"{workload.name}{stamp}"))
-        if args.peer_driver:
-            say(f"worker-comfyui, {jobs} jobs")
-            peer_numbers = range(offset + 6000, offset + 6000 + jobs)
-            peer = filled_graphs(workload, f"peer{stamp}", peer_numbers, base)
-            rows.append(run_peer(comfy, peer, workload.name, base, args.peer_python,
-                                 args.peer_driver))  # fmt: skip
-    return rows
+        for r in range(args.rounds):
+            turn = r % len(clients)
+            for client in clients[turn:] + clients[:turn]:
+                say(f"round {r + 1}/{args.rounds}: {client}, {per_round} jobs")
+                start = offset + clients.index(client) * 100_000 + r * per_round
+                numbers = range(start, start + per_round)
+                tag = f"{stamp}r{r}"
+                if client == "alone":
+                    graphs = filled_graphs(workload, f"alone{tag}", numbers, base)
+                    row = queue_alone(comfy, graphs, workload.name)
+                elif client.startswith("comfys3"):
+                    bare = client.endswith("bare")
+                    prefix = f"{workload.name}{tag}{'b' if bare else ''}"
+                    row = run_comfys3(s3, comfy, workload, numbers, base, prefix, not bare)
+                else:
+                    bare = client.endswith("bare")
+                    name = f"peer{'b' if bare else ''}{tag}"
+                    graphs = filled_graphs(workload, name, numbers, base)
+                    row = run_peer(comfy, graphs, workload.name, base, args,
+                                   f"comfys3/{name}-", not bare)  # fmt: skip
+                found[client].append(row)
+    return [merge(rows) for rows in found.values()]
 
 
 def _top(per_job: dict[str, float], limit: int = 6) -> str:
@@ -519,11 +634,17 @@ def main() -> None:
     parser.add_argument("--ckpt", default="rand-sd15.safetensors", help="checkpoint for B")
     parser.add_argument("--peer-driver", help="worker-comfyui driver script (see the docstring)")
     parser.add_argument("--peer-python", default=sys.executable, help="Python for the driver")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds a client")
+    parser.add_argument(
+        "--bare",
+        action="store_true",
+        help="also run comfys3 without the counting proxies (throughput only)",
+    )
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     parser.add_argument("--keep", type=Path, help="keep logs and graphs in this folder")
     args = parser.parse_args()
-    if args.jobs < 2:
-        parser.error("--jobs must be at least 2")
+    if args.rounds < 1 or args.jobs // args.rounds < 2:
+        parser.error("--jobs / --rounds must be at least 2 jobs a round")
     if args.peer_driver and not Path(args.peer_driver).is_file():
         parser.error(f"--peer-driver {args.peer_driver}: no such file")
     if not (shutil.which("comfys3") or comfys3_command()):
