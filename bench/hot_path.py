@@ -10,6 +10,12 @@ same ComfyUI:
 3. **worker-comfyui** (optional, `--peer-driver`): the peer's handler run job after job by a
    driver script kept outside this repository, its ComfyUI host pointed at a counting proxy.
 
+`--bare` adds rows 2 and 3 again without the proxies: forwarding costs the bench process CPU on
+the same cores (on 2 cores, 10-30% of a short job's throughput), so read jobs/s from those rows
+and the counts from the proxied ones. `--rounds R` splits each client's jobs into R rounds whose
+order turns by one each round, and merges them: other processes' load on a shared machine then
+falls on every client alike (each round starts its worker afresh; `steady` CPU leaves that out).
+
 Workloads (`--workloads A B`): A = weight-free 512 px (`solid` template: EmptyImage ->
 ImageInvert -> SaveImage), B = 64 px 1-step txt2img (`txt2img` template) on `--ckpt`. The graphs
 for rows 1 and 3 are the ones `comfys3 validate --print-graph` fills from the same payloads (a
@@ -33,13 +39,15 @@ Run it (from the repository root, in the project's venv; SeaweedFS comes with '.
 
     python bench/hot_path.py --comfyui fake                       # quick, no real ComfyUI
     python bench/hot_path.py --comfyui-url http://127.0.0.1:8188 \
-        --ckpt rand-sd15.safetensors [--jobs 100] [--workloads A B] \
+        --ckpt rand-sd15.safetensors [--jobs 100] [--workloads A B] [--rounds 2] [--bare] \
         [--peer-driver /work/rig/worker_comfyui_driver.py \
          --peer-python /work/rig/venv-peer/bin/python]
     python bench/hot_path.py ... --json results.json               # every figure, machine-readable
 
-A real ComfyUI needs the checkpoint in its models/checkpoints (B only). The peer driver gets
-`--comfy-host HOST:PORT --graphs FILE --out FILE --log FILE` and writes
+A real ComfyUI needs the checkpoint in its models/checkpoints (B only); the worker-comfyui
+handler does not run against the fake (it needs `GET /` to answer 200; the row says so). With
+`--keep DIR`, DIR holds the worker logs and every proxied request (trace-*.jsonl). The peer
+driver gets `--comfy-host HOST:PORT --graphs FILE --out FILE --log FILE` and writes
 {"jobs", "ok", "errors", "started_at", "ended_at"}. Prints figures; asserts nothing.
 """
 
