@@ -74,7 +74,16 @@ from pathlib import Path
 from typing import Any
 
 from counting_proxy import CountingProxy, Counts, comfy_route, s3_operation
-from rig_servers import ROOT, S3, Comfy, cpu_seconds, fake_comfyui, pid_listening_on, weed_mini
+from rig_servers import (
+    ROOT,
+    S3,
+    Comfy,
+    cpu_seconds,
+    die_with_parent,
+    fake_comfyui,
+    pid_listening_on,
+    weed_mini,
+)
 
 WORKER_TIMEOUT_PER_JOB = 30.0  # seconds; a row is abandoned (and said so) past jobs * this
 
@@ -382,6 +391,7 @@ def run_comfys3(
         process = subprocess.Popen(
             [*comfys3_command(), "run", "--once"], env=env, cwd=folder,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
         )  # fmt: skip
         holder["pid"] = process.pid
         code, cpu, timed_out = wait_child(process, jobs * WORKER_TIMEOUT_PER_JOB + 60)
@@ -503,7 +513,7 @@ def run_peer(
         process = subprocess.Popen(
             [args.peer_python, args.peer_driver, "--comfy-host", host, "--graphs",
              str(graphs_file), "--out", str(out_file), "--log", str(folder / f"peer-{tag}.log")],
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )  # fmt: skip
         holder["pid"] = process.pid
         code, cpu, timed_out = wait_child(process, len(graphs) * WORKER_TIMEOUT_PER_JOB + 60)

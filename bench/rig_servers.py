@@ -10,10 +10,12 @@ depend on where the worker's modules live.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.metadata
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +36,13 @@ WEED_PORTS = (
     "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc", "metricsPort",
 )  # fmt: skip
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def die_with_parent() -> None:
+    """preexec_fn for every child a bench starts: if the bench is killed, SIGTERM the child
+    too (Linux PR_SET_PDEATHSIG), so no worker, weed or fake outlives it."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -95,7 +104,7 @@ def weed_mini(base: Path) -> Iterator[S3]:
     ]  # fmt: skip
     log = (base / "weed.log").open("wb")
     process = subprocess.Popen(command, cwd=base, stdout=log, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL)  # fmt: skip
+                               stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)  # fmt: skip
     try:
         s3 = S3(f"http://127.0.0.1:{ports['s3.port']}", access, secret,
                 f"bench-{uuid.uuid4().hex[:12]}", process.pid)  # fmt: skip
@@ -136,6 +145,7 @@ def fake_comfyui(base: Path, **knobs: Any) -> Iterator[Comfy]:
         [sys.executable, "-m", "tests.fake_comfyui", "--port", str(port),
          "--base-directory", str(base)],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
