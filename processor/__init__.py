@@ -37,6 +37,7 @@ from processor.job.status import JobState, JobStatus, OutputRecord, ProgressInfo
 from processor.job.status_book import FINAL, STATUS_CONCURRENCY, JobRecord, StatusBook
 from processor.ops.parts import Ops, build_ops
 from processor.ops.server import OpsServer
+from processor.ops.version import package_version
 from processor.ops.volume import VolumeLogHandler, worker_log_handler
 from processor.safejson import load_json
 from processor.settings import (
@@ -172,6 +173,7 @@ __all__ = [
     "missing_inputs",
     "open_storage",
     "open_worker",
+    "package_version",
     "parse_graph",
     "plan_template",
     "random_seed",
