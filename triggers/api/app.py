@@ -84,18 +84,27 @@ def build_app(backend: Backend, token: str | None) -> FastAPI:
     )
     guarded = [Depends(bearer_guard(token))]
     _install_errors(app)
+
+    def route(
+        method: str, path: str, model: Any, summary: str, errors: tuple[int, ...], status: int = 200
+    ) -> Any:
+        """A route behind the token, its answers and errors described for the OpenAPI
+        document; every route but /healthz is one."""
+        return app.api_route(
+            path,
+            methods=[method],
+            status_code=status,
+            response_model=model,
+            tags=[path.split("/")[1]],
+            summary=summary,
+            responses=_errors(401, *errors),
+            dependencies=guarded,
+        )
+
     storage, layout, registry = backend.storage, backend.layout, backend.registry
     limits = backend.settings.jobs
 
-    @app.post(
-        "/jobs",
-        status_code=201,
-        response_model=Submitted,
-        tags=["jobs"],
-        summary="Submit a manifest, or a list of them",
-        responses=_errors(400, 401, 409, 413, 422),
-        dependencies=guarded,
-    )
+    @route("POST", "/jobs", Submitted, "Submit manifests", (400, 409, 413, 422), 201)
     async def post_jobs(request: Request, response: Response) -> Submitted:
         """Checked as `comfys3 submit` checks a file (template, payload, input file names, and
         that the files exist); nothing is written unless every manifest passes. Each goes in
@@ -112,14 +121,7 @@ def build_app(backend: Backend, token: str | None) -> FastAPI:
         response.headers["Location"] = f"/jobs/{submitted.jobs[0].id}"
         return submitted
 
-    @app.get(
-        "/jobs",
-        response_model=JobList | Summary,
-        tags=["jobs"],
-        summary="The backlog: counts, or the manifests in one state",
-        responses=_errors(401, 422),
-        dependencies=guarded,
-    )
+    @route("GET", "/jobs", JobList | Summary, "The backlog, or one state's manifests", (422,))
     async def get_jobs(
         state: BacklogState | None = None,
         limit: int = Query(100, ge=1, le=listing.MAX_PAGE),
@@ -134,28 +136,13 @@ def build_app(backend: Backend, token: str | None) -> FastAPI:
             storage, layout, state, limit=limit, after=after, lease_seconds=lease
         )
 
-    @app.get(
-        "/jobs/{job_id}",
-        response_model=JobStatus | WaitingJob,
-        tags=["jobs"],
-        summary="A job's status document",
-        responses=_errors(400, 401, 404),
-        dependencies=guarded,
-    )
+    @route("GET", "/jobs/{job_id}", JobStatus | WaitingJob, "A job's status", (400, 404))
     async def get_job(job_id: str) -> JobStatus | WaitingJob:
         """The job's `status.json`, or `{"state": "waiting"}` while its manifest waits for a
         worker; 404 when there is neither."""
         return await lookup.job_view(storage, layout, job_id)
 
-    @app.post(
-        "/jobs/{job_id}/cancel",
-        status_code=202,
-        response_model=CancelRequested,
-        tags=["jobs"],
-        summary="Ask the workers to cancel a job",
-        responses=_errors(400, 401, 404, 409),
-        dependencies=guarded,
-    )
+    @route("POST", "/jobs/{job_id}/cancel", CancelRequested, "Cancel a job", (400, 404, 409), 202)
     async def cancel_job(job_id: str) -> CancelRequested:
         """Writes the cancel request workers act on; a job that has already ended is 409."""
         view = await lookup.job_view(storage, layout, job_id)
@@ -164,25 +151,11 @@ def build_app(backend: Backend, token: str | None) -> FastAPI:
         key = await request_cancel(storage, layout, job_id, by="api")
         return CancelRequested(id=job_id, state=str(view.state), cancel_key=key)
 
-    @app.get(
-        "/workflows",
-        response_model=list[WorkflowSummary],
-        tags=["workflows"],
-        summary="The templates and their fields",
-        responses=_errors(401),
-        dependencies=guarded,
-    )
+    @route("GET", "/workflows", list[WorkflowSummary], "The templates and their fields", ())
     async def get_workflows() -> list[WorkflowSummary]:
         return catalog.summaries(registry)
 
-    @app.get(
-        "/workflows/{name}",
-        response_model=WorkflowDetail,
-        tags=["workflows"],
-        summary="One template: its fields and its payload's JSON Schema",
-        responses=_errors(401, 404),
-        dependencies=guarded,
-    )
+    @route("GET", "/workflows/{name}", WorkflowDetail, "One template and its schema", (404,))
     async def get_workflow(name: str) -> WorkflowDetail:
         return catalog.detail(registry, name)
 

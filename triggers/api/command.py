@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 from pathlib import Path
 
 from processor import Layout, Storage, WorkerSettings, load_worker_settings, storage_from_env
 from triggers.cli import logs
+from triggers.stopping import stop_on_signals
 
 DEFAULT_PORT = 8288  # when neither --port nor COMFYS3_API_PORT gives one
 
@@ -32,11 +31,7 @@ async def _serve(
 ) -> None:
     from triggers.api.server import serving_api
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(signum, stop.set)
+    stop = stop_on_signals()
     async with serving_api(settings, storage, layout, host=host, port=port):
         await stop.wait()
 
@@ -56,17 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             {DEFAULT_PORT}.
         """,
     )
-    serve.add_argument(
-        "--host", metavar="HOST", help="address to listen on (default COMFYS3_API_HOST, 127.0.0.1)"
-    )
-    serve.add_argument(
-        "--port",
-        type=int,
-        metavar="PORT",
-        help=f"port (default COMFYS3_API_PORT, or {DEFAULT_PORT})",
-    )
-    serve.add_argument("--local", type=Path, metavar="DIR", help="serve a local folder (DIR/input)")
-    serve.add_argument(
-        "--log-format", choices=("text", "json"), default="text", help="log line format"
-    )
+    option = serve.add_argument
+    option("--host", help="address to listen on (default COMFYS3_API_HOST, or 127.0.0.1)")
+    option("--port", type=int, help=f"port (default COMFYS3_API_PORT, or {DEFAULT_PORT})")
+    option("--local", type=Path, metavar="DIR", help="serve a local folder (DIR/input)")
+    option("--log-format", choices=("text", "json"), default="text", help="log line format")
     serve.set_defaults(handler=cmd_serve)
