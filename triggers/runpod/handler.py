@@ -123,7 +123,7 @@ class RunpodHandler:
             answer["refresh_worker"] = True
         return answer
 
-    # -- the three forms ------------------------------------------------------------------
+    # -- the forms --------------------------------------------------------------------
 
     async def _serve(
         self, job: dict[str, Any], request: Request | WorkerComfyuiJob
@@ -176,10 +176,7 @@ class RunpodHandler:
         try:
             await storage.put(key, data, content_type="application/json", if_none_match=True)
         except PreconditionFailed:
-            raise HandlerError(
-                f"a manifest {key} is already waiting to run; give this job another 'id', or "
-                f'run that one with {{"manifest": "{job_id}.json"}}'
-            ) from None
+            raise _already_waiting(key, job_id) from None
 
     async def _run_inline(
         self, worker: Worker, job: dict[str, Any], request: InlineJob, key: str, data: bytes
@@ -218,8 +215,8 @@ class RunpodHandler:
         notes = [*request.notes, *request.unused_notes()]
 
         async def run(worker: Worker) -> dict[str, Any]:
-            if await worker.storage.head(key) is not None:
-                await self._put_manifest(worker.storage, key, data, request.job_id)  # refused
+            if await worker.storage.head(key) is not None:  # before its images are kept
+                raise _already_waiting(key, request.job_id)
             await asyncio.gather(
                 *(
                     worker.storage.put(
@@ -359,6 +356,13 @@ def _peek(data: bytes, key: str) -> tuple[str, bool]:
     except ValueError:
         resolved = default_job_id(key)
     return resolved, isinstance(document.get("batch"), list)
+
+
+def _already_waiting(key: str, job_id: str) -> HandlerError:
+    return HandlerError(
+        f"a manifest {key} is already waiting to run; give this job another 'id', or "
+        f'run that one with {{"manifest": "{job_id}.json"}}'
+    )
 
 
 def _failure_line(status: JobStatus) -> str:

@@ -27,7 +27,7 @@ from tests.triggers.runpod.test_runpod import (
     run_test_input,
     worker_settings,
 )
-from tests.workers import ROOT, get_json, keys, s3_client
+from tests.workers import ROOT, get_json, keys, put_manifest, s3_client
 from triggers.runpod.handler import RunpodHandler
 from triggers.runpod.request import InputError
 from triggers.runpod.worker_comfyui import (
@@ -286,6 +286,22 @@ async def test_bad_images_are_refused_before_anything_is_written(
         assert answer["error"].startswith("job sync-wc-bad failed (validation):")
         assert answer["job_id"] == "sync-wc-bad" and answer["images"] == []
         assert answer["errors"] == ["ignored unknown key(s) of the input: x"]
+
+
+async def test_a_waiting_manifest_of_the_same_id_is_left_alone(
+    handler: RunpodHandler, moto_s3_settings: S3Settings
+) -> None:
+    client = s3_client(moto_s3_settings)
+    put_manifest(client, moto_s3_settings, "sync-wc-5", {"workflow": "solid"})
+
+    answer = await handler({"id": "sync-wc-5", "input": request_input()})
+
+    assert answer == {
+        "error": "a manifest input/sync-wc-5.json is already waiting to run; give this job "
+        """another 'id', or run that one with {"manifest": "sync-wc-5.json"}"""
+    }
+    assert get_json(client, moto_s3_settings, "input/sync-wc-5.json") == {"workflow": "solid"}
+    assert keys(client, moto_s3_settings, "output/") == []  # its images were not kept either
 
 
 async def test_raw_graphs_stay_behind_their_gate(
