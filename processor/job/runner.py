@@ -22,6 +22,7 @@ from processor.comfy.client import ComfyClient, OutputFile, Progress, RunResult
 from processor.errors import (
     InputInvalid,
     InputMissing,
+    LeaseLost,
     ObjectNotFound,
     ObjectTooLarge,
     StorageError,
@@ -31,7 +32,15 @@ from processor.job.manifest import Job
 from processor.job.outputs import prepare_output
 from processor.job.retry_table import describe, policy_for, will_retry
 from processor.job.status import JobState, JobStatus, OutputRecord, ProgressInfo
-from processor.job.status_book import FINAL, Announce, AttemptRecord, Beginning, Begun, StatusBook
+from processor.job.status_book import (
+    FINAL,
+    Announce,
+    AttemptRecord,
+    Beginning,
+    Begun,
+    Fence,
+    StatusBook,
+)
 from processor.logsafe import printable_logger
 from processor.settings import JobLimits, WorkerSettings
 from processor.storage.base import ObjectStore, Storage, validate_key
@@ -53,6 +62,7 @@ class Verdict(enum.Enum):
     skipped = "skipped"
     retry = "retry"  # failed, and another attempt may succeed
     failed = "failed"  # failed, and another attempt cannot help
+    lost = "lost"  # another worker took the claim over; this attempt's results were dropped
 
 
 @dataclass
@@ -154,8 +164,13 @@ class JobRunner:
         notes: list[str] | None = None,
         manifest_version: str | None = None,
         resumed: bool = False,
+        fence: Fence | None = None,
     ) -> JobOutcome:
         """Run ``job`` once; never raises but for cancellation.
+
+        ``fence``: the claim's heartbeat. Every write of the attempt (progress, outputs, final
+        status) is then made only while it holds the claim; one that finds the claim taken
+        over drops its results (:attr:`Verdict.lost`) and publishes nothing.
 
         ``resumed``: the manifest was claimed before (its claim existed), so this upload may
         already have run to its end, with only its retirement left undone.
@@ -172,6 +187,7 @@ class JobRunner:
             max_attempts=max_attempts,
             notes=notes,
             manifest_version=manifest_version,
+            fence=fence,
         )
         executed = _Once(hooks.on_executed)
         started = time.monotonic()
@@ -213,10 +229,13 @@ class JobRunner:
             record.timing("execute", result.execution_seconds)
 
             phase = time.monotonic()
-            outputs = await self._publish(job, graph, result, patience)
+            outputs = await self._publish(job, graph, result, patience, record)
             record.succeeded(outputs, result.texts)
             record.timing("publish", time.monotonic() - phase)
             verdict = Verdict.succeeded
+        except LeaseLost as lost:
+            executed(0.0)
+            return self._dropped(job, record, lost, run_id, result is None)
         except asyncio.CancelledError:
             executed(0.0)
             record.given_back()
@@ -255,6 +274,8 @@ class JobRunner:
                 await _patiently("writing its status", job.id, patience, record.save)
             else:
                 await record.save()
+        except LeaseLost as lost:
+            return self._dropped(job, record, lost, run_id, False)
         except Exception as error:  # storage trouble: the result is not recorded, so not done
             log.error("job %s: could not write its status: %s", job.id, error)
             if verdict is not Verdict.failed:
@@ -263,6 +284,23 @@ class JobRunner:
         if status.state in FINAL:
             self.book.announce_final(status, job.notify_url)
         return JobOutcome(verdict, status, charged)
+
+    def _dropped(
+        self, job: Job, record: AttemptRecord, lost: LeaseLost, run_id: str, running: bool
+    ) -> JobOutcome:
+        """This attempt lost its claim (its worker was frozen or cut off past its lease, and
+        another took the job over): it writes nothing more, and its prompt, if still running,
+        is stopped, since the new holder runs the job again."""
+        log.warning(
+            "job %s: %s; this try's results are dropped, not published",
+            job.id,
+            lost,
+            extra={"job_id": job.id, "attempt": record.status.attempt, "state": "lost"},
+        )
+        if running:
+            task = asyncio.ensure_future(self.comfy.interrupt(run_id))
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return JobOutcome(Verdict.lost, record.status, charged=False)
 
     def _failed(self, job: Job, record: AttemptRecord, error: Exception) -> tuple[Verdict, bool]:
         """Record a failed attempt: (verdict, whether the attempt counts). The retry table
@@ -321,7 +359,12 @@ class JobRunner:
         return dict(pairs)
 
     async def _publish(
-        self, job: Job, graph: dict[str, Any], result: RunResult, patience: float
+        self,
+        job: Job,
+        graph: dict[str, Any],
+        result: RunResult,
+        patience: float,
+        record: AttemptRecord,
     ) -> list[OutputRecord]:
         counters: dict[str, int] = {}
         plan = []
@@ -335,7 +378,11 @@ class JobRunner:
                 data = await self.comfy.fetch_output(ref)
                 prepared = prepare_output(data, ref.filename, ref.kind, job.output)
                 class_type = str(graph.get(ref.node_id, {}).get("class_type", "node"))
-                key = self.layout.output_key(job.id, ref.node_id, class_type, index, prepared.ext)
+                key = self.layout.output_key(
+                    job.id, ref.node_id, class_type, index, prepared.ext, record.status.claim_try
+                )
+                if record.fence is not None:
+                    await record.fence.ensure()  # nothing is published by a try that lost
 
                 async def upload() -> object:
                     return await self.storage.put(
@@ -392,6 +439,8 @@ class JobRunner:
                     await record.save()
                 except StorageError as error:
                     log.warning("job %s: progress not saved: %s", record.job_id, error)
+                except LeaseLost:
+                    return  # publishing finds it out too, and drops the results
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), PROGRESS_INTERVAL)
 

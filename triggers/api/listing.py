@@ -33,7 +33,8 @@ async def list_state(
     if state == "waiting":
         claimed = {info.key.rsplit("/", 1)[-1] for info in await _claims(storage, layout)}
         return await _page(storage, layout.input_dir, state, limit, after, skip=claimed)
-    fresh_since = time.time() - lease_seconds
+    # Claims are dated by the store's clock, so "now" is the store's too (as in summarise).
+    fresh_since = time.time() + (storage.clock_offset() or 0.0) - lease_seconds
     claims = [
         info
         for info in await _claims(storage, layout)
