@@ -12,6 +12,7 @@ from processor.comfy.waiting import Waiting
 from processor.errors import (
     ComfyError,
     Comfys3Error,
+    InputInvalid,
     JsonLimitError,
     ManifestError,
     ObjectNotFound,
@@ -22,12 +23,21 @@ from processor.errors import (
     WorkflowLoadError,
 )
 from processor.job.input_refs import RULE, key_problems, missing_inputs
-from processor.job.manifest import Job, JobManifest, check_job_id, default_job_id, load_jobs
+from processor.job.inputs import check_image
+from processor.job.manifest import (
+    Job,
+    JobManifest,
+    check_job_id,
+    default_job_id,
+    file_targets,
+    load_jobs,
+)
 from processor.job.runner import JobOutcome, Verdict
 from processor.job.status import JobState, JobStatus, OutputRecord, ProgressInfo
 from processor.job.status_book import FINAL, STATUS_CONCURRENCY, JobRecord, StatusBook
 from processor.ops.parts import Ops, build_ops
 from processor.ops.server import OpsServer
+from processor.ops.version import package_version
 from processor.ops.volume import VolumeLogHandler, worker_log_handler
 from processor.safejson import load_json
 from processor.settings import (
@@ -99,6 +109,7 @@ __all__ = [
     "FieldPlan",
     "FixedValue",
     "InputFile",
+    "InputInvalid",
     "Job",
     "JobManifest",
     "JobOutcome",
@@ -144,10 +155,12 @@ __all__ = [
     "WorkflowRegistry",
     "build_ops",
     "builtin_workflows_dir",
+    "check_image",
     "check_job_id",
     "check_template_name",
     "default_job_id",
     "differences",
+    "file_targets",
     "folder_prefix",
     "key_problems",
     "load_dispatch_settings",
@@ -160,6 +173,7 @@ __all__ = [
     "missing_inputs",
     "open_storage",
     "open_worker",
+    "package_version",
     "parse_graph",
     "plan_template",
     "random_seed",

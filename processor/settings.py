@@ -271,6 +271,12 @@ class RunpodSettings(BaseSettings):
     refresh_worker: bool = Field(
         default=False, description="Ask RunPod for a fresh worker after each job."
     )
+    runpod_images: Literal["auto", "base64", "s3_url"] = Field(
+        default="auto",
+        description="How a worker-comfyui-shaped request gets its images back: base64 in the "
+        "answer, or s3_url (presigned); auto does as worker-comfyui: s3_url when its "
+        "BUCKET_ENDPOINT_URL is set, base64 otherwise.",
+    )
 
 
 class WebhookSettings(BaseSettings):
@@ -381,6 +387,39 @@ class MetricsSettings(BaseSettings):
     _unset = field_validator("port", mode="before")(_empty_is_unset)
 
 
+class ApiSettings(BaseSettings):
+    """The HTTP jobs API (``comfys3 serve``, or beside ``comfys3 run`` when a port is set)."""
+
+    model_config = SettingsConfigDict(env_prefix=f"{ENV_PREFIX}API_", extra="ignore")
+
+    port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Serve the jobs API on this port beside `comfys3 run` (default: off; "
+        "`comfys3 serve` uses it too, else 8288).",
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address the jobs API listens on (0.0.0.0 to be reached from outside).",
+    )
+    token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token every jobs API request must carry (Authorization: Bearer ...).",
+    )
+    allow_no_token: bool = Field(
+        default=False,
+        description="Serve the jobs API without a token; honoured only on a loopback address.",
+    )
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body the jobs API reads (a POST /jobs of many manifests).",
+    )
+
+    _unset = field_validator("port", "token", mode="before")(_empty_is_unset)
+
+
 # The groups of WorkerSettings, by attribute: each reads its own variables, named by its prefix.
 GROUPS: dict[str, type[BaseSettings]] = {
     "comfyui": ComfyUISettings,
@@ -393,6 +432,7 @@ GROUPS: dict[str, type[BaseSettings]] = {
     "metrics": MetricsSettings,
     "fetch": FetchSettings,
     "models": ModelSettings,
+    "api": ApiSettings,
 }
 
 
@@ -432,6 +472,7 @@ class WorkerSettings(BaseModel):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
 
     @model_validator(mode="before")
     @classmethod

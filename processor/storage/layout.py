@@ -10,6 +10,7 @@ the code cannot drift apart.
 <output>/<job id>/status.json        the job's status document
 <output>/<job id>/<node>_<ClassType>_<nnn>.<ext>    the job's outputs (first try of its claim)
 <output>/<job id>/try-<n>/<node>_<ClassType>_<nnn>.<ext>   outputs of a later try
+<output>/<job id>/inputs/<name>      files sent with a RunPod request (worker-comfyui's images)
 ```
 Sub-prefixes of ``<input>`` are not listed by a poll (it lists with a delimiter), so the cost of
 a poll depends on the pending work, never on history.
@@ -84,6 +85,11 @@ class Layout:
 
     def status_key(self, job_id: str) -> str:
         return f"{self.job_prefix(job_id)}/status.json"
+
+    def upload_key(self, job_id: str, name: str) -> str:
+        """Where a file that came with a request (not from the bucket) is kept for its job:
+        beside the job's outputs, so it lives and is cleaned up with them."""
+        return f"{self.job_prefix(job_id)}/inputs/{name}"
 
     def output_key(
         self,

@@ -88,20 +88,38 @@ def check(
     except OSError as error:
         return f"{path}: cannot read it: {error.strerror}"
     try:
-        jobs = load_jobs(
-            data,
-            manifest_key=f"{path.stem}.json",
-            registry=registry,
-            allow_raw=allow_raw,
-            max_bytes=max_bytes,
-        )
-        problems = key_problems(jobs)
-        if problems:
-            raise ManifestError(problems)
+        jobs = check_manifest(data, path.stem, registry, allow_raw, max_bytes)
     except ManifestError as error:
         lines = [f"{path}: invalid manifest"] + [f"  {problem}" for problem in error.problems]
         return "\n".join(lines)
     return Submission(path, path.stem, data, jobs)
+
+
+def check_manifest(
+    data: bytes, name: str, registry: WorkflowRegistry, allow_raw: bool, max_bytes: int
+) -> list[Job]:
+    """The jobs a manifest to be named ``<name>.json`` in the intake becomes, checked as a
+    worker will check them (input file names included), or a ManifestError with every problem.
+    The one check behind ``submit`` and the jobs API's ``POST /jobs``."""
+    jobs = load_jobs(
+        data,
+        manifest_key=f"{name}.json",
+        registry=registry,
+        allow_raw=allow_raw,
+        max_bytes=max_bytes,
+    )
+    problems = key_problems(jobs)
+    if problems:
+        raise ManifestError(problems)
+    return jobs
+
+
+def already_succeeded(job_id: str) -> str:
+    """The warning for a job id that succeeded before: workers will not run it again."""
+    return (
+        f"job {job_id} already succeeded, so a worker will not run it again; set "
+        '"rerun": true in the manifest to run it anyway'
+    )
 
 
 def _same_name(submissions: list[Submission]) -> str | None:
@@ -165,11 +183,7 @@ async def _submit(
             for job in submission.jobs:
                 previous = before[job.id]
                 if not job.rerun and previous and previous.state is JobState.succeeded:
-                    print(
-                        f"  warning: job {job.id} already succeeded, so a worker will not run it "
-                        'again; set "rerun": true in the manifest to run it anyway',
-                        file=sys.stderr,
-                    )
+                    print(f"  warning: {already_succeeded(job.id)}", file=sys.stderr)
         if refused or not args.wait:
             return 1 if refused else 0
         stale = {job_id: status for job_id, status in before.items() if status is not None}
@@ -333,4 +347,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.set_defaults(handler=cmd_submit)
 
 
-__all__ = ["check", "follow", "register", "report"]
+__all__ = ["already_succeeded", "check", "check_manifest", "follow", "register", "report"]

@@ -110,6 +110,12 @@ async def _run(
                 await stack.enter_async_context(server)
             except OSError as error:
                 raise SettingsError(str(error.strerror or error)) from None
+        if settings.api.port is not None:
+            # Before the worker, so jobs can be submitted while ComfyUI starts.
+            from triggers.api.server import serving_api  # FastAPI loads only when it serves
+
+            api_storage, _ = storage_from_env(args.local)
+            await stack.enter_async_context(serving_api(settings, api_storage, layout))
         worker = await stack.enter_async_context(
             open_worker(storage=storage, layout=layout, settings=settings, ops=ops)
         )

@@ -32,11 +32,13 @@ from processor import (
     WorkflowRegistry,
     check_job_id,
     default_job_id,
+    key_problems,
     load_jobs,
     open_storage,
     open_worker,
     s3_layout,
 )
+from triggers.runpod import worker_comfyui
 from triggers.runpod.host import WorkerHost
 from triggers.runpod.progress import (
     DEFAULT_INTERVAL,
@@ -54,6 +56,7 @@ from triggers.runpod.request import (
     manifest_key,
     parse_request,
 )
+from triggers.runpod.worker_comfyui import WorkerComfyuiJob, is_worker_comfyui
 
 log = logging.getLogger("comfys3.runpod")
 
@@ -95,7 +98,11 @@ class RunpodHandler:
     async def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
         try:
             runpod_id = str(job.get("id") or FALLBACK_ID)
-            request = parse_request(job.get("input"), runpod_id)
+            request: Request | WorkerComfyuiJob
+            if is_worker_comfyui(job.get("input")):
+                request = worker_comfyui.parse(job["input"], runpod_id)
+            else:
+                request = parse_request(job.get("input"), runpod_id)
             if isinstance(request, InlineJob) and request.job_id not in (
                 runpod_id,
                 job["input"].get("id"),
@@ -116,12 +123,16 @@ class RunpodHandler:
             answer["refresh_worker"] = True
         return answer
 
-    # -- the three forms ------------------------------------------------------------------
+    # -- the forms --------------------------------------------------------------------
 
-    async def _serve(self, job: dict[str, Any], request: Request) -> dict[str, Any]:
+    async def _serve(
+        self, job: dict[str, Any], request: Request | WorkerComfyuiJob
+    ) -> dict[str, Any]:
+        if isinstance(request, WorkerComfyuiJob):
+            return await self._serve_worker_comfyui(job, request)
         if isinstance(request, InlineJob):
             key = self.layout.manifest_key(request.job_id)
-            data = self._validated(request, key)
+            data = self._validated(request.document, key)
 
             async def inline(worker: Worker) -> dict[str, Any]:
                 return await self._run_inline(worker, job, request, key, data)
@@ -142,29 +153,35 @@ class RunpodHandler:
 
         return await self.host.run(run_drain)
 
-    def _validated(self, request: InlineJob, key: str) -> bytes:
-        """The manifest's bytes, checked in full (template and payload included) before the
-        worker starts, so a bad request is refused at once and leaves nothing behind."""
-        data = json.dumps(request.document).encode()
-        load_jobs(
+    def _validated(self, document: dict[str, Any], key: str) -> bytes:
+        """The manifest's bytes, checked in full (template, payload and input file names
+        included) before the worker starts, so a bad request is refused at once and leaves
+        nothing behind."""
+        data = json.dumps(document).encode()
+        jobs = load_jobs(
             data,
             manifest_key=key,
             registry=self.registry,
             allow_raw=self.settings.jobs.allow_raw_workflows,
             max_bytes=self.settings.jobs.max_manifest_bytes,
         )
+        problems = key_problems(jobs)
+        if problems:
+            raise ManifestError(problems)
         return data
+
+    async def _put_manifest(self, storage: Storage, key: str, data: bytes, job_id: str) -> None:
+        """Write an inline manifest, never over one that waits (its caller would get this
+        request's answer, and this caller that one's)."""
+        try:
+            await storage.put(key, data, content_type="application/json", if_none_match=True)
+        except PreconditionFailed:
+            raise _already_waiting(key, job_id) from None
 
     async def _run_inline(
         self, worker: Worker, job: dict[str, Any], request: InlineJob, key: str, data: bytes
     ) -> dict[str, Any]:
-        try:
-            await worker.storage.put(key, data, content_type="application/json", if_none_match=True)
-        except PreconditionFailed:
-            raise HandlerError(
-                f"a manifest {key} is already waiting to run; give this job another 'id', or "
-                f'run that one with {{"manifest": "{request.job_id}.json"}}'
-            ) from None
+        await self._put_manifest(worker.storage, key, data, request.job_id)
         with self.relay.watch(job, request.job_id):
             outcomes = await self._run_to_end(worker, key)
         return await self._answer(worker, key, outcomes, batch="batch" in request.document)
@@ -178,6 +195,55 @@ class RunpodHandler:
         with self.relay.watch(job, job_id):
             outcomes = await self._run_to_end(worker, key)
         return await self._answer(worker, key, outcomes, batch=batch)
+
+    async def _serve_worker_comfyui(
+        self, job: dict[str, Any], request: WorkerComfyuiJob
+    ) -> dict[str, Any]:
+        """A worker-comfyui request: checked whole (graph, then every image) before anything
+        is written; its images kept beside the job, then the manifest; the answer in
+        worker-comfyui's shape."""
+        key = self.layout.manifest_key(request.job_id)
+        data = self._validated(request.manifest(self.layout), key)
+        limits = self.settings.jobs
+        images = await asyncio.to_thread(
+            worker_comfyui.decode_images,
+            request.used_images(),
+            max_bytes=limits.max_input_bytes,
+            max_pixels=limits.max_input_pixels,
+        )
+        mode = worker_comfyui.image_mode(request.images_as, self.settings.runpod.runpod_images)
+        notes = [*request.notes, *request.unused_notes()]
+
+        async def run(worker: Worker) -> dict[str, Any]:
+            if await worker.storage.head(key) is not None:  # before its images are kept
+                raise _already_waiting(key, request.job_id)
+            await asyncio.gather(
+                *(
+                    worker.storage.put(
+                        self.layout.upload_key(request.job_id, image.name),
+                        image.data,
+                        content_type=image.content_type,
+                    )
+                    for image in images
+                )
+            )
+            await self._put_manifest(worker.storage, key, data, request.job_id)
+            with self.relay.watch(job, request.job_id):
+                outcomes = await self._run_to_end(worker, key)
+            status = outcomes[0].status
+            answer = await worker_comfyui.answer(
+                worker.storage,
+                self.layout,
+                status,
+                mode=mode,
+                presign_seconds=self.settings.runpod.presign_seconds,
+                notes=notes,
+            )
+            if status.state is not JobState.succeeded:
+                answer["error"] = _failure_line(status)
+            return answer
+
+        return await self.host.run(run)
 
     async def _drain(self, worker: Worker, job: dict[str, Any], drain: Drain) -> dict[str, Any]:
         # The worker's counts run for its whole life; this drain's share is what came after.
@@ -290,6 +356,13 @@ def _peek(data: bytes, key: str) -> tuple[str, bool]:
     except ValueError:
         resolved = default_job_id(key)
     return resolved, isinstance(document.get("batch"), list)
+
+
+def _already_waiting(key: str, job_id: str) -> HandlerError:
+    return HandlerError(
+        f"a manifest {key} is already waiting to run; give this job another 'id', or "
+        f'run that one with {{"manifest": "{job_id}.json"}}'
+    )
 
 
 def _failure_line(status: JobStatus) -> str:
