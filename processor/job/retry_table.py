@@ -50,9 +50,12 @@ TABLE: dict[type[BaseException], Policy] = {
     errors.InputMissing: Policy("input_missing", retry=False),
     errors.InputInvalid: Policy("input_invalid", retry=False),
     errors.ComfyValidationError: Policy("validation", retry=False),
+    # Someone asked for it to stop: final, and not the job's fault, so never charged.
+    errors.JobCancelled: Policy("cancelled", retry=False, charge=False),
     # ComfyUI failed this prompt: another attempt may not.
     errors.ComfyRuntimeError: Policy("runtime", retry=True),
     errors.ComfyTimeout: Policy("timeout", retry=True),
+    errors.JobTimeLimitExceeded: Policy("timeout", retry=False),
     errors.ComfyInterrupted: Policy("interrupted", retry=True),
     errors.ComfyUnavailable: Policy("comfyui_unavailable", retry=True),
     errors.ComfyDiedWhileWaiting: Policy("comfyui_unavailable", retry=True, charge=False),

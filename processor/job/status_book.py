@@ -41,6 +41,7 @@ from processor.job.status import (
     NotifyRecord,
     OutputRecord,
     ProgressInfo,
+    TimeLimit,
     utcnow,
 )
 from processor.logsafe import printable_logger
@@ -57,7 +58,7 @@ log = printable_logger("comfys3.job")
 MAX_STATUS_BYTES = 4 * 1024 * 1024
 STATUS_CONCURRENCY = 32  # status reads at once when many are read (report, submit --wait)
 _PROBLEMS_SHOWN = 3
-FINAL = (JobState.succeeded, JobState.failed)
+FINAL = (JobState.succeeded, JobState.failed, JobState.cancelled)
 NO_STATUS = "no status document"
 
 # Send a final status to its webhook in the background: (manifest URL or None for the
@@ -186,6 +187,14 @@ class AttemptRecord:
     def progress(self, info: ProgressInfo) -> None:
         self.status.progress = info
 
+    def limited(self, limit: TimeLimit) -> None:
+        """The time this attempt may run on ComfyUI, and which limit set it."""
+        self.status.time_limit = limit
+
+    def note(self, text: str) -> None:
+        """Something a person should know that is not an error (ComfyUI dropped an output)."""
+        self.status.notes.append(text)
+
     async def save(self) -> None:
         """Write the document as it stands (progress, or the final state set just before)."""
         await self._book.write(self.status)
@@ -217,6 +226,12 @@ class AttemptRecord:
             )
         else:
             status.state = JobState.failed
+
+    def cancelled(self, info: ErrorInfo) -> None:
+        """Someone asked for the job to stop, and it did: final, with who and when in
+        ``error.details``."""
+        self.status.error = info
+        self.status.state = JobState.cancelled
 
     def gave_up(self) -> None:
         """A retryable failure on the last attempt: the status says the attempts ran out."""
@@ -431,6 +446,33 @@ class StatusBook:
         status.notes.append(note)
         await self.write(status)
         self.announce_final(status, job.notify_url if job is not None else None)
+        return status, False
+
+    async def cancelled_before_start(
+        self, job: Job, *, info: ErrorInfo, manifest_version: str | None
+    ) -> tuple[JobStatus, bool]:
+        """A job cancelled before it ran: (its status, whether an earlier success was kept).
+        Nothing of it reached ComfyUI; an earlier success of the same id is never buried."""
+        previous = await self.read(job.id)
+        note = f"manifest {job.manifest_key} was cancelled before it ran: {info.message}"
+        if previous is not None and await self.keep_success(
+            previous, note, unless=manifest_version
+        ):
+            return previous, True
+        status = JobStatus(
+            id=job.id,
+            state=JobState.cancelled,
+            attempt=previous.attempt if previous is not None else 1,
+            worker=self.worker,
+            manifest_key=job.manifest_key,
+            manifest_version=manifest_version,
+            workflow=job.workflow,
+            payload=job.payload,
+            metadata=job.metadata,
+            error=info,
+        )
+        await self.write(status)
+        self.announce_final(status, job.notify_url)
         return status, False
 
     @staticmethod
