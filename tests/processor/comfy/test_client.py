@@ -361,7 +361,9 @@ async def test_cached_resubmission_still_yields_outputs(client: ComfyClient) -> 
 
 
 async def test_batch_of_three_gives_three_files(client: ComfyClient) -> None:
-    result = await client.run(tiny_txt2img(batch_size=3, prefix="batch"), pid("run-batch"), timeout=30)
+    result = await client.run(
+        tiny_txt2img(batch_size=3, prefix="batch"), pid("run-batch"), timeout=30
+    )
     assert len(result.files) == 3
     assert len({f.filename for f in result.files}) == 3
     for ref in result.files:
@@ -406,7 +408,9 @@ async def test_two_prompts_queued_ahead_both_complete(
     first = await client.wait_for(pid("run-ahead-a"), timeout=30)
     fake_comfyui.state.exec_delay = 0.0
     second_progress: list[Progress] = []
-    second = await client.wait_for(pid("run-ahead-b"), timeout=30, on_progress=second_progress.append)
+    second = await client.wait_for(
+        pid("run-ahead-b"), timeout=30, on_progress=second_progress.append
+    )
     assert first.files[0].filename.startswith("ahead-a")
     assert second.files[0].filename.startswith("ahead-b")
     executed = (await fake_stats(fake_comfyui.url))["executed"]

@@ -73,7 +73,7 @@ async def test_a_reconnect_asks_again(client: ComfyClient, fake_comfyui: Any) ->
     first = await client.server_info()
     client.drop_connection()
     for _ in range(200):
-        if client._server is None and client.connected:  # noqa: SLF001 - the reconnect is seen
+        if client._server is None and client.connected:  # the reconnect is seen
             break
         await asyncio.sleep(0.02)
     again = await client.server_info()
@@ -291,29 +291,46 @@ def test_new_error_types_read_well() -> None:
 # -- every output kind ---------------------------------------------------------------------------
 
 
+def node(class_type: str, **inputs: Any) -> dict[str, Any]:
+    return {"class_type": class_type, "inputs": inputs}
+
+
 def media_graph() -> dict[str, Any]:
     """One prompt with every output kind ComfyUI has: video (core and VHS), audio in three
     formats, text and 3-D."""
-    frames = {
-        "class_type": "EmptyImage",
-        "inputs": {"width": 16, "height": 16, "batch_size": 3, "color": 0x336699},
-    }
-    tone = {"class_type": "FakeTone", "inputs": {"seconds": 0.05, "frequency": 440.0}}
+    frames, tone, mesh = ["1", 0], ["7", 0], ["12", 0]
     return {
-        "1": frames,
-        "2": {"class_type": "CreateVideo", "inputs": {"images": ["1", 0], "fps": 8.0}},
-        "3": {"class_type": "SaveVideo", "inputs": {"video": ["2", 0], "filename_prefix": "m/video", "format": "auto", "codec": "auto"}},
-        "4": {"class_type": "SaveWEBM", "inputs": {"images": ["1", 0], "filename_prefix": "m/webm", "codec": "vp9", "fps": 8.0, "crf": 32.0}},
-        "5": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["1", 0], "filename_prefix": "m/anim", "fps": 6.0, "lossless": True, "quality": 80, "method": "default"}},
-        "6": {"class_type": "VHS_VideoCombine", "inputs": {"images": ["1", 0], "frame_rate": 8, "loop_count": 0, "filename_prefix": "m/vhs", "format": "image/gif", "pingpong": False, "save_output": True}},
-        "7": tone,
-        "8": {"class_type": "SaveAudio", "inputs": {"audio": ["7", 0], "filename_prefix": "m/flac"}},
-        "9": {"class_type": "SaveAudioMP3", "inputs": {"audio": ["7", 0], "filename_prefix": "m/mp3", "quality": "V0"}},
-        "10": {"class_type": "SaveAudioOpus", "inputs": {"audio": ["7", 0], "filename_prefix": "m/opus", "quality": "128k"}},
-        "11": {"class_type": "PreviewAny", "inputs": {"source": "a caption"}},
-        "12": {"class_type": "FakeMesh", "inputs": {"count": 1}},
-        "13": {"class_type": "SaveGLB", "inputs": {"mesh": ["12", 0], "filename_prefix": "m/mesh"}},
-    }  # fmt: skip
+        "1": node("EmptyImage", width=16, height=16, batch_size=3, color=0x336699),
+        "2": node("CreateVideo", images=frames, fps=8.0),
+        "3": node("SaveVideo", video=["2", 0], filename_prefix="m/v", format="auto", codec="auto"),
+        "4": node("SaveWEBM", images=frames, filename_prefix="m/w", codec="vp9", fps=8.0, crf=32.0),
+        "5": node(
+            "SaveAnimatedWEBP",
+            images=frames,
+            filename_prefix="m/anim",
+            fps=6.0,
+            lossless=True,
+            quality=80,
+            method="default",
+        ),
+        "6": node(
+            "VHS_VideoCombine",
+            images=frames,
+            frame_rate=8,
+            loop_count=0,
+            filename_prefix="m/vhs",
+            format="image/gif",
+            pingpong=False,
+            save_output=True,
+        ),
+        "7": node("FakeTone", seconds=0.05, frequency=440.0),
+        "8": node("SaveAudio", audio=tone, filename_prefix="m/flac"),
+        "9": node("SaveAudioMP3", audio=tone, filename_prefix="m/mp3", quality="V0"),
+        "10": node("SaveAudioOpus", audio=tone, filename_prefix="m/opus", quality="128k"),
+        "11": node("PreviewAny", source="a caption"),
+        "12": node("FakeMesh", count=1),
+        "13": node("SaveGLB", mesh=mesh, filename_prefix="m/mesh"),
+    }
 
 
 @both_protocols
