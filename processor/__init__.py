@@ -21,6 +21,7 @@ from processor.errors import (
     StorageError,
     WorkflowLoadError,
 )
+from processor.job.cancel import CancelRequest, cancel_request, command_line_requester
 from processor.job.input_refs import RULE, key_problems, missing_inputs
 from processor.job.manifest import Job, JobManifest, check_job_id, default_job_id, load_jobs
 from processor.job.runner import JobOutcome, Verdict
@@ -50,7 +51,16 @@ from processor.storage.base import (
     validate_key,
 )
 from processor.storage.claims_check import PROBE_PREFIX
-from processor.storage.layout import CLAIMS, DISPATCHED, DONE, FAILED, Layout
+from processor.storage.layout import (
+    CANCEL,
+    CLAIMS,
+    DISPATCHED,
+    DONE,
+    FAILED,
+    Layout,
+    priority_name,
+    split_priority,
+)
 from processor.storage.local import LocalStorage
 from processor.storage.s3 import S3Storage
 from processor.template_scaffold import (
@@ -82,6 +92,7 @@ from processor.workflows import (
 )
 
 __all__ = [
+    "CANCEL",
     "CLAIMS",
     "DISPATCHED",
     "DONE",
@@ -91,6 +102,7 @@ __all__ = [
     "RULE",
     "STATUS_CONCURRENCY",
     "Bind",
+    "CancelRequest",
     "ClosedOnExit",
     "ComfyError",
     "Comfys3Error",
@@ -144,8 +156,10 @@ __all__ = [
     "WorkflowRegistry",
     "build_ops",
     "builtin_workflows_dir",
+    "cancel_request",
     "check_job_id",
     "check_template_name",
+    "command_line_requester",
     "default_job_id",
     "differences",
     "folder_prefix",
@@ -162,10 +176,12 @@ __all__ = [
     "open_worker",
     "parse_graph",
     "plan_template",
+    "priority_name",
     "random_seed",
     "render_graph",
     "render_module",
     "s3_layout",
+    "split_priority",
     "storage_from_env",
     "validate_key",
     "worker_log_handler",

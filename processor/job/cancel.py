@@ -58,7 +58,7 @@ class CancelRequest(BaseModel):
         return f"cancelled{by}{when}{why}"
 
 
-def new_request(job_id: str, requested_by: str, reason: str = "") -> CancelRequest:
+def cancel_request(job_id: str, requested_by: str, reason: str = "") -> CancelRequest:
     return CancelRequest(
         job_id=job_id,
         requested_by=requested_by[:512],

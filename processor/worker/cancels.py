@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from pathlib import PurePosixPath
 
 from processor.errors import ObjectNotFound, StorageError
@@ -103,9 +104,10 @@ class CancelWatch:
         the jobs this worker runs (RunPod's cancel reaches the worker that runs the job)."""
         for name in names:
             document = request.model_copy(update={"job_id": name})
-            await self.storage.put(
-                self.layout.cancel_key(name), document.to_json(), content_type="application/json"
-            )
+            key = self.layout.cancel_key(name)
+            etag = await self.storage.put(key, document.to_json(), content_type="application/json")
+            # Seen here at once: a job claimed next is checked against this listing.
+            self._listing[name] = ObjectInfo(key, 0, etag, datetime.now(UTC))
             for job, signal in list(self._watched.values()):
                 if name in job.cancel_names:
                     signal.set(document)

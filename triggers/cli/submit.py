@@ -32,6 +32,7 @@ from processor import (
     load_jobs,
     load_worker_settings,
     missing_inputs,
+    split_priority,
     storage_from_env,
 )
 
@@ -50,6 +51,12 @@ class Submission:
     name: str
     data: bytes
     jobs: list[Job]
+
+    @property
+    def priority(self) -> int:
+        """The manifest's ``priority``: it goes into the key, where workers see it in a
+        listing (docs/layout.md), without reading the manifest."""
+        return self.jobs[0].priority if self.jobs else 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -101,7 +108,8 @@ def check(
     except ManifestError as error:
         lines = [f"{path}: invalid manifest"] + [f"  {problem}" for problem in error.problems]
         return "\n".join(lines)
-    return Submission(path, path.stem, data, jobs)
+    # A file already named with a priority marker keeps only its name: the manifest says.
+    return Submission(path, split_priority(path.stem)[1], data, jobs)
 
 
 def _same_name(submissions: list[Submission]) -> str | None:
@@ -146,7 +154,7 @@ async def _submit(
         before = dict(zip(jobs, found, strict=True))
         waiting: list[str] = []
         for submission in submissions:
-            key = layout.manifest_key(submission.name)
+            key = layout.submit_key(submission.name, submission.priority)
             try:
                 await storage.put(
                     key, submission.data, content_type="application/json", if_none_match=True
