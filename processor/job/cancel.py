@@ -15,6 +15,7 @@ none) still cancels the job it is named after; its fields only say who asked and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import socket
 from datetime import datetime
@@ -76,23 +77,28 @@ def command_line_requester(command: str = "comfys3 cancel") -> str:
     return f"{command} ({user}@{socket.gethostname()})"
 
 
-def parse_request(data: bytes | None, job_id: str) -> CancelRequest:
+def parse_request(
+    data: bytes | None, job_id: str, dropped_at: datetime | None = None
+) -> CancelRequest:
     """The request stored for ``job_id``; whatever the bytes, a request for that job (a person
-    who dropped ``{}`` or a text file still wants it cancelled)."""
+    who dropped ``{}`` or a text file still wants it cancelled). What it does not say is
+    filled in: by "a cancel object in the bucket", at the object's date (``dropped_at``)."""
     document: Any = None
     if data is not None and len(data) <= MAX_CANCEL_BYTES:
         try:
             document = load_json(data)
         except JsonLimitError:
             document = None
+    parsed = CancelRequest(job_id=job_id)
     if isinstance(document, dict):
-        try:
+        with contextlib.suppress(ValidationError, ValueError):
             parsed = CancelRequest.model_validate({**document, "job_id": job_id})
-        except (ValidationError, ValueError):
-            parsed = None
-        if parsed is not None:
-            return parsed
-    return CancelRequest(job_id=job_id, requested_by="a cancel object in the bucket")
+    return parsed.model_copy(
+        update={
+            "requested_by": parsed.requested_by or "a cancel object in the bucket",
+            "requested_at": parsed.requested_at or dropped_at,
+        }
+    )
 
 
 class CancelSignal:

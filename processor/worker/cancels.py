@@ -191,7 +191,8 @@ class CancelWatch:
             data: bytes | None = stored.data
         except (ObjectNotFound, StorageError):
             data = None  # withdrawn, unreadable or too large: the name alone still counts
-        request = parse_request(data, name)
+        seen = self._listing.get(name)
+        request = parse_request(data, name, seen.last_modified if seen else None)
         log.info("%s: %s", name, request.describe(), extra={"job_id": name})
         return request
 
