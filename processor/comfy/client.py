@@ -64,8 +64,6 @@ log = logging.getLogger(__name__)
 # How long /history may stay empty after success before it is an error. ComfyUI writes the
 # entry right after execution_success; a GC pause (~0.3 s) or a busy machine delays it.
 HISTORY_GRACE_S = 30.0
-# After an interrupt, how long to wait for ComfyUI to confirm it stopped the prompt.
-INTERRUPT_GRACE_S = 10.0
 # Does the job API exist? One cheap request per connection: only the running job is read, so
 # ComfyUI does not walk its history to answer. 200 on today's ComfyUI, 404 on 0.3.64.
 JOB_API_PROBE = "/api/jobs?status=in_progress&limit=1"
@@ -629,13 +627,16 @@ class ComfyClient(ClosedOnExit):
 
     async def cancel(self, prompt_id: str) -> None:
         """Stop ``prompt_id`` on ComfyUI, never another prompt: interrupted if it runs,
-        dropped if it waits. A prompt this client follows is settled too: its waiter gets
-        :class:`ComfyInterrupted` (``details.kind`` "cancelled" when it never started).
+        dropped if it waits. A prompt this client follows is settled as far as can be known
+        now: one dropped before it started gets :class:`ComfyInterrupted` (``details.kind``
+        "cancelled"); one interrupted ends with ComfyUI's ``execution_interrupted``, at its
+        next step or node, which nobody needs to wait for.
 
         Today's ComfyUI does both at once, atomically (``POST /api/jobs/{id}/cancel``). On
         0.3.64, or a ComfyUI whose job API has no cancel yet, the prompt is first deleted from
-        the queue (so one that waits cannot start after), then ``/interrupt {prompt_id}``,
-        which ComfyUI carries out only if that very prompt is the one running.
+        the queue (so one that waits cannot start after), and only if it is still there, so
+        running, ``/interrupt {prompt_id}`` follows, which ComfyUI carries out only if that
+        very prompt is the one running.
         """
         server = await self.server_info()
         done = False
@@ -646,39 +647,25 @@ class ComfyClient(ClosedOnExit):
                 log.info("POST /api/jobs/%s/cancel: HTTP %d; the 0.3.64 way", prompt_id, status)
         if not done:
             await self._request("POST", "/queue", json={"delete": [prompt_id]})
-            await self._request("POST", "/interrupt", json={"prompt_id": prompt_id})
+            if await self._in_queue(prompt_id):  # not waiting any more: it runs
+                await self._request("POST", "/interrupt", json={"prompt_id": prompt_id})
         watch = self._watches.get(prompt_id)
         if watch is not None and not watch.done.is_set():
             await self._settle_cancelled(watch)
 
     async def _settle_cancelled(self, watch: PromptWatch) -> None:
-        """After a cancel: wait for ComfyUI to confirm (an interrupt lands at the next step
-        or node), and end the watch of a prompt it dropped before it started (no event ever
-        comes for that one), within :data:`INTERRUPT_GRACE_S`."""
-        deadline = time.monotonic() + INTERRUPT_GRACE_S
-        while not watch.done.is_set():
-            where, entry = await self._locate(watch)
-            if where == "finished" and entry is not None:
-                watch.apply_history(entry)
-            elif where == "absent":
-                watch.fail(
-                    ComfyInterrupted(
-                        f"prompt {watch.prompt_id} was dropped from ComfyUI's queue before it "
-                        "started",
-                        {"kind": "cancelled", "prompt_id": watch.prompt_id},
-                    )
+        """After a cancel: end the watch of a prompt ComfyUI dropped before it started (no
+        event ever comes for that one), or of one that ended meanwhile."""
+        where, entry = await self._locate(watch)
+        if where == "finished" and entry is not None:
+            watch.apply_history(entry)
+        elif where == "absent":
+            watch.fail(
+                ComfyInterrupted(
+                    f"prompt {watch.prompt_id} was dropped from ComfyUI's queue before it "
+                    "started",
+                    {"kind": "cancelled", "prompt_id": watch.prompt_id},
                 )
-            remaining = deadline - time.monotonic()
-            if watch.done.is_set() or remaining <= 0:
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(watch.done.wait(), min(1.0, remaining))
-        if not watch.done.is_set():
-            log.warning(
-                "prompt %s was told to stop but still runs after %g s (a node that does not "
-                "look at interrupts?)",
-                watch.prompt_id,
-                INTERRUPT_GRACE_S,
             )
 
     # ----------------------------------------------------------------- internals
