@@ -543,7 +543,7 @@ class ComfyClient(ClosedOnExit):
                 await self._stop_prompt(watch)
                 raise ComfyTimeout(
                     f"prompt {prompt_id} timed out after {seconds:g} s ({source}) and was "
-                    "stopped on ComfyUI",
+                    "cancelled on ComfyUI",
                     {
                         "kind": "timeout",
                         "prompt_id": prompt_id,
@@ -662,8 +662,7 @@ class ComfyClient(ClosedOnExit):
         elif where == "absent":
             watch.fail(
                 ComfyInterrupted(
-                    f"prompt {watch.prompt_id} was dropped from ComfyUI's queue before it "
-                    "started",
+                    f"prompt {watch.prompt_id} was dropped from ComfyUI's queue before it started",
                     {"kind": "cancelled", "prompt_id": watch.prompt_id},
                 )
             )

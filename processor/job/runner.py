@@ -337,8 +337,8 @@ class JobRunner:
                 raise
             raise JobTimeLimitExceeded(
                 f"the job ran longer than its manifest's timeout_s ({limit.seconds:g} s, "
-                f"below COMFYS3_JOB_TIMEOUT={self.limits.job_timeout:g} s) and was stopped "
-                "on ComfyUI",
+                f"below COMFYS3_JOB_TIMEOUT={self.limits.job_timeout:g} s) and was "
+                "cancelled on ComfyUI",
                 error.details,
             ) from None
         finally:
