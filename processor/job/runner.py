@@ -196,7 +196,9 @@ class JobRunner:
         executed = _Once(hooks.on_executed)
         if cancel is not None and cancel.requested:
             executed(0.0)
-            return await self._cancelled_before_start(job, cancel, manifest_version)
+            return await self._cancelled_before_start(
+                job, cancel, manifest_version, attempt, max_attempts
+            )
         started = time.monotonic()
         charged = True
         run_id = new_prompt_id()
@@ -345,13 +347,22 @@ class JobRunner:
             waiting.cancel()
 
     async def _cancelled_before_start(
-        self, job: Job, cancel: CancelSignal, manifest_version: str | None
+        self,
+        job: Job,
+        cancel: CancelSignal,
+        manifest_version: str | None,
+        attempt: int,
+        max_attempts: int,
     ) -> JobOutcome:
         """Nothing of the job reached ComfyUI: its status says cancelled (an earlier success
         of the same id stands)."""
         info, _ = describe(cancel.error("before it started"))
         status, kept = await self.book.cancelled_before_start(
-            job, info=info, manifest_version=manifest_version
+            job,
+            info=info,
+            attempt=attempt,
+            max_attempts=max_attempts,
+            manifest_version=manifest_version,
         )
         log.info("job %s: %s", job.id, info.message, extra={"job_id": job.id, "state": "cancelled"})
         if kept:

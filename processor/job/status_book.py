@@ -449,7 +449,13 @@ class StatusBook:
         return status, False
 
     async def cancelled_before_start(
-        self, job: Job, *, info: ErrorInfo, manifest_version: str | None
+        self,
+        job: Job,
+        *,
+        info: ErrorInfo,
+        attempt: int,
+        max_attempts: int,
+        manifest_version: str | None,
     ) -> tuple[JobStatus, bool]:
         """A job cancelled before it ran: (its status, whether an earlier success was kept).
         Nothing of it reached ComfyUI; an earlier success of the same id is never buried."""
@@ -459,18 +465,11 @@ class StatusBook:
             previous, note, unless=manifest_version
         ):
             return previous, True
-        status = JobStatus(
-            id=job.id,
-            state=JobState.cancelled,
-            attempt=previous.attempt if previous is not None else 1,
-            worker=self.worker,
-            manifest_key=job.manifest_key,
-            manifest_version=manifest_version,
-            workflow=job.workflow,
-            payload=job.payload,
-            metadata=job.metadata,
-            error=info,
+        record = self.attempt(
+            job, attempt=attempt, max_attempts=max_attempts, manifest_version=manifest_version
         )
+        record.cancelled(info)
+        status = record.status
         await self.write(status)
         self.announce_final(status, job.notify_url)
         return status, False

@@ -149,6 +149,7 @@ async def test_cancel_drops_a_waiting_prompt_and_spares_the_running_one(
     assert stats["interrupted"] == []
     assert waiting not in stats["executed"]
     assert stats["pending"] == 0
+    assert stats["requests"].get("POST /interrupt", 0) == 0  # not even asked
 
 
 @both_protocols
