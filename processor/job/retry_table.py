@@ -66,6 +66,8 @@ TABLE: dict[type[BaseException], Policy] = {
     errors.PreconditionFailed: Policy("storage", retry=True, charge=False),
     errors.InvalidKey: Policy("storage", retry=True),
     errors.ObjectTooLarge: Policy("storage", retry=True),
+    # Another worker took the claim over: this try's results are dropped, the job is theirs.
+    errors.LeaseLost: Policy("claim_lost", retry=True, charge=False),
     # Anything else is a bug somewhere: retried and charged, so it ends.
     Exception: Policy("internal", retry=True, internal=True),
 }

@@ -32,6 +32,7 @@ from processor.errors import (
     InputMissing,
     JobCancelled,
     JobTimeLimitExceeded,
+    LeaseLost,
     ObjectNotFound,
     ObjectTooLarge,
     StorageError,
@@ -42,7 +43,15 @@ from processor.job.manifest import Job
 from processor.job.outputs import prepare_output
 from processor.job.retry_table import describe, policy_for, will_retry
 from processor.job.status import JobState, JobStatus, OutputRecord, ProgressInfo, TimeLimit
-from processor.job.status_book import FINAL, Announce, AttemptRecord, Beginning, Begun, StatusBook
+from processor.job.status_book import (
+    FINAL,
+    Announce,
+    AttemptRecord,
+    Beginning,
+    Begun,
+    Fence,
+    StatusBook,
+)
 from processor.logsafe import printable_logger
 from processor.settings import JobLimits, WorkerSettings
 from processor.storage.base import ObjectStore, Storage, validate_key
@@ -65,6 +74,7 @@ class Verdict(enum.Enum):
     retry = "retry"  # failed, and another attempt may succeed
     failed = "failed"  # failed, and another attempt cannot help
     cancelled = "cancelled"  # someone asked for it to stop: final, nobody's failure
+    lost = "lost"  # another worker took the claim over; this attempt's results were dropped
 
 
 @dataclass
@@ -168,9 +178,14 @@ class JobRunner:
         notes: list[str] | None = None,
         manifest_version: str | None = None,
         resumed: bool = False,
+        fence: Fence | None = None,
         cancel: CancelSignal | None = None,
     ) -> JobOutcome:
         """Run ``job`` once; never raises but for cancellation.
+
+        ``fence``: the claim's heartbeat. Every write of the attempt (progress, outputs, final
+        status) is then made only while it holds the claim; one that finds the claim taken
+        over drops its results (:attr:`Verdict.lost`) and publishes nothing.
 
         ``resumed``: the manifest was claimed before (its claim existed), so this upload may
         already have run to its end, with only its retirement left undone.
@@ -192,13 +207,9 @@ class JobRunner:
             max_attempts=max_attempts,
             notes=notes,
             manifest_version=manifest_version,
+            fence=fence,
         )
         executed = _Once(hooks.on_executed)
-        if cancel is not None and cancel.requested:
-            executed(0.0)
-            return await self._cancelled_before_start(
-                job, cancel, manifest_version, attempt, max_attempts
-            )
         started = time.monotonic()
         charged = True
         run_id = new_prompt_id()
@@ -207,6 +218,9 @@ class JobRunner:
         subfolder = f"comfys3/{run_id}"
         staged_any = False
         try:
+            if cancel is not None and cancel.requested:
+                executed(0.0)
+                return await self._cancelled_before_start(job, record, cancel)
             beginning = await record.begin(job, resumed=resumed)
             if beginning.begun is not Begun.run:
                 executed(0.0)
@@ -241,10 +255,13 @@ class JobRunner:
             record.timing("execute", result.execution_seconds)
 
             phase = time.monotonic()
-            outputs = await self._publish(job, graph, result, patience)
+            outputs = await self._publish(job, graph, result, patience, record)
             record.succeeded(outputs, result.texts)
             record.timing("publish", time.monotonic() - phase)
             verdict = Verdict.succeeded
+        except LeaseLost as lost:
+            executed(0.0)
+            return self._dropped(job, record, lost, run_id, result is None)
         except asyncio.CancelledError:
             executed(0.0)
             record.given_back()
@@ -283,6 +300,8 @@ class JobRunner:
                 await _patiently("writing its status", job.id, patience, record.save)
             else:
                 await record.save()
+        except LeaseLost as lost:
+            return self._dropped(job, record, lost, run_id, False)
         except Exception as error:  # storage trouble: the result is not recorded, so not done
             log.error("job %s: could not write its status: %s", job.id, error)
             if verdict is not Verdict.failed:
@@ -347,27 +366,33 @@ class JobRunner:
             waiting.cancel()
 
     async def _cancelled_before_start(
-        self,
-        job: Job,
-        cancel: CancelSignal,
-        manifest_version: str | None,
-        attempt: int,
-        max_attempts: int,
+        self, job: Job, record: AttemptRecord, cancel: CancelSignal
     ) -> JobOutcome:
         """Nothing of the job reached ComfyUI: its status says cancelled (an earlier success
         of the same id stands)."""
         info, _ = describe(cancel.error("before it started"))
-        status, kept = await self.book.cancelled_before_start(
-            job,
-            info=info,
-            attempt=attempt,
-            max_attempts=max_attempts,
-            manifest_version=manifest_version,
-        )
+        status, kept = await self.book.cancelled_before_start(job, record, info)
         log.info("job %s: %s", job.id, info.message, extra={"job_id": job.id, "state": "cancelled"})
         if kept:
             return JobOutcome(Verdict.skipped, status)
         return JobOutcome(Verdict.cancelled, status, charged=False)
+
+    def _dropped(
+        self, job: Job, record: AttemptRecord, lost: LeaseLost, run_id: str, running: bool
+    ) -> JobOutcome:
+        """This attempt lost its claim (its worker was frozen or cut off past its lease, and
+        another took the job over): it writes nothing more, and its prompt, if still running,
+        is stopped, since the new holder runs the job again."""
+        log.warning(
+            "job %s: %s; this try's results are dropped, not published",
+            job.id,
+            lost,
+            extra={"job_id": job.id, "attempt": record.status.attempt, "state": "lost"},
+        )
+        if running:
+            task = asyncio.ensure_future(self.comfy.cancel(run_id))
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return JobOutcome(Verdict.lost, record.status, charged=False)
 
     def _failed(self, job: Job, record: AttemptRecord, error: Exception) -> tuple[Verdict, bool]:
         """Record a failed attempt: (verdict, whether the attempt counts). The retry table
@@ -430,7 +455,12 @@ class JobRunner:
         return dict(pairs)
 
     async def _publish(
-        self, job: Job, graph: dict[str, Any], result: RunResult, patience: float
+        self,
+        job: Job,
+        graph: dict[str, Any],
+        result: RunResult,
+        patience: float,
+        record: AttemptRecord,
     ) -> list[OutputRecord]:
         counters: dict[str, int] = {}
         plan = []
@@ -451,7 +481,11 @@ class JobRunner:
                     data, ref.filename, ref.kind, job.output, animated=ref.animated
                 )
                 class_type = str(graph.get(ref.node_id, {}).get("class_type", "node"))
-                key = self.layout.output_key(job.id, ref.node_id, class_type, index, prepared.ext)
+                key = self.layout.output_key(
+                    job.id, ref.node_id, class_type, index, prepared.ext, record.status.claim_try
+                )
+                if record.fence is not None:
+                    await record.fence.ensure()  # nothing is published by a try that lost
 
                 async def upload() -> object:
                     return await self.storage.put(
@@ -509,6 +543,8 @@ class JobRunner:
                     await record.save()
                 except StorageError as error:
                     log.warning("job %s: progress not saved: %s", record.job_id, error)
+                except LeaseLost:
+                    return  # publishing finds it out too, and drops the results
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), PROGRESS_INTERVAL)
 

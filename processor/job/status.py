@@ -93,6 +93,12 @@ class JobStatus(BaseModel):
         description="Which upload of the manifest this records (its ETag and modification "
         "time): a manifest uploaded again runs again, a leftover of this one is only retired.",
     )
+    claim_try: int | None = Field(
+        default=None,
+        description="Which try of the manifest's claim wrote this (every claim counts, "
+        "uncharged ones too): once a later try has written, an earlier one that wakes up "
+        "late cannot write over it.",
+    )
     workflow: str | None = None
     payload: dict[str, Any] = Field(
         default_factory=dict, description="The payload as resolved: defaults filled, seed used."

@@ -122,15 +122,22 @@ def webhook_policy(settings: WorkerSettings) -> WebhookPolicy:
     return policy
 
 
-def build_ops(settings: WorkerSettings, *, lookup: Lookup | None = None) -> Ops:
+def build_ops(
+    settings: WorkerSettings, *, lookup: Lookup | None = None, listing_interval: float = 0.0
+) -> Ops:
     """Metrics, health and (when a webhook URL or allowlist is set) the webhook sender.
+
+    ``listing_interval``: how long an idle worker may go without touching storage at all (with
+    ``--events sqs``, its fallback listing): health allows for it, or an idle worker waiting
+    for events would look unready between two listings.
 
     Call ``await ops.start()`` before submitting webhooks and ``await ops.aclose()`` before
     storage closes (a webhook's record is written to the status through storage).
     """
     policy = webhook_policy(settings)
     metrics = Metrics()
-    health = Health(storage_window=max(STORAGE_WINDOW, 3 * settings.triggers.poll_max_interval))
+    quiet = max(3 * settings.triggers.poll_max_interval, 1.5 * listing_interval)
+    health = Health(storage_window=max(STORAGE_WINDOW, quiet))
     metrics.watch_health(health)
     notifier = None
     if policy.default_url is not None or policy.allow:

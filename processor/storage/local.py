@@ -72,6 +72,9 @@ class LocalStorage(ClosedOnExit):
     async def aclose(self) -> None:
         return None
 
+    def clock_offset(self) -> float:
+        return 0.0  # the folder is on this machine: its clock is ours
+
     # -- helpers --------------------------------------------------------------------------
 
     def _path(self, key: str, *, lenient: bool = False) -> Path:

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import functools
 import random
+import statistics
+import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Self, Unpack
@@ -36,6 +40,7 @@ from processor.storage.base import (
 
 # Concurrent conditional writes on AWS answer 409 ConditionalRequestConflict: "try again".
 CONFLICT_RETRIES = 4
+DATE_SAMPLES = 15  # responses' Date headers kept to estimate the store's clock
 CONFLICT_BACKOFF = 0.05
 LIST_PAGE = 1000
 DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys
@@ -132,6 +137,8 @@ class S3Storage(ClosedOnExit):
         )
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
+        self._dates: deque[float] = deque(maxlen=DATE_SAMPLES)  # store minus local, seconds
+        self._dated_at = float("-inf")
 
     @property
     def bucket(self) -> str:
@@ -162,7 +169,25 @@ class S3Storage(ClosedOnExit):
                 f"cannot open an S3 client for {self._settings.endpoint_url}: {error}"
             ) from None
         self._stack = stack
+        self._client.meta.events.register("after-call.s3", self._note_date)
         return self
+
+    def _note_date(self, http_response: Any = None, **_: Any) -> None:
+        """Sample the store's clock from a response's Date header (at most once a second):
+        what :meth:`clock_offset` reports. Nothing depends on it but what people are told."""
+        now = time.time()
+        if now - self._dated_at < 1.0 or http_response is None:
+            return
+        self._dated_at = now
+        with contextlib.suppress(Exception):  # a missing or odd header is no sample
+            stamp = email.utils.parsedate_to_datetime(http_response.headers["Date"])
+            # Date has whole seconds: on average half a second behind the moment it was sent.
+            self._dates.append(stamp.timestamp() + 0.5 - now)
+
+    def clock_offset(self) -> float | None:
+        """Seconds the store's clock is ahead of this machine's (negative: behind), the median
+        of recent responses; None before any."""
+        return statistics.median(self._dates) if self._dates else None
 
     async def aclose(self) -> None:
         stack, self._stack, self._client = self._stack, None, None

@@ -14,6 +14,7 @@ from pathlib import Path
 from processor.comfy.process import ComfyEngine
 from processor.comfy.waiting import WaitListener
 from processor.job.runner import ProgressHook, runner_for
+from processor.ops.metrics import CLOCK_WARN_SECONDS, describe_clock_offset
 from processor.ops.parts import Ops, build_ops
 from processor.ops.volume import worker_name
 from processor.settings import S3Settings, WorkerSettings, load_s3_settings
@@ -90,6 +91,10 @@ async def open_worker(
         if shared and settings.lane.check_conditional_writes:
             await check_conditional_writes(storage, layout.claims_prefix, holder)
         ops.storage_ok()
+        ops.health.set_clock_offset(storage.clock_offset)
+        offset = storage.clock_offset()
+        if offset is not None and abs(offset) >= CLOCK_WARN_SECONDS:
+            log.warning("clock: %s", describe_clock_offset(offset))
         await ops.start()
         # Closed before storage: a webhook's record is written into its status.
         stack.push_async_callback(ops.aclose, min(5.0, settings.triggers.shutdown_grace))

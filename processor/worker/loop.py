@@ -169,6 +169,7 @@ class Worker:
             layout,
             lease_seconds=settings.lane.lease_seconds,
             page_max_age=PAGE_MAX_AGE,
+            watch=self.claims.watch,  # what the intake's scans see, the claims judge by
         )
         self.retirer = Retirer(storage, layout)
         self.cancels = CancelWatch(
@@ -309,6 +310,8 @@ class Worker:
             if found is None:
                 return None
             outcomes = found
+            if any(outcome.verdict is Verdict.lost for outcome in outcomes):
+                return None  # another worker took it over and sees it through
             if not any(outcome.verdict is Verdict.retry for outcome in outcomes):
                 break
             await asyncio.sleep(retry_pause(tries, self.settings.jobs.retry_delay))
@@ -421,7 +424,7 @@ class Worker:
                 return None
             self._claim_failures = 0
             if isinstance(result, Taken):
-                self.intake.held_until(key, result.expires_at)
+                self.intake.held(key, result.recheck_in)
                 await self.intake.report(key, HintOutcome.taken)
                 return None
             claimed = True
@@ -451,7 +454,7 @@ class Worker:
             async with self.claims.heartbeat(lease) as beat:
                 latest = beat
                 try:
-                    outcomes = await self._jobs(key, lease, slot)
+                    outcomes = await self._jobs(key, beat, slot)
                     if beat.lost is None:
                         await self._settle(key, beat, outcomes)
                 except asyncio.CancelledError:
@@ -480,7 +483,8 @@ class Worker:
         self.counts.add(outcome)
         self.ops.observe(outcome)
 
-    async def _jobs(self, key: str, lease: Lease, slot: Slot) -> list[JobOutcome]:
+    async def _jobs(self, key: str, beat: Heartbeat, slot: Slot) -> list[JobOutcome]:
+        lease = beat()
         try:
             stored = await self.storage.get(key, max_bytes=self.settings.jobs.max_manifest_bytes)
         except ObjectNotFound:
@@ -500,7 +504,7 @@ class Worker:
             return [await self._invalid(key, stored, error)]
         tasks = [
             asyncio.create_task(
-                self._job(job, lease, slot if index == 0 else self.lane.take_now(), stored.version)
+                self._job(job, beat, slot if index == 0 else self.lane.take_now(), stored.version)
             )
             for index, job in enumerate(jobs)
         ]
@@ -518,8 +522,10 @@ class Worker:
             notify_check=self.ops.webhook_refusal if check_notify else None,
         )
 
-    async def _job(self, job: Job, lease: Lease, slot: Slot, version: str) -> JobOutcome:
-        """One job of a manifest; whatever happens to it stays with it, never with siblings."""
+    async def _job(self, job: Job, beat: Heartbeat, slot: Slot, version: str) -> JobOutcome:
+        """One job of a manifest; whatever happens to it stays with it, never with siblings.
+        Its writes are fenced by the manifest's claim (``beat``)."""
+        lease = beat()
 
         in_comfyui = False
 
@@ -551,6 +557,7 @@ class Worker:
                 notes=_previous_error_note(lease),
                 manifest_version=version,
                 resumed=lease.tries > 1,
+                fence=beat,
                 cancel=cancel,
             )
         finally:
@@ -558,7 +565,16 @@ class Worker:
             slot.release()
 
     async def _settle(self, key: str, beat: Heartbeat, outcomes: list[JobOutcome]) -> None:
-        """Decide the manifest's fate once all its jobs have an outcome."""
+        """Decide the manifest's fate once all its jobs have an outcome. Only while this
+        attempt still holds the claim: a try that lost it leaves the manifest to its new
+        holder (the loss is noted on the heartbeat and logged by the caller)."""
+        if any(outcome.verdict is Verdict.lost for outcome in outcomes):
+            beat.lost = beat.lost or LeaseLost(f"claim {beat().key} was taken over")
+            return
+        try:
+            await beat.ensure()  # retiring moves the manifest: the holder's act alone
+        except LeaseLost:
+            return
         lease = beat()
         if not outcomes:  # the manifest was gone: only our claim is left
             await self.retirer.drop_claim(lease.key)

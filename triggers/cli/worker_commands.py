@@ -83,7 +83,9 @@ async def _run(
 ) -> Counts:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    ops = build_ops(settings)
+    # With events, an idle worker touches storage only at its fallback listing.
+    listing = settings.triggers.events_fallback_interval if sqs is not None else 0.0
+    ops = build_ops(settings, listing_interval=listing)
 
     def on_signal(signum: signal.Signals) -> None:
         if not stop.is_set():
