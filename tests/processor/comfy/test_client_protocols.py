@@ -22,6 +22,7 @@ from processor.comfy.client import (
     sniff_content_type,
 )
 from processor.comfy.node_errors import validation_error
+from processor.comfy.websocket import PromptWatch
 from processor.errors import ComfyInterrupted, ComfyTimeout, ComfyValidationError
 from tests.fake_comfyui.fixtures import both_protocols
 from tests.processor.comfy.test_client import fake_stats, solid, tiny_txt2img
@@ -369,6 +370,38 @@ async def test_every_output_kind_comes_back(
         "10": "audio/ogg",
         "13": "model/gltf-binary",
     }
+
+
+async def test_todays_extra_event_keys_are_taken_in_stride() -> None:
+    """`activity` and `seconds` in progress_state, asset `id`/`preview_id` in `executed`: keys
+    a client of 0.3.64 never saw, read past, not choked on."""
+    watch = PromptWatch.for_graph("p", {"3": {"class_type": "KSampler", "inputs": {"steps": 4}}})
+    watch.handle("execution_start", {"prompt_id": "p", "timestamp": 1})
+    moved = watch.handle(
+        "progress_state",
+        {
+            "prompt_id": "p",
+            "nodes": {
+                "3": {"value": 2, "max": 4, "state": "running", "node_id": "3",
+                      "prompt_id": "p", "display_node_id": "3", "parent_node_id": None,
+                      "real_node_id": "3", "activity": "sampling"},
+                "4": {"value": 1, "max": 1, "state": "finished", "seconds": 0.4,
+                      "activity": "loading"},
+            },
+        },
+    )  # fmt: skip
+    assert moved and 0 < watch.estimate() < 1
+    assert not watch.handle(
+        "executed",
+        {"node": "9", "prompt_id": "p", "output": {"images": [{"filename": "a.png",
+         "subfolder": "", "type": "output", "id": "3f2c...", "preview_id": "9a1b..."}]}},
+    )  # fmt: skip
+    files, _ = parse_outputs(
+        {"9": {"images": [{"filename": "a.png", "subfolder": "", "type": "output", "id": "x",
+                           "preview_id": "y"}]}},
+        include_temp=False,
+    )  # fmt: skip
+    assert [(f.filename, f.kind) for f in files] == [("a.png", "images")]
 
 
 def test_preview3d_names_a_model_file_that_may_not_be_an_output() -> None:

@@ -112,6 +112,8 @@ async def test_a_running_job_is_cancelled_from_the_command_line(
     assert "wrong prompt" in status.error.message and status.attempt == 1
     assert took < 5, took
     assert_settled(tmp_path, "long")
+    shown = await asyncio.to_thread(cli.main, ["status", "long", "--local", str(tmp_path)])
+    assert shown == 0
     stats = fake_comfyui.stats()
     assert len(stats["interrupted"]) == 1 and len(stats["executed"]) == 2  # then "after" ran
     assert fake_queue(fake_comfyui) == {"queue_running": [], "queue_pending": []}
@@ -211,6 +213,42 @@ async def test_a_job_past_its_own_timeout_fails_and_leaves_comfyui_idle(
     assert_settled(tmp_path, "bounded", "_failed")
     assert fake_comfyui.stats()["interrupted"] == [status.error.details["prompt_id"]]
     assert fake_queue(fake_comfyui) == {"queue_running": [], "queue_pending": []}
+
+
+async def test_status_shows_a_cancelled_job_for_a_person(
+    tmp_path: Path, fake_comfyui: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    drop(tmp_path, "gone", {"workflow": "solid", "timeout_s": 60})
+    assert await cancel_cli(tmp_path, "gone", "--reason", "not needed") == 0
+    await drain(tmp_path, worker_settings(fake_comfyui))
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli.main, ["status", "gone", "--local", str(tmp_path)]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("job gone: cancelled (attempt 1)")
+    assert "  cancelled cancelled by comfys3 cancel (" in shown
+    assert "not needed (before it started)" in shown
+
+
+async def test_an_output_comfyui_left_out_is_a_note_not_a_failure(
+    tmp_path: Path, fake_comfyui: Any
+) -> None:
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1,
+                                                      "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "a"}},
+        "3": {"class_type": "EmptyImage", "inputs": {"width": -1, "height": 8, "batch_size": 1,
+                                                      "color": 0}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "b"}},
+    }  # fmt: skip
+    drop(tmp_path, "partial", {"graph": graph})
+    await drain(tmp_path, worker_settings(fake_comfyui, allow_raw_workflows=True))
+    status = status_of(tmp_path, "partial")
+    assert status.state is JobState.succeeded
+    assert [o.node_id for o in status.outputs] == ["2"]
+    assert status.notes == [
+        "ComfyUI left out an output that failed its checks: node 3 (EmptyImage) width: -1 is "
+        "below the minimum 1 (output node 4 skipped)"
+    ]
 
 
 async def test_the_workers_limit_caps_the_manifests(tmp_path: Path, fake_comfyui: Any) -> None:

@@ -506,24 +506,24 @@ async def test_a_job_runpod_stops_is_cancelled_not_given_back(
     task = asyncio.create_task(handler({"id": "rp-stop", "input": {"workflow": "txt2img"}}))
     status_key = "output/rp-stop/status.json"
     running = lambda: fake_comfyui.stats()["running"]  # noqa: E731
-    await asyncio.to_thread(wait_until, running, 20, "the prompt to run")
+    await asyncio.to_thread(wait_until, running, 60, "the prompt to run")
 
     task.cancel()  # what the SDK does when RunPod stops (cancels or times out) a job
     with pytest.raises(asyncio.CancelledError):
         await task
 
     cancelled = lambda: state_of(client, moto_s3_settings, status_key) == "cancelled"  # noqa: E731
-    await asyncio.to_thread(wait_until, cancelled, 20, "the job to be cancelled")
+    await asyncio.to_thread(wait_until, cancelled, 60, "the job to be cancelled")
     status = get_json(client, moto_s3_settings, status_key)
     assert status["error"]["type"] == "cancelled"
     assert status["error"]["details"]["requested_by"].startswith("RunPod (request rp-stop")
     assert status["error"]["details"]["stage"] == "while it ran"
     done = ["input/_done/rp-stop.json"]
     settled = lambda: keys(client, moto_s3_settings, "input/_done/") == done  # noqa: E731
-    await asyncio.to_thread(wait_until, settled, 20, "the manifest to be retired")
+    await asyncio.to_thread(wait_until, settled, 60, "the manifest to be retired")
     assert keys(client, moto_s3_settings, "input/", delimiter="/") == []
     gone = lambda: not keys(client, moto_s3_settings, "input/_cancel/")  # noqa: E731
-    await asyncio.to_thread(wait_until, gone, 20, "the cancel request to be removed")
+    await asyncio.to_thread(wait_until, gone, 60, "the cancel request to be removed")
     assert keys(client, moto_s3_settings, "input/_claims/") == []
     assert len(fake_comfyui.stats()["interrupted"]) == 1
 
