@@ -55,7 +55,8 @@ TABLE: dict[type[BaseException], Policy] = {
     # ComfyUI failed this prompt: another attempt may not.
     errors.ComfyRuntimeError: Policy("runtime", retry=True),
     errors.ComfyTimeout: Policy("timeout", retry=True),
-    errors.JobTimeLimitExceeded: Policy("timeout", retry=False),
+    # The job's own timeout_s: it asked for that bound, another try would run as long.
+    errors.JobTimeLimitExceeded: Policy("timeout", retry=False, charge=True),
     errors.ComfyInterrupted: Policy("interrupted", retry=True),
     errors.ComfyUnavailable: Policy("comfyui_unavailable", retry=True),
     errors.ComfyDiedWhileWaiting: Policy("comfyui_unavailable", retry=True, charge=False),

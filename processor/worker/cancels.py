@@ -48,20 +48,18 @@ class CancelWatch:
         self,
         storage: Storage,
         layout: Layout,
-        book: StatusBook,
         *,
         interval: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``interval``: seconds between listings while jobs run (0: only at a claim)."""
-        self.storage = storage
-        self.layout = layout
-        self.book = book
-        self.interval = interval
+        self.storage, self.layout, self.interval = storage, layout, interval
+        self.book = StatusBook(storage, layout)  # reads statuses only (stale requests)
         self._clock = clock
-        self._listing: dict[str, ObjectInfo] = {}  # name (job or batch id) -> its object
-        self._truncated = False
-        self._listed_at = float("-inf")
+        # The latest listing: name (job or batch id) -> its object, whether it was cut at
+        # LIST_LIMIT, and when it was asked for.
+        self._listing: dict[str, ObjectInfo] = {}
+        self._truncated, self._listed_at = False, float("-inf")
         self._lock = asyncio.Lock()
         self._watched: dict[str, tuple[Job, CancelSignal]] = {}  # job id -> its signal
         self._batch_of: dict[str, str] = {}  # job id -> its batch's id, until the job ends

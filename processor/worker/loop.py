@@ -172,9 +172,7 @@ class Worker:
             watch=self.claims.watch,  # what the intake's scans see, the claims judge by
         )
         self.retirer = Retirer(storage, layout)
-        self.cancels = CancelWatch(
-            storage, layout, self.book, interval=settings.lane.cancel_check_interval
-        )
+        self.cancels = CancelWatch(storage, layout, interval=settings.lane.cancel_check_interval)
         self.max_tries = max_tries(settings.jobs.max_attempts)
         self.counts = Counts()
         self._inflight: dict[str, asyncio.Task[list[JobOutcome] | None]] = {}
