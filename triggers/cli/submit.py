@@ -280,7 +280,14 @@ def _progress_line(status: JobStatus) -> str:
 def report(job_ids: list[str], statuses: dict[str, JobStatus], timeout: float | None) -> int:
     """The outcome per job (outputs, or the error), and the exit code a script checks."""
     unfinished = [j for j in job_ids if j not in statuses or statuses[j].state not in FINAL]
-    failed = [j for j in job_ids if j in statuses and statuses[j].state is JobState.failed]
+    # Failed or cancelled: anything final but a success makes the exit code 1.
+    failed = [
+        j
+        for j in job_ids
+        if j in statuses
+        and statuses[j].state in FINAL
+        and statuses[j].state is not JobState.succeeded
+    ]
     for job_id in job_ids:
         status = statuses.get(job_id)
         if status is None or status.state not in FINAL:
