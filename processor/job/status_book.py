@@ -39,6 +39,7 @@ from processor.job.status import (
     ErrorInfo,
     JobState,
     JobStatus,
+    ModelRecord,
     NotifyRecord,
     OutputRecord,
     ProgressInfo,
@@ -208,6 +209,10 @@ class AttemptRecord:
     def note(self, text: str) -> None:
         """Something a person should know that is not an error (ComfyUI dropped an output)."""
         self.status.notes.append(text)
+
+    def models_ready(self, records: list[ModelRecord]) -> None:
+        """The models the manifest named, found in the cache or fetched for this attempt."""
+        self.status.models = records
 
     async def save(self) -> None:
         """Write the document as it stands (progress, or the final state set just before).

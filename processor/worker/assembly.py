@@ -14,6 +14,9 @@ from pathlib import Path
 from processor.comfy.process import ComfyEngine
 from processor.comfy.waiting import WaitListener
 from processor.job.runner import ProgressHook, runner_for
+from processor.models.cache import ModelCache
+from processor.models.paths_config import cache_dir
+from processor.ops.fetch_guard import Fetcher, fetch_policy
 from processor.ops.metrics import CLOCK_WARN_SECONDS, describe_clock_offset
 from processor.ops.parts import Ops, build_ops
 from processor.ops.volume import worker_name
@@ -57,6 +60,21 @@ def storage_from_env(local_root: Path | None) -> tuple[Storage, Layout]:
     return S3Storage(s3), s3_layout(s3)
 
 
+def model_cache(settings: WorkerSettings, fetcher: Fetcher) -> ModelCache | None:
+    """The cache of models manifests name, or None when this worker keeps none. A model used
+    within a job timeout (and a half) is never evicted: a job of another worker sharing the
+    volume may be loading it."""
+    root = cache_dir(settings)
+    if root is None:
+        return None
+    return ModelCache(
+        root,
+        max_bytes=int(settings.models.cache_max_gb * 1e9),
+        fetcher=fetcher,
+        recent_guard=1.5 * settings.jobs.job_timeout,
+    )
+
+
 @contextlib.asynccontextmanager
 async def open_worker(
     *,
@@ -83,8 +101,10 @@ async def open_worker(
     registry = WorkflowRegistry.default(settings.jobs.workflows_dir)
     holder = worker_name(settings)
     ops = ops or build_ops(settings)
+    fetcher = Fetcher(fetch_policy(settings))  # input and model URLs, through the one guard
     engine = ComfyEngine(settings, on_wait=on_wait)
     async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(fetcher)
         await stack.enter_async_context(storage)
         if inputs is not None:
             await stack.enter_async_context(inputs)
@@ -131,6 +151,8 @@ async def open_worker(
             cleanup=engine.cleanup,
             on_progress=on_progress,
             announce=ops.notify,
+            fetcher=fetcher,
+            models=model_cache(settings, fetcher),
         )
         yield Worker(
             storage=storage,

@@ -169,6 +169,12 @@ class Intake:
         if key in self._due_at:
             self._retries.add(key)
 
+    def put_off(self, key: str, delay: float) -> None:
+        """Offer ``key`` again only after ``delay`` seconds, and not as this worker's own retry
+        (a drain does not wait for it): it was left for other workers."""
+        self._schedule(key, self._clock() + max(0.0, delay))
+        self._retries.discard(key)
+
     def held(self, key: str, recheck_in: float) -> None:
         """Another worker holds ``key``; look again in ``recheck_in`` seconds, when its claim
         will have been watched unchanged for a lease if that worker stopped renewing it. A hold
