@@ -22,6 +22,7 @@ from processor.errors import (
     StorageError,
     WorkflowLoadError,
 )
+from processor.job.cancel import CancelRequest, cancel_request, command_line_requester
 from processor.job.input_refs import RULE, key_problems, missing_inputs
 from processor.job.inputs import check_image
 from processor.job.manifest import (
@@ -60,7 +61,16 @@ from processor.storage.base import (
     validate_key,
 )
 from processor.storage.claims_check import PROBE_PREFIX
-from processor.storage.layout import CLAIMS, DISPATCHED, DONE, FAILED, Layout
+from processor.storage.layout import (
+    CANCEL,
+    CLAIMS,
+    DISPATCHED,
+    DONE,
+    FAILED,
+    Layout,
+    priority_name,
+    split_priority,
+)
 from processor.storage.local import LocalStorage
 from processor.storage.s3 import S3Storage
 from processor.template_scaffold import (
@@ -92,6 +102,7 @@ from processor.workflows import (
 )
 
 __all__ = [
+    "CANCEL",
     "CLAIMS",
     "DISPATCHED",
     "DONE",
@@ -101,6 +112,7 @@ __all__ = [
     "RULE",
     "STATUS_CONCURRENCY",
     "Bind",
+    "CancelRequest",
     "ClosedOnExit",
     "ComfyError",
     "Comfys3Error",
@@ -155,9 +167,11 @@ __all__ = [
     "WorkflowRegistry",
     "build_ops",
     "builtin_workflows_dir",
+    "cancel_request",
     "check_image",
     "check_job_id",
     "check_template_name",
+    "command_line_requester",
     "default_job_id",
     "differences",
     "file_targets",
@@ -176,10 +190,12 @@ __all__ = [
     "package_version",
     "parse_graph",
     "plan_template",
+    "priority_name",
     "random_seed",
     "render_graph",
     "render_module",
     "s3_layout",
+    "split_priority",
     "storage_from_env",
     "validate_key",
     "worker_log_handler",

@@ -194,6 +194,12 @@ class LaneSettings(BaseSettings):
         description="Most prompts kept in ComfyUI's queue; the worker goes this deep only for "
         "prompts much shorter than preparing one.",
     )
+    cancel_check_interval: float = Field(
+        default=2.0,
+        ge=0,
+        description="While jobs run, seconds between listings of the cancel requests "
+        "(input/_cancel/); 0: only checked when a job is claimed.",
+    )
     capability_wait: float = Field(
         default=300.0,
         ge=0,

@@ -20,6 +20,7 @@ from processor.errors import JsonLimitError, ManifestError, Problem, problems_fr
 from processor.job.status_book import StatusBook
 from processor.models.spec import MAX_MODELS, ModelSpec
 from processor.safejson import load_json
+from processor.storage.layout import MAX_PRIORITY, split_priority
 from processor.workflows import (
     Bind,
     Graph,
@@ -111,6 +112,19 @@ class JobManifest(BaseModel):
         default_factory=dict, description="Free-form; copied into the status."
     )
     rerun: bool = Field(False, description="Run again even if this id already succeeded.")
+    timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds the job may run on ComfyUI once it starts; capped by the worker's "
+        "COMFYS3_JOB_TIMEOUT. A job past it fails with error type `timeout`, not retried.",
+    )
+    priority: int = Field(
+        0,
+        ge=-MAX_PRIORITY,
+        le=MAX_PRIORITY,
+        description="Higher is claimed first, ties by age. Workers read it from the manifest's "
+        "key (`comfys3 submit` names it so; see docs/layout.md), not from its body.",
+    )
     notify: NotifyOptions | None = Field(
         None, description="A webhook for this job's final status (see docs/webhooks.md)."
     )
@@ -168,6 +182,17 @@ class Job:
     rerun: bool = False
     batch_index: int | None = None
     notify_url: str | None = None
+    timeout_s: float | None = None
+    priority: int = 0
+    # The manifest's id: for a batch the id its entries extend (``x`` of ``x-1``), else the
+    # job's own. A cancel named by it cancels every job of the manifest.
+    base_id: str = ""
+
+    @property
+    def cancel_names(self) -> tuple[str, ...]:
+        """The names a cancel request for this job may carry: its id, or its batch's."""
+        return (self.id,) if self.base_id in ("", self.id) else (self.id, self.base_id)
+
     models: tuple[ModelSpec, ...] = ()
 
     def filled_graph(self, staged: dict[str, str], run_id: str | None = None) -> Graph:
@@ -187,7 +212,8 @@ class Job:
 
 
 def default_job_id(manifest_key: str) -> str:
-    return PurePosixPath(manifest_key).stem
+    """The job id of a manifest without an ``id``: its name, less any priority marker."""
+    return split_priority(PurePosixPath(manifest_key).stem)[1]
 
 
 def parse_manifest_bytes(data: bytes, *, max_bytes: int) -> dict[str, Any]:
@@ -238,6 +264,9 @@ def resolve_jobs(
         "metadata": manifest.metadata,
         "rerun": manifest.rerun,
         "notify_url": notify_url,
+        "timeout_s": manifest.timeout_s,
+        "priority": manifest.priority,
+        "base_id": job_id,
         "models": tuple(manifest.models),
     }
     if manifest.graph is not None:

@@ -70,7 +70,8 @@ class Metrics:
 
         self.jobs = Counter(
             "comfys3_jobs",
-            "Jobs that reached a final state, by state (succeeded, failed, skipped) and workflow.",
+            "Jobs that reached a final state, by state (succeeded, failed, cancelled, skipped) "
+            "and workflow.",
             ["state", "workflow"],
             registry=r,
         )
@@ -151,7 +152,7 @@ class Metrics:
     # -- events the worker reports ----------------------------------------------------------
 
     def job_finished(self, state: str, workflow: str | None) -> None:
-        """A job reached a final state (succeeded, failed or skipped)."""
+        """A job reached a final state (succeeded, failed, cancelled or skipped)."""
         self.jobs.labels(state=str(state), workflow=self._workflow(workflow)).inc()
         if str(state) == "succeeded":
             self._last_success = self._clock()

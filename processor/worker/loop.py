@@ -40,7 +40,8 @@ from processor.errors import (
     ObjectTooLarge,
     StorageError,
 )
-from processor.job.manifest import Job, check_job_id, load_jobs
+from processor.job.cancel import CancelRequest
+from processor.job.manifest import Job, check_job_id, default_job_id, load_jobs
 from processor.job.retry_table import (
     claim_retry_pause,
     describe,
@@ -56,8 +57,9 @@ from processor.safejson import load_json
 from processor.settings import WorkerSettings
 from processor.storage.base import Storage, StoredObject
 from processor.storage.claims import ClaimStore, Heartbeat, Lease, Taken
-from processor.storage.layout import Layout
+from processor.storage.layout import Layout, split_priority
 from processor.storage.retirement import Retirer
+from processor.worker.cancels import CancelWatch
 from processor.worker.capabilities import CapabilityWatch, Lack
 from processor.worker.intake import Candidate, HintCallback, HintOutcome, Intake
 from processor.worker.prompt_queue import Lane, LaneDepth, Slot
@@ -109,6 +111,7 @@ class Counts:
     # Jobs whose latest attempt failed and that wait for another one.
     retried = property(lambda self: self._count(Verdict.retry))
     skipped = property(lambda self: self._count(Verdict.skipped))
+    cancelled = property(lambda self: self._count(Verdict.cancelled))
 
     @property
     def manifests(self) -> int:
@@ -121,16 +124,19 @@ class Counts:
             "failed": self.failed,
             "retried": self.retried,
             "skipped": self.skipped,
+            "cancelled": self.cancelled,
             "attempts": len(self.outcomes),
         }
 
     def describe(self) -> str:
         """One line for a person; the same after ``--once`` and after SIGTERM."""
         summary = self.summary()
-        jobs = summary["succeeded"] + summary["failed"] + summary["retried"] + summary["skipped"]
+        kinds = ("succeeded", "failed", "retried", "skipped", "cancelled")
+        jobs = sum(summary[kind] for kind in kinds)
+        cancelled = f", {summary['cancelled']} cancelled" if summary["cancelled"] else ""
         return (
             f"{jobs} job(s): {summary['succeeded']} succeeded, {summary['failed']} failed, "
-            f"{summary['retried']} to retry, {summary['skipped']} skipped "
+            f"{summary['retried']} to retry, {summary['skipped']} skipped{cancelled} "
             f"({summary['manifests']} manifests, {summary['attempts']} attempts)"
         )
 
@@ -177,6 +183,7 @@ class Worker:
             watch=self.claims.watch,  # what the intake's scans see, the claims judge by
         )
         self.retirer = Retirer(storage, layout)
+        self.cancels = CancelWatch(storage, layout, interval=settings.lane.cancel_check_interval)
         self.max_tries = max_tries(settings.jobs.max_attempts)
         self.counts = Counts()
         self._inflight: dict[str, asyncio.Task[list[JobOutcome] | None]] = {}
@@ -194,6 +201,11 @@ class Worker:
     def hint(self, key: str, on_outcome: HintCallback | None = None) -> None:
         """Claim ``key`` ahead of anything listed (an S3 event, a RunPod request named it)."""
         self.intake.hint(key, on_outcome)
+
+    async def cancel(self, names: list[str], request: CancelRequest) -> None:
+        """Ask jobs (or whole batches, by a batch manifest's id) to stop, here at once and on
+        any worker through their cancel objects (RunPod's cancel of a request)."""
+        await self.cancels.request(names, request)
 
     def claims_held_ahead(self) -> int:
         """Claims whose prompt ComfyUI has not started yet: what this worker keeps from others."""
@@ -582,7 +594,9 @@ class Worker:
             back()
             slot = self.lane.take_now()
 
+        cancel = self.cancels.watch(job)
         try:
+            await self.cancels.check(job, cancel, max_age=PAGE_MAX_AGE)
             return await self.runner.run(
                 job,
                 attempt=lease.attempt,
@@ -598,8 +612,10 @@ class Worker:
                 manifest_version=version,
                 resumed=lease.tries > 1,
                 fence=beat,
+                cancel=cancel,
             )
         finally:
+            self.cancels.unwatch(job)
             back()
             slot.release()
 
@@ -629,6 +645,7 @@ class Worker:
         await self.retirer.retire(key, failed=failed, claim_key=lease.key)
         self.intake.forget(key)
         await self.intake.report(key, HintOutcome.settled)
+        await self.cancels.ended(o.status.id for o in outcomes)
 
     async def _give_back(self, key: str, beat: Heartbeat, reason: str, *, charge: bool) -> None:
         await beat.halt()  # a renewal landing after we read the lease would fail the release
@@ -759,7 +776,7 @@ class Worker:
         """A broken manifest fails with a status that says why (never burying an earlier
         success of the same id). Where no status can be written (no usable id), the manifest
         still fails, once."""
-        job_id = _declared_id(stored.data if stored else b"") or self.layout.manifest_name(key)
+        job_id = _declared_id(stored.data if stored else b"") or default_job_id(key)
         version = stored.version if stored else None
         try:
             check_job_id(job_id)
@@ -791,7 +808,8 @@ class Worker:
             with contextlib.suppress(Exception):
                 ids = [(job.id, job) for job in self._load(stored, key, check_notify=False)]
         if not ids:
-            ids = [(_declared_id(stored.data if stored else b"") or lease.name, None)]
+            declared = _declared_id(stored.data if stored else b"")
+            ids = [(declared or split_priority(lease.name)[1], None)]
         attempts = min(lease.attempt, self.settings.jobs.max_attempts)
         note = (
             f"gave up after {attempts} attempt(s) and {lease.tries} tries in all "

@@ -148,7 +148,7 @@ def build_app(backend: Backend, token: str | None) -> FastAPI:
         view = await lookup.job_view(storage, layout, job_id)
         if isinstance(view, JobStatus) and view.state in FINAL:
             raise ApiError(409, f"job {job_id} already {view.state.value}; nothing to cancel")
-        key = await request_cancel(storage, layout, job_id, by="api")
+        key = await request_cancel(storage, layout, job_id, by="the HTTP jobs API")
         return CancelRequested(id=job_id, state=str(view.state), cancel_key=key)
 
     @route("GET", "/workflows", list[WorkflowSummary], "The templates and their fields", ())

@@ -32,6 +32,7 @@ from processor import (
     load_jobs,
     load_worker_settings,
     missing_inputs,
+    split_priority,
     storage_from_env,
 )
 
@@ -50,6 +51,12 @@ class Submission:
     name: str
     data: bytes
     jobs: list[Job]
+
+    @property
+    def priority(self) -> int:
+        """The manifest's ``priority``: it goes into the key, where workers see it in a
+        listing (docs/layout.md), without reading the manifest."""
+        return self.jobs[0].priority if self.jobs else 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -92,7 +99,8 @@ def check(
     except ManifestError as error:
         lines = [f"{path}: invalid manifest"] + [f"  {problem}" for problem in error.problems]
         return "\n".join(lines)
-    return Submission(path, path.stem, data, jobs)
+    # A file already named with a priority marker keeps only its name: the manifest says.
+    return Submission(path, split_priority(path.stem)[1], data, jobs)
 
 
 def check_manifest(
@@ -164,7 +172,7 @@ async def _submit(
         before = dict(zip(jobs, found, strict=True))
         waiting: list[str] = []
         for submission in submissions:
-            key = layout.manifest_key(submission.name)
+            key = layout.submit_key(submission.name, submission.priority)
             try:
                 await storage.put(
                     key, submission.data, content_type="application/json", if_none_match=True
@@ -286,7 +294,14 @@ def _progress_line(status: JobStatus) -> str:
 def report(job_ids: list[str], statuses: dict[str, JobStatus], timeout: float | None) -> int:
     """The outcome per job (outputs, or the error), and the exit code a script checks."""
     unfinished = [j for j in job_ids if j not in statuses or statuses[j].state not in FINAL]
-    failed = [j for j in job_ids if j in statuses and statuses[j].state is JobState.failed]
+    # Failed or cancelled: anything final but a success makes the exit code 1.
+    failed = [
+        j
+        for j in job_ids
+        if j in statuses
+        and statuses[j].state in FINAL
+        and statuses[j].state is not JobState.succeeded
+    ]
     for job_id in job_ids:
         status = statuses.get(job_id)
         if status is None or status.state not in FINAL:

@@ -243,13 +243,22 @@ def describe_status(status: JobStatus) -> str:
         progress = status.progress
         where = f" at {progress.node}" if progress.node else ""
         lines.append(f"  progress  {progress.fraction:.0%}{where}")
+    if status.time_limit is not None:
+        limit = status.time_limit
+        lines.append(f"  limit     {limit.seconds:g} s ({limit.source})")
     lines.append(f"  updated   {status.updated_at.isoformat(timespec='seconds')}")
     if status.timings:
         timings = ", ".join(f"{k} {v:.2f}s" for k, v in status.timings.items())
         lines.append(f"  timings   {timings}")
     for output in status.outputs:
         lines.append(f"  output    {output.key} ({output.content_type}, {output.bytes} bytes)")
-    if status.error is not None:
+    for node, texts in status.texts.items():
+        for text in texts:
+            flat = " ".join(text.split())
+            lines.append(f"  text      node {node}: {flat[:200]}{'…' if len(flat) > 200 else ''}")
+    if status.state is JobState.cancelled and status.error is not None:
+        lines.append(f"  cancelled {status.error.message}")
+    elif status.error is not None:
         lines.append(f"  error     {status.error.type}:")
         lines += [f"    {line}" for line in status.error.message.splitlines()]
     for note in status.notes:

@@ -8,8 +8,10 @@ and a poller sharing the bucket can never run it a second time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -30,6 +32,7 @@ from processor import (
     WorkerSettings,
     WorkflowLoadError,
     WorkflowRegistry,
+    cancel_request,
     check_job_id,
     default_job_id,
     key_problems,
@@ -131,20 +134,21 @@ class RunpodHandler:
         if isinstance(request, WorkerComfyuiJob):
             return await self._serve_worker_comfyui(job, request)
         if isinstance(request, InlineJob):
-            key = self.layout.manifest_key(request.job_id)
-            data = self._validated(request.document, key)
+            key, data = self._validated(request.document, request.job_id)
 
             async def inline(worker: Worker) -> dict[str, Any]:
                 return await self._run_inline(worker, job, request, key, data)
 
-            return await self.host.run(inline)
+            return await self.host.run(inline, on_cancel=self._canceller(job, request.job_id))
         if isinstance(request, NamedManifest):
             named = manifest_key(request.reference, self.layout)
 
             async def run_named(worker: Worker) -> dict[str, Any]:
                 return await self._run_named(worker, job, named)
 
-            return await self.host.run(run_named)
+            return await self.host.run(
+                run_named, on_cancel=self._canceller(job, default_job_id(named), named)
+            )
 
         drain = request
 
@@ -153,14 +157,14 @@ class RunpodHandler:
 
         return await self.host.run(run_drain)
 
-    def _validated(self, document: dict[str, Any], key: str) -> bytes:
-        """The manifest's bytes, checked in full (template, payload and input file names
-        included) before the worker starts, so a bad request is refused at once and leaves
-        nothing behind."""
+    def _validated(self, document: dict[str, Any], job_id: str) -> tuple[str, bytes]:
+        """The manifest's key and bytes, checked in full (template, payload and input file
+        names included) before the worker starts, so a bad request is refused at once and
+        leaves nothing behind. Its ``priority`` goes into the key, as ``comfys3 submit`` does."""
         data = json.dumps(document).encode()
         jobs = load_jobs(
             data,
-            manifest_key=key,
+            manifest_key=self.layout.manifest_key(job_id),
             registry=self.registry,
             allow_raw=self.settings.jobs.allow_raw_workflows,
             max_bytes=self.settings.jobs.max_manifest_bytes,
@@ -168,7 +172,28 @@ class RunpodHandler:
         problems = key_problems(jobs)
         if problems:
             raise ManifestError(problems)
-        return data
+        priority = jobs[0].priority if jobs else 0
+        return self.layout.submit_key(job_id, priority), data
+
+    def _canceller(
+        self, job: dict[str, Any], job_id: str, key: str | None = None
+    ) -> Callable[[Worker], Awaitable[None]]:
+        """What RunPod's stop of this request does: the job (every job of a batch, named by
+        its id) is cancelled like by ``comfys3 cancel``, on this worker at once and for any
+        other through its cancel object. Its status says ``cancelled``; it is not given
+        back to run again."""
+        runpod_id = str(job.get("id") or FALLBACK_ID)
+
+        async def cancel(worker: Worker) -> None:
+            name = job_id
+            if key is not None:  # a named manifest: the id it declares, if it can be read
+                with contextlib.suppress(StorageError):
+                    name = _peek((await worker.storage.get(key)).data, key)[0]
+            log.info("RunPod stopped request %s: cancelling job %s", runpod_id, name)
+            by = f"RunPod (request {runpod_id} was cancelled or timed out)"
+            await worker.cancel([name], cancel_request(name, by))
+
+        return cancel
 
     async def _put_manifest(self, storage: Storage, key: str, data: bytes, job_id: str) -> None:
         """Write an inline manifest, never over one that waits (its caller would get this
@@ -202,8 +227,7 @@ class RunpodHandler:
         """A worker-comfyui request: checked whole (graph, then every image) before anything
         is written; its images kept beside the job, then the manifest; the answer in
         worker-comfyui's shape."""
-        key = self.layout.manifest_key(request.job_id)
-        data = self._validated(request.manifest(self.layout), key)
+        key, data = self._validated(request.manifest(self.layout), request.job_id)
         limits = self.settings.jobs
         images = await asyncio.to_thread(
             worker_comfyui.decode_images,
@@ -329,12 +353,15 @@ class RunpodHandler:
                 {
                     "key": output.key,
                     "url": url,
+                    "kind": output.kind,
+                    "node_id": output.node_id,
                     "content_type": output.content_type,
                     "bytes": output.bytes,
                     "sha256": output.sha256,
                 }
                 for output, url in zip(status.outputs, urls, strict=True)
             ],
+            "texts": status.texts,
         }
 
     def _status_key(self, status: JobStatus) -> str:
