@@ -289,7 +289,7 @@ async def test_cancel_writes_the_request_workers_act_on(api: Api) -> None:
         {"id": "slow", "state": "waiting", "cancel_key": "input/_cancel/slow.json"},
     )
     request = get_json(s3_client(api.s3), api.s3, "input/_cancel/slow.json")
-    assert request["job_id"] == "slow" and request["requested_by"] == "api"
+    assert request["job_id"] == "slow" and request["requested_by"] == "the HTTP jobs API"
     status, body, _ = await api.call("POST", "/jobs/over/cancel")
     assert (status, body) == (409, {"error": "job over already failed; nothing to cancel"})
     status, body, _ = await api.call("POST", "/jobs/ghost/cancel")
