@@ -39,6 +39,7 @@ from processor.settings import (
     load_s3_settings,
     load_sqs_settings,
     load_worker_settings,
+    parse_gpus,
 )
 from processor.storage.base import (
     ObjectInfo,
@@ -160,6 +161,7 @@ __all__ = [
     "missing_inputs",
     "open_storage",
     "open_worker",
+    "parse_gpus",
     "parse_graph",
     "plan_template",
     "random_seed",
