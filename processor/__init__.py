@@ -50,6 +50,7 @@ from processor.settings import (
     load_s3_settings,
     load_sqs_settings,
     load_worker_settings,
+    parse_gpus,
 )
 from processor.storage.base import (
     ObjectInfo,
@@ -188,6 +189,7 @@ __all__ = [
     "open_storage",
     "open_worker",
     "package_version",
+    "parse_gpus",
     "parse_graph",
     "plan_template",
     "priority_name",

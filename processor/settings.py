@@ -249,8 +249,21 @@ class HostSettings(BaseSettings):
         description="Job run once before claiming any: a template (solid), "
         "template:payload JSON, or @manifest path.",
     )
+    gpus: str | None = Field(
+        default=None,
+        description="Start one ComfyUI per GPU and feed them all: GPU ids (0,1,3) or all "
+        "(counted with nvidia-smi -L). Needs COMFYS3_COMFYUI_PATH; each gets its own port "
+        "(COMFYS3_COMFYUI_PORT + n), folders and log.",
+    )
 
-    _unset = field_validator("warmup", mode="before")(_empty_is_unset)
+    _unset = field_validator("warmup", "gpus", mode="before")(_empty_is_unset)
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_gpus(value)
+        return value
 
     @field_validator("warmup")
     @classmethod
@@ -550,6 +563,20 @@ def webhook_key(secret: str) -> bytes:
     if not low <= len(key) <= high:
         raise ValueError(f"decodes to {len(key)} bytes; use {low} to {high} random bytes")
     return key
+
+
+def parse_gpus(value: str) -> list[str] | None:
+    """``0,1,3`` -> the GPU ids; ``all`` -> None (to be counted on the machine). Only the
+    syntax is checked here, when settings load."""
+    text = value.strip()
+    if text.lower() == "all":
+        return None
+    ids = [part.strip() for part in text.split(",") if part.strip()]
+    if not ids or not all(re.fullmatch(r"\d{1,3}", gpu) for gpu in ids):
+        raise ValueError(f"{value!r}: give GPU ids separated by commas (0,1) or all")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{value!r} names a GPU twice")
+    return ids
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -62,7 +62,7 @@ from processor.storage.retirement import Retirer
 from processor.worker.cancels import CancelWatch
 from processor.worker.capabilities import CapabilityWatch, Lack
 from processor.worker.intake import Candidate, HintCallback, HintOutcome, Intake
-from processor.worker.prompt_queue import Lane, LaneDepth, Slot
+from processor.worker.prompt_queue import LaneDepth, Lanes, Slot
 from processor.workflows import WorkflowRegistry
 
 log = printable_logger("comfys3.worker")
@@ -155,7 +155,11 @@ class Worker:
         settings: WorkerSettings,
         holder: str,
         ops: Ops | None = None,
+        more_runners: Sequence[tuple[str, JobRunner]] = (),
+        runner_name: str = "comfyui",
     ) -> None:
+        """``runner`` runs jobs on one ComfyUI; ``more_runners`` on more (one per GPU), each
+        named, each with a lane of its own fed from the one intake and claim store."""
         self.storage = storage
         self.ops = ops or Ops.quiet()
         self.runner = runner
@@ -170,11 +174,25 @@ class Worker:
             settings.lane.lease_seconds,
             on_renewed=self.ops.storage_ok,
         )
-        self.depth = LaneDepth(
-            settings.lane.lane_depth_max,
-            max_queued_seconds=min(10.0, settings.lane.lease_seconds / 6),
+        runners = [(runner_name, runner), *more_runners]
+        self.lanes = Lanes(
+            [
+                (
+                    name,
+                    LaneDepth(
+                        settings.lane.lane_depth_max,
+                        max_queued_seconds=min(10.0, settings.lane.lease_seconds / 6),
+                    ),
+                )
+                for name, _ in runners
+            ]
         )
-        self.lane = Lane(self.depth)
+        self._runner_of = {
+            lane: lane_runner
+            for lane, (_, lane_runner) in zip(self.lanes.all, runners, strict=True)
+        }
+        self.lane = self.lanes.all[0]  # the first ComfyUI's: the only one without --gpus
+        self.depth = self.lane.depth
         self.intake = Intake(
             storage,
             layout,
@@ -209,7 +227,7 @@ class Worker:
 
     def claims_held_ahead(self) -> int:
         """Claims whose prompt ComfyUI has not started yet: what this worker keeps from others."""
-        return self.lane.ahead()
+        return self.lanes.ahead()
 
     async def run(
         self,
@@ -244,7 +262,7 @@ class Worker:
 
         try:
             while not stop.is_set() and not limited():
-                slot = await self.lane.take(stop)
+                slot = await self.lanes.take(stop)
                 if slot is None:
                     break
                 try:
@@ -303,7 +321,7 @@ class Worker:
 
         ``None`` when another worker holds it.
         """
-        slot = self.lane.take_now()
+        slot = self.lanes.take_now()
         task = self._start(Candidate(key, "request"), slot)
         try:
             return await task
@@ -527,7 +545,7 @@ class Worker:
                 return ended
         tasks = [
             asyncio.create_task(
-                self._job(job, beat, slot if index == 0 else self.lane.take_now(), stored.version)
+                self._job(job, beat, slot if index == 0 else self.lanes.take_now(), stored.version)
             )
             for index, job in enumerate(jobs)
         ]
@@ -549,6 +567,8 @@ class Worker:
         """One job of a manifest; whatever happens to it stays with it, never with siblings.
         Its writes are fenced by the manifest's claim (``beat``)."""
         lease = beat()
+        lane = slot.lane  # the ComfyUI (GPU) this job runs on
+        runner = self._runner_of[lane]
 
         in_comfyui = False
         aside = False
@@ -556,19 +576,19 @@ class Worker:
         def queued(seconds: float) -> None:
             nonlocal in_comfyui
             in_comfyui = True
-            self.depth.record_prepare(seconds)
-            self.ops.metrics.prompt_queued()
+            lane.depth.record_prepare(seconds)
+            self.ops.metrics.prompt_queued(lane.name)
 
         def began() -> None:
             slot.started = True
 
         def executed(seconds: float) -> None:
             if in_comfyui:
-                self.ops.metrics.prompt_done()
+                self.ops.metrics.prompt_done(lane.name, executed=seconds > 0)
             if seconds > 0:
-                self.depth.record_execute(seconds)
+                lane.depth.record_execute(seconds)
             slot.release()
-            self.lane.changed()
+            self.lanes.changed()
             back()
 
         def step_aside() -> bool:
@@ -592,12 +612,12 @@ class Worker:
             """Into the lane again, at once: the job has waited long enough."""
             nonlocal slot
             back()
-            slot = self.lane.take_now()
+            slot = lane.take_now()
 
         cancel = self.cancels.watch(job)
         try:
             await self.cancels.check(job, cancel, max_age=PAGE_MAX_AGE)
-            return await self.runner.run(
+            return await runner.run(
                 job,
                 attempt=lease.attempt,
                 max_attempts=self.settings.jobs.max_attempts,

@@ -131,6 +131,7 @@ class Engine:
 
     def stats_json(self) -> dict[str, Any]:
         return {
+            "pid": os.getpid(),
             "executed": dict(self.stats.executed),
             "queued": self.stats.queued,
             "interrupted": list(self.stats.interrupted),

@@ -39,6 +39,7 @@ from processor import (
     load_sqs_settings,
     load_worker_settings,
     open_worker,
+    parse_gpus,
     storage_from_env,
     validate_key,
 )
@@ -58,6 +59,12 @@ log = logging.getLogger("comfys3.worker")
 def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(args.log_format)
     settings = load_worker_settings()
+    if args.gpus is not None:
+        try:
+            parse_gpus(args.gpus)
+        except ValueError as error:
+            raise SettingsError(f"--gpus {error}") from None
+        settings = settings.replace(gpus=args.gpus)
     logs.to_volume(settings, args.log_format)
     sqs: SqsSettings | None = None
     if args.events == "sqs" and not args.once:
@@ -403,6 +410,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bucket's S3 event notifications announce on COMFYS3_SQS_QUEUE_URL, with a full "
         "listing every COMFYS3_EVENTS_FALLBACK_INTERVAL s for lost events (docs/events.md). "
         "Ignored with --once (default: poll)",
+    )
+    run.add_argument(
+        "--gpus",
+        metavar="IDS",
+        help="start one ComfyUI per GPU and feed them all from one intake: GPU ids (0,1) or all "
+        "(counted with nvidia-smi -L); needs COMFYS3_COMFYUI_PATH (default: COMFYS3_GPUS, "
+        "else one ComfyUI)",
     )
     run.add_argument(
         "--log-format", choices=["text", "json"], default="text", help="log line format"
