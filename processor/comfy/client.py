@@ -24,13 +24,14 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
 from processor.aio import ClosedOnExit
+from processor.comfy.local_files import read_file, write_file
 from processor.comfy.node_errors import as_dict, dropped_outputs, validation_error
 from processor.comfy.waiting import LogNotices, WaitListener, reporting
 from processor.comfy.websocket import PromptWatch, SocketListener
@@ -254,6 +255,11 @@ def _safe_subfolder(subfolder: str) -> str:
     return "/".join(parts)
 
 
+# How long a prompt another client queued may be neither queued nor in /history before it is
+# taken as lost (ComfyUI writes /history a moment after the end event).
+FOREIGN_ABSENT_S = 2.0
+
+
 class ComfyClient(ClosedOnExit):
     """Talks to one ComfyUI; safe to share between concurrent jobs on one event loop."""
 
@@ -281,6 +287,11 @@ class ComfyClient(ClosedOnExit):
         self._dead: ComfyError | None = None
         self._server: ServerInfo | None = None  # found once per connection
         self._server_lock = asyncio.Lock()
+        # ComfyUI's own folders, when it runs on this machine: outputs are read from disk and
+        # inputs written there, not carried through its HTTP server (which shares the GIL with
+        # execution). Missing or outside files fall back to /view and /upload/image.
+        self.local_folders: dict[str, Path] = {}
+        self.history_skipped = 0  # prompts whose outputs came from their events alone
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -484,9 +495,12 @@ class ComfyClient(ClosedOnExit):
         Like queueing, it waits while ComfyUI is down (restarting): a retried job stages its
         inputs first, and must not burn its attempts on a ComfyUI that is still booting.
         """
-        await self._wait_connected()
         name = _safe_name(filename)
         folder = _safe_subfolder(subfolder)
+        root = self.local_folders.get("input")
+        if root is not None and await asyncio.to_thread(write_file, root, folder, name, data):
+            return f"{folder}/{name}" if folder else name
+        await self._wait_connected()
         form = aiohttp.FormData()
         form.add_field("image", data, filename=name, content_type=sniff_content_type(data))
         form.add_field("subfolder", folder)
@@ -513,6 +527,7 @@ class ComfyClient(ClosedOnExit):
         watch = PromptWatch.for_graph(prompt_id, graph)
         self._watches[prompt_id] = watch
         generation = self._generation
+        watch.generation = generation
         payload = {"prompt": graph, "prompt_id": prompt_id, "client_id": self.client_id}
         try:
             async with self._http.post(f"{self.base_url}/prompt", json=payload) as response:
@@ -563,7 +578,7 @@ class ComfyClient(ClosedOnExit):
             watch = PromptWatch.for_graph(prompt_id, None)
             watch.queued = True
             self._watches[prompt_id] = watch
-            self._spawn(self._reconcile(watch))  # it may be over already
+            self._spawn(self._follow_foreign(watch))
         watch.on_progress = on_progress
         try:
             exceeded = await self._until_done(watch, timeout, run_limit)
@@ -593,8 +608,13 @@ class ComfyClient(ClosedOnExit):
                     f"prompt {prompt_id} was interrupted{where}",
                     {"kind": "interrupted", "prompt_id": prompt_id, "node_id": node},
                 )
+            sent = watch.outputs_from_events(self._generation)
+            if sent is not None:
+                self.history_skipped += 1
+                return self._result(watch, sent, include_temp)
             entry = await self._history_entry(watch)
-            return self._result(watch, entry, include_temp)
+            watch.apply_history(entry)  # fills timings and cached nodes from ComfyUI's record
+            return self._result(watch, as_dict(entry.get("outputs")), include_temp)
         finally:
             if self._watches.get(prompt_id) is watch:
                 del self._watches[prompt_id]
@@ -640,6 +660,11 @@ class ComfyClient(ClosedOnExit):
         )
 
     async def fetch_output(self, ref: OutputFile) -> bytes:
+        root = self.local_folders.get(ref.type)
+        if root is not None:
+            data = await read_file(root, ref.subfolder, ref.filename)
+            if data is not None:
+                return data
         params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
         try:
             async with self._http.get(f"{self.base_url}/view", params=params) as response:
@@ -854,6 +879,36 @@ class ComfyClient(ClosedOnExit):
         except Exception:
             log.exception("reconciling prompt %s failed", watch.prompt_id)
 
+    async def _follow_foreign(self, watch: PromptWatch) -> None:
+        """A prompt another client queued: its end events go to that client only (and its
+        /history entry is written just after them), so it is asked until it has ended, often at
+        first, then every two seconds; "absent" for two seconds on end loses it."""
+        pause, absent_since = 0.05, None
+        try:
+            while not watch.done.is_set() and self._watches.get(watch.prompt_id) is watch:
+                try:
+                    where, entry = await self._locate(watch)
+                except ComfyUnavailable:  # down for now: the waiter's own timeout bounds this
+                    where, entry = "unknown", None
+                if where == "finished" and entry is not None:
+                    watch.apply_history(entry)
+                    return
+                now = time.monotonic()
+                absent_since = (absent_since or now) if where == "absent" else None
+                if absent_since is not None and now - absent_since >= FOREIGN_ABSENT_S:
+                    watch.fail(
+                        ComfyUnavailable(
+                            f"prompt {watch.prompt_id} is unknown to ComfyUI: neither queued, "
+                            "running nor in its history",
+                            {"kind": "unavailable", "url": self.base_url},
+                        )
+                    )
+                    return
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
+        except Exception:
+            log.exception("following prompt %s failed", watch.prompt_id)
+
     async def _locate(self, watch: PromptWatch) -> tuple[str, dict[str, Any] | None]:
         """Where ComfyUI has the prompt: "queued" (waiting or running), "finished" (with its
         /history entry) or "absent".
@@ -921,9 +976,7 @@ class ComfyClient(ClosedOnExit):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
 
-    def _result(self, watch: PromptWatch, entry: dict[str, Any], include_temp: bool) -> RunResult:
-        watch.apply_history(entry)  # fills timings and cached nodes from ComfyUI's record
-        outputs = as_dict(entry.get("outputs"))
+    def _result(self, watch: PromptWatch, outputs: dict[str, Any], include_temp: bool) -> RunResult:
         files, texts = parse_outputs(outputs, include_temp)
         temp_files = (
             [] if include_temp else [f for f in parse_outputs(outputs, True)[0] if f.type == "temp"]

@@ -446,6 +446,8 @@ class ComfyEngine(ClosedOnExit):
         else:
             reconnect = settings.comfyui.reconnect_timeout
         client = ComfyClient(self.url, reconnect_timeout=reconnect)
+        folders = {"input": self.input_dir, "output": self.output_dir, "temp": self.temp_dir}
+        client.local_folders = {kind: path for kind, path in folders.items() if path is not None}
         await client.__aenter__()
         self._client = client
         try:

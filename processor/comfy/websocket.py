@@ -152,6 +152,10 @@ class PromptWatch:
     outcome: tuple[str, dict[str, Any]] | None = None
     failure: ComfyError | None = None
     history_entry: dict[str, Any] | None = None
+    # What ``executed`` events said each node output: /history's ``outputs``, as long as the
+    # socket stayed up from queueing to the end (``generation``: the connection it was queued on).
+    sent_outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    generation: int | None = None
     on_progress: Callable[[Any], None] | None = None
     last_fraction: float = 0.0
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -231,10 +235,42 @@ class PromptWatch:
                     fraction = float(state.get("value") or 0) / float(state["max"])
                     self.node_fraction[str(node_id)] = min(1.0, fraction)
             return self.estimate() > before
+        if kind == "executed":
+            self._collect(data)
+            return False
         if kind in END_EVENTS:
             self.finish(kind, data)
             return False
         return False
+
+    def _collect(self, data: dict[str, Any]) -> None:
+        """Keep a node's ``executed`` output. A node that runs again (loops, expansions) adds
+        its files, as today's /history does; other keys take the latest value."""
+        output = data.get("output")
+        if self.done.is_set() or not isinstance(output, dict):
+            return  # after the end: re-sent intermediate outputs, not this run's result
+        node = str(data.get("node"))
+        kept = self.sent_outputs.setdefault(node, {})
+        for key, value in output.items():
+            earlier = kept.get(key)
+            if isinstance(value, list) and isinstance(earlier, list):
+                kept[key] = [*earlier, *value]
+            else:
+                kept[key] = value
+
+    def outputs_from_events(self, generation: int) -> dict[str, Any] | None:
+        """The outputs as the events told them, when they are the whole story: the prompt was
+        queued on this very connection (none of its events can be missing), ran start to end
+        on it, and ended well. Else None, and /history is asked."""
+        complete = (
+            self.generation is not None
+            and self.generation == generation
+            and self.history_entry is None
+            and self.start_ms is not None
+            and self.outcome is not None
+            and self.outcome[0] == "execution_success"
+        )
+        return dict(self.sent_outputs) if complete else None
 
     def estimate(self) -> float:
         """Weighted share of the nodes that will run (cached ones never do), below 1 until done."""

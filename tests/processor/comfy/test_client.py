@@ -15,10 +15,18 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from processor.comfy.client import ComfyClient, Progress, RunResult, sniff_content_type
+from processor.comfy.client import (
+    ComfyClient,
+    OutputFile,
+    Progress,
+    RunResult,
+    parse_outputs,
+    sniff_content_type,
+)
 from processor.comfy.node_errors import validation_error
 from processor.errors import (
     ComfyDiedWhileWaiting,
+    ComfyError,
     ComfyInterrupted,
     ComfyRuntimeError,
     ComfyTimeout,
@@ -438,9 +446,91 @@ async def test_wait_for_a_prompt_this_client_did_not_queue(
 
 
 async def test_history_gap_is_retried(client: ComfyClient, fake_comfyui: Any) -> None:
+    """A prompt followed through /history (here another client's) waits out the moment
+    between its end event and its history entry."""
     fake_comfyui.state.history_gap = 0.4
-    result = await client.run(copy.deepcopy(solid(prefix="gap")), pid("run-gap"), timeout=30)
+    async with ComfyClient(fake_comfyui.url) as other:
+        await other.wait_ready(10)
+        await other.queue_prompt(copy.deepcopy(solid(prefix="gap")), pid("run-gap"))
+        result = await client.wait_for(pid("run-gap"), timeout=30)
     assert len(result.files) == 1
+    assert result.files[0].filename.startswith("gap")
+
+
+async def history_entry(url: str, prompt_id: str) -> dict[str, Any]:
+    for _ in range(100):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{url}/history/{prompt_id}") as response,
+        ):
+            body: dict[str, Any] = await response.json()
+        if prompt_id in body:
+            return dict(body[prompt_id])
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no /history entry for {prompt_id}")
+
+
+async def test_own_prompt_takes_its_outputs_from_its_events(
+    client: ComfyClient, fake_comfyui: Any
+) -> None:
+    """Issue 24: ComfyUI's server shares the GIL with execution, so a prompt that this client
+    followed from queue to end on one socket costs no /history request; the outputs are the
+    ones /history holds."""
+    result = await client.run(tiny_txt2img(batch_size=2), pid("run-events"), timeout=30)
+    stats = await fake_stats(fake_comfyui.url)
+    assert stats["requests"].get("GET /history/{prompt_id}", 0) == 0
+    assert client.history_skipped == 1
+    entry = await history_entry(fake_comfyui.url, pid("run-events"))
+    from_history = parse_outputs(entry["outputs"], False)[0]
+    assert result.files == from_history and result.files
+    assert result.execution_seconds > 0
+
+
+async def test_a_socket_drop_mid_prompt_falls_back_to_history(
+    client: ComfyClient, fake_comfyui: Any
+) -> None:
+    fake_comfyui.state.drop_ws_at_node = "3"
+    result = await client.run(copy.deepcopy(solid(prefix="dropped")), pid("run-drop"), timeout=30)
+    stats = await fake_stats(fake_comfyui.url)
+    assert result.files[0].filename.startswith("dropped")
+    assert stats["requests"].get("GET /history/{prompt_id}", 0) >= 1
+    assert client.history_skipped == 0
+
+
+async def test_local_output_folder_is_read_from_disk(
+    client: ComfyClient, fake_comfyui: Any, tmp_path: Path
+) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.png").write_bytes(b"from disk")
+    client.local_folders = {"output": tmp_path}
+    ref = OutputFile("3", "images", "a.png", "sub", "output")
+    assert await client.fetch_output(ref) == b"from disk"
+    assert (await fake_stats(fake_comfyui.url))["requests"].get("GET /view", 0) == 0
+
+
+async def test_local_output_folder_falls_back_to_view(
+    client: ComfyClient, fake_comfyui: Any, tmp_path: Path
+) -> None:
+    """A file the folder does not have, or a name that would leave it, is asked of /view."""
+    (tmp_path.parent / "secret.png").write_bytes(b"outside")
+    client.local_folders = {"output": tmp_path / "out"}
+    result = await client.run(copy.deepcopy(solid(prefix="viewed")), pid("run-view"), timeout=30)
+    data = await client.fetch_output(result.files[0])
+    assert data.startswith(b"\x89PNG")
+    with pytest.raises(ComfyError):
+        await client.fetch_output(OutputFile("3", "images", "../secret.png", "", "output"))
+    assert (await fake_stats(fake_comfyui.url))["requests"]["GET /view"] == 2
+
+
+async def test_local_input_folder_is_written_directly(
+    client: ComfyClient, fake_comfyui: Any, tmp_path: Path
+) -> None:
+    client.local_folders = {"input": tmp_path}
+    name = await client.upload_input(b"pixels", "in.png", "comfys3/job")
+    assert name == "comfys3/job/in.png"
+    assert (tmp_path / "comfys3" / "job" / "in.png").read_bytes() == b"pixels"
+    assert not [p for p in (tmp_path / "comfys3" / "job").iterdir() if p.name.startswith(".")]
+    assert (await fake_stats(fake_comfyui.url))["requests"].get("POST /upload/image", 0) == 0
 
 
 async def test_wait_ready_names_url_and_log_tail() -> None:
