@@ -43,6 +43,7 @@ Run it (from the repository root, in the project's venv; SeaweedFS comes with '.
         [--peer-driver /work/rig/worker_comfyui_driver.py \
          --peer-python /work/rig/venv-peer/bin/python]
     python bench/hot_path.py ... --json results.json               # every figure, machine-readable
+    HOT_PATH_PROFILE=/tmp/worker.prof python bench/hot_path.py ... # the worker under cProfile
 
 A real ComfyUI needs the checkpoint in its models/checkpoints (B only); the worker-comfyui
 handler does not run against the fake (it needs `GET /` to answer 200; the row says so). With
@@ -85,6 +86,7 @@ from rig_servers import (
     weed_mini,
 )
 
+NO_FOLDERS = False  # --no-folders
 WORKER_TIMEOUT_PER_JOB = 30.0  # seconds; a row is abandoned (and said so) past jobs * this
 
 
@@ -291,6 +293,9 @@ def queue_alone(comfy: Comfy, graphs: list[dict[str, Any]], label: str) -> Row:
 
 
 def comfys3_command() -> list[str]:
+    profile = os.environ.get("HOT_PATH_PROFILE")  # a file: the worker runs under cProfile
+    if profile:
+        return [sys.executable, "-m", "cProfile", "-o", profile, "-m", "triggers.cli"]
     script = Path(sys.executable).parent / "comfys3"
     return [str(script)] if script.exists() else [sys.executable, "-m", "triggers.cli"]
 
@@ -341,8 +346,15 @@ def wait_child(process: subprocess.Popen[bytes], timeout: float) -> tuple[int, f
         time.sleep(0.02)
 
 
-def worker_env(s3: S3, s3_url: str, comfy_url: str) -> dict[str, str]:
+def worker_env(
+    s3: S3, s3_url: str, comfy_url: str, folders: Path | None = None
+) -> dict[str, str]:
+    """``folders``: ComfyUI's base folder (input/, output/, temp/ in it) when the worker may use
+    it directly, as a worker beside its ComfyUI does."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMFYS3_")}
+    if folders is not None:
+        for kind in ("input", "output", "temp"):
+            env[f"COMFYS3_COMFYUI_{kind.upper()}_DIR"] = str(folders / kind)
     env.update({
         "COMFYS3_S3_REGION": s3.region, "COMFYS3_S3_ACCESS_KEY": s3.access_key,
         "COMFYS3_S3_SECRET_KEY": s3.secret_key, "COMFYS3_S3_BUCKET_NAME": s3.bucket,
@@ -386,8 +398,9 @@ def run_comfys3(
             )
         log = stack.enter_context(log_path.open("wb"))
         comfy_cpu0, s3_cpu0 = cpu_seconds(comfy.pid), cpu_seconds(s3.pid)
+        folders = comfy.output_dir.parent if comfy.output_dir and not NO_FOLDERS else None
         env = worker_env(s3, s3_proxy.url if s3_proxy else s3.endpoint_url,
-                         comfy_proxy.url if comfy_proxy else comfy.url)  # fmt: skip
+                         comfy_proxy.url if comfy_proxy else comfy.url, folders)  # fmt: skip
         process = subprocess.Popen(
             [*comfys3_command(), "run", "--once"], env=env, cwd=folder,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -543,7 +556,8 @@ def comfyui_for(args: argparse.Namespace, workload: Workload, base: Path) -> Ite
     if args.comfyui_url:
         url = args.comfyui_url.rstrip("/")
         port = urllib.parse.urlsplit(url).port or 80
-        yield Comfy(url, args.comfyui_pid or pid_listening_on(port), None)
+        output = args.comfyui_dir / "output" if args.comfyui_dir else None
+        yield Comfy(url, args.comfyui_pid or pid_listening_on(port), output)
         return
     with fake_comfyui(base / f"fake-{workload.name}", exec_delay=workload.fake_exec_delay,
                       installed_checkpoints=args.ckpt) as fake:  # fmt: skip
@@ -647,6 +661,17 @@ def main() -> None:
     where.add_argument("--comfyui", choices=["fake"], help="start the test fake per workload")
     where.add_argument("--comfyui-url", help="a running ComfyUI, e.g. http://127.0.0.1:8188")
     parser.add_argument("--comfyui-pid", type=int, help="its pid, if not found by its port")
+    parser.add_argument(
+        "--comfyui-dir",
+        type=Path,
+        help="its base folder (input/, output/, temp/ in it: /work/rig/run/PORT for the rig), "
+        "given to the worker as COMFYS3_COMFYUI_*_DIR as for a ComfyUI on the same machine",
+    )
+    parser.add_argument(
+        "--no-folders",
+        action="store_true",
+        help="never tell the worker ComfyUI's folders (everything through its HTTP server)",
+    )
     parser.add_argument("--jobs", type=int, default=100, help="jobs a row (default 100)")
     parser.add_argument("--workloads", nargs="+", choices=["A", "B"], default=["A", "B"])
     parser.add_argument("--ckpt", default="rand-sd15.safetensors", help="checkpoint for B")
@@ -661,6 +686,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     parser.add_argument("--keep", type=Path, help="keep logs and graphs in this folder")
     args = parser.parse_args()
+    global NO_FOLDERS
+    NO_FOLDERS = args.no_folders
     if args.rounds < 1 or args.jobs // args.rounds < 2:
         parser.error("--jobs / --rounds must be at least 2 jobs a round")
     if args.peer_driver and not Path(args.peer_driver).is_file():

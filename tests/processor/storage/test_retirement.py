@@ -223,6 +223,35 @@ async def test_a_delete_after_a_flush_gets_a_request_of_its_own() -> None:
     assert recorder.requests == [["a"], ["b"]]
 
 
+async def test_a_stream_of_retirements_shares_requests_and_claims_follow_their_manifests(
+    tmp_path: Path,
+) -> None:
+    """Issue 24: short jobs finishing one after another cost one DeleteObjects a window for
+    manifests and claims together (it was two a job), and no claim is deleted in the same
+    request as, or before, its manifest."""
+    storage = FlakyStorage(tmp_path)
+    retirer = Retirer(storage, LAYOUT)
+    names = [f"job-{n}" for n in range(12)]
+    for name in names:
+        (tmp_path / "input").mkdir(exist_ok=True)
+        (tmp_path / "input" / f"{name}.json").write_bytes(MANIFEST)
+
+    async def finish(n: int, name: str) -> None:
+        await asyncio.sleep(n * retire.BATCH_WINDOW / 4)  # one job ends every quarter window
+        await retirer.retire(f"input/{name}.json", failed=False, claim_key=f"input/_claims/{name}")
+
+    await asyncio.gather(*(finish(n, name) for n, name in enumerate(names)))
+
+    assert len(storage.deletes) <= len(names) // 2
+    for name in names:
+        manifest = next(n for n, keys in enumerate(storage.deletes) if f"input/{name}.json" in keys)
+        claim = next(n for n, keys in enumerate(storage.deletes) if f"input/_claims/{name}" in keys)
+        assert claim > manifest
+    assert sorted(p.name for p in (tmp_path / "input" / "_done").iterdir()) == sorted(
+        f"{name}.json" for name in names
+    )
+
+
 # -- names no job can use -----------------------------------------------------------------
 
 
