@@ -346,9 +346,7 @@ def wait_child(process: subprocess.Popen[bytes], timeout: float) -> tuple[int, f
         time.sleep(0.02)
 
 
-def worker_env(
-    s3: S3, s3_url: str, comfy_url: str, folders: Path | None = None
-) -> dict[str, str]:
+def worker_env(s3: S3, s3_url: str, comfy_url: str, folders: Path | None = None) -> dict[str, str]:
     """``folders``: ComfyUI's base folder (input/, output/, temp/ in it) when the worker may use
     it directly, as a worker beside its ComfyUI does."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMFYS3_")}
@@ -372,6 +370,7 @@ def run_comfys3(
     folder: Path,
     prefix: str,
     counted: bool = True,
+    before: Path | None = None,
 ) -> Row:
     """One `comfys3 run --once` worker draining ``numbers`` jobs; ``counted``: through the
     counting proxies (else straight to S3 and ComfyUI, for throughput without the proxies)."""
@@ -388,7 +387,14 @@ def run_comfys3(
 
     jobs = len(numbers)
     name = "comfys3, one worker" if counted else "comfys3, one worker, no proxies"
-    log_path = folder / f"worker-{workload.name}{'' if counted else '-bare'}.log"
+    command = comfys3_command()
+    if before is not None:  # another checkout's worker: the same bench, code before a change
+        name = name.replace("comfys3", f"comfys3 before ({before.name})")
+        command = [str(before / ".venv" / "bin" / "comfys3")]
+    log_path = (
+        folder
+        / f"worker-{workload.name}{'' if counted else '-bare'}{'-before' if before else ''}.log"
+    )
     with contextlib.ExitStack() as stack:
         s3_proxy = comfy_proxy = None
         if counted:
@@ -402,7 +408,7 @@ def run_comfys3(
         env = worker_env(s3, s3_proxy.url if s3_proxy else s3.endpoint_url,
                          comfy_proxy.url if comfy_proxy else comfy.url, folders)  # fmt: skip
         process = subprocess.Popen(
-            [*comfys3_command(), "run", "--once"], env=env, cwd=folder,
+            [*command, "run", "--once"], env=env, cwd=folder,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             preexec_fn=die_with_parent,
         )  # fmt: skip
@@ -571,6 +577,8 @@ def run_workload(args: argparse.Namespace, workload: Workload, s3: S3, base: Pat
     per_round = args.jobs // args.rounds
     say = lambda text: print(f"[{workload.name}] {text}", file=sys.stderr, flush=True)  # noqa: E731
     clients = ["alone", "comfys3"] + (["comfys3-bare"] if args.bare else [])
+    if args.before:
+        clients += ["before"] + (["before-bare"] if args.bare else [])
     if args.peer_driver:
         clients += ["peer"] + (["peer-bare"] if args.bare else [])
     found: dict[str, list[Row]] = {client: [] for client in clients}
@@ -591,10 +599,12 @@ def run_workload(args: argparse.Namespace, workload: Workload, s3: S3, base: Pat
                 if client == "alone":
                     graphs = filled_graphs(workload, f"alone{tag}", numbers, base)
                     row = queue_alone(comfy, graphs, workload.name)
-                elif client.startswith("comfys3"):
+                elif client.startswith(("comfys3", "before")):
                     bare = client.endswith("bare")
-                    prefix = f"{workload.name}{tag}{'b' if bare else ''}"
-                    row = run_comfys3(s3, comfy, workload, numbers, base, prefix, not bare)
+                    before = client.startswith("before")
+                    prefix = f"{workload.name}{tag}{'b' if bare else ''}{'o' if before else ''}"
+                    row = run_comfys3(s3, comfy, workload, numbers, base, prefix, not bare,
+                                      args.before if before else None)  # fmt: skip
                 else:
                     bare = client.endswith("bare")
                     name = f"peer{'b' if bare else ''}{tag}"
@@ -666,6 +676,12 @@ def main() -> None:
         type=Path,
         help="its base folder (input/, output/, temp/ in it: /work/rig/run/PORT for the rig), "
         "given to the worker as COMFYS3_COMFYUI_*_DIR as for a ComfyUI on the same machine",
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="another comfys3 checkout with its .venv (e.g. main): its worker gets rows of its "
+        "own in the same run, for figures before and after a change",
     )
     parser.add_argument(
         "--no-folders",
