@@ -131,13 +131,19 @@ class ComfyUISettings(BaseSettings):
         default=60.0, gt=0, description="Seconds an attached ComfyUI may be unreachable mid-job."
     )
     input_dir: Path | None = Field(
-        default=None, description="Input folder of an attached ComfyUI, so jobs clean up after."
+        default=None,
+        description="Input folder of an attached ComfyUI on this machine: inputs are written there "
+        "directly and cleaned up after.",
     )
     output_dir: Path | None = Field(
-        default=None, description="Output folder of an attached ComfyUI, so jobs clean up after."
+        default=None,
+        description="Output folder of an attached ComfyUI on this machine: outputs are read "
+        "from it (not `/view`) and cleaned up after.",
     )
     temp_dir: Path | None = Field(
-        default=None, description="Temp folder of an attached ComfyUI, so jobs clean up after."
+        default=None,
+        description="Temp folder of an attached ComfyUI on this machine: previews are read from it "
+        "and cleaned up after.",
     )
 
     _split_env = field_validator("env", mode="before")(_names)
