@@ -199,6 +199,33 @@ async def test_cleanup_removes_job_files(engine: tuple[ComfyEngine, ComfyClient]
     assert comfy.input_dir.is_dir() and comfy.output_dir.is_dir()
 
 
+async def test_a_started_comfyui_is_used_through_its_folders(
+    engine: tuple[ComfyEngine, ComfyClient],
+) -> None:
+    """Issue 24: the worker beside its ComfyUI writes inputs and reads outputs on disk, and a
+    prompt it followed needs no /history: ComfyUI serves one request a job, POST /prompt."""
+    comfy, client = engine
+    value = await client.upload_input(png_bytes((8, 8), (5, 5, 5)), "in.png", "job-disk")
+    graph = load_graph("scale")
+    graph["1"]["inputs"]["image"] = value
+    graph["3"]["inputs"]["filename_prefix"] = "job-disk/out"
+    result = await client.run(graph, "run-disk", timeout=30)
+    data = await client.fetch_output(result.files[0])
+    assert comfy.output_dir is not None
+    assert (
+        data
+        == (comfy.output_dir / result.files[0].subfolder / result.files[0].filename).read_bytes()
+    )
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{comfy.url}/fake/stats") as response,
+    ):
+        requests = (await response.json())["requests"]
+    assert requests.get("POST /prompt") == 1
+    for route in ("POST /upload/image", "GET /view", "GET /history/{prompt_id}"):
+        assert requests.get(route, 0) == 0, route
+
+
 async def test_cleanup_is_a_no_op_when_folders_are_unknown(fake_comfyui: Any) -> None:
     engine = ComfyEngine(WorkerSettings(comfyui_url=fake_comfyui.url, comfyui_startup_timeout=15))
     async with engine as client:
