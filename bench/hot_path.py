@@ -342,7 +342,13 @@ def wait_child(process: subprocess.Popen[bytes], timeout: float) -> tuple[int, f
 
 
 def worker_env(s3: S3, s3_url: str, comfy_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COMFYS3_")}
+    """The worker's environment: none of the bench's COMFYS3_* but the S3 client, so
+    ``COMFYS3_S3_CLIENT=obstore python bench/hot_path.py ...`` measures the other client."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("COMFYS3_") or k == "COMFYS3_S3_CLIENT"
+    }
     env.update({
         "COMFYS3_S3_REGION": s3.region, "COMFYS3_S3_ACCESS_KEY": s3.access_key,
         "COMFYS3_S3_SECRET_KEY": s3.secret_key, "COMFYS3_S3_BUCKET_NAME": s3.bucket,

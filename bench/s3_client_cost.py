@@ -35,6 +35,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import mean
 from typing import Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -299,34 +300,32 @@ async def bench(s3: S3, count: int, concurrencies: list[int], layer: str) -> lis
 
 
 def table(figures: list[Figure]) -> str:
+    """One row per request kind and concurrency; a CPU ratio per pair of clients measured side
+    by side (aiobotocore / obstore, S3Storage / ObstoreStorage)."""
     names = list(dict.fromkeys(f.client for f in figures))
+    pairs = list(zip(names[0::2], names[1::2], strict=False))
     by = {(f.client, f.kind, f.concurrency): f for f in figures}
-    concurrencies = sorted({f.concurrency for f in figures})
     head = ["request", "c"]
     for name in names:
         head += [f"{name} CPU ms", f"{name} wall ms"]
+    head += [f"CPU {first}/{second}" for first, second in pairs]
     head += ["weed CPU ms (per client)"]
-    if len(names) >= 2:
-        head.insert(2 + 2 * len(names), f"CPU {names[0]}/{names[1]}")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for concurrency in concurrencies:
-        rows = [*KINDS, "hot mean"]
-        for kind in rows:
-            picked = [
-                [by[(n, k, concurrency)] for k in (HOT if kind == "hot mean" else [kind])]
+    for concurrency in sorted({f.concurrency for f in figures}):
+        for kind in [*KINDS, "hot mean"]:
+            kinds = HOT if kind == "hot mean" else [kind]
+            cpu = {n: mean([by[(n, k, concurrency)].cpu_ms for k in kinds]) for n in names}
+            wall = {n: mean([by[(n, k, concurrency)].wall_ms for k in kinds]) for n in names}
+            server = {
+                n: mean([by[(n, k, concurrency)].server_cpu_ms or 0.0 for k in kinds])
                 for n in names
-            ]
+            }
             cells = [kind, str(concurrency)]
-            for chosen in picked:
-                cpu = sum(f.cpu_ms for f in chosen) / len(chosen)
-                wall = sum(f.wall_ms for f in chosen) / len(chosen)
-                cells += [f"{cpu:.3f}", f"{wall:.3f}"]
-            if len(names) >= 2:
-                first = sum(f.cpu_ms for f in picked[0]) / len(picked[0])
-                second = sum(f.cpu_ms for f in picked[1]) / len(picked[1])
-                cells.append(f"{first / second:.1f}x" if second else "-")
-            servers = [sum(f.server_cpu_ms or 0 for f in chosen) / len(chosen) for chosen in picked]
-            cells.append(" / ".join(f"{s:.2f}" for s in servers))
+            for name in names:
+                cells += [f"{cpu[name]:.3f}", f"{wall[name]:.3f}"]
+            for first, second in pairs:
+                cells.append(f"{cpu[first] / cpu[second]:.1f}x" if cpu[second] else "-")
+            cells.append(" / ".join(f"{server[n]:.2f}" for n in names))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
