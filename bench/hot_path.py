@@ -347,9 +347,15 @@ def wait_child(process: subprocess.Popen[bytes], timeout: float) -> tuple[int, f
 
 
 def worker_env(s3: S3, s3_url: str, comfy_url: str, folders: Path | None = None) -> dict[str, str]:
-    """``folders``: ComfyUI's base folder (input/, output/, temp/ in it) when the worker may use
+    """The worker's environment: none of the bench's COMFYS3_* but the S3 client, so
+    ``COMFYS3_S3_CLIENT=obstore python bench/hot_path.py ...`` measures the other client.
+    ``folders``: ComfyUI's base folder (input/, output/, temp/ in it) when the worker may use
     it directly, as a worker beside its ComfyUI does."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COMFYS3_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("COMFYS3_") or k == "COMFYS3_S3_CLIENT"
+    }
     if folders is not None:
         for kind in ("input", "output", "temp"):
             env[f"COMFYS3_COMFYUI_{kind.upper()}_DIR"] = str(folders / kind)

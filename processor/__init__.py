@@ -74,6 +74,7 @@ from processor.storage.layout import (
 )
 from processor.storage.local import LocalStorage
 from processor.storage.s3 import S3Storage
+from processor.storage.s3_clients import s3_storage
 from processor.template_scaffold import (
     FieldPlan,
     FixedValue,
@@ -197,6 +198,7 @@ __all__ = [
     "render_graph",
     "render_module",
     "s3_layout",
+    "s3_storage",
     "split_priority",
     "storage_from_env",
     "validate_key",

@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -62,7 +63,12 @@ class S3Settings(BaseSettings):
         description="Bucket addressing; path style suits most S3-compatible servers.",
     )
     retry_attempts: int = Field(
-        default=5, ge=1, description="botocore standard-mode retry attempts per S3 call."
+        default=5, ge=1, description="Attempts per S3 call (the first and its retries)."
+    )
+    client: Literal["botocore", "obstore"] = Field(
+        default="botocore",
+        description="S3 client: botocore (aiobotocore) or obstore "
+        "(pip install 'comfys3[obstore]'; less CPU per request).",
     )
 
     @field_validator("input_dir", "output_dir")
@@ -79,6 +85,16 @@ class S3Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("client")
+    @classmethod
+    def _style_for_client(cls, value: str, info: ValidationInfo) -> str:
+        """``auto`` is botocore's own guess; obstore must be told, so say so at start-up."""
+        if value == "obstore" and info.data.get("addressing_style") == "auto":
+            raise ValueError(
+                "obstore needs COMFYS3_S3_ADDRESSING_STYLE=path or virtual (auto is botocore's)"
+            )
+        return value
 
 
 def _names(value: object) -> object:

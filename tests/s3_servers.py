@@ -32,7 +32,7 @@ from pydantic import SecretStr
 from processor.settings import S3Settings
 from processor.storage.base import Storage
 from processor.storage.local import LocalStorage
-from processor.storage.s3 import S3Storage
+from processor.storage.s3_clients import s3_storage
 
 REGION = "us-east-1"
 SEAWEED_START_TIMEOUT = 60.0
@@ -315,14 +315,22 @@ def local_storage(tmp_path: Path) -> LocalStorage:
     return LocalStorage(tmp_path / "storage")
 
 
+# S3 backends by server and client: every contract test runs on both S3 clients, each against
+# moto and SeaweedFS ("moto" and "seaweedfs" alone are aiobotocore, the default client).
+S3_BACKENDS = ["moto", "seaweedfs", "moto-obstore", "seaweedfs-obstore"]
+ATOMIC_S3_BACKENDS = ["seaweedfs", "seaweedfs-obstore"]  # moto's conditions race (see tests)
+
+
 def storage_backend(name: str, request: pytest.FixtureRequest, root: Path) -> Storage:
-    """An unopened storage by name: ``local`` (under ``root``), ``moto`` or ``seaweedfs``.
+    """An unopened storage by name: ``local`` (under ``root``), or one of :data:`S3_BACKENDS`
+    (``<server>`` or ``<server>-<client>``).
 
     Parametrised fixtures use this so each backend's server starts only if a test needs it.
     """
     if name == "local":
         return LocalStorage(root)
-    if name in {"moto", "seaweedfs"}:
-        server = request.getfixturevalue("moto_server" if name == "moto" else "seaweedfs")
-        return S3Storage(s3_settings_for(server))
+    if name in S3_BACKENDS:
+        server_name, _, client = name.partition("-")
+        server = request.getfixturevalue("moto_server" if server_name == "moto" else "seaweedfs")
+        return s3_storage(s3_settings_for(server, client=client or "botocore"))
     raise ValueError(f"unknown storage backend {name!r}")

@@ -28,7 +28,7 @@ from processor.storage.base import Storage
 from processor.storage.claims_check import check_conditional_writes
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage
-from processor.storage.s3 import S3Storage
+from processor.storage.s3_clients import s3_storage
 from processor.worker.loop import Worker
 from processor.worker.warm_start import warm_up
 from processor.workflows import WorkflowRegistry
@@ -51,7 +51,7 @@ def open_storage(s3: S3Settings | None, local_root: Path | None) -> Storage:
     if local_root is not None:
         return LocalStorage(local_root)
     assert s3 is not None
-    return S3Storage(s3)
+    return s3_storage(s3)
 
 
 def storage_from_env(local_root: Path | None) -> tuple[Storage, Layout]:
@@ -60,7 +60,7 @@ def storage_from_env(local_root: Path | None) -> tuple[Storage, Layout]:
     if local_root is not None:
         return LocalStorage(local_root), local_layout()
     s3 = load_s3_settings()
-    return S3Storage(s3), s3_layout(s3)
+    return s3_storage(s3), s3_layout(s3)
 
 
 def model_cache(settings: WorkerSettings, fetcher: Fetcher) -> ModelCache | None:

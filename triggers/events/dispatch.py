@@ -55,7 +55,6 @@ from processor import (
     ObjectNotFound,
     PreconditionFailed,
     S3Settings,
-    S3Storage,
     SqsSettings,
     Storage,
     StorageError,
@@ -65,6 +64,7 @@ from processor import (
     load_sqs_settings,
     load_worker_settings,
     s3_layout,
+    s3_storage,
 )
 from triggers.cli import logs
 from triggers.events.runpod_api import TERMINAL, RunPodApi, RunPodError
@@ -412,7 +412,7 @@ async def open_dispatcher(
 ) -> AsyncIterator[Dispatcher]:
     """A dispatcher with its bucket and RunPod API open: the command's and the Lambda's."""
     async with (
-        S3Storage(s3) as storage,
+        s3_storage(s3) as storage,
         RunPodApi(
             base_url=settings.runpod_api_url,
             endpoint_id=settings.runpod_endpoint_id,

@@ -22,17 +22,36 @@ from processor.settings import S3Settings
 from processor.storage import s3 as storage_s3
 from processor.storage.base import Storage, folder_prefix, validate_key
 from processor.storage.local import LocalStorage
+from processor.storage.obstore_s3 import ObstoreStorage
 from processor.storage.s3 import S3Storage
 from tests.paths import REPO
-from tests.s3_servers import S3Server, free_port, s3_settings_for, storage_backend
+from tests.s3_servers import (
+    ATOMIC_S3_BACKENDS,
+    S3_BACKENDS,
+    S3Server,
+    free_port,
+    s3_settings_for,
+    storage_backend,
+)
 
-BACKENDS = ["local", "moto", "seaweedfs"]
+BACKENDS = ["local", *S3_BACKENDS]
 
 
 @pytest.fixture(params=BACKENDS)
 async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
     async with storage_backend(request.param, request, tmp_path / "root") as backend:
         yield backend
+
+
+S3_CLIENTS = ["botocore", "obstore"]
+
+
+def s3_client(settings: S3Settings, client: str, **timeouts: float) -> S3Storage | ObstoreStorage:
+    """An unopened S3 storage on ``client``, for the tests of S3's own edges."""
+    settings = settings.model_copy(update={"client": client})
+    if client == "botocore":
+        return S3Storage(settings, **timeouts)
+    return ObstoreStorage(settings, **timeouts)
 
 
 def md5_etag(data: bytes) -> str:
@@ -106,7 +125,8 @@ async def test_list_paginates(storage: Storage, monkeypatch: pytest.MonkeyPatch)
     assert [o.key for o in await storage.list("p", limit=5)] == keys[:5]
 
 
-async def test_list_beyond_one_thousand_keys(moto_s3_settings: S3Settings) -> None:
+@pytest.mark.parametrize("client", S3_CLIENTS)
+async def test_list_beyond_one_thousand_keys(moto_s3_settings: S3Settings, client: str) -> None:
     """Real 1000-key pages. Keys go straight into moto's in-process backend: a thousand HTTP
     puts would cost seconds and test nothing more."""
     from moto.core import DEFAULT_ACCOUNT_ID
@@ -116,7 +136,7 @@ async def test_list_beyond_one_thousand_keys(moto_s3_settings: S3Settings) -> No
     for i in range(1003):
         backend.put_object(moto_s3_settings.bucket_name, f"many/{i:04d}", b"")
     backend.put_object(moto_s3_settings.bucket_name, "many/deeper/hidden", b"")
-    async with S3Storage(moto_s3_settings) as storage:
+    async with s3_client(moto_s3_settings, client) as storage:
         listed = await storage.list("many")
         assert len(listed) == 1003
         assert listed[-1].key == "many/1002"
@@ -130,6 +150,28 @@ async def test_delete_is_idempotent(storage: Storage) -> None:
     assert await storage.head("d/x") is None
     await storage.delete("d/x")
     await storage.delete("never/was")
+
+
+async def test_copy_keeps_the_source_and_replaces_the_target(storage: Storage) -> None:
+    await storage.put("cp/src.json", b"source", content_type="application/json")
+    await storage.put("cp/dst.json", b"old")
+    await storage.copy("cp/src.json", "cp/dst.json")
+    assert (await storage.get("cp/dst.json")).data == b"source"
+    assert (await storage.get("cp/src.json")).data == b"source"
+    with pytest.raises(ObjectNotFound, match=r"cp/absent\.json"):
+        await storage.copy("cp/absent.json", "cp/other.json")
+    assert await storage.head("cp/other.json") is None
+
+
+async def test_delete_many_removes_the_listed_keys_only(storage: Storage) -> None:
+    for key in ["dm/a", "dm/b", "dm/keep"]:
+        await storage.put(key, b"x")
+    await storage.delete_many(["dm/a", "dm/b", "dm/never-was"])
+    assert [o.key for o in await storage.list("dm")] == ["dm/keep"]
+    await storage.delete_many([])
+    with pytest.raises(StorageError, match="invalid storage key"):
+        await storage.delete_many(["dm/keep", "../escape"])
+    assert await storage.head("dm/keep") is not None  # refused before any delete
 
 
 async def test_move(storage: Storage) -> None:
@@ -160,7 +202,7 @@ async def test_if_match(storage: Storage) -> None:
     assert await storage.head("m/absent") is None
 
 
-@pytest.fixture(params=["local", "seaweedfs"])
+@pytest.fixture(params=["local", *ATOMIC_S3_BACKENDS])
 async def atomic_storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
     """Backends whose conditional writes are atomic under concurrency.
 
@@ -242,7 +284,8 @@ async def test_backends_refuse_bad_keys_before_io(storage: Storage) -> None:
 # -- S3 specifics -------------------------------------------------------------------------
 
 
-async def test_unreachable_endpoint_is_a_readable_storage_error() -> None:
+@pytest.mark.parametrize("client", S3_CLIENTS)
+async def test_unreachable_endpoint_is_a_readable_storage_error(client: str) -> None:
     settings = S3Settings(
         region="us-east-1",
         access_key=SecretStr("AKIDEXAMPLE"),
@@ -251,7 +294,7 @@ async def test_unreachable_endpoint_is_a_readable_storage_error() -> None:
         endpoint_url=f"http://127.0.0.1:{free_port()}",
         retry_attempts=1,
     )
-    async with S3Storage(settings, connect_timeout=1, read_timeout=1) as storage:
+    async with s3_client(settings, client, connect_timeout=1, read_timeout=1) as storage:
         with pytest.raises(StorageError) as caught:
             await storage.get("input/a.json")
     message = str(caught.value)
@@ -261,9 +304,10 @@ async def test_unreachable_endpoint_is_a_readable_storage_error() -> None:
     assert "very-secret-value" not in message
 
 
-async def test_wrong_secret_is_refused_without_leaking_it(seaweedfs: S3Server) -> None:
+@pytest.mark.parametrize("client", S3_CLIENTS)
+async def test_wrong_secret_is_refused_without_leaking_it(seaweedfs: S3Server, client: str) -> None:
     settings = s3_settings_for(seaweedfs, secret_key="wrong-secret-value", retry_attempts=1)
-    async with S3Storage(settings) as storage:
+    async with s3_client(settings, client) as storage:
         with pytest.raises(StorageError) as caught:
             await storage.put("a.json", b"{}")
     message = str(caught.value)
@@ -272,16 +316,18 @@ async def test_wrong_secret_is_refused_without_leaking_it(seaweedfs: S3Server) -
     assert settings.bucket_name in message
 
 
-async def test_missing_bucket_is_not_a_missing_key(moto_server: S3Server) -> None:
+@pytest.mark.parametrize("client", S3_CLIENTS)
+async def test_missing_bucket_is_not_a_missing_key(moto_server: S3Server, client: str) -> None:
     settings = s3_settings_for(moto_server, bucket_name="no-such-bucket-here")
-    async with S3Storage(settings) as storage:
+    async with s3_client(settings, client) as storage:
         with pytest.raises(StorageError, match="bucket does not exist") as caught:
             await storage.get("a.json")
     assert not isinstance(caught.value, ObjectNotFound)
 
 
-async def test_s3_storage_must_be_opened(moto_s3_settings: S3Settings) -> None:
-    storage = S3Storage(moto_s3_settings)
+@pytest.mark.parametrize("client", S3_CLIENTS)
+async def test_s3_storage_must_be_opened(moto_s3_settings: S3Settings, client: str) -> None:
+    storage = s3_client(moto_s3_settings, client)
     assert storage.bucket == moto_s3_settings.bucket_name
     with pytest.raises(StorageError, match="not open"):
         await storage.get("a.json")
@@ -384,8 +430,11 @@ async def test_local_create_without_hard_links(
     assert (await local_storage.get("claims/x.json")).data == b"first"
 
 
-async def test_s3_storage_closes_once_and_reopens(moto_s3_settings: S3Settings) -> None:
-    storage = S3Storage(moto_s3_settings)
+@pytest.mark.parametrize("client", S3_CLIENTS)
+async def test_s3_storage_closes_once_and_reopens(
+    moto_s3_settings: S3Settings, client: str
+) -> None:
+    storage = s3_client(moto_s3_settings, client)
     async with storage:
         await storage.put("a", b"1")
     await storage.aclose()

@@ -14,7 +14,7 @@ from processor.errors import LeaseLost, PreconditionFailed
 from processor.storage.base import Storage, StoredObject
 from processor.storage.claims import ClaimStore, Lease
 from processor.storage.local import LocalStorage
-from tests.s3_servers import storage_backend
+from tests.s3_servers import ATOMIC_S3_BACKENDS, S3_BACKENDS, storage_backend
 
 
 async def claim(store: ClaimStore, name: str) -> Lease | None:
@@ -34,14 +34,14 @@ class FakeClock:
         return self.now
 
 
-@pytest.fixture(params=["local", "seaweedfs", "moto"])
+@pytest.fixture(params=["local", *S3_BACKENDS])
 async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
     """moto enforces conditions one request at a time: fine for every sequential test here."""
     async with storage_backend(request.param, request, tmp_path / "root") as backend:
         yield backend
 
 
-@pytest.fixture(params=["local", "seaweedfs"])
+@pytest.fixture(params=["local", *ATOMIC_S3_BACKENDS])
 async def atomic_storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
     """Backends that stay exclusive under concurrent conditional writes (moto does not)."""
     async with storage_backend(request.param, request, tmp_path / "root") as backend:

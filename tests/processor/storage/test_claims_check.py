@@ -16,7 +16,7 @@ from processor.storage.claims_check import check_conditional_writes
 from processor.storage.local import LocalStorage
 from processor.worker.assembly import local_layout, open_worker
 from tests.processor.worker.test_loop import worker_settings
-from tests.s3_servers import free_port, storage_backend
+from tests.s3_servers import S3_BACKENDS, free_port, storage_backend
 
 
 class IgnoresConditions:
@@ -53,7 +53,7 @@ class IgnoresConditions:
         return await self.inner.put(key, data, **options)
 
 
-@pytest.mark.parametrize("backend", ["local", "moto", "seaweedfs"])
+@pytest.mark.parametrize("backend", ["local", *S3_BACKENDS])
 async def test_real_storage_passes_and_leaves_nothing_behind(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:

@@ -519,6 +519,7 @@ async def test_a_job_runpod_stops_is_cancelled_not_given_back(
     assert status["error"]["details"]["requested_by"].startswith("RunPod (request rp-stop")
     assert status["error"]["details"]["stage"] == "while it ran"
     done = ["input/_done/rp-stop.json"]
+
     def settled() -> bool:  # copied to _done/, then deleted in the next batch of deletes
         in_done = keys(client, moto_s3_settings, "input/_done/")
         return in_done == done and not keys(client, moto_s3_settings, "input/", delimiter="/")
