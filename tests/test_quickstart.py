@@ -10,6 +10,7 @@ cache), so it is the only test that builds a venv.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -98,7 +99,8 @@ def test_the_readme_quickstart_runs_as_written(tmp_path: Path) -> None:
             if command.startswith("comfys3 exec"):
                 assert ": succeeded -> " in result.stdout, shown
             if command.startswith("comfys3 validate"):
-                assert result.stdout.startswith("job.json: ok (1 job: job)"), shown
+                assert result.stderr.startswith("job.json: ok (1 job: job)"), shown
+                assert json.loads(result.stdout)["3"]["class_type"] == "SaveImage", shown
         ran = fake.stats()["executed"]
 
     assert len(ran) == 2  # one prompt per exec, both on the fake ComfyUI

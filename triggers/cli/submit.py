@@ -189,7 +189,8 @@ async def follow(
     hint_after: float = NOBODY_HINT_SECONDS,
     manifests: list[str] | None = None,
 ) -> dict[str, JobStatus]:
-    """Poll the jobs' statuses until each is final (or the time is up), printing each change.
+    """Poll the jobs' statuses until each is final (or the time is up), printing each change
+    to stderr (progress is a message; :func:`report` prints the outcome, the data).
 
     A status counts once it differs from the ``stale`` one read before submitting. Comparing
     documents, not clocks, keeps this right when the worker's clock is off from ours. While no
@@ -203,7 +204,11 @@ async def follow(
     hint_at: float | None = start + next(hints)
     shown: dict[str, str] = {}
     latest: dict[str, JobStatus] = {}
-    print(f"waiting for {len(job_ids)} job(s); Ctrl-C stops waiting, not the jobs")
+    print(
+        f"waiting for {len(job_ids)} job(s); Ctrl-C stops waiting, not the jobs",
+        file=sys.stderr,
+        flush=True,
+    )
     book = StatusBook(storage, layout)
     while True:
         # Only the jobs still open are read again, and at once: a big batch costs one round
@@ -217,7 +222,7 @@ async def follow(
             line = _progress_line(status)
             if shown.get(job_id) != line:
                 shown[job_id] = line
-                print(line, flush=True)
+                print(line, file=sys.stderr, flush=True)
         if all(s in latest and latest[s].state in FINAL for s in job_ids):
             return latest
         now = time.monotonic()
@@ -270,13 +275,15 @@ def _progress_line(status: JobStatus) -> str:
 
 
 def report(job_ids: list[str], statuses: dict[str, JobStatus], timeout: float | None) -> int:
-    """The outcome per job (outputs, or the error), and the exit code a script checks."""
+    """The outcome per job on stdout (its final state and outputs; the error goes to stderr),
+    and the exit code a script checks."""
     unfinished = [j for j in job_ids if j not in statuses or statuses[j].state not in FINAL]
     failed = [j for j in job_ids if j in statuses and statuses[j].state is JobState.failed]
     for job_id in job_ids:
         status = statuses.get(job_id)
         if status is None or status.state not in FINAL:
             continue
+        print(f"{job_id}: {status.state.value}")
         if status.state is JobState.succeeded:
             for output in status.outputs:
                 print(f"  {job_id}: {output.key}")
