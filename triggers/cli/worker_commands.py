@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from processor import (
+    FINAL,
     Counts,
     Job,
     JobRecord,
@@ -179,20 +181,53 @@ async def _until_stopped(
 # -- status ---------------------------------------------------------------------------------
 
 
+# What `comfys3 status JOB_ID` exits with: the job's state, for a script (documented in --help).
+EXIT_SUCCEEDED = 0
+EXIT_FAILED = 1  # failed or cancelled: final, and not a success
+EXIT_USAGE = 2  # a wrong argument or setting (argparse and main() use 2 as well)
+EXIT_NOT_FINISHED = 3  # waiting, queued, running, handed back: look again later
+EXIT_UNKNOWN = 4  # no such job here, or its status cannot be read
+EXIT_UNREACHABLE = 5  # storage did not answer: the state is not known
+STATUS_EXIT_CODES = f"""\
+exit codes (for scripts):
+  {EXIT_SUCCEEDED}  the job succeeded
+  {EXIT_FAILED}  it failed (or was cancelled)
+  {EXIT_USAGE}  usage: a wrong argument or setting
+  {EXIT_NOT_FINISHED}  not finished: waiting for a worker, queued (e.g. handed back), or running
+  {EXIT_UNKNOWN}  unknown: no status and no waiting manifest for that id, or an unreadable status
+  {EXIT_UNREACHABLE}  the storage could not be read
+"""
+
+
+def exit_code_of(state: str) -> int:
+    """A state's exit code. Final states other than success (failed, cancelled) are 1; any
+    other state, including ones a newer worker may write, is not finished yet."""
+    if state == JobState.succeeded:
+        return EXIT_SUCCEEDED
+    if state in {s.value for s in FINAL}:
+        return EXIT_FAILED
+    return EXIT_NOT_FINISHED
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     if args.summary or args.job_id is None:
         return backlog.cmd_summary(args)
     storage, layout = storage_from_env(args.local)
+    job_id = args.job_id
+    try:
+        validate_key(layout.status_key(job_id))
+    except StorageError as error:  # a name no job can have: a usage error
+        print(f"comfys3: {error}", file=sys.stderr)
+        return EXIT_USAGE
 
     async def read() -> tuple[JobRecord, bool]:
         """The job's status record, and whether a manifest of that name still waits to be run."""
-        validate_key(layout.status_key(args.job_id))  # a name no key can have: a usage error
         async with storage:
-            record = await StatusBook(storage, layout).read_record(args.job_id)
+            record = await StatusBook(storage, layout).read_record(job_id)
             if not record.missing:
                 return record, False
             try:
-                waiting = await storage.head(layout.manifest_key(args.job_id)) is not None
+                waiting = await storage.head(layout.manifest_key(job_id)) is not None
             except StorageError:  # not a usable manifest name: there is simply no such job
                 waiting = False
             return record, waiting
@@ -200,26 +235,40 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         record, waiting = asyncio.run(read())
     except StorageError as error:
-        print(f"comfys3: {error}", file=sys.stderr)
-        return 2
-    where = record.key
-    if record.missing:
-        if waiting:
-            print(
-                f"job {args.job_id}: waiting: {layout.manifest_key(args.job_id)} has not been "
-                f"claimed by a worker yet (no status at {where})"
-            )
-            return 0
-        print(f"comfys3: no status for job {args.job_id!r} at {where}")
-        return 1
-    if record.status is None:  # the bucket is untrusted: a foreign or broken document
-        print(f"comfys3: the status at {where} is {record.problem}")
-        return 1
+        print(f"comfys3: cannot read the status of {job_id!r}: {error}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if record.status is not None:
+        status = record.status
+        print(status.model_dump_json(indent=2) if args.json else describe_status(status))
+        return exit_code_of(status.state)
+    # No status to show: the answer is still a state, as JSON with --json.
+    if waiting:
+        state, code = "waiting", EXIT_NOT_FINISHED
+        text = (
+            f"job {job_id}: waiting: {layout.manifest_key(job_id)} has not been claimed by a "
+            f"worker yet (no status at {record.key})"
+        )
+    elif record.missing:
+        state, code = "unknown", EXIT_UNKNOWN
+        text = (
+            f"job {job_id}: unknown: no status for job {job_id!r} at {record.key}, and no "
+            f"manifest waiting at {layout.manifest_key(job_id)}"
+        )
+    else:  # the bucket is untrusted: a foreign or broken document
+        state, code = "unknown", EXIT_UNKNOWN
+        text = f"job {job_id}: unknown: the status at {record.key} is {record.problem}"
     if args.json:
-        print(record.status.model_dump_json(indent=2))
-        return 0
-    print(describe_status(record.status))
-    return 0
+        document = {
+            "id": job_id,
+            "state": state,
+            "status_key": record.key,
+            "manifest_key": layout.manifest_key(job_id) if waiting else None,
+            "problem": None if waiting else record.problem,
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        print(text)
+    return code
 
 
 def describe_status(status: JobStatus) -> str:
@@ -396,14 +445,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "status",
         help="show a job's status, or how the whole backlog stands",
         description="""
-            Print the status document of a job for a person (or --json for the document itself).
-            With --summary instead of a job id: how many manifests wait, run, succeeded and
-            failed, counted from listings alone (no document is read).
+            Print the status of a job for a person, or with --json its status document (a
+            job with no status yet is JSON too: {"id", "state": "waiting" or "unknown",
+            "status_key", "manifest_key", "problem"}). The exit code says the state. With
+            --summary instead of a job id: how many manifests wait, run, succeeded and failed,
+            counted from listings alone (no document is read).
         """,
+        epilog=STATUS_EXIT_CODES,
     )
     status.add_argument("job_id", metavar="JOB_ID", nargs="?")
     status.add_argument(
-        "--json", action="store_true", help="print the raw status document (or the counts)"
+        "--json",
+        action="store_true",
+        help="print JSON: the status document, or the state of a job without one (or the counts)",
     )
     status.add_argument("--local", type=Path, metavar="DIR", help="read from a local folder")
     backlog.register_options(status)

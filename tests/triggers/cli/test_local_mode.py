@@ -144,17 +144,41 @@ def test_status_command_reads_a_job_for_a_person(tmp_path: Path, fake_comfyui: A
         )  # fmt: skip
 
     shown = status("shown")
-    assert shown.returncode == 0
+    assert shown.returncode == 0  # succeeded
     assert shown.stdout.startswith("job shown: succeeded (attempt 1)")
     assert "output/shown/3_SaveImage_001.png (image/png" in shown.stdout
     raw = status("shown", "--json")
-    assert json.loads(raw.stdout)["metadata"] == {"who": "me"}
+    assert raw.returncode == 0 and json.loads(raw.stdout)["metadata"] == {"who": "me"}
     missing = status("nobody")
-    assert missing.returncode == 1 and "no status for job 'nobody'" in missing.stdout
+    assert missing.returncode == 4 and "no status for job 'nobody'" in missing.stdout
+    unknown = json.loads(status("nobody", "--json").stdout)
+    assert unknown["state"] == "unknown" and unknown["status_key"] == "output/nobody/status.json"
     (tmp_path / "input" / "later.json").write_text(json.dumps({"workflow": "solid"}))
     waiting = status("later")
-    assert waiting.returncode == 0
+    assert waiting.returncode == 3  # not finished
     assert waiting.stdout.startswith("job later: waiting: input/later.json has not been claimed")
+    waiting_json = status("later", "--json")
+    assert waiting_json.returncode == 3 and waiting_json.stderr == ""
+    assert json.loads(waiting_json.stdout) == {
+        "id": "later",
+        "state": "waiting",
+        "status_key": "output/later/status.json",
+        "manifest_key": "input/later.json",
+        "problem": None,
+    }
+    # A failed job exits 1, and a broken status document is "unknown" (4), as JSON too.
+    failed = tmp_path / "output" / "broke" / "status.json"
+    failed.parent.mkdir(parents=True)
+    document = json.loads((tmp_path / "output" / "shown" / "status.json").read_text())
+    document.update({"id": "broke", "state": "failed", "outputs": []})
+    failed.write_text(json.dumps(document))
+    assert status("broke").returncode == 1
+    assert json.loads(status("broke", "--json").stdout)["state"] == "failed"
+    failed.write_text("{not json")
+    unreadable = status("broke", "--json")
+    assert unreadable.returncode == 4
+    assert json.loads(unreadable.stdout)["problem"] == "not valid JSON"
+    assert status("../x").returncode == 2  # a name no job can have: usage
 
 
 def test_unreachable_comfyui_is_one_readable_line(tmp_path: Path) -> None:
