@@ -53,6 +53,9 @@ class Verdict(enum.Enum):
     skipped = "skipped"
     retry = "retry"  # failed, and another attempt may succeed
     failed = "failed"  # failed, and another attempt cannot help
+    # The worker stopped mid-attempt and gave the job back (never returned by run(): the
+    # attempt is cancelled; LaneHooks.on_given_back tells the lane).
+    handed_back = "handed_back"
 
 
 @dataclass
@@ -74,6 +77,7 @@ class LaneHooks:
     on_queued: Callable[[float], None] | None = None  # seconds spent preparing the prompt
     on_started: Callable[[], None] | None = None  # ComfyUI began executing it
     on_executed: Callable[[float], None] | None = None  # ComfyUI is done (its execution seconds)
+    on_given_back: Callable[[JobStatus], None] | None = None  # cancelled: the job is handed back
 
 
 PROGRESS_INTERVAL = 1.0  # seconds between progress writes to a running job's status
@@ -220,6 +224,8 @@ class JobRunner:
         except asyncio.CancelledError:
             executed(0.0)
             record.given_back()
+            if hooks.on_given_back is not None:
+                hooks.on_given_back(record.status)
             with contextlib.suppress(Exception):
                 await asyncio.shield(record.save())
             raise

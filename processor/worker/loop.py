@@ -61,17 +61,26 @@ PAGE_MAX_AGE = 2.0  # seconds a page of the intake is trusted before it is liste
 
 @dataclass
 class Counts:
-    """What a worker did, for ``--once``, SIGTERM and RunPod's drain answer.
+    """What a worker did, for ``--once``, SIGTERM, RunPod's drain answer and the metrics: the
+    one tally all of them read (the worker feeds the metrics from :meth:`add`'s answer).
 
     ``outcomes`` lists every attempt in order; the counts are by job: a job that succeeded
     counts as succeeded even if a duplicate of it was skipped later, otherwise its latest
-    outcome counts. So the four counts add up to the number of jobs.
+    outcome counts (a job the worker handed back when it stopped counts as handed back). So
+    the counts add up to the number of jobs.
     """
 
     outcomes: list[JobOutcome] = field(default_factory=list)
 
-    def add(self, outcome: JobOutcome) -> None:
+    def add(self, outcome: JobOutcome) -> bool:
+        """Record an attempt; False when it changes no job's count (a skipped duplicate of a
+        job that succeeded here), so the metrics leave it out as the summary does."""
+        counted = not (
+            outcome.verdict is Verdict.skipped
+            and self._by_job().get(outcome.status.id) is Verdict.succeeded
+        )
         self.outcomes.append(outcome)
+        return counted
 
     def since(self, mark: int) -> Counts:
         """What happened after ``mark`` outcomes (e.g. during one RunPod drain call)."""
@@ -98,6 +107,8 @@ class Counts:
     # Jobs whose latest attempt failed and that wait for another one.
     retried = property(lambda self: self._count(Verdict.retry))
     skipped = property(lambda self: self._count(Verdict.skipped))
+    # Jobs stopped mid-attempt with the worker and given back to the intake, uncounted.
+    handed_back = property(lambda self: self._count(Verdict.handed_back))
 
     @property
     def manifests(self) -> int:
@@ -110,16 +121,18 @@ class Counts:
             "failed": self.failed,
             "retried": self.retried,
             "skipped": self.skipped,
+            "handed_back": self.handed_back,
             "attempts": len(self.outcomes),
         }
 
     def describe(self) -> str:
         """One line for a person; the same after ``--once`` and after SIGTERM."""
         summary = self.summary()
-        jobs = summary["succeeded"] + summary["failed"] + summary["retried"] + summary["skipped"]
+        jobs = len(self._by_job())
+        handed = f", {summary['handed_back']} handed back" if summary["handed_back"] else ""
         return (
             f"{jobs} job(s): {summary['succeeded']} succeeded, {summary['failed']} failed, "
-            f"{summary['retried']} to retry, {summary['skipped']} skipped "
+            f"{summary['retried']} to retry, {summary['skipped']} skipped{handed} "
             f"({summary['manifests']} manifests, {summary['attempts']} attempts)"
         )
 
@@ -463,8 +476,8 @@ class Worker:
         return outcomes
 
     def _record(self, outcome: JobOutcome) -> None:
-        self.counts.add(outcome)
-        self.ops.observe(outcome)
+        counted = self.counts.add(outcome)
+        self.ops.observe(outcome, counted=counted)
 
     async def _jobs(self, key: str, lease: Lease, slot: Slot) -> list[JobOutcome]:
         try:
@@ -526,12 +539,20 @@ class Worker:
             slot.release()
             self.lane.changed()
 
+        def given_back(status: JobStatus) -> None:
+            self._record(JobOutcome(Verdict.handed_back, status, charged=False))
+
         try:
             return await self.runner.run(
                 job,
                 attempt=lease.attempt,
                 max_attempts=self.settings.jobs.max_attempts,
-                hooks=LaneHooks(on_queued=queued, on_started=began, on_executed=executed),
+                hooks=LaneHooks(
+                    on_queued=queued,
+                    on_started=began,
+                    on_executed=executed,
+                    on_given_back=given_back,
+                ),
                 notes=_previous_error_note(lease),
                 manifest_version=version,
                 resumed=lease.tries > 1,

@@ -9,9 +9,9 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from processor import (
     FINAL,
@@ -83,17 +83,23 @@ async def _run(
     layout: Layout,
     sqs: SqsSettings | None = None,
 ) -> Counts:
-    stop = asyncio.Event()
+    stop = asyncio.Event()  # the first SIGINT/SIGTERM: no new claims, running jobs finish
+    now = asyncio.Event()  # the second: running jobs are handed back at once
     loop = asyncio.get_running_loop()
     ops = build_ops(settings)
 
     def on_signal(signum: signal.Signals) -> None:
-        if not stop.is_set():
-            log.info(
-                "%s: no new claims; running jobs get up to %g s to finish, then are given back",
-                signum.name,
-                settings.triggers.shutdown_grace,
-            )
+        if stop.is_set():
+            if not now.is_set():
+                log.info("%s again: stopping now; running jobs are handed back", signum.name)
+            now.set()
+            return
+        log.info(
+            "%s: no new claims; running jobs get up to %g s to finish, then are handed back; "
+            "press Ctrl-C again to stop now (running jobs are handed back)",
+            signum.name,
+            settings.triggers.shutdown_grace,
+        )
         ops.health.stopping()
         stop.set()
 
@@ -110,9 +116,17 @@ async def _run(
                 await stack.enter_async_context(server)
             except OSError as error:
                 raise SettingsError(str(error.strerror or error)) from None
-        worker = await stack.enter_async_context(
-            open_worker(storage=storage, layout=layout, settings=settings, ops=ops)
+        # A signal while the worker starts (ComfyUI may take minutes) stops the start: no job
+        # runs yet, so there is nothing to finish.
+        worker = await _unless(
+            stop,
+            stack.enter_async_context(
+                open_worker(storage=storage, layout=layout, settings=settings, ops=ops)
+            ),
         )
+        if worker is None:
+            log.info("stopped before the worker was ready")
+            return Counts()
         wait_for_work: WaitForWork | None = None  # --once: drain, then return
         may_list: Callable[[], bool] | None = None
         if args.once:
@@ -153,28 +167,53 @@ async def _run(
             may_list=may_list,
             on_idle=warn_misplaced,
         )
-        await _until_stopped(work, stop, settings.triggers.shutdown_grace)
+        await _until_stopped(work, stop, now, settings.triggers.shutdown_grace)
     if stop.is_set():
         log.info("stopped: %s", worker.counts.describe(), extra=worker.counts.summary())
     return worker.counts
 
 
-async def _until_stopped(
-    work: Coroutine[Any, Any, Counts], stop: asyncio.Event, grace: float
-) -> None:
-    """On SIGTERM the worker stops claiming and finishes what it runs; past the grace period
-    the running jobs are cancelled, which gives their claims back, so nothing is orphaned."""
+T = TypeVar("T")
+
+
+async def _unless(event: asyncio.Event, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None when ``event`` is set first (``work`` is then cancelled)."""
     task = asyncio.ensure_future(work)
-    stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
     if not task.done():
-        done, _ = await asyncio.wait({task}, timeout=grace)
-        if not done:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()
+
+
+async def _until_stopped(
+    work: Coroutine[Any, Any, Counts], stop: asyncio.Event, now: asyncio.Event, grace: float
+) -> None:
+    """On the first SIGINT/SIGTERM (``stop``) the worker stops claiming and finishes what it
+    runs; past the grace period, or at once on the second (``now``), the running jobs are
+    cancelled, which hands them back and releases their claims, so nothing is orphaned."""
+    task = asyncio.ensure_future(work)
+    stopped, hurry = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(now.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait({task, hurry}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        hurry.cancel()
+    if not task.done():
+        if not now.is_set():
+            log.info("the %g s grace is over: handing back the running jobs", grace)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return
     task.result()  # a crash of the worker loop surfaces here, as a readable error
 
 
@@ -412,8 +451,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             Poll COMFYS3_S3_INPUT_DIR for job manifests, claim them, run them on ComfyUI and
             write outputs and status.json under COMFYS3_S3_OUTPUT_DIR/<job id>/. Many workers
             may share one bucket; at start the worker checks that the storage honours the
-            conditional writes that keep them from running a job twice. SIGTERM finishes (or
-            gives back) the running jobs and exits.
+            conditional writes that keep them from running a job twice. The first SIGTERM or
+            Ctrl-C stops claiming and lets the running jobs finish (up to
+            COMFYS3_SHUTDOWN_GRACE seconds), then hands back the rest; a second one hands them
+            back at once. Handed back means the claim is released and the manifest waits for
+            the next worker, with nothing lost.
         """,
     )
     run.add_argument(

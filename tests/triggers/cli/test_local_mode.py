@@ -124,6 +124,42 @@ def test_sigterm_past_the_grace_gives_the_job_back(tmp_path: Path, fake_comfyui:
     assert fake_comfyui.stats()["interrupted"]  # the prompt did not keep the GPU busy
 
 
+def test_a_second_ctrl_c_stops_a_busy_worker_at_once_and_hands_the_job_back(
+    tmp_path: Path, fake_comfyui: Any
+) -> None:
+    """The first SIGINT lets the running job finish (up to the 25 s grace) and says how to
+    stop now; the second stops now: the job handed back, its claim released, nothing lost."""
+    fake_comfyui.state.exec_delay = 60
+    (tmp_path / "input").mkdir()
+    (tmp_path / "input" / "long.json").write_text(json.dumps({"workflow": "solid"}))
+    worker, log = start_local_worker(tmp_path, fake_comfyui)
+    wait_until(
+        lambda: (read_status(tmp_path, "long") or {}).get("state") == "running", 30, "running"
+    )
+    worker.send_signal(signal.SIGINT)
+    wait_until(lambda: "press Ctrl-C again" in log.read_text(), 10, "the first stop's message")
+    time.sleep(1)
+    assert worker.poll() is None  # still finishing the job, as the first Ctrl-C promised
+    worker.send_signal(signal.SIGINT)
+    began = time.monotonic()
+    code = worker.wait(timeout=30)
+    took = time.monotonic() - began
+    text = log.read_text()
+    assert code == 0, text[-2000:]
+    assert took < 5, f"{took:.1f} s after the second Ctrl-C"
+    assert "SIGINT: no new claims; running jobs get up to 25 s to finish" in text
+    assert "press Ctrl-C again to stop now (running jobs are handed back)" in text
+    assert "SIGINT again: stopping now" in text
+    status = read_status(tmp_path, "long")
+    assert status is not None and status["state"] == "queued"
+    claim = json.loads((tmp_path / "input" / "_claims" / "long.json").read_text())
+    assert claim["state"] == "released" and claim["attempt"] == 0
+    assert (tmp_path / "input" / "long.json").exists()  # still waiting for the next worker
+    # The summary counts the job it handed back (it said "0 jobs" before).
+    assert "stopped: 1 job(s): 0 succeeded, 0 failed, 0 to retry, 0 skipped, 1 handed back" in text
+    assert fake_comfyui.stats()["interrupted"]
+
+
 def test_status_command_reads_a_job_for_a_person(tmp_path: Path, fake_comfyui: Any) -> None:
     (tmp_path / "input").mkdir()
     (tmp_path / "input" / "shown.json").write_text(
