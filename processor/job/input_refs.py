@@ -36,16 +36,24 @@ def input_files(jobs: Iterable[Job]) -> list[InputFile]:
     return [InputFile(job.id, item.field, item.source) for job in jobs for item in job.inputs]
 
 
+def key_refusal(key: str) -> str | None:
+    """Why an input file's name can never be read (``/etc/passwd``, ``../x``, a URL), in the
+    one sentence ``validate``, ``submit``, ``exec`` and the worker all give; None when fine."""
+    try:
+        validate_key(key)
+    except StorageError as error:
+        reason = str(error).removeprefix(f"invalid storage key {key!r}: ")
+        return f"input file {key!r} cannot be read: {reason} ({RULE})"
+    return None
+
+
 def key_problems(jobs: Iterable[Job]) -> list[Problem]:
     """One problem per input file the worker would refuse as a key, at its payload field
     (once, however many jobs of a batch share it)."""
     problems: dict[tuple[str, str], Problem] = {}
     for item in input_files(jobs):
-        try:
-            validate_key(item.key)
-        except StorageError as error:
-            reason = str(error).removeprefix(f"invalid storage key {item.key!r}: ")
-            message = f"input file {item.key!r} cannot be read: {reason} ({RULE})"
+        message = key_refusal(item.key)
+        if message is not None:
             problems.setdefault((item.field, item.key), Problem(f"payload.{item.field}", message))
     return list(problems.values())
 

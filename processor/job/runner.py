@@ -26,6 +26,7 @@ from processor.errors import (
     ObjectTooLarge,
     StorageError,
 )
+from processor.job.input_refs import key_refusal
 from processor.job.inputs import check_image
 from processor.job.manifest import Job
 from processor.job.outputs import prepare_output
@@ -301,10 +302,10 @@ class JobRunner:
 
     async def _stage_inputs(self, job: Job, subfolder: str) -> dict[str, str]:
         async def stage_one(field_name: str, source: str) -> tuple[str, str]:
-            try:
-                key = validate_key(source)
-            except StorageError as error:
-                raise InputMissing(f"input '{field_name}': {error}") from None
+            refusal = key_refusal(source)
+            if refusal is not None:  # never readable: invalid, as validate says, not missing
+                raise InputInvalid(f"input '{field_name}': {refusal}")
+            key = validate_key(source)
             try:
                 stored = await self.inputs.get(key, max_bytes=self.limits.max_input_bytes)
             except ObjectNotFound:

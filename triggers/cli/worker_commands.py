@@ -36,6 +36,7 @@ from processor import (
     WorkerSettings,
     WorkflowRegistry,
     build_ops,
+    key_problems,
     load_jobs,
     load_s3_settings,
     load_sqs_settings,
@@ -395,6 +396,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
             allow_raw=settings.jobs.allow_raw_workflows,
             max_bytes=settings.jobs.max_manifest_bytes,
         )
+        problems = key_problems(jobs)  # /etc/passwd: refused as `validate` refuses it
+        if problems:
+            raise ManifestError(problems)
     except ManifestError as error:
         print(f"{manifest}: invalid manifest", file=sys.stderr)
         for problem in error.problems:

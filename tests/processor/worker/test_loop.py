@@ -189,6 +189,20 @@ async def test_input_file_is_staged_and_missing_one_is_named(
     assert executions(fake_comfyui) == 1
 
 
+async def test_an_input_path_outside_the_storage_fails_as_invalid_with_the_rule(
+    tmp_path: Path, fake_comfyui: Any
+) -> None:
+    drop(tmp_path, "abs", {"workflow": "scale", "payload": {"image": "/etc/passwd"}})
+
+    await drain(tmp_path, worker_settings(fake_comfyui))
+
+    status = status_of(tmp_path, "abs")
+    assert status.state is JobState.failed and status.error is not None
+    assert status.error.type == "input_invalid"  # no attempt can read it: not "missing"
+    assert "input file '/etc/passwd' cannot be read: it starts with '/'" in status.error.message
+    assert executions(fake_comfyui) == 0
+
+
 async def test_output_converted_to_jpeg(tmp_path: Path, fake_comfyui: Any) -> None:
     drop(tmp_path, "jpg", {"workflow": "solid", "output": {"format": "jpeg", "quality": 80}})
 
