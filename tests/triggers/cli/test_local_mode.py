@@ -234,11 +234,18 @@ def test_unreachable_comfyui_is_one_readable_line(tmp_path: Path) -> None:
 def test_run_warns_once_about_misplaced_manifests_and_logs_to_the_volume(
     tmp_path: Path, fake_comfyui: Any
 ) -> None:
-    """A manifest dropped beside input/ instead of in it is named once, not on every poll;
-    with a network volume the same lines land in the worker's own log file there."""
+    """A manifest dropped beside input/ instead of in it is named once, not on every poll, and
+    so is each other kind of near miss (a folder like input/, a sub-folder, the name's case,
+    YAML); with a network volume the same lines land in the worker's own log file there."""
     jobs, volume = tmp_path / "jobs", tmp_path / "volume"
     (jobs / "input").mkdir(parents=True)
     (jobs / "misplaced.json").write_text(json.dumps({"workflow": "solid"}))
+    near_misses = ["inputs/plural.json", "input/sub/nested.json", "input/upper.JSON"]
+    for relative in near_misses:
+        (jobs / relative).parent.mkdir(parents=True, exist_ok=True)
+        (jobs / relative).write_text(json.dumps({"workflow": "solid"}))
+    (jobs / "input" / "yam.yml").write_text("workflow: solid\n")
+    near_misses.append("input/yam.yml")
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMFYS3_")}
     env.update(
         {
@@ -267,5 +274,9 @@ def test_run_warns_once_about_misplaced_manifests_and_logs_to_the_volume(
     warnings = [line for line in err.splitlines() if "misplaced.json" in line]
     assert len(warnings) == 1, err
     assert "move it to" in warnings[0] and "input/misplaced.json" in warnings[0]
+    for relative in near_misses:  # each kind named once, in a warning of its own
+        named = [line for line in err.splitlines() if str(jobs / relative) in line]
+        assert len(named) == 1 and " WARNING " in named[0], (relative, err)
+        assert "so no worker runs it" in named[0]
     on_volume = (volume / "logs" / "worker-vol-1.log").read_text()
     assert "misplaced.json" in on_volume and "stopped:" in on_volume
