@@ -8,6 +8,7 @@ from :mod:`processor.workflows`, whose path is part of what a user's own templat
 """
 
 from processor.aio import ClosedOnExit
+from processor.comfy.locate import Located, locate_comfyui
 from processor.comfy.waiting import Waiting
 from processor.errors import (
     ComfyError,
@@ -50,6 +51,7 @@ from processor.storage.base import (
     validate_key,
 )
 from processor.storage.claims_check import PROBE_PREFIX
+from processor.storage.embedded import DATA_DIR, EmbeddedS3Storage
 from processor.storage.layout import CLAIMS, DISPATCHED, DONE, FAILED, Layout
 from processor.storage.local import LocalStorage
 from processor.storage.s3 import S3Storage
@@ -66,7 +68,14 @@ from processor.template_scaffold import (
     render_graph,
     render_module,
 )
-from processor.worker.assembly import open_storage, open_worker, s3_layout, storage_from_env
+from processor.worker.assembly import (
+    StoreChoice,
+    choose_store,
+    open_storage,
+    open_worker,
+    s3_layout,
+    storage_from_env,
+)
 from processor.worker.loop import Counts, WaitForWork, Worker
 from processor.workflows import (
     Bind,
@@ -83,6 +92,7 @@ from processor.workflows import (
 
 __all__ = [
     "CLAIMS",
+    "DATA_DIR",
     "DISPATCHED",
     "DONE",
     "FAILED",
@@ -96,6 +106,7 @@ __all__ = [
     "Comfys3Error",
     "Counts",
     "DispatchSettings",
+    "EmbeddedS3Storage",
     "FieldPlan",
     "FixedValue",
     "InputFile",
@@ -108,6 +119,7 @@ __all__ = [
     "JsonLimitError",
     "Layout",
     "LocalStorage",
+    "Located",
     "ManifestError",
     "NodeCatalog",
     "ObjectInfo",
@@ -131,6 +143,7 @@ __all__ = [
     "StatusBook",
     "Storage",
     "StorageError",
+    "StoreChoice",
     "StoredObject",
     "Verdict",
     "VolumeLogHandler",
@@ -146,6 +159,7 @@ __all__ = [
     "builtin_workflows_dir",
     "check_job_id",
     "check_template_name",
+    "choose_store",
     "default_job_id",
     "differences",
     "folder_prefix",
@@ -157,6 +171,7 @@ __all__ = [
     "load_sqs_settings",
     "load_worker_settings",
     "load_workflow",
+    "locate_comfyui",
     "missing_inputs",
     "open_storage",
     "open_worker",

@@ -18,6 +18,7 @@ from pathlib import Path
 from processor import (
     FINAL,
     RULE,
+    EmbeddedS3Storage,
     Job,
     JobState,
     JobStatus,
@@ -34,6 +35,7 @@ from processor import (
     missing_inputs,
     storage_from_env,
 )
+from triggers.cli import logs
 
 # How long --wait stays quiet before saying that no worker has touched the jobs: long enough
 # for a worker that is already running to claim them, short enough that a typo in the bucket or
@@ -75,7 +77,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if problems:
         print("comfys3: nothing was submitted", file=sys.stderr)
         return 1
-    storage, layout = storage_from_env(args.local)
+    storage, layout = storage_from_env(args.local, say=logs.to_stderr)
     return asyncio.run(_submit(storage, layout, submissions, args))
 
 
@@ -172,6 +174,15 @@ async def _submit(
                     )
         if refused or not args.wait:
             return 1 if refused else 0
+        if isinstance(storage, EmbeddedS3Storage) and storage.started_here:
+            # Its server stops with this command, and no worker can serve the store meanwhile.
+            print(
+                "comfys3: no worker serves the embedded S3 now, so nothing runs these jobs "
+                "yet: start `comfys3 run` in this folder, and they run; follow them with "
+                "`comfys3 status JOB_ID` (or submit with --wait while it runs)",
+                file=sys.stderr,
+            )
+            return 1
         stale = {job_id: status for job_id, status in before.items() if status is not None}
         statuses = await follow(
             storage, layout, jobs, stale, args.timeout, args.interval, manifests=waiting

@@ -29,18 +29,20 @@ from processor import (
     SettingsError,
     SqsSettings,
     StatusBook,
-    Storage,
     StorageError,
+    StoreChoice,
     Verdict,
     WaitForWork,
     WorkerSettings,
     WorkflowRegistry,
     build_ops,
+    choose_store,
     key_problems,
     load_jobs,
     load_s3_settings,
     load_sqs_settings,
     load_worker_settings,
+    locate_comfyui,
     open_worker,
     storage_from_env,
     validate_key,
@@ -62,6 +64,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(args.log_format)
     settings = load_worker_settings()
     logs.to_volume(settings, args.log_format)
+    located = locate_comfyui(settings)  # the ComfyUI on 8188, or comfy-cli's, when none is set
+    settings = located.settings
+    if located.notice:
+        log.info("%s", located.notice)
     sqs: SqsSettings | None = None
     if args.events == "sqs" and not args.once:
         if args.local is not None:
@@ -70,8 +76,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "watched directly, so leave one of them out"
             )
         sqs = load_sqs_settings()
-    storage, layout = storage_from_env(args.local)
-    counts = asyncio.run(_run(args, settings, storage, layout, sqs))
+    store = choose_store(args.local, worker=True, say=lambda line: log.info("%s", line))
+    counts = asyncio.run(_run(args, settings, store, sqs))
     if args.once:
         print(f"done: {counts.describe()}")
     return 0
@@ -80,10 +86,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 async def _run(
     args: argparse.Namespace,
     settings: WorkerSettings,
-    storage: Storage,
-    layout: Layout,
+    store: StoreChoice,
     sqs: SqsSettings | None = None,
 ) -> Counts:
+    storage, layout = store.storage, store.layout
     stop = asyncio.Event()  # the first SIGINT/SIGTERM: no new claims, running jobs finish
     now = asyncio.Event()  # the second: running jobs are handed back at once
     loop = asyncio.get_running_loop()
@@ -132,8 +138,8 @@ async def _run(
         may_list: Callable[[], bool] | None = None
         if args.once:
             pass
-        elif args.local is not None:
-            folder = Path(args.local) / layout.input_dir
+        elif store.local_root is not None:
+            folder = store.local_root / layout.input_dir
             watch = FolderWatch(folder, stop, settings.triggers.poll_max_interval)
             wait_for_work = (await stack.enter_async_context(watch)).wait
         elif sqs is not None:
@@ -252,7 +258,7 @@ def exit_code_of(state: str) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     if args.summary or args.job_id is None:
         return backlog.cmd_summary(args)
-    storage, layout = storage_from_env(args.local)
+    storage, layout = storage_from_env(args.local, say=logs.to_stderr)
     job_id = args.job_id
     try:
         validate_key(layout.status_key(job_id))
@@ -374,13 +380,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
     settings = load_worker_settings()
     if args.comfyui_url:
         settings = settings.replace(comfyui_url=args.comfyui_url)
-    if not settings.comfyui.url and settings.comfyui.path is None:
-        print(
-            "comfys3: no ComfyUI to run on: give --comfyui-url URL (a ComfyUI that runs), or "
-            "set COMFYS3_COMFYUI_URL, or COMFYS3_COMFYUI_PATH to a ComfyUI checkout to start",
-            file=sys.stderr,
-        )
+    try:
+        located = locate_comfyui(settings)  # the ComfyUI on 8188, or comfy-cli's
+    except SettingsError as error:
+        print(f"comfys3: {error}\nor give this command --comfyui-url URL", file=sys.stderr)
         return 2
+    settings = located.settings
+    if located.notice:
+        logs.to_stderr(located.notice)
     manifest = Path(args.manifest)
     try:
         data = manifest.read_bytes()

@@ -167,14 +167,32 @@ def test_exec_on_a_dead_address_says_what_it_waits_for_and_fails_fast(
 
 
 def test_exec_without_any_comfyui_names_the_flag(
-    in_folder: Path, capsys: pytest.CaptureFixture[str]
+    in_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    monkeypatch.setenv("COMFYS3_COMFYUI_PORT", str(free_port()))  # nothing answers there
+    monkeypatch.setenv("HOME", str(in_folder))  # and comfy-cli installed none
     code = cli.main(["exec", "job.json", "--out", "out"])
 
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith("comfys3: no ComfyUI to run on: give --comfyui-url URL")
+    assert err.startswith("comfys3: no ComfyUI: no COMFYS3_COMFYUI_URL or COMFYS3_COMFYUI_PATH")
+    assert "pip install comfy-cli" in err
+    assert err.rstrip().endswith("or give this command --comfyui-url URL")
     assert not (in_folder / "out").exists()
+
+
+def test_exec_without_a_setting_uses_the_comfyui_on_its_port(
+    in_folder: Path,
+    fake_comfyui: FakeComfyUIThread,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("COMFYS3_COMFYUI_PORT", fake_comfyui.url.rsplit(":", 1)[1])
+    code = cli.main(["exec", "job.json", "--out", "out"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"using the ComfyUI that answers at {fake_comfyui.url}" in captured.err
+    assert (in_folder / "out" / "job" / "status.json").is_file()
 
 
 def test_run_attached_to_a_dead_address_logs_the_wait_and_fails_fast(tmp_path: Path) -> None:
