@@ -110,7 +110,11 @@ class ComfyUISettings(BaseSettings):
         "NAME* for a prefix). It gets PATH, HOME, CUDA/HF/torch variables and these, never "
         "the worker's credentials.",
     )
-    port: int = Field(default=8188, description="Port for a ComfyUI the worker starts.")
+    port: int = Field(
+        default=8188,
+        description="Port for a ComfyUI the worker starts, and where it looks for one on "
+        "127.0.0.1 when neither URL nor path is set.",
+    )
     startup_timeout: float = Field(
         default=300.0, gt=0, description="Seconds to wait for ComfyUI to answer."
     )

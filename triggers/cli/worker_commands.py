@@ -460,10 +460,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run jobs from S3 (or a local folder) until stopped",
         description="""
             Poll COMFYS3_S3_INPUT_DIR for job manifests, claim them, run them on ComfyUI and
-            write outputs and status.json under COMFYS3_S3_OUTPUT_DIR/<job id>/. Many workers
-            may share one bucket; at start the worker checks that the storage honours the
-            conditional writes that keep them from running a job twice. The first SIGTERM or
-            Ctrl-C stops claiming and lets the running jobs finish (up to
+            write outputs and status.json under COMFYS3_S3_OUTPUT_DIR/<job id>/. With no
+            COMFYS3_S3_* setting at all it serves an embedded S3 (SeaweedFS, from the local
+            extra) with its data in ./comfys3-data, where submit, status and report find it;
+            with neither COMFYS3_COMFYUI_URL nor COMFYS3_COMFYUI_PATH it uses the ComfyUI
+            answering on 127.0.0.1:COMFYS3_COMFYUI_PORT, else the one comfy-cli installed.
+            Many workers may share one bucket; at start the worker checks that the storage
+            honours the conditional writes that keep them from running a job twice. The first
+            SIGTERM or Ctrl-C stops claiming and lets the running jobs finish (up to
             COMFYS3_SHUTDOWN_GRACE seconds), then hands back the rest; a second one hands them
             back at once. Handed back means the claim is released and the manifest waits for
             the next worker, with nothing lost.
