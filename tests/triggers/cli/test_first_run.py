@@ -105,6 +105,13 @@ def test_run_serves_an_embedded_s3_that_submit_status_and_report_find(
     assert later.returncode == 0, later.stderr
     assert json.loads(later.stdout)["state"] == "succeeded"
     assert "started the embedded S3 in" in later.stderr and "for this command" in later.stderr
+    # With no worker, --wait would wait for nothing: the manifest is put, and that is said.
+    (folder / "next.json").write_text('{"workflow": "solid"}')
+    alone = comfys3(folder, "submit", "next.json", "--wait")
+    assert alone.returncode == 1
+    assert "submitted next.json -> input/next.json (job next)" in alone.stdout
+    assert "no worker serves the embedded S3 now" in alone.stderr
+    assert comfys3(folder, "status", "next").returncode == 3  # waiting for a worker
 
     again, log = start_worker(folder, fake_comfyui.url)  # same keys, same endpoint
     try:
