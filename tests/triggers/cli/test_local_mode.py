@@ -81,14 +81,20 @@ def read_status(root: Path, job_id: str) -> dict[str, Any] | None:
         return None
 
 
+def start_busy_worker(
+    root: Path, fake: Any, job_id: str, seconds: float, **settings: str
+) -> tuple[subprocess.Popen[str], Path]:
+    """A worker running one job that takes ``seconds`` on ComfyUI, once its status says so."""
+    fake.state.exec_delay = seconds
+    (root / "input").mkdir()
+    (root / "input" / f"{job_id}.json").write_text(json.dumps({"workflow": "solid"}))
+    worker, log = start_local_worker(root, fake, **settings)
+    wait_until(lambda: (read_status(root, job_id) or {}).get("state") == "running", 30, "running")
+    return worker, log
+
+
 def test_sigterm_lets_the_running_job_finish(tmp_path: Path, fake_comfyui: Any) -> None:
-    fake_comfyui.state.exec_delay = 1.5
-    (tmp_path / "input").mkdir()
-    (tmp_path / "input" / "slow.json").write_text(json.dumps({"workflow": "solid"}))
-    worker, log = start_local_worker(tmp_path, fake_comfyui)
-    wait_until(
-        lambda: (read_status(tmp_path, "slow") or {}).get("state") == "running", 30, "running"
-    )
+    worker, log = start_busy_worker(tmp_path, fake_comfyui, "slow", 1.5)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=60) == 0, log.read_text()[-2000:]
     status = read_status(tmp_path, "slow")
@@ -100,16 +106,10 @@ def test_sigterm_lets_the_running_job_finish(tmp_path: Path, fake_comfyui: Any) 
 
 
 def test_sigterm_past_the_grace_gives_the_job_back(tmp_path: Path, fake_comfyui: Any) -> None:
-    fake_comfyui.state.exec_delay = 30
-    (tmp_path / "input").mkdir()
-    (tmp_path / "input" / "long.json").write_text(json.dumps({"workflow": "solid"}))
     # A short lease renews every 0.3 s, so the claim's first ETag is stale when the job is
     # given back: the release must use the newest lease.
-    worker, log = start_local_worker(
-        tmp_path, fake_comfyui, shutdown_grace="0.5", lease_seconds="0.9"
-    )
-    wait_until(
-        lambda: (read_status(tmp_path, "long") or {}).get("state") == "running", 30, "running"
+    worker, log = start_busy_worker(
+        tmp_path, fake_comfyui, "long", 30, shutdown_grace="0.5", lease_seconds="0.9"
     )
     time.sleep(1.5)
     worker.send_signal(signal.SIGTERM)
@@ -129,13 +129,7 @@ def test_a_second_ctrl_c_stops_a_busy_worker_at_once_and_hands_the_job_back(
 ) -> None:
     """The first SIGINT lets the running job finish (up to the 25 s grace) and says how to
     stop now; the second stops now: the job handed back, its claim released, nothing lost."""
-    fake_comfyui.state.exec_delay = 60
-    (tmp_path / "input").mkdir()
-    (tmp_path / "input" / "long.json").write_text(json.dumps({"workflow": "solid"}))
-    worker, log = start_local_worker(tmp_path, fake_comfyui)
-    wait_until(
-        lambda: (read_status(tmp_path, "long") or {}).get("state") == "running", 30, "running"
-    )
+    worker, log = start_busy_worker(tmp_path, fake_comfyui, "long", 60)
     worker.send_signal(signal.SIGINT)
     wait_until(lambda: "press Ctrl-C again" in log.read_text(), 10, "the first stop's message")
     time.sleep(1)
