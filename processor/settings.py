@@ -198,6 +198,12 @@ class LaneSettings(BaseSettings):
         description="Most prompts kept in ComfyUI's queue; the worker goes this deep only for "
         "prompts much shorter than preparing one.",
     )
+    capability_wait: float = Field(
+        default=300.0,
+        ge=0,
+        description="Seconds a manifest that needs node types or models this worker lacks is "
+        "left for another worker (counted from its upload); then it fails, naming them.",
+    )
 
 
 class TriggerSettings(BaseSettings):
@@ -313,6 +319,53 @@ class WebhookSettings(BaseSettings):
         return value
 
 
+class FetchSettings(BaseSettings):
+    """The one guard for every fetch from outside: model URLs, input URLs and webhooks."""
+
+    model_config = SettingsConfigDict(env_prefix=f"{ENV_PREFIX}FETCH_", extra="ignore")
+
+    allow_http: bool = Field(
+        default=False,
+        description="Allow http:// URLs for models, inputs and webhooks (default: https only).",
+    )
+    allow_private: bool = Field(
+        default=False,
+        description="Allow loopback and private addresses (10/8, 192.168/16 ...) for models, "
+        "inputs and webhooks; link-local never.",
+    )
+    allow_hosts: str = Field(
+        default="",
+        description="Hosts a manifest's URLs may name, e.g. huggingface.co,*.hf.co "
+        "(empty: any public host).",
+    )
+    timeout: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="Seconds a fetch may wait to connect or for the next bytes.",
+    )
+
+
+class ModelSettings(BaseSettings):
+    """Models a manifest names by URL or Hugging Face path, fetched into a cache at run time."""
+
+    model_config = SettingsConfigDict(env_prefix=f"{ENV_PREFIX}MODEL_", extra="ignore")
+
+    cache: Path | None = Field(
+        default=None,
+        description="Folder of models fetched at run time, in ComfyUI's folder layout "
+        "(default: model-cache/ on the network volume when there is one; else off).",
+    )
+    cache_max_gb: float = Field(
+        default=100.0,
+        gt=0,
+        description="Size of the model cache (GB); least recently used models are evicted "
+        "past it, and a larger model is refused.",
+    )
+
+    _unset = field_validator("cache", mode="before")(_empty_is_unset)
+
+
 class MetricsSettings(BaseSettings):
     """The ops server: /metrics, /healthz and /livez."""
 
@@ -342,6 +395,8 @@ GROUPS: dict[str, type[BaseSettings]] = {
     "runpod": RunpodSettings,
     "webhooks": WebhookSettings,
     "metrics": MetricsSettings,
+    "fetch": FetchSettings,
+    "models": ModelSettings,
 }
 
 
@@ -379,6 +434,8 @@ class WorkerSettings(BaseModel):
     runpod: RunpodSettings = Field(default_factory=RunpodSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    fetch: FetchSettings = Field(default_factory=FetchSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
 
     @model_validator(mode="before")
     @classmethod

@@ -43,6 +43,9 @@ class SpyStorage:
     def __repr__(self) -> str:
         return f"SpyStorage({self.inner!r})"
 
+    def clock_offset(self) -> float | None:
+        return self.inner.clock_offset()
+
     def _before(self, op: str, keys: tuple[str, ...]) -> None:
         if self.fault is not None:
             try:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -221,6 +222,34 @@ class ComfyClient(ClosedOnExit):
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def generation(self) -> int:
+        """Counts websocket connections: it moves when ComfyUI comes back (a restart, or a
+        reconnect after a network fault), when what it offers may have changed."""
+        return self._generation
+
+    async def object_info(self) -> dict[str, Any]:
+        """``GET /object_info``: every node type ComfyUI offers, with its inputs (the model
+        files a loader accepts are the choices of its inputs). Large with many custom nodes,
+        so asked once per connection, not per job."""
+        await self._wait_connected()
+        return await self._request_json("GET", "/object_info")
+
+    async def has_node(self, node_type: str) -> bool:
+        """Whether ComfyUI has the node type, asked one by one (``GET /object_info/{type}``).
+        ``/object_info`` silently leaves out a node whose inputs could not be listed at that
+        moment (LoadImage before its input folder exists, a custom node that raises): it
+        answers ``{}`` only for a type it does not have, and an error for one that failed."""
+        await self._wait_connected()
+        status, raw = await self._request("GET", f"/object_info/{quote(node_type, safe='')}")
+        if status != 200:
+            return True  # there, but its description failed to build
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return True
+        return not (isinstance(body, dict) and not body)
 
     def drop_connection(self) -> None:
         """Abort the websocket as a network fault would (it reconnects and reconciles)."""

@@ -28,6 +28,7 @@ from processor.aio import ClosedOnExit
 from processor.comfy.client import ComfyClient, RunResult
 from processor.comfy.waiting import LogNotices, Waiting, WaitListener, reporting
 from processor.errors import ComfyDiedWhileWaiting, ComfyUnavailable, SettingsError
+from processor.models import paths_config
 from processor.ops import volume
 from processor.settings import WorkerSettings
 
@@ -393,7 +394,8 @@ class ComfyEngine(ClosedOnExit):
                 path=settings.comfyui.path,
                 python=settings.comfyui.python,
                 port=settings.comfyui.port,
-                args=shlex.split(settings.comfyui.args),
+                # The model cache as an extra model path, when the worker keeps one.
+                args=[*shlex.split(settings.comfyui.args), *paths_config.comfyui_args(settings)],
                 log_path=volume.comfyui_log(settings),
                 startup_timeout=settings.comfyui.startup_timeout,
                 max_restarts=settings.comfyui.max_restarts,

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from processor.errors import JsonLimitError, ManifestError, Problem, problems_from_validation
 from processor.job.status_book import StatusBook
+from processor.models.spec import MAX_MODELS, ModelSpec
 from processor.safejson import load_json
 from processor.workflows import Graph, StagedInput, WorkflowRegistry, set_output_prefixes
 
@@ -98,6 +99,12 @@ class JobManifest(BaseModel):
     notify: NotifyOptions | None = Field(
         None, description="A webhook for this job's final status (see docs/webhooks.md)."
     )
+    models: list[ModelSpec] = Field(
+        default_factory=list,
+        max_length=MAX_MODELS,
+        description="Models the job needs, fetched into the worker's model cache before it "
+        "runs unless they are there (see docs/manifests.md#models).",
+    )
 
     @field_validator("id")
     @classmethod
@@ -119,6 +126,11 @@ class JobManifest(BaseModel):
             raise ValueError("give either 'workflow' or 'graph', not both")
         if self.graph is not None and (self.payload or self.batch):
             raise ValueError("a raw 'graph' takes no 'payload' or 'batch'")
+        named: dict[str, str] = {}
+        for model in self.models:
+            earlier = named.setdefault(model.label, model.sha256 or "")
+            if earlier != (model.sha256 or ""):
+                raise ValueError(f"models: {model.label} is named twice, with different sha256")
         return self
 
 
@@ -137,6 +149,7 @@ class Job:
     rerun: bool = False
     batch_index: int | None = None
     notify_url: str | None = None
+    models: tuple[ModelSpec, ...] = ()
 
     def filled_graph(self, staged: dict[str, str], run_id: str | None = None) -> Graph:
         """The graph for one run: staged input names in place of the user's file references,
@@ -206,6 +219,7 @@ def resolve_jobs(
         "metadata": manifest.metadata,
         "rerun": manifest.rerun,
         "notify_url": notify_url,
+        "models": tuple(manifest.models),
     }
     if manifest.graph is not None:
         if not allow_raw:

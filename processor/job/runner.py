@@ -15,27 +15,40 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Any
 
 from processor.comfy.client import ComfyClient, OutputFile, Progress, RunResult
 from processor.errors import (
+    CapabilityMissing,
+    FetchError,
+    FetchRefused,
     InputInvalid,
     InputMissing,
+    LeaseLost,
     ObjectNotFound,
     ObjectTooLarge,
     StorageError,
 )
-from processor.job.input_refs import key_refusal
+from processor.job.input_refs import InputSource, input_source, key_refusal
 from processor.job.inputs import check_image
 from processor.job.manifest import Job
 from processor.job.outputs import prepare_output
 from processor.job.retry_table import describe, policy_for, will_retry
 from processor.job.status import JobState, JobStatus, OutputRecord, ProgressInfo
-from processor.job.status_book import FINAL, Announce, AttemptRecord, Beginning, Begun, StatusBook
+from processor.job.status_book import (
+    FINAL,
+    Announce,
+    AttemptRecord,
+    Beginning,
+    Begun,
+    Fence,
+    StatusBook,
+)
 from processor.logsafe import printable_logger
+from processor.models.cache import ModelCache
+from processor.ops.fetch_guard import Fetcher, display_url, refusal_status
 from processor.settings import JobLimits, WorkerSettings
-from processor.storage.base import ObjectStore, Storage, validate_key
+from processor.storage.base import ObjectStore, Storage
 from processor.storage.layout import Layout
 
 log = printable_logger("comfys3.job")
@@ -54,6 +67,7 @@ class Verdict(enum.Enum):
     skipped = "skipped"
     retry = "retry"  # failed, and another attempt may succeed
     failed = "failed"  # failed, and another attempt cannot help
+    lost = "lost"  # another worker took the claim over; this attempt's results were dropped
     # The worker stopped mid-attempt and gave the job back (never returned by run(): the
     # attempt is cancelled; LaneHooks.on_given_back tells the lane).
     handed_back = "handed_back"
@@ -78,6 +92,10 @@ class LaneHooks:
     on_queued: Callable[[float], None] | None = None  # seconds spent preparing the prompt
     on_started: Callable[[], None] | None = None  # ComfyUI began executing it
     on_executed: Callable[[float], None] | None = None  # ComfyUI is done (its execution seconds)
+    # A model must be downloaded: may the job leave the lane meanwhile (True: it left), so the
+    # GPU is fed other jobs while it waits? And the way back in, before its prompt is queued.
+    step_aside: Callable[[], bool] | None = None
+    step_back: Callable[[], Awaitable[None]] | None = None
     on_given_back: Callable[[JobStatus], None] | None = None  # cancelled: the job is handed back
 
 
@@ -96,10 +114,13 @@ def runner_for(
     cleanup: Cleanup | None = None,
     on_progress: ProgressHook | None = None,
     announce: Announce | None = None,
+    fetcher: Fetcher | None = None,
+    models: ModelCache | None = None,
 ) -> JobRunner:
     """The one way a runner is built from settings (a worker, ``exec``, the warm-up): the job
     limits go whole, and storage trouble after a prompt ran is waited out for up to a lease
-    (how long other workers wait for this one anyway)."""
+    (how long other workers wait for this one anyway). ``fetcher`` fetches input URLs,
+    ``models`` the models manifests name (see :func:`processor.worker.assembly.open_worker`)."""
     return JobRunner(
         storage=storage,
         comfy=comfy,
@@ -111,6 +132,8 @@ def runner_for(
         on_progress=on_progress,
         announce=announce,
         storage_patience=settings.lane.lease_seconds,
+        fetcher=fetcher,
+        models=models,
     )
 
 
@@ -131,6 +154,8 @@ class JobRunner:
         on_progress: ProgressHook | None = None,
         announce: Announce | None = None,
         storage_patience: float = 0.0,
+        fetcher: Fetcher | None = None,
+        models: ModelCache | None = None,
     ) -> None:
         """``limits`` is the settings group, whole: a limit added there reaches every runner.
         ``storage_patience``: seconds to wait out storage trouble once ComfyUI has run the
@@ -145,6 +170,8 @@ class JobRunner:
         self.storage_patience = storage_patience
         self.cleanup = cleanup
         self.on_progress = on_progress
+        self.fetcher = fetcher
+        self.models = models
         self.book = StatusBook(storage, layout, worker=worker_id, announce=announce)
 
     # -- one job --------------------------------------------------------------------------
@@ -159,8 +186,13 @@ class JobRunner:
         notes: list[str] | None = None,
         manifest_version: str | None = None,
         resumed: bool = False,
+        fence: Fence | None = None,
     ) -> JobOutcome:
         """Run ``job`` once; never raises but for cancellation.
+
+        ``fence``: the claim's heartbeat. Every write of the attempt (progress, outputs, final
+        status) is then made only while it holds the claim; one that finds the claim taken
+        over drops its results (:attr:`Verdict.lost`) and publishes nothing.
 
         ``resumed``: the manifest was claimed before (its claim existed), so this upload may
         already have run to its end, with only its retirement left undone.
@@ -177,6 +209,7 @@ class JobRunner:
             max_attempts=max_attempts,
             notes=notes,
             manifest_version=manifest_version,
+            fence=fence,
         )
         executed = _Once(hooks.on_executed)
         started = time.monotonic()
@@ -186,6 +219,8 @@ class JobRunner:
         patience: float | None = None  # until when storage trouble is waited out
         subfolder = f"comfys3/{run_id}"
         staged_any = False
+        pins = contextlib.ExitStack()  # the job's models, kept from eviction until it ends
+        aside: list[float] = []  # when the job stepped out of the lane to wait for a download
         try:
             beginning = await record.begin(job, resumed=resumed)
             if beginning.begun is not Begun.run:
@@ -193,15 +228,26 @@ class JobRunner:
                 return _earlier(beginning)
             phase = time.monotonic()
             staged_any = bool(job.inputs)
-            staged = await self._stage_inputs(job, subfolder)
+            if job.models:
+                pins.enter_context(self._model_cache(job).pinned(job.models))
+
+            def fetching() -> None:
+                if hooks.step_aside is not None and not aside and hooks.step_aside():
+                    aside.append(time.monotonic())
+
+            staged = await self._stage_all(job, subfolder, record, fetching)
             record.timing("stage", time.monotonic() - phase)
             graph = job.filled_graph(staged, run_id)
+            aside_seconds = 0.0
+            if aside and hooks.step_back is not None:
+                await hooks.step_back()
+                aside_seconds = time.monotonic() - aside[0]
 
             phase = time.monotonic()
             await self.comfy.queue_prompt(graph, run_id)
             record.timing("queue", time.monotonic() - phase)
             if hooks.on_queued is not None:
-                hooks.on_queued(time.monotonic() - started)
+                hooks.on_queued(time.monotonic() - started - aside_seconds)
             phase = time.monotonic()
             async with self._progress_writer(record, hooks.on_started) as on_progress:
                 try:
@@ -218,10 +264,13 @@ class JobRunner:
             record.timing("execute", result.execution_seconds)
 
             phase = time.monotonic()
-            outputs = await self._publish(job, graph, result, patience)
+            outputs = await self._publish(job, graph, result, patience, record)
             record.succeeded(outputs, result.texts)
             record.timing("publish", time.monotonic() - phase)
             verdict = Verdict.succeeded
+        except LeaseLost as lost:
+            executed(0.0)
+            return self._dropped(job, record, lost, run_id, result is None)
         except asyncio.CancelledError:
             executed(0.0)
             record.given_back()
@@ -234,6 +283,7 @@ class JobRunner:
             executed(0.0)
             verdict, charged = self._failed(job, record, error)
         finally:
+            pins.close()
             # Clean up after failures too: an attempt that staged inputs and then failed must
             # not leave them in ComfyUI's input folder, or a warm worker's disk creeps up.
             if self.cleanup is not None and (result is not None or staged_any):
@@ -262,6 +312,8 @@ class JobRunner:
                 await _patiently("writing its status", job.id, patience, record.save)
             else:
                 await record.save()
+        except LeaseLost as lost:
+            return self._dropped(job, record, lost, run_id, False)
         except Exception as error:  # storage trouble: the result is not recorded, so not done
             log.error("job %s: could not write its status: %s", job.id, error)
             if verdict is not Verdict.failed:
@@ -270,6 +322,23 @@ class JobRunner:
         if status.state in FINAL:
             self.book.announce_final(status, job.notify_url)
         return JobOutcome(verdict, status, charged)
+
+    def _dropped(
+        self, job: Job, record: AttemptRecord, lost: LeaseLost, run_id: str, running: bool
+    ) -> JobOutcome:
+        """This attempt lost its claim (its worker was frozen or cut off past its lease, and
+        another took the job over): it writes nothing more, and its prompt, if still running,
+        is stopped, since the new holder runs the job again."""
+        log.warning(
+            "job %s: %s; this try's results are dropped, not published",
+            job.id,
+            lost,
+            extra={"job_id": job.id, "attempt": record.status.attempt, "state": "lost"},
+        )
+        if running:
+            task = asyncio.ensure_future(self.comfy.interrupt(run_id))
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return JobOutcome(Verdict.lost, record.status, charged=False)
 
     def _failed(self, job: Job, record: AttemptRecord, error: Exception) -> tuple[Verdict, bool]:
         """Record a failed attempt: (verdict, whether the attempt counts). The retry table
@@ -300,35 +369,99 @@ class JobRunner:
 
     # -- phases ---------------------------------------------------------------------------
 
+    def _model_cache(self, job: Job) -> ModelCache:
+        if self.models is None:
+            # Capability-aware claiming leaves such a manifest for a worker with a cache; this
+            # is a runner without one (exec with no COMFYS3_MODEL_CACHE, say).
+            raise CapabilityMissing(
+                f"the manifest names {len(job.models)} model(s) and this worker keeps no model "
+                "cache: set COMFYS3_MODEL_CACHE (or mount a network volume)",
+                {"missing_models": [model.label for model in job.models]},
+            )
+        return self.models
+
+    async def _stage_all(
+        self, job: Job, subfolder: str, record: AttemptRecord, fetching: Callable[[], None]
+    ) -> dict[str, str]:
+        """Input files and models at once: a model download runs beside the input uploads."""
+        if not job.models:
+            return await self._stage_inputs(job, subfolder)
+        cache = self._model_cache(job)
+        started = time.monotonic()
+        models = asyncio.ensure_future(cache.ensure_all(job.models, on_fetch=fetching))
+        try:
+            staged = await self._stage_inputs(job, subfolder)
+        except BaseException:
+            models.cancel()
+            with contextlib.suppress(BaseException):
+                await models
+            raise
+        record.models_ready(await models)
+        record.timing("models", time.monotonic() - started)
+        return staged
+
     async def _stage_inputs(self, job: Job, subfolder: str) -> dict[str, str]:
-        async def stage_one(field_name: str, source: str) -> tuple[str, str]:
-            refusal = key_refusal(source)
+        async def stage_one(field_name: str, text: str) -> tuple[str, str]:
+            refusal = key_refusal(text)
             if refusal is not None:  # never readable: invalid, as validate says, not missing
                 raise InputInvalid(f"input '{field_name}': {refusal}")
-            key = validate_key(source)
+            source = input_source(text)
+            data = await self._read_input(field_name, text, source)
             try:
-                stored = await self.inputs.get(key, max_bytes=self.limits.max_input_bytes)
-            except ObjectNotFound:
-                raise InputMissing(
-                    f"input '{field_name}': file {source!r} was not found "
-                    f"(looked for {self.inputs.location(key)})"
-                ) from None
-            except ObjectTooLarge as error:
-                raise InputInvalid(
-                    f"input '{field_name}': {error} (COMFYS3_MAX_INPUT_BYTES)"
-                ) from None
-            try:
-                check_image(stored.data, source, max_pixels=self.limits.max_input_pixels)
+                check_image(data, text, max_pixels=self.limits.max_input_pixels)
             except InputInvalid as error:
                 raise InputInvalid(f"input '{field_name}': {error}") from None
-            name = await self.comfy.upload_input(stored.data, PurePosixPath(key).name, subfolder)
+            name = await self.comfy.upload_input(data, source.file_name, subfolder)
             return field_name, name
 
         pairs = await asyncio.gather(*(stage_one(i.field, i.source) for i in job.inputs))
         return dict(pairs)
 
+    async def _read_input(self, field_name: str, text: str, source: InputSource) -> bytes:
+        """An input file's bytes, from storage, another bucket, or a URL (through the guard)."""
+        limit = self.limits.max_input_bytes
+        if source.kind == "url":
+            return await self._fetch_input(field_name, source.url)
+        store = self.inputs
+        if source.kind == "s3":
+            other = getattr(self.inputs, "in_bucket", None)
+            if other is None:
+                raise InputMissing(
+                    f"input '{field_name}': {text!r} is in a bucket, and this worker reads no "
+                    "bucket (s3:// inputs need a worker on S3)"
+                )
+            store = other(source.bucket)
+        try:
+            return (await store.get(source.key, max_bytes=limit)).data
+        except ObjectNotFound:
+            raise InputMissing(
+                f"input '{field_name}': file {text!r} was not found "
+                f"(looked for {store.location(source.key)})"
+            ) from None
+        except ObjectTooLarge as error:
+            raise InputInvalid(f"input '{field_name}': {error} (COMFYS3_MAX_INPUT_BYTES)") from None
+
+    async def _fetch_input(self, field_name: str, url: str) -> bytes:
+        shown = display_url(url)
+        if self.fetcher is None:
+            raise InputInvalid(f"input '{field_name}': {shown}: this runner fetches no URLs")
+        try:
+            return await self.fetcher.read(url, max_bytes=self.limits.max_input_bytes)
+        except FetchRefused as error:
+            if refusal_status(error) == 404:
+                raise InputMissing(f"input '{field_name}': {error}") from None
+            hint = " (COMFYS3_MAX_INPUT_BYTES)" if "limit" in error.details else ""
+            raise InputInvalid(f"input '{field_name}': {error}{hint}", error.details) from None
+        except FetchError as error:
+            raise FetchError(f"input '{field_name}': {error}", error.details) from None
+
     async def _publish(
-        self, job: Job, graph: dict[str, Any], result: RunResult, patience: float
+        self,
+        job: Job,
+        graph: dict[str, Any],
+        result: RunResult,
+        patience: float,
+        record: AttemptRecord,
     ) -> list[OutputRecord]:
         counters: dict[str, int] = {}
         plan = []
@@ -342,7 +475,11 @@ class JobRunner:
                 data = await self.comfy.fetch_output(ref)
                 prepared = prepare_output(data, ref.filename, ref.kind, job.output)
                 class_type = str(graph.get(ref.node_id, {}).get("class_type", "node"))
-                key = self.layout.output_key(job.id, ref.node_id, class_type, index, prepared.ext)
+                key = self.layout.output_key(
+                    job.id, ref.node_id, class_type, index, prepared.ext, record.status.claim_try
+                )
+                if record.fence is not None:
+                    await record.fence.ensure()  # nothing is published by a try that lost
 
                 async def upload() -> object:
                     return await self.storage.put(
@@ -399,6 +536,8 @@ class JobRunner:
                     await record.save()
                 except StorageError as error:
                     log.warning("job %s: progress not saved: %s", record.job_id, error)
+                except LeaseLost:
+                    return  # publishing finds it out too, and drops the results
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), PROGRESS_INTERVAL)
 

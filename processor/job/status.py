@@ -48,6 +48,20 @@ class OutputRecord(BaseModel):
     sha256: str
 
 
+class ModelRecord(BaseModel):
+    """A model the manifest named, as this attempt found it in the worker's model cache."""
+
+    folder: str = Field(description="ComfyUI's model folder (checkpoints, loras ...).")
+    name: str = Field(description="The file name the workflow uses.")
+    source: str = Field(description="Where it comes from: the URL (no query) or hf:org/repo/path.")
+    state: Literal["cached", "fetched"] = Field(
+        description="cached: it was there already; fetched: downloaded for this attempt."
+    )
+    bytes: int
+    seconds: float = Field(description="Time this attempt spent on it (download or check).")
+    sha256: str | None = None
+
+
 class ErrorInfo(BaseModel):
     type: str = Field(description="validation | runtime | timeout | comfyui_unavailable | ...")
     message: str = Field(description="What went wrong, for a person.")
@@ -82,6 +96,12 @@ class JobStatus(BaseModel):
         description="Which upload of the manifest this records (its ETag and modification "
         "time): a manifest uploaded again runs again, a leftover of this one is only retired.",
     )
+    claim_try: int | None = Field(
+        default=None,
+        description="Which try of the manifest's claim wrote this (every claim counts, "
+        "uncharged ones too): once a later try has written, an earlier one that wakes up "
+        "late cannot write over it.",
+    )
     workflow: str | None = None
     payload: dict[str, Any] = Field(
         default_factory=dict, description="The payload as resolved: defaults filled, seed used."
@@ -90,6 +110,9 @@ class JobStatus(BaseModel):
     outputs: list[OutputRecord] = Field(default_factory=list)
     texts: dict[str, list[str]] = Field(
         default_factory=dict, description="Text outputs by node id."
+    )
+    models: list[ModelRecord] = Field(
+        default_factory=list, description="The models the manifest named: cached or fetched."
     )
     timings: dict[str, float] = Field(
         default_factory=dict, description="Seconds per phase: claim, stage, queue, execute ..."

@@ -20,12 +20,13 @@ import enum
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from pydantic import ValidationError
 
 from processor.errors import (
     JsonLimitError,
+    LeaseLost,
     ManifestError,
     ObjectNotFound,
     ObjectTooLarge,
@@ -38,6 +39,7 @@ from processor.job.status import (
     ErrorInfo,
     JobState,
     JobStatus,
+    ModelRecord,
     NotifyRecord,
     OutputRecord,
     ProgressInfo,
@@ -119,6 +121,15 @@ class JobRecord:
 # -- one attempt ------------------------------------------------------------------------------
 
 
+class Fence(Protocol):
+    """Proof that an attempt still holds its manifest's claim (the claim's heartbeat)."""
+
+    @property
+    def tries(self) -> int: ...  # the attempt's fencing token: grows with every claim
+
+    async def ensure(self) -> object: ...  # LeaseLost if taken over; renews a stale lease
+
+
 class Begun(enum.Enum):
     """What the first write of an attempt found."""
 
@@ -136,9 +147,11 @@ class Beginning:
 class AttemptRecord:
     """The status document of one attempt at one job, written as the attempt moves."""
 
-    def __init__(self, book: StatusBook, status: JobStatus) -> None:
+    def __init__(self, book: StatusBook, status: JobStatus, fence: Fence | None = None) -> None:
         self._book = book
         self.status = status
+        self.fence = fence
+        self.etag: str | None = None  # of this attempt's last write: the next one is fenced on it
 
     @property
     def job_id(self) -> str:
@@ -155,14 +168,16 @@ class AttemptRecord:
           uploaded again within a second (S3 times have one-second steps) still run;
         - an earlier success of the same id: not run again unless the manifest says ``rerun``
           (never bury a success: it gets a note);
+        - a later try of this manifest has written (this worker was frozen past its lease and
+          the job was taken over): :class:`LeaseLost`, nothing is written;
         - anything else (an earlier failure, an attempt cut short): run, and say so.
         """
         status = self.status
         try:
-            await self._book.write(status, create=True)
+            self.etag = await self._book.write(status, create=True)
             return Beginning(Begun.run)
         except PreconditionFailed:
-            previous = await self._book.read(status.id)
+            previous, etag = await self._book.read_versioned(status.id)
         if (
             resumed
             and previous is not None
@@ -177,7 +192,7 @@ class AttemptRecord:
         )
         if not job.rerun and previous is not None and await self._book.keep_success(previous, note):
             return Beginning(Begun.already_succeeded, previous)
-        await self._book.write(status)
+        await self._write_over(previous, etag)
         return Beginning(Begun.run)
 
     def timing(self, phase: str, seconds: float) -> None:
@@ -186,9 +201,58 @@ class AttemptRecord:
     def progress(self, info: ProgressInfo) -> None:
         self.status.progress = info
 
+    def models_ready(self, records: list[ModelRecord]) -> None:
+        """The models the manifest named, found in the cache or fetched for this attempt."""
+        self.status.models = records
+
     async def save(self) -> None:
-        """Write the document as it stands (progress, or the final state set just before)."""
-        await self._book.write(self.status)
+        """Write the document as it stands (progress, or the final state set just before).
+
+        Fenced: the write is conditional on this attempt's own last write. If someone wrote in
+        between, a later try of this manifest (this attempt lost its claim) makes it
+        :class:`LeaseLost` and nothing is written; anyone else (another manifest of the same
+        job id) is written over, as the last writer always was."""
+        if self.fence is not None:
+            await self.fence.ensure()
+        if self.etag is None:
+            self.etag = await self._book.write(self.status)
+            return
+        try:
+            self.etag = await self._book.write(self.status, if_match=self.etag)
+        except PreconditionFailed:
+            await self._write_over(*await self._book.read_versioned(self.status.id))
+
+    async def _write_over(self, current: JobStatus | None, etag: str | None) -> None:
+        """Write this attempt's document over ``current`` (read with ``etag``), unless a later
+        try of the same upload wrote it; a few rounds if others keep writing in between."""
+        for _ in range(3):
+            if self._superseded_by(current):
+                assert current is not None
+                raise LeaseLost(
+                    f"job {self.job_id}: try {current.claim_try} of manifest "
+                    f"{current.manifest_key} wrote its status after this try "
+                    f"({self.status.claim_try}) lost the claim"
+                )
+            try:
+                if etag is None:
+                    self.etag = await self._book.write(self.status, create=True)
+                else:
+                    self.etag = await self._book.write(self.status, if_match=etag)
+                return
+            except PreconditionFailed:
+                current, etag = await self._book.read_versioned(self.status.id)
+        raise PreconditionFailed(f"job {self.job_id}: its status kept changing while written")
+
+    def _superseded_by(self, current: JobStatus | None) -> bool:
+        ours = self.status
+        return (
+            current is not None
+            and ours.claim_try is not None
+            and current.claim_try is not None
+            and current.manifest_key == ours.manifest_key
+            and current.manifest_version == ours.manifest_version
+            and current.claim_try > ours.claim_try
+        )
 
     def succeeded(self, outputs: list[OutputRecord], texts: dict[str, list[str]]) -> None:
         self.status.outputs = outputs
@@ -270,6 +334,18 @@ class StatusBook:
         parsed = parse_status(stored.data, job_id)
         return parsed if isinstance(parsed, JobStatus) else None
 
+    async def read_versioned(self, job_id: str) -> tuple[JobStatus | None, str | None]:
+        """(the status as :meth:`read` gives it, the ETag of the document found): a document
+        that cannot be read is still a version, to be written over conditionally."""
+        try:
+            stored = await self.storage.get(self.key(job_id), max_bytes=MAX_STATUS_BYTES)
+        except ObjectNotFound:
+            return None, None
+        except ObjectTooLarge:
+            return None, None  # written over unconditionally: no reader could use it anyway
+        parsed = parse_status(stored.data, job_id)
+        return (parsed if isinstance(parsed, JobStatus) else None), stored.etag
+
     async def read_record(self, job_id: str) -> JobRecord:
         """The job's status for a person; every way reading can fail ends as a ``problem``."""
         key = self.key(job_id)
@@ -313,15 +389,19 @@ class StatusBook:
 
     # -- writing --------------------------------------------------------------------------
 
-    async def write(self, status: JobStatus, *, create: bool = False) -> None:
-        """Write ``status``; with ``create``, only if the job has no status yet
-        (:class:`PreconditionFailed` otherwise)."""
+    async def write(
+        self, status: JobStatus, *, create: bool = False, if_match: str | None = None
+    ) -> str:
+        """Write ``status``, and return its ETag; with ``create``, only if the job has no status
+        yet, with ``if_match``, only if it is still that version (:class:`PreconditionFailed`
+        otherwise)."""
         status.updated_at = utcnow()
-        await self.storage.put(
+        return await self.storage.put(
             self.key(status.id),
             status.to_json(),
             content_type="application/json",
             if_none_match=create,
+            if_match=if_match,
         )
 
     def attempt(
@@ -332,9 +412,11 @@ class StatusBook:
         max_attempts: int,
         notes: list[str] | None = None,
         manifest_version: str | None = None,
+        fence: Fence | None = None,
     ) -> AttemptRecord:
         """The document of a new attempt at ``job``, not written yet (see
-        :meth:`AttemptRecord.begin`)."""
+        :meth:`AttemptRecord.begin`). With ``fence`` (the claim's heartbeat), every write of
+        the attempt is made only while it holds the claim, and says which try wrote it."""
         return AttemptRecord(
             self,
             JobStatus(
@@ -349,7 +431,9 @@ class StatusBook:
                 payload=job.payload,
                 metadata=job.metadata,
                 notes=list(notes or []),
+                claim_try=fence.tries if fence is not None else None,
             ),
+            fence,
         )
 
     async def keep_success(

@@ -99,7 +99,8 @@ class Metrics:
         )
         self.claims_lost = Counter(
             "comfys3_claims_lost",
-            "Claims this worker lost while running (its lease was taken over).",
+            "Claims this worker lost while running (its lease was taken over); the attempt's "
+            "results were dropped, not published.",
             registry=r,
         )
         self.claims_taken_over = Counter(
@@ -244,6 +245,21 @@ class Readiness:
 ComfyCheck = Callable[[], bool]
 
 
+# Past this many seconds between this machine's clock and the store's, the worker says so.
+CLOCK_WARN_SECONDS = 10.0
+
+
+def describe_clock_offset(offset: float) -> str:
+    """For a person: how far this machine's clock is from the store's, and that it is fine."""
+    if abs(offset) < CLOCK_WARN_SECONDS:
+        return f"within {CLOCK_WARN_SECONDS:g} s of the store's clock ({-offset:+.0f} s)"
+    way = "ahead of" if offset < 0 else "behind"
+    return (
+        f"this machine's clock is {abs(offset):.0f} s {way} the store's: leases do not depend "
+        "on it, but times in statuses and logs are off by as much (fix NTP on this machine)"
+    )
+
+
 class Health:
     """Ready when ComfyUI answers, storage succeeded within ``storage_window`` seconds, and the
     worker is not stopping; live unless something fatal was reported."""
@@ -262,6 +278,12 @@ class Health:
         self._storage_error: str | None = None
         self._stopping: str | None = None
         self._fatal: str | None = None
+        self._clock_offset: Callable[[], float | None] | None = None
+
+    def set_clock_offset(self, offset: Callable[[], float | None]) -> None:
+        """Where to read how far the store's clock is from this machine's (shown, never
+        failing: leases do not depend on any clock)."""
+        self._clock_offset = offset
 
     def set_comfy_check(self, comfy_ok: ComfyCheck | None) -> None:
         """Called once ComfyUI is up (``lambda: client.connected``); None while it is not."""
@@ -282,6 +304,9 @@ class Health:
 
     def readiness(self) -> Readiness:
         checks = {"comfyui": self._comfy(), "storage": self._storage()}
+        clock = self._clock_check()
+        if clock is not None:
+            checks["clock"] = clock
         if self._stopping is not None:
             checks["worker"] = Check(False, self._stopping)
         if self._fatal is not None:
@@ -292,6 +317,12 @@ class Health:
         if self._fatal is not None:
             return Check(False, self._fatal)
         return Check(True, "the event loop answers")
+
+    def _clock_check(self) -> Check | None:
+        offset = self._clock_offset() if self._clock_offset is not None else None
+        if offset is None:
+            return None
+        return Check(True, describe_clock_offset(offset))
 
     def _comfy(self) -> Check:
         if self.comfy_ok is None:

@@ -13,15 +13,14 @@ from dataclasses import dataclass
 
 from processor.errors import SettingsError
 from processor.job.runner import JobOutcome, Verdict
+from processor.ops.fetch_guard import Lookup, fetch_policy, parse_allowlist
 from processor.ops.metrics import Health, Metrics
 from processor.ops.webhooks import (
-    Lookup,
     Notifier,
     OnDone,
     RetryPolicy,
     Signer,
     WebhookPolicy,
-    parse_allowlist,
 )
 from processor.settings import WorkerSettings, webhook_key
 
@@ -110,16 +109,20 @@ class Ops:
 
 
 def webhook_policy(settings: WorkerSettings) -> WebhookPolicy:
-    """The URL policy from COMFYS3_WEBHOOK_*; SettingsError names what is wrong."""
+    """The URL policy from COMFYS3_WEBHOOK_* and the fetch guard's COMFYS3_FETCH_* (one policy
+    for every outside fetch: the fetch opt-ins open webhooks too, and the webhook opt-ins
+    still work for webhooks alone); SettingsError names what is wrong."""
     try:
         allow = parse_allowlist(settings.webhooks.allow)
     except ValueError as error:
         raise SettingsError(f"COMFYS3_WEBHOOK_ALLOW: {error}") from None
+    fetch = fetch_policy(settings)
     policy = WebhookPolicy(
         allow=allow,
-        allow_http=settings.webhooks.allow_http,
-        allow_private=settings.webhooks.allow_private,
+        allow_http=settings.webhooks.allow_http or settings.fetch.allow_http,
+        allow_private=settings.webhooks.allow_private or settings.fetch.allow_private,
         default_url=settings.webhooks.url,
+        fetch_hosts=fetch.allow_hosts,
     )
     if settings.webhooks.url is not None:
         refusal = policy.refusal(settings.webhooks.url, from_manifest=False)
@@ -128,15 +131,22 @@ def webhook_policy(settings: WorkerSettings) -> WebhookPolicy:
     return policy
 
 
-def build_ops(settings: WorkerSettings, *, lookup: Lookup | None = None) -> Ops:
+def build_ops(
+    settings: WorkerSettings, *, lookup: Lookup | None = None, listing_interval: float = 0.0
+) -> Ops:
     """Metrics, health and (when a webhook URL or allowlist is set) the webhook sender.
+
+    ``listing_interval``: how long an idle worker may go without touching storage at all (with
+    ``--events sqs``, its fallback listing): health allows for it, or an idle worker waiting
+    for events would look unready between two listings.
 
     Call ``await ops.start()`` before submitting webhooks and ``await ops.aclose()`` before
     storage closes (a webhook's record is written to the status through storage).
     """
     policy = webhook_policy(settings)
     metrics = Metrics()
-    health = Health(storage_window=max(STORAGE_WINDOW, 3 * settings.triggers.poll_max_interval))
+    quiet = max(3 * settings.triggers.poll_max_interval, 1.5 * listing_interval)
+    health = Health(storage_window=max(STORAGE_WINDOW, quiet))
     metrics.watch_health(health)
     notifier = None
     if policy.default_url is not None or policy.allow:

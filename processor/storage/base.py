@@ -24,6 +24,9 @@ class StoredObject:
     etag: str
     content_type: str | None
     last_modified: datetime | None = None
+    # When the storage served it, by the storage's own clock (S3's Date header), so an age
+    # (served_at - last_modified) needs no clock of this machine; None when unknown.
+    served_at: datetime | None = None
 
     @property
     def version(self) -> str:
@@ -121,6 +124,11 @@ class Storage(ObjectStore, Protocol):
     async def presign_get(self, key: str, expires_in: int) -> str: ...
 
     def location(self, key: str) -> str: ...
+
+    def clock_offset(self) -> float | None:
+        """Seconds the store's clock runs ahead of this machine's, if known (for people:
+        leases do not depend on it)."""
+        ...
 
     async def copy(self, src: str, dst: str) -> None: ...
 

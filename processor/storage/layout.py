@@ -8,7 +8,8 @@ the code cannot drift apart.
 <input>/_failed/<name>.json          manifests that failed for good
 <input>/_dispatched/<name>.json      `comfys3 dispatch`: the RunPod request sent for a manifest
 <output>/<job id>/status.json        the job's status document
-<output>/<job id>/<node>_<ClassType>_<nnn>.<ext>    the job's outputs
+<output>/<job id>/<node>_<ClassType>_<nnn>.<ext>    the job's outputs (first try of its claim)
+<output>/<job id>/try-<n>/<node>_<ClassType>_<nnn>.<ext>   outputs of a later try
 ```
 Sub-prefixes of ``<input>`` are not listed by a poll (it lists with a delimiter), so the cost of
 a poll depends on the pending work, never on history.
@@ -84,7 +85,22 @@ class Layout:
     def status_key(self, job_id: str) -> str:
         return f"{self.job_prefix(job_id)}/status.json"
 
-    def output_key(self, job_id: str, node_id: str, class_type: str, index: int, ext: str) -> str:
+    def output_key(
+        self,
+        job_id: str,
+        node_id: str,
+        class_type: str,
+        index: int,
+        ext: str,
+        claim_try: int | None = None,
+    ) -> str:
+        """Where an output of a job goes. The first try of a manifest's claim (nearly every
+        job) writes beside status.json; a later try writes under ``try-<n>/``, so an earlier
+        try that wakes up late (frozen past its lease) can never write over what the later
+        one published and its status lists."""
         safe_type = "".join(c for c in class_type if c.isalnum() or c in "-_") or "node"
         safe_node = "".join(c for c in node_id if c.isalnum() or c in "-_.") or "node"
-        return f"{self.job_prefix(job_id)}/{safe_node}_{safe_type}_{index:03d}{ext}"
+        folder = self.job_prefix(job_id)
+        if claim_try is not None and claim_try > 1:
+            folder = f"{folder}/try-{claim_try}"
+        return f"{folder}/{safe_node}_{safe_type}_{index:03d}{ext}"

@@ -72,6 +72,9 @@ class LocalStorage(ClosedOnExit):
     async def aclose(self) -> None:
         return None
 
+    def clock_offset(self) -> float:
+        return 0.0  # the folder is on this machine: its clock is ours
+
     # -- helpers --------------------------------------------------------------------------
 
     def _path(self, key: str, *, lenient: bool = False) -> Path:
@@ -188,6 +191,7 @@ class LocalStorage(ClosedOnExit):
             etag=_etag(data),
             content_type=content_type,
             last_modified=datetime.fromtimestamp(mtime, tz=UTC),
+            served_at=datetime.now(UTC),  # the file's time is this machine's clock too
         )
 
     async def head(self, key: str) -> ObjectInfo | None:

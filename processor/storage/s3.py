@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import email.utils
 import functools
 import random
+import statistics
+import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Self, Unpack
@@ -36,9 +41,22 @@ from processor.storage.base import (
 
 # Concurrent conditional writes on AWS answer 409 ConditionalRequestConflict: "try again".
 CONFLICT_RETRIES = 4
+DATE_SAMPLES = 15  # responses' Date headers kept to estimate the store's clock
 CONFLICT_BACKOFF = 0.05
 LIST_PAGE = 1000
 DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys
+
+
+def _served_at(response: Mapping[str, Any]) -> datetime | None:
+    """The Date header of an S3 answer: the storage's clock at the time it answered."""
+    headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    text = headers.get("date") if isinstance(headers, Mapping) else None
+    if not isinstance(text, str):
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(text).astimezone(UTC)
+    except (TypeError, ValueError):
+        return None
 
 
 def _user_agent() -> str:
@@ -132,6 +150,8 @@ class S3Storage(ClosedOnExit):
         )
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
+        self._dates: deque[float] = deque(maxlen=DATE_SAMPLES)  # store minus local, seconds
+        self._dated_at = float("-inf")
 
     @property
     def bucket(self) -> str:
@@ -162,7 +182,25 @@ class S3Storage(ClosedOnExit):
                 f"cannot open an S3 client for {self._settings.endpoint_url}: {error}"
             ) from None
         self._stack = stack
+        self._client.meta.events.register("after-call.s3", self._note_date)
         return self
+
+    def _note_date(self, http_response: Any = None, **_: Any) -> None:
+        """Sample the store's clock from a response's Date header (at most once a second):
+        what :meth:`clock_offset` reports. Nothing depends on it but what people are told."""
+        now = time.time()
+        if now - self._dated_at < 1.0 or http_response is None:
+            return
+        self._dated_at = now
+        with contextlib.suppress(Exception):  # a missing or odd header is no sample
+            stamp = email.utils.parsedate_to_datetime(http_response.headers["Date"])
+            # Date has whole seconds: on average half a second behind the moment it was sent.
+            self._dates.append(stamp.timestamp() + 0.5 - now)
+
+    def clock_offset(self) -> float | None:
+        """Seconds the store's clock is ahead of this machine's (negative: behind), the median
+        of recent responses; None before any."""
+        return statistics.median(self._dates) if self._dates else None
 
     async def aclose(self) -> None:
         stack, self._stack, self._client = self._stack, None, None
@@ -213,6 +251,16 @@ class S3Storage(ClosedOnExit):
         """Where ``key`` is, for a person: ``s3://bucket/key``."""
         return self._where(key)
 
+    def in_bucket(self, bucket: str) -> S3Storage:
+        """The same endpoint and credentials, another bucket (an ``s3://bucket/key`` input);
+        it shares this storage's open client, so closing it closes nothing."""
+        if bucket == self.bucket:
+            return self
+        other = copy.copy(self)
+        other._settings = self._settings.model_copy(update={"bucket_name": bucket})
+        other._stack = None
+        return other
+
     # -- Storage --------------------------------------------------------------------------
 
     async def get(self, key: str, *, max_bytes: int | None = None) -> StoredObject:
@@ -234,6 +282,7 @@ class S3Storage(ClosedOnExit):
             etag=str(response.get("ETag", "")),
             content_type=response.get("ContentType"),
             last_modified=response.get("LastModified"),
+            served_at=_served_at(response),
         )
 
     async def head(self, key: str) -> ObjectInfo | None:

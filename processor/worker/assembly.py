@@ -17,6 +17,10 @@ from processor.comfy.process import ComfyEngine
 from processor.comfy.waiting import WaitListener
 from processor.errors import SettingsError
 from processor.job.runner import ProgressHook, runner_for
+from processor.models.cache import ModelCache
+from processor.models.paths_config import cache_dir
+from processor.ops.fetch_guard import Fetcher, fetch_policy
+from processor.ops.metrics import CLOCK_WARN_SECONDS, describe_clock_offset
 from processor.ops.parts import Ops, build_ops
 from processor.ops.volume import worker_name
 from processor.settings import S3_ENV_PREFIX, S3Settings, WorkerSettings, load_s3_settings
@@ -147,6 +151,21 @@ def storage_from_env(local_root: Path | None, say: Say | None = None) -> tuple[S
     return choice.storage, choice.layout
 
 
+def model_cache(settings: WorkerSettings, fetcher: Fetcher) -> ModelCache | None:
+    """The cache of models manifests name, or None when this worker keeps none. A model used
+    within a job timeout (and a half) is never evicted: a job of another worker sharing the
+    volume may be loading it."""
+    root = cache_dir(settings)
+    if root is None:
+        return None
+    return ModelCache(
+        root,
+        max_bytes=int(settings.models.cache_max_gb * 1e9),
+        fetcher=fetcher,
+        recent_guard=1.5 * settings.jobs.job_timeout,
+    )
+
+
 @contextlib.asynccontextmanager
 async def open_worker(
     *,
@@ -173,14 +192,20 @@ async def open_worker(
     registry = WorkflowRegistry.default(settings.jobs.workflows_dir)
     holder = worker_name(settings)
     ops = ops or build_ops(settings)
+    fetcher = Fetcher(fetch_policy(settings))  # input and model URLs, through the one guard
     engine = ComfyEngine(settings, on_wait=on_wait)
     async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(fetcher)
         await stack.enter_async_context(storage)
         if inputs is not None:
             await stack.enter_async_context(inputs)
         if shared and settings.lane.check_conditional_writes:
             await check_conditional_writes(storage, layout.claims_prefix, holder)
         ops.storage_ok()
+        ops.health.set_clock_offset(storage.clock_offset)
+        offset = storage.clock_offset()
+        if offset is not None and abs(offset) >= CLOCK_WARN_SECONDS:
+            log.warning("clock: %s", describe_clock_offset(offset))
         await ops.start()
         # Closed before storage: a webhook's record is written into its status.
         stack.push_async_callback(ops.aclose, min(5.0, settings.triggers.shutdown_grace))
@@ -217,6 +242,8 @@ async def open_worker(
             cleanup=engine.cleanup,
             on_progress=on_progress,
             announce=ops.notify,
+            fetcher=fetcher,
+            models=model_cache(settings, fetcher),
         )
         yield Worker(
             storage=storage,

@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 
 from processor.logsafe import printable_logger
 from processor.storage.base import ObjectInfo, Storage
+from processor.storage.claims import STORE_CLOCK_MARGIN, ClaimWatch, age_by_store
 from processor.storage.layout import Layout
 
 log = printable_logger("comfys3.intake")
@@ -48,6 +49,8 @@ MAX_PAGE = 1000
 MIN_PAGE = 50
 MAX_DRAWS = 20  # random start points tried before starting at the first page
 MAX_REMEMBERED = 10_000  # due keys and pending hints kept in memory; beyond, the listing finds them
+# A claim seen unchanged for this share of a lease missed a renewal (holders renew every third).
+STALE_SHARE = 2 / 3
 
 
 class HintOutcome(enum.Enum):
@@ -80,7 +83,7 @@ class Intake:
         claims_scan_interval: float | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
+        watch: ClaimWatch | None = None,
     ) -> None:
         self.storage = storage
         self.layout = layout
@@ -89,7 +92,7 @@ class Intake:
         self.claims_scan_interval = claims_scan_interval or max(1.0, lease_seconds / 3)
         self._rng = rng or random.Random()
         self._clock = clock
-        self._wall = wall_clock
+        self.watch = watch or ClaimWatch(clock)
         self._hints: OrderedDict[str, list[HintCallback]] = OrderedDict()  # not yet offered
         self._hint_waiting: dict[str, list[HintCallback]] = {}  # offered, outcome to come
         self._due: list[tuple[float, str]] = []  # heap of (monotonic time, key)
@@ -146,15 +149,21 @@ class Intake:
         if key in self._due_at:
             self._retries.add(key)
 
-    def held_until(self, key: str, expires_at: float) -> None:
-        """Another worker holds ``key`` until ``expires_at`` (epoch seconds, its clock).
-        A hold that has already ended (a claim lost in a race, or deleted as its manifest was
+    def put_off(self, key: str, delay: float) -> None:
+        """Offer ``key`` again only after ``delay`` seconds, and not as this worker's own retry
+        (a drain does not wait for it): it was left for other workers."""
+        self._schedule(key, self._clock() + max(0.0, delay))
+        self._retries.discard(key)
+
+    def held(self, key: str, recheck_in: float) -> None:
+        """Another worker holds ``key``; look again in ``recheck_in`` seconds, when its claim
+        will have been watched unchanged for a lease if that worker stopped renewing it. A hold
+        that has already ended (a claim lost in a race, or deleted as its manifest was
         retired) is not scheduled: the listing offers the key again if it is still pending."""
-        if expires_at <= self._wall():
+        if recheck_in <= 0:
             self.forget(key)
             return
-        remaining = min(max(0.0, expires_at - self._wall()), 10 * self.lease_seconds)
-        self._schedule(key, self._clock() + remaining + 0.05)
+        self._schedule(key, self._clock() + min(recheck_in, 10 * self.lease_seconds) + 0.05)
         self._retries.discard(key)
 
     def forget(self, key: str) -> None:
@@ -258,13 +267,19 @@ class Intake:
     # -- internals ------------------------------------------------------------------------
 
     async def _scan_claims(self) -> None:
-        """Claims nobody renewed for a third of a lease: their holder may be dead, or gave the
-        job back. One page of the claims prefix, which holds only work in flight."""
+        """Claims that missed a renewal: their holder may be dead, or gave the job back. One
+        page of the claims prefix, which holds only work in flight; its ETags feed the claim
+        watch, so no clock is compared with another's (see :mod:`processor.storage.claims`)."""
         page = await self.storage.list_page(self.layout.claims_prefix, limit=MAX_PAGE)
         self.lists += 1
-        quiet_since = self._wall() - self.lease_seconds / 3 - 1.0
         for item in page.items:
-            if item.last_modified.timestamp() < quiet_since and item.key.endswith(".json"):
+            if not item.key.endswith(".json"):
+                continue
+            quiet = self.watch.unchanged_for(item.key, item.etag)
+            age = age_by_store(self.storage, item.last_modified)
+            if quiet >= STALE_SHARE * self.lease_seconds or (
+                age is not None and age >= STALE_SHARE * self.lease_seconds + STORE_CLOCK_MARGIN
+            ):
                 name = self.layout.manifest_name(item.key)
                 self._stale_claims.append((self.layout.manifest_key(name), item.key))
 

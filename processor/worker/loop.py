@@ -26,9 +26,12 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from processor.aio import wait_any
 from processor.errors import (
+    CapabilityMissing,
+    CapabilityWaitOver,
     InvalidKey,
     JsonLimitError,
     LeaseLost,
@@ -38,7 +41,13 @@ from processor.errors import (
     StorageError,
 )
 from processor.job.manifest import Job, check_job_id, load_jobs
-from processor.job.retry_table import claim_retry_pause, max_tries, policy_for, retry_pause
+from processor.job.retry_table import (
+    claim_retry_pause,
+    describe,
+    max_tries,
+    policy_for,
+    retry_pause,
+)
 from processor.job.runner import JobOutcome, JobRunner, LaneHooks, Verdict
 from processor.job.status import ErrorInfo, JobStatus
 from processor.logsafe import printable_logger
@@ -49,6 +58,7 @@ from processor.storage.base import Storage, StoredObject
 from processor.storage.claims import ClaimStore, Heartbeat, Lease, Taken
 from processor.storage.layout import Layout
 from processor.storage.retirement import Retirer
+from processor.worker.capabilities import CapabilityWatch, Lack
 from processor.worker.intake import Candidate, HintCallback, HintOutcome, Intake
 from processor.worker.prompt_queue import Lane, LaneDepth, Slot
 from processor.workflows import WorkflowRegistry
@@ -57,6 +67,7 @@ log = printable_logger("comfys3.worker")
 
 
 PAGE_MAX_AGE = 2.0  # seconds a page of the intake is trusted before it is listed again
+MAX_ASIDE = 2  # jobs at once that leave the lane to wait for a model download
 
 
 @dataclass
@@ -128,7 +139,7 @@ class Counts:
     def describe(self) -> str:
         """One line for a person; the same after ``--once`` and after SIGTERM."""
         summary = self.summary()
-        jobs = len(self._by_job())
+        jobs = sum(summary[state] for state in COUNTED)
         handed = f", {summary['handed_back']} handed back" if summary["handed_back"] else ""
         return (
             f"{jobs} job(s): {summary['succeeded']} succeeded, {summary['failed']} failed, "
@@ -136,6 +147,9 @@ class Counts:
             f"({summary['manifests']} manifests, {summary['attempts']} attempts)"
         )
 
+
+# The states the summary counts jobs in; together they make its number of jobs.
+COUNTED = ("succeeded", "failed", "retried", "skipped", "handed_back")
 
 WaitForWork = Callable[[bool], Awaitable[None]]
 
@@ -176,6 +190,7 @@ class Worker:
             layout,
             lease_seconds=settings.lane.lease_seconds,
             page_max_age=PAGE_MAX_AGE,
+            watch=self.claims.watch,  # what the intake's scans see, the claims judge by
         )
         self.retirer = Retirer(storage, layout)
         self.max_tries = max_tries(settings.jobs.max_attempts)
@@ -186,6 +201,9 @@ class Worker:
         self._won = 0  # claims won since this worker started
         self._claim_failures = 0  # claim attempts in a row that storage failed
         self._crash_logged: set[str] = set()
+        # What this worker's ComfyUI can run: a manifest it cannot is left for another worker.
+        self.capabilities = CapabilityWatch(runner.comfy, runner.models)
+        self._aside = 0  # jobs out of the lane while a model downloads
 
     # -- what triggers use ----------------------------------------------------------------
 
@@ -308,6 +326,8 @@ class Worker:
             if found is None:
                 return None
             outcomes = found
+            if any(outcome.verdict is Verdict.lost for outcome in outcomes):
+                return None  # another worker took it over and sees it through
             if not any(outcome.verdict is Verdict.retry for outcome in outcomes):
                 break
             await asyncio.sleep(retry_pause(tries, self.settings.jobs.retry_delay))
@@ -420,7 +440,7 @@ class Worker:
                 return None
             self._claim_failures = 0
             if isinstance(result, Taken):
-                self.intake.held_until(key, result.expires_at)
+                self.intake.held(key, result.recheck_in)
                 await self.intake.report(key, HintOutcome.taken)
                 return None
             claimed = True
@@ -429,15 +449,18 @@ class Worker:
             self._decided.set()
             if result.took_over:
                 self.ops.metrics.claim_taken_over()
-            return await self._claimed(key, result, slot)
+            return await self._claimed(key, result, slot, leave=candidate.source != "request")
         finally:
             if not claimed:
                 self._claiming -= 1
                 self._decided.set()
             slot.release()
 
-    async def _claimed(self, key: str, lease: Lease, slot: Slot) -> list[JobOutcome]:
-        """Everything that happens to one claimed manifest."""
+    async def _claimed(
+        self, key: str, lease: Lease, slot: Slot, *, leave: bool = True
+    ) -> list[JobOutcome]:
+        """Everything that happens to one claimed manifest. ``leave``: a manifest this worker
+        cannot run may be left for another (not for a request made to this worker)."""
         log.info(
             "claimed %s (attempt %d)",
             key,
@@ -450,7 +473,7 @@ class Worker:
             async with self.claims.heartbeat(lease) as beat:
                 latest = beat
                 try:
-                    outcomes = await self._jobs(key, lease, slot)
+                    outcomes = await self._jobs(key, beat, slot, leave=leave)
                     if beat.lost is None:
                         await self._settle(key, beat, outcomes)
                 except asyncio.CancelledError:
@@ -479,7 +502,10 @@ class Worker:
         counted = self.counts.add(outcome)
         self.ops.observe(outcome, counted=counted)
 
-    async def _jobs(self, key: str, lease: Lease, slot: Slot) -> list[JobOutcome]:
+    async def _jobs(
+        self, key: str, beat: Heartbeat, slot: Slot, *, leave: bool = True
+    ) -> list[JobOutcome]:
+        lease = beat()
         try:
             stored = await self.storage.get(key, max_bytes=self.settings.jobs.max_manifest_bytes)
         except ObjectNotFound:
@@ -497,9 +523,15 @@ class Worker:
             slot.release()
             log.warning("%s is not a valid manifest: %s", key, error)
             return [await self._invalid(key, stored, error)]
+        lack = await self.capabilities.lacking(jobs)
+        if lack is not None:
+            ended = await self._lacking(key, stored, lease, jobs, lack, leave=leave)
+            if ended is not None:
+                slot.release()
+                return ended
         tasks = [
             asyncio.create_task(
-                self._job(job, lease, slot if index == 0 else self.lane.take_now(), stored.version)
+                self._job(job, beat, slot if index == 0 else self.lane.take_now(), stored.version)
             )
             for index, job in enumerate(jobs)
         ]
@@ -517,10 +549,13 @@ class Worker:
             notify_check=self.ops.webhook_refusal if check_notify else None,
         )
 
-    async def _job(self, job: Job, lease: Lease, slot: Slot, version: str) -> JobOutcome:
-        """One job of a manifest; whatever happens to it stays with it, never with siblings."""
+    async def _job(self, job: Job, beat: Heartbeat, slot: Slot, version: str) -> JobOutcome:
+        """One job of a manifest; whatever happens to it stays with it, never with siblings.
+        Its writes are fenced by the manifest's claim (``beat``)."""
+        lease = beat()
 
         in_comfyui = False
+        aside = False
 
         def queued(seconds: float) -> None:
             nonlocal in_comfyui
@@ -538,6 +573,30 @@ class Worker:
                 self.depth.record_execute(seconds)
             slot.release()
             self.lane.changed()
+            back()
+
+        def step_aside() -> bool:
+            """A model must be downloaded: leave the lane so other jobs feed the GPU, unless
+            MAX_ASIDE jobs are out already (each one out lets another manifest be claimed)."""
+            nonlocal aside
+            if aside or self._aside >= MAX_ASIDE:
+                return False
+            aside = True
+            self._aside += 1
+            slot.release()
+            return True
+
+        def back() -> None:
+            nonlocal aside
+            if aside:
+                aside = False
+                self._aside -= 1
+
+        async def step_back() -> None:
+            """Into the lane again, at once: the job has waited long enough."""
+            nonlocal slot
+            back()
+            slot = self.lane.take_now()
 
         def given_back(status: JobStatus) -> None:
             self._record(JobOutcome(Verdict.handed_back, status, charged=False))
@@ -551,17 +610,30 @@ class Worker:
                     on_queued=queued,
                     on_started=began,
                     on_executed=executed,
+                    step_aside=step_aside,
+                    step_back=step_back,
                     on_given_back=given_back,
                 ),
                 notes=_previous_error_note(lease),
                 manifest_version=version,
                 resumed=lease.tries > 1,
+                fence=beat,
             )
         finally:
+            back()
             slot.release()
 
     async def _settle(self, key: str, beat: Heartbeat, outcomes: list[JobOutcome]) -> None:
-        """Decide the manifest's fate once all its jobs have an outcome."""
+        """Decide the manifest's fate once all its jobs have an outcome. Only while this
+        attempt still holds the claim: a try that lost it leaves the manifest to its new
+        holder (the loss is noted on the heartbeat and logged by the caller)."""
+        if any(outcome.verdict is Verdict.lost for outcome in outcomes):
+            beat.lost = beat.lost or LeaseLost(f"claim {beat().key} was taken over")
+            return
+        try:
+            await beat.ensure()  # retiring moves the manifest: the holder's act alone
+        except LeaseLost:
+            return
         lease = beat()
         if not outcomes:  # the manifest was gone: only our claim is left
             await self.retirer.drop_claim(lease.key)
@@ -593,6 +665,9 @@ class Worker:
         whose fault it is: storage trouble is not the manifest's, so it is given back
         uncounted (bounded by max_tries) and tried again after a pause; anything else counts
         as an attempt, like any failure of the manifest's."""
+        if isinstance(error, CapabilityMissing):
+            await self._leave(key, beat, error)
+            return
         policy = policy_for(error)
         if policy.error_type == "storage":
             self.ops.storage_failed("job", error)
@@ -601,6 +676,68 @@ class Worker:
             await self._give_back(key, beat, f"{policy.error_type}: {error}", charge=False)
             return
         await self._crashed(key, beat, error)
+
+    async def _lacking(
+        self,
+        key: str,
+        stored: StoredObject,
+        lease: Lease,
+        jobs: list[Job],
+        lack: Lack,
+        *,
+        leave: bool,
+    ) -> list[JobOutcome] | None:
+        """A manifest that needs what this worker lacks. Until it is COMFYS3_CAPABILITY_WAIT
+        seconds old it is left for another worker (:class:`CapabilityMissing`, handled by
+        :meth:`_leave`); then no worker that has what it needs took it, and it fails. When
+        only model files are missing, it runs instead (None): ComfyUI's own validation error
+        names the file and lists those it has."""
+        wait = self.settings.lane.capability_wait
+        age = _age(stored)
+        if leave and age is not None and age < wait:
+            raise CapabilityMissing(
+                f"this worker's ComfyUI {lack.describe()}",
+                {**lack.details(), "left_for": round(wait - age, 1)},
+            )
+        if not lack.nodes and not lack.no_cache:
+            return None
+        waited = f"no worker that has them took it within {wait:g} s (COMFYS3_CAPABILITY_WAIT)"
+        if not leave:
+            waited = "this worker was asked to run it"
+        error = CapabilityWaitOver(f"the job {lack.describe()}; {waited}", lack.details())
+        info, _ = describe(error)
+        log.warning("%s: %s", key, error, extra={"manifest": key, "error_type": info.type})
+        outcomes = []
+        for job in jobs:
+            status, kept = await self.book.gave_up(
+                job.id,
+                key,
+                job=job,
+                manifest_version=stored.version,
+                attempts=lease.attempt,
+                max_attempts=self.settings.jobs.max_attempts,
+                info=info,
+                note=f"worker {self.claims.holder} {lack.describe()}; {waited}",
+            )
+            verdict = Verdict.succeeded if kept else Verdict.failed
+            outcomes.append(JobOutcome(verdict, status, leftover=kept))
+        return outcomes
+
+    async def _leave(self, key: str, beat: Heartbeat, error: CapabilityMissing) -> None:
+        """Give a manifest this worker cannot run back, as if it had never been claimed here
+        (neither an attempt nor a try is counted: the wait bounds it), and look at it again
+        only once its wait is over, when it fails if nobody took it."""
+        await beat.halt()
+        lease = beat()
+        try:
+            # No error recorded: nothing failed, and the next holder's status must not say so.
+            await self.claims.release(lease, error=None, charge=False, count_try=False)
+        except (StorageError, LeaseLost) as trouble:  # either way the claim expires by itself
+            log.warning("%s: could not give the claim back: %s", key, trouble)
+        pause = float(error.details.get("left_for", 0.0)) + 1.0
+        self.intake.put_off(key, max(pause, self.settings.jobs.retry_delay))
+        log.info("%s: left for another worker for %.0f s: %s", key, pause, error)
+        await self.intake.report(key, HintOutcome.released)
 
     async def _crashed(self, key: str, beat: Heartbeat, error: BaseException) -> None:
         """Something unexpected while handling a claimed manifest: an attempt, like any other
@@ -721,6 +858,16 @@ def _declared_id(data: bytes) -> str | None:
         return check_job_id(value) if isinstance(value, str) else None
     except ValueError:
         return None
+
+
+def _age(stored: StoredObject) -> float | None:
+    """Seconds since the manifest was uploaded, by the storage's clock alone (its Date
+    header against the object's LastModified), falling back to this machine's clock when the
+    storage did not say; None when the upload time is unknown."""
+    if stored.last_modified is None:
+        return None
+    now = stored.served_at or datetime.now(UTC)
+    return max(0.0, (now - stored.last_modified).total_seconds())
 
 
 def _previous_error_note(lease: Lease) -> list[str]:

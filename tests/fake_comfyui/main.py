@@ -23,6 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script, possibly from its own directory
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import yaml
 from aiohttp import web
 
 from tests.fake_comfyui.server import FakeDirs, create_app
@@ -48,9 +49,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input-directory", type=Path, default=None)
     parser.add_argument("--output-directory", type=Path, default=None)
     parser.add_argument("--temp-directory", type=Path, default=None)
+    parser.add_argument("--extra-model-paths-config", type=Path, nargs="+", action="append")
     args, unknown = parser.parse_known_args(argv)
     args.ignored = unknown
     return args
+
+
+def checkpoint_dirs(configs: list[list[Path]] | None) -> list[str]:
+    """The checkpoint folders of ComfyUI extra_model_paths.yaml files, as ComfyUI reads them:
+    each section's base_path joined with each line of its ``checkpoints`` entry."""
+    folders: list[str] = []
+    for path in (p for group in configs or [] for p in group):
+        document = yaml.safe_load(path.read_text()) or {}
+        for section in document.values():
+            if not isinstance(section, dict):
+                continue
+            base = Path(str(section.get("base_path", path.parent)))
+            for line in str(section.get("checkpoints", "")).splitlines():
+                if line.strip():
+                    folders.append(str(base / line.strip()))
+    return folders
 
 
 def resolve_dirs(args: argparse.Namespace) -> FakeDirs:
@@ -96,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fake ComfyUI: {exc}", file=sys.stderr)
         return 2
+    state.checkpoint_dirs += checkpoint_dirs(args.extra_model_paths_config)
     if args.ignored:
         print(f"fake ComfyUI: ignoring flags {' '.join(args.ignored)}", flush=True)
     try:

@@ -31,7 +31,7 @@ from aiohttp import WSMsgType, web
 from . import jobs
 from .engine import SENSITIVE_EXTRA_DATA_KEYS, Engine, QueueItem
 from .hub import SERVER_FEATURES, Hub, server_features
-from .nodes import NODES, NodeContext
+from .nodes import NodeContext, offered
 from .state import ConfigError, FakeState
 from .validation import validate_prompt
 
@@ -436,13 +436,19 @@ async def system_stats(request: web.Request) -> web.Response:
 
 async def object_info(request: web.Request) -> web.Response:
     ctx = request.app[ENGINE].ctx
-    return web.json_response({name: node.info(ctx) for name, node in NODES.items()})
+    broken = set(ctx.state.broken_info_nodes)  # logged and left out, as ComfyUI does
+    return web.json_response(
+        {name: node.info(ctx) for name, node in offered(ctx).items() if name not in broken}
+    )
 
 
 async def object_info_node(request: web.Request) -> web.Response:
     name = request.match_info["node_class"]
-    node = NODES.get(name)
-    return web.json_response({name: node.info(request.app[ENGINE].ctx)} if node else {})
+    ctx = request.app[ENGINE].ctx
+    node = offered(ctx).get(name)
+    if node is not None and name in ctx.state.broken_info_nodes:
+        raise web.HTTPInternalServerError(text="500 Internal Server Error")
+    return web.json_response({name: node.info(ctx)} if node else {})
 
 
 async def features(request: web.Request) -> web.Response:

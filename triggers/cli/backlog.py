@@ -210,7 +210,9 @@ async def summarise(
     lister = _Lister(storage, max_keys)
     # Claims first: they say which pending manifests are not waiting but running.
     claims = await lister.names(layout.claims_prefix, keep=True)
-    fresh_since = now - lease_seconds
+    # LastModified is the store's clock: compared with the store's present time (read from its
+    # answers), a clock minutes off here does not move claims between running and retrying.
+    fresh_since = now + (storage.clock_offset() or 0.0) - lease_seconds
     claimed = {
         name: stamp >= fresh_since for name, stamp in claims.kept.items() if _is_manifest(name)
     }

@@ -87,6 +87,9 @@ class OutputFolder(ClosedOnExit):
     def location(self, key: str) -> str:
         return str(self.path_of(key))
 
+    def clock_offset(self) -> float:
+        return 0.0
+
     async def move(self, src: str, dst: str, *, lenient: bool = False) -> None:
         await self._folder.move(self._inner(src), self._inner(dst), lenient=lenient)
 

@@ -93,7 +93,9 @@ async def _run(
     stop = asyncio.Event()  # the first SIGINT/SIGTERM: no new claims, running jobs finish
     now = asyncio.Event()  # the second: running jobs are handed back at once
     loop = asyncio.get_running_loop()
-    ops = build_ops(settings)
+    # With events, an idle worker touches storage only at its fallback listing.
+    listing = settings.triggers.events_fallback_interval if sqs is not None else 0.0
+    ops = build_ops(settings, listing_interval=listing)
 
     def on_signal(signum: signal.Signals) -> None:
         if stop.is_set():

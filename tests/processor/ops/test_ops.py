@@ -216,6 +216,29 @@ async def test_healthz_flips_with_its_inputs(http: aiohttp.ClientSession) -> Non
         assert status == 503 and body["reason"] == "worker: the worker is stopping"
 
 
+def test_an_idle_events_worker_stays_ready_between_its_listings() -> None:
+    """With --events sqs an idle worker lists storage only every fallback interval (180 s by
+    default); health must not call it unready in between (it once did from 120 s on)."""
+    settings = WorkerSettings(events_fallback_interval=180)
+    assert build_ops(settings).health.storage_window == 120
+    assert build_ops(settings, listing_interval=180).health.storage_window == 270
+
+
+def test_healthz_says_how_far_the_clock_is_from_the_stores_and_stays_ready() -> None:
+    health = Health(comfy_ok=lambda: True)
+    health.storage_ok()
+    assert "clock" not in health.readiness().checks  # no store clock known: nothing to say
+    offset: list[float | None] = [None]
+    health.set_clock_offset(lambda: offset[0])
+    assert "clock" not in health.readiness().checks
+    offset[0] = -90.4  # the store is 90 s behind: this machine's clock is ahead
+    readiness = health.readiness()
+    assert readiness.ready and readiness.checks["clock"].ok
+    assert "clock is 90 s ahead of the store's" in readiness.checks["clock"].detail
+    offset[0] = 2.0
+    assert readiness.ready and "within 10 s" in health.readiness().checks["clock"].detail
+
+
 async def test_a_comfy_check_that_raises_is_unready_not_a_crash() -> None:
     def broken() -> bool:
         raise RuntimeError("no client")

@@ -54,7 +54,7 @@ async def read_claim(storage: Storage, key: str) -> dict[str, object]:
 
 async def test_first_acquire_creates_attempt_one(storage: Storage) -> None:
     clock = FakeClock()
-    store = ClaimStore(storage, "claims/", "worker-a", LEASE, clock=clock)
+    store = ClaimStore(storage, "claims/", "worker-a", LEASE, clock=clock, wall_clock=clock)
     lease = await claim(store, "job-1")
     assert lease is not None
     assert (lease.name, lease.key, lease.holder, lease.attempt) == (
@@ -81,8 +81,8 @@ async def test_first_acquire_creates_attempt_one(storage: Storage) -> None:
 
 async def test_live_claim_is_not_taken(storage: Storage) -> None:
     clock = FakeClock()
-    a = ClaimStore(storage, "claims", "worker-a", LEASE, clock=clock)
-    b = ClaimStore(storage, "claims", "worker-b", LEASE, clock=clock)
+    a = ClaimStore(storage, "claims", "worker-a", LEASE, clock=clock, wall_clock=clock)
+    b = ClaimStore(storage, "claims", "worker-b", LEASE, clock=clock, wall_clock=clock)
     assert await claim(a, "job") is not None
     clock.now += LEASE - 1
     assert await claim(b, "job") is None
@@ -91,15 +91,16 @@ async def test_live_claim_is_not_taken(storage: Storage) -> None:
 
 async def test_expired_claim_is_taken_over_and_old_holder_loses(storage: Storage) -> None:
     clock = FakeClock()
-    a = ClaimStore(storage, "claims", "worker-a", LEASE, clock=clock)
-    b = ClaimStore(storage, "claims", "worker-b", LEASE, clock=clock)
+    a = ClaimStore(storage, "claims", "worker-a", LEASE, clock=clock, wall_clock=clock)
+    b = ClaimStore(storage, "claims", "worker-b", LEASE, clock=clock, wall_clock=clock)
     first = await claim(a, "job")
     assert first is not None
     await a.release(first, error="CUDA out of memory")
     again = await claim(a, "job")
     assert again is not None and again.last_error == "CUDA out of memory"
 
-    clock.now += LEASE + 1
+    assert await claim(b, "job") is None  # b sees the claim held, and starts watching it
+    clock.now += LEASE + 1  # a lease on b's clock with no renewal by a
     taken = await claim(b, "job")
     assert taken is not None
     assert (taken.holder, taken.attempt, taken.last_error) == ("worker-b", 3, "CUDA out of memory")
@@ -118,23 +119,24 @@ async def test_expired_claim_is_taken_over_and_old_holder_loses(storage: Storage
 
 async def test_renew_extends_the_lease(storage: Storage) -> None:
     clock = FakeClock()
-    a = ClaimStore(storage, "claims", "worker-a", LEASE, clock=clock)
-    b = ClaimStore(storage, "claims", "worker-b", LEASE, clock=clock)
+    a = ClaimStore(storage, "claims", "worker-a", LEASE, clock=clock, wall_clock=clock)
+    b = ClaimStore(storage, "claims", "worker-b", LEASE, clock=clock, wall_clock=clock)
     lease = await claim(a, "job")
     assert lease is not None
+    assert await claim(b, "job") is None  # b starts watching
     clock.now += LEASE - 1
     renewed = await a.renew(lease)
     assert renewed.expires_at == clock.now + LEASE
-    clock.now += LEASE - 1  # past the first expiry, inside the renewed one
-    assert await claim(b, "job") is None
+    clock.now += LEASE - 1  # past the first lease, inside the renewed one
+    assert await claim(b, "job") is None  # the renewal changed the claim: b watches anew
     with pytest.raises(LeaseLost):
         await a.renew(lease)  # the old etag is stale now
 
 
 async def test_release_then_reacquire_counts_attempts(storage: Storage) -> None:
     clock = FakeClock()
-    a = ClaimStore(storage, "claims", "worker-a", LEASE, clock=clock)
-    b = ClaimStore(storage, "claims", "worker-b", LEASE, clock=clock)
+    a = ClaimStore(storage, "claims", "worker-a", LEASE, clock=clock, wall_clock=clock)
+    b = ClaimStore(storage, "claims", "worker-b", LEASE, clock=clock, wall_clock=clock)
     lease = await claim(a, "job")
     assert lease is not None
     await a.release(lease, error="node 3: bad checkpoint")
@@ -154,8 +156,8 @@ async def test_release_then_reacquire_counts_attempts(storage: Storage) -> None:
 
 async def test_a_release_that_does_not_charge_keeps_the_attempt(storage: Storage) -> None:
     clock = FakeClock()
-    a = ClaimStore(storage, "claims", "worker-a", LEASE, clock=clock)
-    b = ClaimStore(storage, "claims", "worker-b", LEASE, clock=clock)
+    a = ClaimStore(storage, "claims", "worker-a", LEASE, clock=clock, wall_clock=clock)
+    b = ClaimStore(storage, "claims", "worker-b", LEASE, clock=clock, wall_clock=clock)
     lease = await claim(a, "job")
     assert lease is not None
     await a.release(lease, error="ComfyUI died while another job ran", charge=False)
@@ -170,7 +172,9 @@ async def test_a_release_that_does_not_charge_keeps_the_attempt(storage: Storage
 
 
 async def test_finish_deletes_the_claim(storage: Storage) -> None:
-    store = ClaimStore(storage, "claims", "worker-a", LEASE, clock=FakeClock())
+    store = ClaimStore(
+        storage, "claims", "worker-a", LEASE, clock=FakeClock(), wall_clock=FakeClock()
+    )
     lease = await claim(store, "job")
     assert lease is not None
     await store.finish(lease)
@@ -181,7 +185,9 @@ async def test_finish_deletes_the_claim(storage: Storage) -> None:
 
 async def test_unreadable_claim_does_not_block_its_job(storage: Storage) -> None:
     await storage.put("claims/job.json", b"not json {")
-    lease = await claim(ClaimStore(storage, "claims", "w", LEASE, clock=FakeClock()), "job")
+    lease = await claim(
+        ClaimStore(storage, "claims", "w", LEASE, clock=FakeClock(), wall_clock=FakeClock()), "job"
+    )
     assert lease is not None and lease.attempt == 1
 
 
@@ -208,8 +214,9 @@ async def test_concurrent_takeover_has_exactly_one_winner(atomic_storage: Storag
     clock = FakeClock()
     first = await claim(ClaimStore(atomic_storage, "claims", "dead", LEASE, clock=clock), "job")
     assert first is not None
-    clock.now += LEASE + 1
     stores = [ClaimStore(atomic_storage, "claims", f"w{i}", LEASE, clock=clock) for i in range(8)]
+    assert not any(await asyncio.gather(*(claim(store, "job") for store in stores)))  # watched
+    clock.now += LEASE + 1
     leases = await asyncio.gather(*(claim(store, "job") for store in stores))
     winners = [lease for lease in leases if lease is not None]
     assert len(winners) == 1
@@ -240,15 +247,21 @@ async def test_heartbeat_keeps_a_short_lease_alive(atomic_storage: Storage) -> N
 
 
 async def test_heartbeat_records_a_lost_lease_without_cancelling(storage: Storage) -> None:
-    lease_seconds = 0.6
+    lease_seconds = 30.0  # the owner renews every 10 s, and is told to at once below
     owner = ClaimStore(storage, "claims", "owner", lease_seconds)
-    # The thief's clock runs far ahead, so it sees the owner's live lease as expired.
-    thief = ClaimStore(storage, "claims", "thief", 60, clock=FakeClock(4_000_000_000.0))
+    # The thief watched the claim unchanged for a lease (its clock jumps one past it).
+    thief_clock = FakeClock()
+    thief = ClaimStore(storage, "claims", "thief", 60, clock=thief_clock)
     lease = await claim(owner, "job")
     assert lease is not None
     finished_block = False
     async with owner.heartbeat(lease) as beat:
+        assert await claim(thief, "job") is None
+        thief_clock.now += 61
         assert await claim(thief, "job") is not None
+        renewing = asyncio.ensure_future(beat.renew())  # the owner's next renewal finds out
+        with pytest.raises(LeaseLost):
+            await renewing
         for _ in range(100):
             if beat.lost is not None:
                 break
@@ -290,7 +303,10 @@ async def test_a_write_that_landed_is_recognised_as_ours(local_storage: LocalSto
     assert renewed.etag == (await local_storage.get(lease.key)).etag
     assert tricky.tricks == 2
 
-    rival = ClaimStore(local_storage, "claims", "rival", LEASE, clock=FakeClock(4e9))
+    rival_clock = FakeClock()
+    rival = ClaimStore(local_storage, "claims", "rival", LEASE, clock=rival_clock)
+    assert await claim(rival, "job") is None
+    rival_clock.now += LEASE + 1
     assert await claim(rival, "job") is not None
     with pytest.raises(LeaseLost):
         await store.renew(renewed)  # a genuine loss is still a loss

@@ -282,17 +282,12 @@ async def test_a_forgotten_retry_is_not_offered(tmp_path: Path) -> None:
 async def test_a_manifest_held_elsewhere_is_tried_after_its_lease_but_not_waited_for(
     tmp_path: Path,
 ) -> None:
-    clock, wall = Clock(), 1_700_000_000.0
+    clock = Clock()
     drop(tmp_path, ["held"])
     intake = Intake(
-        LocalStorage(tmp_path),
-        LAYOUT,
-        lease_seconds=LEASE,
-        rng=random.Random(0),
-        clock=clock,
-        wall_clock=lambda: wall,
+        LocalStorage(tmp_path), LAYOUT, lease_seconds=LEASE, rng=random.Random(0), clock=clock
     )
-    intake.held_until("input/held.json", wall + 10.0)
+    intake.held("input/held.json", recheck_in=10.0)
     assert intake.retry_due() is None  # a drain does not wait for another worker's lease
 
     clock.now += 9.0
@@ -301,7 +296,7 @@ async def test_a_manifest_held_elsewhere_is_tried_after_its_lease_but_not_waited
     assert await intake.next(never) == Candidate("input/held.json", "due")
 
     drop(tmp_path, ["forever"])
-    intake.held_until("input/forever.json", wall + 1e9)  # capped: ten leases at most
+    intake.held("input/forever.json", recheck_in=1e9)  # capped: ten leases at most
     clock.now += 10 * LEASE + 0.1
     assert await intake.next(never) == Candidate("input/forever.json", "due")
 

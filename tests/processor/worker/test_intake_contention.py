@@ -212,6 +212,6 @@ async def test_a_drain_that_keeps_meeting_other_workers_still_ends_having_seen_a
         assert calls <= 10 * len(keys), "the sweep never ended"
         offered.add(candidate.key)
         if keys.index(candidate.key) % 3 == 0:
-            intake.held_until(candidate.key, expires_at=10**10)
+            intake.held(candidate.key, recheck_in=10**10)
             await intake.report(candidate.key, HintOutcome.taken)
     assert offered == set(keys)

@@ -5,6 +5,7 @@ manifests, a 30 s outage) these were a fifth of all claims won."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -45,13 +46,13 @@ async def test_a_key_held_elsewhere_is_not_offered_once_its_manifest_is_gone(
     async with LocalStorage(tmp_path) as storage:
         intake = Intake(storage, LAYOUT, lease_seconds=LEASE, clock=lambda: now[0])
         # its holder's lease runs out in half a second
-        intake.held_until("input/held.json", time.time() + 0.5)
+        intake.held("input/held.json", recheck_in=0.5)
         now[0] += 1.0
         manifest.unlink()  # because the holder finished it and retired the manifest
         assert await intake.next(never_busy) is None  # not offered as due, nor listed
 
         put(tmp_path, "input/held.json")  # still there: offered once the lease ran out
-        intake.held_until("input/held.json", time.time() + 0.5)
+        intake.held("input/held.json", recheck_in=0.5)
         assert await intake.next(never_busy) is None  # the listing leaves it to its holder
         now[0] += 1.0
         candidate = await intake.next(never_busy)
@@ -59,13 +60,21 @@ async def test_a_key_held_elsewhere_is_not_offered_once_its_manifest_is_gone(
         assert (candidate.key, candidate.source) == ("input/held.json", "due")
 
 
+def age(root: Path, *keys: str, seconds: float = 1e3) -> None:
+    """Backdate objects of the local store: their LastModified is the store's clock."""
+    stamp = time.time() - seconds
+    for key in keys:
+        os.utime(root / key, (stamp, stamp))
+
+
 async def test_a_stale_claim_is_offered_only_while_it_exists(tmp_path: Path) -> None:
     put(tmp_path, "input/_claims/a-orphan.json")  # no manifest: its claim must still go
     put(tmp_path, "input/_claims/b-settled.json")
     put(tmp_path, "input/b-settled.json")
     async with LocalStorage(tmp_path) as storage:
-        # A wall clock far ahead: every claim looks unrenewed for longer than a third of a lease.
-        intake = Intake(storage, LAYOUT, lease_seconds=LEASE, wall_clock=lambda: time.time() + 1e3)
+        # Claims written long ago by the store's clock: unrenewed for longer than a lease.
+        age(tmp_path, "input/_claims/a-orphan.json", "input/_claims/b-settled.json")
+        intake = Intake(storage, LAYOUT, lease_seconds=LEASE)
         first = await intake.next(never_busy)
         assert first is not None and (first.key, first.source) == (
             "input/a-orphan.json",
@@ -89,10 +98,10 @@ async def test_an_orphan_claim_is_found_even_when_the_intake_is_empty(tmp_path: 
             LAYOUT,
             lease_seconds=LEASE,
             clock=lambda: now[0],
-            wall_clock=lambda: time.time() + 1e3,  # every claim looks unrenewed for long
         )
         assert await intake.next(never_busy) is None  # an empty intake, scanned and listed
         put(tmp_path, "input/_claims/orphan.json")
+        age(tmp_path, "input/_claims/orphan.json")  # unrenewed for long, by the store's clock
         now[0] += intake.claims_scan_interval + 1
         candidate = await intake.next(never_busy)
         assert candidate is not None and (candidate.key, candidate.source) == (

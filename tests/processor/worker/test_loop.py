@@ -217,13 +217,15 @@ async def test_output_converted_to_jpeg(tmp_path: Path, fake_comfyui: Any) -> No
 
 
 async def test_refused_graph_fails_without_retry(tmp_path: Path, fake_comfyui: Any) -> None:
+    """A checkpoint this worker's ComfyUI lacks: with COMFYS3_CAPABILITY_WAIT=0 no other worker
+    is waited for, and ComfyUI's own refusal names the file."""
     drop(
         tmp_path,
         "nockpt",
         {"workflow": "txt2img", "payload": {"ckpt_name": "missing.safetensors"}},
     )
 
-    counts = await drain(tmp_path, worker_settings(fake_comfyui))
+    counts = await drain(tmp_path, worker_settings(fake_comfyui, capability_wait=0))
 
     status = status_of(tmp_path, "nockpt")
     assert status.state is JobState.failed and status.error is not None
