@@ -13,6 +13,7 @@ from processor.comfy.waiting import Waiting
 from processor.errors import (
     ComfyError,
     Comfys3Error,
+    InputInvalid,
     JsonLimitError,
     ManifestError,
     ObjectNotFound,
@@ -22,13 +23,23 @@ from processor.errors import (
     StorageError,
     WorkflowLoadError,
 )
+from processor.job.cancel import CancelRequest, cancel_request, command_line_requester
 from processor.job.input_refs import RULE, key_problems, missing_inputs
-from processor.job.manifest import Job, JobManifest, check_job_id, default_job_id, load_jobs
+from processor.job.inputs import check_image
+from processor.job.manifest import (
+    Job,
+    JobManifest,
+    check_job_id,
+    default_job_id,
+    file_targets,
+    load_jobs,
+)
 from processor.job.runner import JobOutcome, Verdict
 from processor.job.status import JobState, JobStatus, OutputRecord, ProgressInfo
 from processor.job.status_book import FINAL, STATUS_CONCURRENCY, JobRecord, StatusBook
 from processor.ops.parts import Ops, build_ops
 from processor.ops.server import OpsServer
+from processor.ops.version import package_version
 from processor.ops.volume import VolumeLogHandler, worker_log_handler
 from processor.safejson import load_json
 from processor.settings import (
@@ -40,6 +51,7 @@ from processor.settings import (
     load_s3_settings,
     load_sqs_settings,
     load_worker_settings,
+    parse_gpus,
 )
 from processor.storage.base import (
     ObjectInfo,
@@ -52,7 +64,16 @@ from processor.storage.base import (
 )
 from processor.storage.claims_check import PROBE_PREFIX
 from processor.storage.embedded import DATA_DIR, EmbeddedS3Storage
-from processor.storage.layout import CLAIMS, DISPATCHED, DONE, FAILED, Layout
+from processor.storage.layout import (
+    CANCEL,
+    CLAIMS,
+    DISPATCHED,
+    DONE,
+    FAILED,
+    Layout,
+    priority_name,
+    split_priority,
+)
 from processor.storage.local import LocalStorage
 from processor.storage.s3 import S3Storage
 from processor.template_scaffold import (
@@ -91,6 +112,7 @@ from processor.workflows import (
 )
 
 __all__ = [
+    "CANCEL",
     "CLAIMS",
     "DATA_DIR",
     "DISPATCHED",
@@ -101,6 +123,7 @@ __all__ = [
     "RULE",
     "STATUS_CONCURRENCY",
     "Bind",
+    "CancelRequest",
     "ClosedOnExit",
     "ComfyError",
     "Comfys3Error",
@@ -110,6 +133,7 @@ __all__ = [
     "FieldPlan",
     "FixedValue",
     "InputFile",
+    "InputInvalid",
     "Job",
     "JobManifest",
     "JobOutcome",
@@ -157,11 +181,15 @@ __all__ = [
     "WorkflowRegistry",
     "build_ops",
     "builtin_workflows_dir",
+    "cancel_request",
+    "check_image",
     "check_job_id",
     "check_template_name",
     "choose_store",
+    "command_line_requester",
     "default_job_id",
     "differences",
+    "file_targets",
     "folder_prefix",
     "key_problems",
     "load_dispatch_settings",
@@ -175,12 +203,16 @@ __all__ = [
     "missing_inputs",
     "open_storage",
     "open_worker",
+    "package_version",
+    "parse_gpus",
     "parse_graph",
     "plan_template",
+    "priority_name",
     "random_seed",
     "render_graph",
     "render_module",
     "s3_layout",
+    "split_priority",
     "storage_from_env",
     "validate_key",
     "worker_log_handler",

@@ -15,6 +15,7 @@ Comfys3Error
 ├── InputInvalid               an input file no attempt could use
 ├── JsonLimitError             JSON beyond what comfys3 reads (also a ValueError)
 ├── LeaseLost                  a claim was taken over: the job is no longer ours
+├── JobCancelled               someone asked for the job to stop (comfys3 cancel, RunPod)
 ├── FetchError                 a fetch from outside failed in a way that may pass
 │   └── FetchRefused           the guard refused it, or the answer can never be used
 ├── ModelDownloadFailed        a model could not be fetched this time
@@ -32,6 +33,7 @@ Comfys3Error
     ├── ComfyValidationError   ComfyUI refused the graph
     ├── ComfyRuntimeError      a node raised while the prompt ran
     ├── ComfyTimeout
+    │   └── JobTimeLimitExceeded   the manifest's own timeout_s ended it
     ├── ComfyInterrupted
     └── ComfyUnavailable       ComfyUI cannot be reached, or died
         └── ComfyDiedWhileWaiting
@@ -143,6 +145,11 @@ class LeaseLost(Comfys3Error):
     """Someone else replaced or removed our claim; the job is no longer ours to report on."""
 
 
+class JobCancelled(Comfys3Error):
+    """Someone asked for the job to stop (``comfys3 cancel``, a cancel object in the bucket,
+    RunPod's cancel). ``details`` say who and when; it is final, and it is nobody's failure."""
+
+
 class StorageError(Comfys3Error):
     """A storage operation that failed; the message names the operation and key, never secrets."""
 
@@ -223,6 +230,12 @@ class ComfyRuntimeError(ComfyError):
 
 class ComfyTimeout(ComfyError):
     """The prompt ran past the job timeout and was interrupted."""
+
+
+class JobTimeLimitExceeded(ComfyTimeout):
+    """The prompt ran past the manifest's own ``timeout_s``: the job asked for that bound, and
+    another attempt would run just as long, so it is final (the worker's COMFYS3_JOB_TIMEOUT,
+    a guard against a hung ComfyUI, is retried)."""
 
 
 class ComfyInterrupted(ComfyError):

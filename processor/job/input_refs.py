@@ -78,15 +78,21 @@ def input_source(text: str) -> InputSource:
 
 @dataclass(frozen=True)
 class InputFile:
-    """One input file of one job: the payload field that names it and its key."""
+    """One input file of one job: the field that names it, where that field is (``payload``,
+    or ``graph_inputs`` for a raw graph) and its key."""
 
     job_id: str
     field: str
     key: str
+    where: str = "payload"
 
 
 def input_files(jobs: Iterable[Job]) -> list[InputFile]:
-    return [InputFile(job.id, item.field, item.source) for job in jobs for item in job.inputs]
+    return [
+        InputFile(job.id, item.field, item.source, item.where)
+        for job in jobs
+        for item in job.inputs
+    ]
 
 
 def key_refusal(text: str) -> str | None:
@@ -116,7 +122,9 @@ def key_problems(jobs: Iterable[Job], policy: FetchPolicy | None = None) -> list
                 if refusal is not None:
                     message = f"input URL {item.key!r} {refusal}"
         if message is not None:
-            problems.setdefault((item.field, item.key), Problem(f"payload.{item.field}", message))
+            problems.setdefault(
+                (item.field, item.key), Problem(f"{item.where}.{item.field}", message)
+            )
     return list(problems.values())
 
 

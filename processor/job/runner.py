@@ -12,29 +12,40 @@ import asyncio
 import contextlib
 import enum
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from processor.comfy.client import ComfyClient, OutputFile, Progress, RunResult
+from processor.comfy.client import (
+    ComfyClient,
+    OutputFile,
+    Progress,
+    RunLimit,
+    RunResult,
+    new_prompt_id,
+)
 from processor.errors import (
     CapabilityMissing,
+    ComfyError,
+    ComfyTimeout,
     FetchError,
     FetchRefused,
     InputInvalid,
     InputMissing,
+    JobCancelled,
+    JobTimeLimitExceeded,
     LeaseLost,
     ObjectNotFound,
     ObjectTooLarge,
     StorageError,
 )
+from processor.job.cancel import CancelSignal
 from processor.job.input_refs import InputSource, input_source, key_refusal
 from processor.job.inputs import check_image
 from processor.job.manifest import Job
 from processor.job.outputs import prepare_output
 from processor.job.retry_table import describe, policy_for, will_retry
-from processor.job.status import JobState, JobStatus, OutputRecord, ProgressInfo
+from processor.job.status import JobState, JobStatus, OutputRecord, ProgressInfo, TimeLimit
 from processor.job.status_book import (
     FINAL,
     Announce,
@@ -67,6 +78,7 @@ class Verdict(enum.Enum):
     skipped = "skipped"
     retry = "retry"  # failed, and another attempt may succeed
     failed = "failed"  # failed, and another attempt cannot help
+    cancelled = "cancelled"  # someone asked for it to stop: final, nobody's failure
     lost = "lost"  # another worker took the claim over; this attempt's results were dropped
     # The worker stopped mid-attempt and gave the job back (never returned by run(): the
     # attempt is cancelled; LaneHooks.on_given_back tells the lane).
@@ -101,6 +113,8 @@ class LaneHooks:
 
 PROGRESS_INTERVAL = 1.0  # seconds between progress writes to a running job's status
 UPLOAD_CONCURRENCY = 8  # outputs of one job uploaded at once
+JOB_TIMEOUT = "COMFYS3_JOB_TIMEOUT"  # the worker's limit, as a status names it
+OWN_TIMEOUT = "timeout_s"  # the manifest's
 
 
 def runner_for(
@@ -187,6 +201,7 @@ class JobRunner:
         manifest_version: str | None = None,
         resumed: bool = False,
         fence: Fence | None = None,
+        cancel: CancelSignal | None = None,
     ) -> JobOutcome:
         """Run ``job`` once; never raises but for cancellation.
 
@@ -196,6 +211,11 @@ class JobRunner:
 
         ``resumed``: the manifest was claimed before (its claim existed), so this upload may
         already have run to its end, with only its retirement left undone.
+
+        ``cancel``: set when someone asks the job to stop (a cancel object, RunPod). Asked
+        before the prompt is queued, nothing reaches ComfyUI; asked while ComfyUI has it, the
+        prompt is stopped there. Either way the status says ``cancelled``, by whom and when.
+        Once ComfyUI has finished the prompt, a cancel changes nothing.
 
         Only what the prompt needs happens before it is queued: the status that says the job
         runs (whose conditional write also tells whether this job already has a status) and
@@ -214,7 +234,7 @@ class JobRunner:
         executed = _Once(hooks.on_executed)
         started = time.monotonic()
         charged = True
-        run_id = str(uuid.uuid4())
+        run_id = new_prompt_id()
         result: RunResult | None = None
         patience: float | None = None  # until when storage trouble is waited out
         subfolder = f"comfys3/{run_id}"
@@ -222,6 +242,9 @@ class JobRunner:
         pins = contextlib.ExitStack()  # the job's models, kept from eviction until it ends
         aside: list[float] = []  # when the job stepped out of the lane to wait for a download
         try:
+            if cancel is not None and cancel.requested:
+                executed(0.0)
+                return await self._cancelled_before_start(job, record, cancel)
             beginning = await record.begin(job, resumed=resumed)
             if beginning.begun is not Begun.run:
                 executed(0.0)
@@ -242,21 +265,24 @@ class JobRunner:
             if aside and hooks.step_back is not None:
                 await hooks.step_back()
                 aside_seconds = time.monotonic() - aside[0]
+            limit = self._time_limit(job)
+            record.limited(limit)
+            if cancel is not None and cancel.requested:
+                raise cancel.error("before it started")
 
             phase = time.monotonic()
-            await self.comfy.queue_prompt(graph, run_id)
+            for line in await self.comfy.queue_prompt(graph, run_id):
+                record.note(f"ComfyUI left out an output that failed its checks: {line}")
             record.timing("queue", time.monotonic() - phase)
             if hooks.on_queued is not None:
                 hooks.on_queued(time.monotonic() - started - aside_seconds)
             phase = time.monotonic()
             async with self._progress_writer(record, hooks.on_started) as on_progress:
                 try:
-                    result = await self.comfy.wait_for(
-                        run_id, timeout=self.limits.job_timeout, on_progress=on_progress
-                    )
+                    result = await self._wait(run_id, limit, on_progress, cancel)
                 except asyncio.CancelledError:
                     with contextlib.suppress(Exception):
-                        await asyncio.shield(self.comfy.interrupt(run_id))
+                        await asyncio.shield(self.comfy.cancel(run_id))
                     raise
             executed(result.execution_seconds)
             patience = time.monotonic() + self.storage_patience
@@ -323,6 +349,72 @@ class JobRunner:
             self.book.announce_final(status, job.notify_url)
         return JobOutcome(verdict, status, charged)
 
+    def _time_limit(self, job: Job) -> TimeLimit:
+        """The manifest's ``timeout_s`` when it is below the worker's COMFYS3_JOB_TIMEOUT,
+        which caps it, else the worker's."""
+        worker = self.limits.job_timeout
+        if job.timeout_s is not None and job.timeout_s < worker:
+            return TimeLimit(seconds=job.timeout_s, source=OWN_TIMEOUT)
+        return TimeLimit(seconds=worker, source=JOB_TIMEOUT)
+
+    async def _wait(
+        self,
+        run_id: str,
+        limit: TimeLimit,
+        on_progress: Callable[[Progress], None],
+        cancel: CancelSignal | None,
+    ) -> RunResult:
+        """ComfyUI's result, unless the time limit or a cancel ends the prompt first."""
+        own = RunLimit(limit.seconds, OWN_TIMEOUT) if limit.source == OWN_TIMEOUT else None
+        waiting = asyncio.ensure_future(
+            self.comfy.wait_for(
+                run_id,
+                timeout=self.limits.job_timeout,
+                on_progress=on_progress,
+                run_limit=own,
+            )
+        )
+        try:
+            if cancel is not None:
+                asked = asyncio.ensure_future(cancel.wait())
+                try:
+                    await asyncio.wait({waiting, asked}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    asked.cancel()
+                if not waiting.done():
+                    try:
+                        await self.comfy.cancel(run_id)
+                    except ComfyError as error:
+                        log.warning("job prompt %s: could not stop it: %s", run_id, error)
+                    waiting.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await waiting
+                    raise cancel.error("while it ran")
+            return await waiting
+        except ComfyTimeout as error:
+            if error.details.get("limit") != OWN_TIMEOUT:
+                raise
+            raise JobTimeLimitExceeded(
+                f"the job ran longer than its manifest's timeout_s ({limit.seconds:g} s, "
+                f"below COMFYS3_JOB_TIMEOUT={self.limits.job_timeout:g} s) and was "
+                "cancelled on ComfyUI",
+                error.details,
+            ) from None
+        finally:
+            waiting.cancel()
+
+    async def _cancelled_before_start(
+        self, job: Job, record: AttemptRecord, cancel: CancelSignal
+    ) -> JobOutcome:
+        """Nothing of the job reached ComfyUI: its status says cancelled (an earlier success
+        of the same id stands)."""
+        info, _ = describe(cancel.error("before it started"))
+        status, kept = await self.book.cancelled_before_start(job, record, info)
+        log.info("job %s: %s", job.id, info.message, extra={"job_id": job.id, "state": "cancelled"})
+        if kept:
+            return JobOutcome(Verdict.skipped, status)
+        return JobOutcome(Verdict.cancelled, status, charged=False)
+
     def _dropped(
         self, job: Job, record: AttemptRecord, lost: LeaseLost, run_id: str, running: bool
     ) -> JobOutcome:
@@ -336,7 +428,7 @@ class JobRunner:
             extra={"job_id": job.id, "attempt": record.status.attempt, "state": "lost"},
         )
         if running:
-            task = asyncio.ensure_future(self.comfy.interrupt(run_id))
+            task = asyncio.ensure_future(self.comfy.cancel(run_id))
             task.add_done_callback(lambda done: done.cancelled() or done.exception())
         return JobOutcome(Verdict.lost, record.status, charged=False)
 
@@ -344,6 +436,10 @@ class JobRunner:
         """Record a failed attempt: (verdict, whether the attempt counts). The retry table
         decides; the status book words it."""
         info, policy = describe(error)
+        if isinstance(error, JobCancelled):
+            record.cancelled(info)
+            log.info("job %s: %s", job.id, info.message, extra={"job_id": job.id})
+            return Verdict.cancelled, False
         status = record.status
         retrying = will_retry(policy, status.attempt, status.max_attempts or status.attempt)
         record.failed(info, retrying=retrying, charged=policy.charge)
@@ -470,10 +566,17 @@ class JobRunner:
             plan.append((ref, counters[ref.node_id]))
         limit = asyncio.Semaphore(UPLOAD_CONCURRENCY)
 
-        async def publish_one(ref: OutputFile, index: int) -> OutputRecord:
+        async def publish_one(ref: OutputFile, index: int) -> OutputRecord | None:
             async with limit:
-                data = await self.comfy.fetch_output(ref)
-                prepared = prepare_output(data, ref.filename, ref.kind, job.output)
+                try:
+                    data = await self.comfy.fetch_output(ref)
+                except ComfyError as error:
+                    if ref.optional and error.details.get("kind") == "output_missing":
+                        return None  # a preview of a file that is not an output of this job
+                    raise
+                prepared = prepare_output(
+                    data, ref.filename, ref.kind, job.output, animated=ref.animated
+                )
                 class_type = str(graph.get(ref.node_id, {}).get("class_type", "node"))
                 key = self.layout.output_key(
                     job.id, ref.node_id, class_type, index, prepared.ext, record.status.claim_try
@@ -496,7 +599,8 @@ class JobRunner:
                     sha256=prepared.sha256,
                 )
 
-        return list(await asyncio.gather(*(publish_one(ref, i) for ref, i in plan)))
+        published = await asyncio.gather(*(publish_one(ref, i) for ref, i in plan))
+        return [record for record in published if record is not None]
 
     @contextlib.asynccontextmanager
     async def _progress_writer(
@@ -600,5 +704,8 @@ def _earlier(beginning: Beginning) -> JobOutcome:
     assert previous is not None
     if beginning.begun is Begun.already_succeeded:
         return JobOutcome(Verdict.skipped, previous)
-    verdict = Verdict.succeeded if previous.state is JobState.succeeded else Verdict.failed
+    verdict = {
+        JobState.succeeded: Verdict.succeeded,
+        JobState.cancelled: Verdict.cancelled,
+    }.get(previous.state, Verdict.failed)
     return JobOutcome(verdict, previous, leftover=True)

@@ -37,6 +37,7 @@ class JobState(StrEnum):
     running = "running"
     succeeded = "succeeded"
     failed = "failed"
+    cancelled = "cancelled"
 
 
 class OutputRecord(BaseModel):
@@ -66,6 +67,16 @@ class ErrorInfo(BaseModel):
     type: str = Field(description="validation | runtime | timeout | comfyui_unavailable | ...")
     message: str = Field(description="What went wrong, for a person.")
     details: dict[str, Any] = Field(default_factory=dict)
+
+
+class TimeLimit(BaseModel):
+    """The time an attempt was allowed, and which limit set it."""
+
+    seconds: float = Field(gt=0, description="Seconds the prompt may run on ComfyUI.")
+    source: str = Field(
+        description="What set it: `timeout_s` (the manifest's own) or `COMFYS3_JOB_TIMEOUT` "
+        "(the worker's, which also caps the manifest's)."
+    )
 
 
 class ProgressInfo(BaseModel):
@@ -118,6 +129,9 @@ class JobStatus(BaseModel):
         default_factory=dict, description="Seconds per phase: claim, stage, queue, execute ..."
     )
     error: ErrorInfo | None = None
+    time_limit: TimeLimit | None = Field(
+        default=None, description="The time limit this attempt ran under, and what set it."
+    )
     notify: NotifyRecord | None = Field(
         default=None, description="What became of the job's webhook, once it was sent."
     )

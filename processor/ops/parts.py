@@ -92,7 +92,7 @@ class Ops:
         self.metrics.job_phases(status.timings)
         if "execute" in status.timings:
             self.metrics.comfyui_executed(status.timings["execute"], status.workflow)
-        if outcome.verdict in (Verdict.succeeded, Verdict.failed):
+        if outcome.verdict in (Verdict.succeeded, Verdict.failed, Verdict.cancelled):
             self.metrics.job_finished(outcome.verdict.value, status.workflow)
 
     # -- lifecycle --------------------------------------------------------------------------

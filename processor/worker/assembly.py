@@ -6,6 +6,7 @@ Triggers call this instead of wiring the parts themselves, so polling, watching 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -13,6 +14,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from processor.comfy.client import ComfyClient
+from processor.comfy.gpus import gpus_of
 from processor.comfy.process import ComfyEngine
 from processor.comfy.waiting import WaitListener
 from processor.errors import SettingsError
@@ -193,7 +196,11 @@ async def open_worker(
     holder = worker_name(settings)
     ops = ops or build_ops(settings)
     fetcher = Fetcher(fetch_policy(settings))  # input and model URLs, through the one guard
-    engine = ComfyEngine(settings, on_wait=on_wait)
+    # One ComfyUI, or one per GPU (--gpus): each started, supervised and fed apart.
+    gpus = gpus_of(settings)
+    engines = [ComfyEngine(settings, on_wait=on_wait, gpu=gpu) for gpu in gpus] or [
+        ComfyEngine(settings, on_wait=on_wait)
+    ]
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(fetcher)
         await stack.enter_async_context(storage)
@@ -209,48 +216,89 @@ async def open_worker(
         await ops.start()
         # Closed before storage: a webhook's record is written into its status.
         stack.push_async_callback(ops.aclose, min(5.0, settings.triggers.shutdown_grace))
-        client = await stack.enter_async_context(engine)
-        ops.health.set_comfy_check(lambda: client.connected)
-        if engine.process is not None:
-            engine.process.add_exit_listener(
-                lambda code, restarting: (
-                    None
-                    if restarting
-                    else ops.health.fatal(f"ComfyUI died ({code}) and will not be restarted")
-                )
+        for engine in engines:
+            stack.push_async_callback(engine.aclose)
+        clients = await _start_all(engines)
+        for engine, client in zip(engines, clients, strict=True):
+            _watch(engine, client, ops)
+        models = model_cache(settings, fetcher)
+        # Warm every ComfyUI at once: each loads the model for its own GPU.
+        warmed = await asyncio.gather(
+            *(
+                warm_up(client, registry, settings, cleanup=engine.cleanup)
+                for engine, client in zip(engines, clients, strict=True)
             )
-        warmed = await warm_up(client, registry, settings, cleanup=engine.cleanup)
-        if warmed.ran:
-            ops.metrics.warmup_finished(warmed.seconds, warmed.succeeded)
+        )
+        for warm in warmed:
+            if warm.ran:
+                ops.metrics.warmup_finished(warm.seconds, warm.succeeded)
         log.info(
             "worker %s ready: %r, manifests from %s/, results to %s/, ComfyUI at %s, templates: %s",
             holder,
             storage,
             layout.input_dir,
             layout.output_dir,
-            engine.url,
+            ", ".join(f"{engine.url} ({engine.name})" for engine in engines)
+            if gpus
+            else engines[0].url,
             ", ".join(registry.names()),
-            extra={"worker": holder, "comfyui": engine.url},
+            extra={"worker": holder, "comfyui": engines[0].url},
         )
-        runner = runner_for(
-            settings,
-            storage=storage,
-            inputs=inputs,
-            comfy=client,
-            layout=layout,
-            worker_id=holder,
-            cleanup=engine.cleanup,
-            on_progress=on_progress,
-            announce=ops.notify,
-            fetcher=fetcher,
-            models=model_cache(settings, fetcher),
-        )
+        runners = [
+            runner_for(
+                settings,
+                storage=storage,
+                inputs=inputs,
+                comfy=client,
+                layout=layout,
+                worker_id=holder,
+                cleanup=engine.cleanup,
+                on_progress=on_progress,
+                announce=ops.notify,
+                fetcher=fetcher,
+                models=models,
+            )
+            for engine, client in zip(engines, clients, strict=True)
+        ]
         yield Worker(
             storage=storage,
-            runner=runner,
+            runner=runners[0],
+            runner_name=engines[0].name,
+            more_runners=[
+                (engine.name, runner)
+                for engine, runner in zip(engines[1:], runners[1:], strict=True)
+            ],
             registry=registry,
             layout=layout,
             settings=settings,
             holder=holder,
             ops=ops,
+        )
+
+
+async def _start_all(engines: list[ComfyEngine]) -> list[ComfyClient]:
+    """Start every ComfyUI at once (each loads for a while); if one cannot start, the others
+    are stopped too and its error, readable, is what the worker says."""
+    tasks = [asyncio.ensure_future(engine.__aenter__()) for engine in engines]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _watch(engine: ComfyEngine, client: ComfyClient, ops: Ops) -> None:
+    """Health follows each ComfyUI; one that dies is restarted by its own supervisor without
+    stopping the others, and only one that will not come back makes the worker not live."""
+    ops.health.set_comfy_check(lambda: client.connected, engine.name)
+    which = f"ComfyUI ({engine.name})" if engine.gpu is not None else "ComfyUI"
+    if engine.process is not None:
+        engine.process.add_exit_listener(
+            lambda code, restarting: (
+                None
+                if restarting
+                else ops.health.fatal(f"{which} died ({code}) and will not be restarted")
+            )
         )

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -40,7 +40,8 @@ from processor.errors import (
     ObjectTooLarge,
     StorageError,
 )
-from processor.job.manifest import Job, check_job_id, load_jobs
+from processor.job.cancel import CancelRequest
+from processor.job.manifest import Job, check_job_id, default_job_id, load_jobs
 from processor.job.retry_table import (
     claim_retry_pause,
     describe,
@@ -56,11 +57,12 @@ from processor.safejson import load_json
 from processor.settings import WorkerSettings
 from processor.storage.base import Storage, StoredObject
 from processor.storage.claims import ClaimStore, Heartbeat, Lease, Taken
-from processor.storage.layout import Layout
+from processor.storage.layout import Layout, split_priority
 from processor.storage.retirement import Retirer
+from processor.worker.cancels import CancelWatch
 from processor.worker.capabilities import CapabilityWatch, Lack
 from processor.worker.intake import Candidate, HintCallback, HintOutcome, Intake
-from processor.worker.prompt_queue import Lane, LaneDepth, Slot
+from processor.worker.prompt_queue import LaneDepth, Lanes, Slot
 from processor.workflows import WorkflowRegistry
 
 log = printable_logger("comfys3.worker")
@@ -118,6 +120,7 @@ class Counts:
     # Jobs whose latest attempt failed and that wait for another one.
     retried = property(lambda self: self._count(Verdict.retry))
     skipped = property(lambda self: self._count(Verdict.skipped))
+    cancelled = property(lambda self: self._count(Verdict.cancelled))
     # Jobs stopped mid-attempt with the worker and given back to the intake, uncounted.
     handed_back = property(lambda self: self._count(Verdict.handed_back))
 
@@ -132,6 +135,7 @@ class Counts:
             "failed": self.failed,
             "retried": self.retried,
             "skipped": self.skipped,
+            "cancelled": self.cancelled,
             "handed_back": self.handed_back,
             "attempts": len(self.outcomes),
         }
@@ -140,16 +144,17 @@ class Counts:
         """One line for a person; the same after ``--once`` and after SIGTERM."""
         summary = self.summary()
         jobs = sum(summary[state] for state in COUNTED)
+        cancelled = f", {summary['cancelled']} cancelled" if summary["cancelled"] else ""
         handed = f", {summary['handed_back']} handed back" if summary["handed_back"] else ""
         return (
             f"{jobs} job(s): {summary['succeeded']} succeeded, {summary['failed']} failed, "
-            f"{summary['retried']} to retry, {summary['skipped']} skipped{handed} "
+            f"{summary['retried']} to retry, {summary['skipped']} skipped{cancelled}{handed} "
             f"({summary['manifests']} manifests, {summary['attempts']} attempts)"
         )
 
 
 # The states the summary counts jobs in; together they make its number of jobs.
-COUNTED = ("succeeded", "failed", "retried", "skipped", "handed_back")
+COUNTED = ("succeeded", "failed", "retried", "skipped", "cancelled", "handed_back")
 
 WaitForWork = Callable[[bool], Awaitable[None]]
 
@@ -165,7 +170,11 @@ class Worker:
         settings: WorkerSettings,
         holder: str,
         ops: Ops | None = None,
+        more_runners: Sequence[tuple[str, JobRunner]] = (),
+        runner_name: str = "comfyui",
     ) -> None:
+        """``runner`` runs jobs on one ComfyUI; ``more_runners`` on more (one per GPU), each
+        named, each with a lane of its own fed from the one intake and claim store."""
         self.storage = storage
         self.ops = ops or Ops.quiet()
         self.runner = runner
@@ -180,11 +189,25 @@ class Worker:
             settings.lane.lease_seconds,
             on_renewed=self.ops.storage_ok,
         )
-        self.depth = LaneDepth(
-            settings.lane.lane_depth_max,
-            max_queued_seconds=min(10.0, settings.lane.lease_seconds / 6),
+        runners = [(runner_name, runner), *more_runners]
+        self.lanes = Lanes(
+            [
+                (
+                    name,
+                    LaneDepth(
+                        settings.lane.lane_depth_max,
+                        max_queued_seconds=min(10.0, settings.lane.lease_seconds / 6),
+                    ),
+                )
+                for name, _ in runners
+            ]
         )
-        self.lane = Lane(self.depth)
+        self._runner_of = {
+            lane: lane_runner
+            for lane, (_, lane_runner) in zip(self.lanes.all, runners, strict=True)
+        }
+        self.lane = self.lanes.all[0]  # the first ComfyUI's: the only one without --gpus
+        self.depth = self.lane.depth
         self.intake = Intake(
             storage,
             layout,
@@ -193,6 +216,7 @@ class Worker:
             watch=self.claims.watch,  # what the intake's scans see, the claims judge by
         )
         self.retirer = Retirer(storage, layout)
+        self.cancels = CancelWatch(storage, layout, interval=settings.lane.cancel_check_interval)
         self.max_tries = max_tries(settings.jobs.max_attempts)
         self.counts = Counts()
         self._inflight: dict[str, asyncio.Task[list[JobOutcome] | None]] = {}
@@ -211,9 +235,14 @@ class Worker:
         """Claim ``key`` ahead of anything listed (an S3 event, a RunPod request named it)."""
         self.intake.hint(key, on_outcome)
 
+    async def cancel(self, names: list[str], request: CancelRequest) -> None:
+        """Ask jobs (or whole batches, by a batch manifest's id) to stop, here at once and on
+        any worker through their cancel objects (RunPod's cancel of a request)."""
+        await self.cancels.request(names, request)
+
     def claims_held_ahead(self) -> int:
         """Claims whose prompt ComfyUI has not started yet: what this worker keeps from others."""
-        return self.lane.ahead()
+        return self.lanes.ahead()
 
     async def run(
         self,
@@ -248,7 +277,7 @@ class Worker:
 
         try:
             while not stop.is_set() and not limited():
-                slot = await self.lane.take(stop)
+                slot = await self.lanes.take(stop)
                 if slot is None:
                     break
                 try:
@@ -307,7 +336,7 @@ class Worker:
 
         ``None`` when another worker holds it.
         """
-        slot = self.lane.take_now()
+        slot = self.lanes.take_now()
         task = self._start(Candidate(key, "request"), slot)
         try:
             return await task
@@ -531,7 +560,7 @@ class Worker:
                 return ended
         tasks = [
             asyncio.create_task(
-                self._job(job, beat, slot if index == 0 else self.lane.take_now(), stored.version)
+                self._job(job, beat, slot if index == 0 else self.lanes.take_now(), stored.version)
             )
             for index, job in enumerate(jobs)
         ]
@@ -553,6 +582,8 @@ class Worker:
         """One job of a manifest; whatever happens to it stays with it, never with siblings.
         Its writes are fenced by the manifest's claim (``beat``)."""
         lease = beat()
+        lane = slot.lane  # the ComfyUI (GPU) this job runs on
+        runner = self._runner_of[lane]
 
         in_comfyui = False
         aside = False
@@ -560,19 +591,19 @@ class Worker:
         def queued(seconds: float) -> None:
             nonlocal in_comfyui
             in_comfyui = True
-            self.depth.record_prepare(seconds)
-            self.ops.metrics.prompt_queued()
+            lane.depth.record_prepare(seconds)
+            self.ops.metrics.prompt_queued(lane.name)
 
         def began() -> None:
             slot.started = True
 
         def executed(seconds: float) -> None:
             if in_comfyui:
-                self.ops.metrics.prompt_done()
+                self.ops.metrics.prompt_done(lane.name, executed=seconds > 0)
             if seconds > 0:
-                self.depth.record_execute(seconds)
+                lane.depth.record_execute(seconds)
             slot.release()
-            self.lane.changed()
+            self.lanes.changed()
             back()
 
         def step_aside() -> bool:
@@ -596,13 +627,15 @@ class Worker:
             """Into the lane again, at once: the job has waited long enough."""
             nonlocal slot
             back()
-            slot = self.lane.take_now()
+            slot = lane.take_now()
 
         def given_back(status: JobStatus) -> None:
             self._record(JobOutcome(Verdict.handed_back, status, charged=False))
 
+        cancel = self.cancels.watch(job)
         try:
-            return await self.runner.run(
+            await self.cancels.check(job, cancel, max_age=PAGE_MAX_AGE)
+            return await runner.run(
                 job,
                 attempt=lease.attempt,
                 max_attempts=self.settings.jobs.max_attempts,
@@ -618,8 +651,10 @@ class Worker:
                 manifest_version=version,
                 resumed=lease.tries > 1,
                 fence=beat,
+                cancel=cancel,
             )
         finally:
+            self.cancels.unwatch(job)
             back()
             slot.release()
 
@@ -649,6 +684,7 @@ class Worker:
         await self.retirer.retire(key, failed=failed, claim_key=lease.key)
         self.intake.forget(key)
         await self.intake.report(key, HintOutcome.settled)
+        await self.cancels.ended(o.status.id for o in outcomes)
 
     async def _give_back(self, key: str, beat: Heartbeat, reason: str, *, charge: bool) -> None:
         await beat.halt()  # a renewal landing after we read the lease would fail the release
@@ -779,7 +815,7 @@ class Worker:
         """A broken manifest fails with a status that says why (never burying an earlier
         success of the same id). Where no status can be written (no usable id), the manifest
         still fails, once."""
-        job_id = _declared_id(stored.data if stored else b"") or self.layout.manifest_name(key)
+        job_id = _declared_id(stored.data if stored else b"") or default_job_id(key)
         version = stored.version if stored else None
         try:
             check_job_id(job_id)
@@ -811,7 +847,8 @@ class Worker:
             with contextlib.suppress(Exception):
                 ids = [(job.id, job) for job in self._load(stored, key, check_notify=False)]
         if not ids:
-            ids = [(_declared_id(stored.data if stored else b"") or lease.name, None)]
+            declared = _declared_id(stored.data if stored else b"")
+            ids = [(declared or split_priority(lease.name)[1], None)]
         attempts = min(lease.attempt, self.settings.jobs.max_attempts)
         note = (
             f"gave up after {attempts} attempt(s) and {lease.tries} tries in all "

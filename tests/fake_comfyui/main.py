@@ -32,12 +32,15 @@ from tests.fake_comfyui.state import ConfigError, FakeState
 ENV_REPORT = "FAKE_COMFYUI_ENV_REPORT"
 
 
-def report_environment() -> None:
+def report_environment(port: int) -> None:
     """Test-only: write this process's environment as JSON to the file named by
-    FAKE_COMFYUI_ENV_REPORT, so a test can see what a supervisor let through to ComfyUI."""
+    FAKE_COMFYUI_ENV_REPORT (``{port}`` in it becomes this process's port, so several fakes
+    started by one supervisor report apart), so a test can see what ComfyUI was given."""
     target = os.environ.get(ENV_REPORT)
     if target:
-        Path(target).write_text(json.dumps(dict(os.environ), sort_keys=True))
+        Path(target.replace("{port}", str(port))).write_text(
+            json.dumps(dict(os.environ), sort_keys=True)
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,7 +108,7 @@ async def serve(args: argparse.Namespace, state: FakeState) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report_environment()
+    report_environment(args.port)
     logging.basicConfig(
         stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )

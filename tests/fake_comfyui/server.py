@@ -63,7 +63,9 @@ DIRS = web.AppKey("dirs", FakeDirs)
 def create_app(state: FakeState, dirs: FakeDirs) -> web.Application:
     """The aiohttp application; its executor and publisher run while the app runs."""
     dirs.create()
-    app = web.Application(client_max_size=SERVER_FEATURES["max_upload_size"])
+    app = web.Application(
+        client_max_size=SERVER_FEATURES["max_upload_size"], middlewares=[count_requests]
+    )
     app[STATE] = state
     app[DIRS] = dirs
     hub = Hub()
@@ -121,6 +123,20 @@ def create_app(state: FakeState, dirs: FakeDirs) -> web.Application:
     # path is looked up there, so an unknown GET is a 404 and an unknown POST a 405.
     app.router.add_route("*", "/{tail:.*}", unknown_route)
     return app
+
+
+@web.middleware
+async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count each request by its route pattern in the engine's stats (see README: requests)."""
+    info = request.match_info.route.resource
+    pattern = info.canonical if info is not None else "?"
+    if pattern == "/{tail}":
+        pattern = "?"
+    if not pattern.startswith(("/fake/", "/api/fake/")):
+        requests = request.app[ENGINE].stats.requests
+        name = f"{request.method} {pattern}"
+        requests[name] = requests.get(name, 0) + 1
+    return await handler(request)
 
 
 async def unknown_route(request: web.Request) -> web.StreamResponse:

@@ -69,6 +69,7 @@ async def test_summary_and_metrics_count_the_same_jobs_including_one_handed_back
         "failed": 0,
         "retried": 0,
         "skipped": 0,  # the duplicate of a job that succeeded here adds no job
+        "cancelled": 0,
         "handed_back": 1,
         "attempts": 3,
     }

@@ -279,10 +279,10 @@ def test_counts_are_by_job_and_a_later_window_never_goes_negative() -> None:
     counts.add(outcome("b", Verdict.failed))
 
     assert counts.summary() == {
-        "manifests": 2, "succeeded": 1, "failed": 1, "retried": 0, "skipped": 0,
+        "manifests": 2, "succeeded": 1, "failed": 1, "retried": 0, "skipped": 0, "cancelled": 0,
         "handed_back": 0, "attempts": 3,
     }  # fmt: skip
     assert counts.since(mark).summary() == {
-        "manifests": 2, "succeeded": 1, "failed": 1, "retried": 0, "skipped": 0,
+        "manifests": 2, "succeeded": 1, "failed": 1, "retried": 0, "skipped": 0, "cancelled": 0,
         "handed_back": 0, "attempts": 2,
     }  # fmt: skip
