@@ -50,6 +50,7 @@ from processor import (
     validate_key,
 )
 from triggers.cli import backlog, logs
+from triggers.cli.cancel import pending_manifest
 from triggers.cli.exec_folder import OUTPUT_PREFIX, OutputFolder
 from triggers.cli.misplaced import MisplacedManifests
 from triggers.cli.wait_line import WaitLine
@@ -295,17 +296,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"comfys3: {error}", file=sys.stderr)
         return EXIT_USAGE
 
-    async def read() -> tuple[JobRecord, bool]:
-        """The job's status record, and whether a manifest of that name still waits to be run."""
+    async def read() -> tuple[JobRecord, str | None]:
+        """The job's status record, and the key of a manifest of that name that still waits
+        to be run (plain, or with the priority ``submit`` puts into the name)."""
         async with storage:
             record = await StatusBook(storage, layout).read_record(job_id)
             if not record.missing:
-                return record, False
+                return record, None
             try:
-                waiting = await storage.head(layout.manifest_key(job_id)) is not None
+                return record, await pending_manifest(storage, layout, job_id)
             except StorageError:  # not a usable manifest name: there is simply no such job
-                waiting = False
-            return record, waiting
+                return record, None
 
     try:
         record, waiting = asyncio.run(read())
@@ -320,8 +321,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if waiting:
         state, code = "waiting", EXIT_NOT_FINISHED
         text = (
-            f"job {job_id}: waiting: {layout.manifest_key(job_id)} has not been claimed by a "
-            f"worker yet (no status at {record.key})"
+            f"job {job_id}: waiting: {waiting} has not been claimed by a worker yet (no status "
+            f"at {record.key})"
         )
     elif record.missing:
         state, code = "unknown", EXIT_UNKNOWN
@@ -337,7 +338,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "id": job_id,
             "state": state,
             "status_key": record.key,
-            "manifest_key": layout.manifest_key(job_id) if waiting else None,
+            "manifest_key": waiting,
             "problem": None if waiting else record.problem,
         }
         print(json.dumps(document, indent=2))

@@ -211,6 +211,29 @@ def test_status_command_reads_a_job_for_a_person(tmp_path: Path, fake_comfyui: A
     assert status("../x").returncode == 2  # a name no job can have: usage
 
 
+def test_status_of_a_job_submitted_with_a_priority_says_waiting(tmp_path: Path) -> None:
+    """submit puts a priority into the manifest's name (input/!995.urgent.json); status finds
+    it there: waiting (3), with that key, not unknown (4)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMFYS3_")}
+    (tmp_path / "urgent.json").write_text(json.dumps({"workflow": "solid", "priority": 5}))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            comfys3(*args, "--local", str(tmp_path / "jobs")),
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    submitted = cli("submit", "urgent.json")
+    assert submitted.returncode == 0, submitted.stderr
+    assert (tmp_path / "jobs" / "input" / "!995.urgent.json").is_file()
+    shown = cli("status", "urgent")
+    assert shown.returncode == 3, shown.stdout + shown.stderr
+    assert shown.stdout.startswith("job urgent: waiting: input/!995.urgent.json has not been")
+    as_json = cli("status", "urgent", "--json")
+    assert as_json.returncode == 3
+    assert json.loads(as_json.stdout)["manifest_key"] == "input/!995.urgent.json"
+
+
 def test_unreachable_comfyui_is_one_readable_line(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMFYS3_")}
     env.update(
