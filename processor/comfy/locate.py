@@ -105,7 +105,10 @@ def locate_comfyui(settings: WorkerSettings, *, home: Path | None = None) -> Loc
     if comfyui.url or comfyui.path is not None or os.environ.get(MODE_VARIABLE, "").strip():
         return Located(settings)
     url = f"http://127.0.0.1:{comfyui.port}"
-    if answers(url):
+    # --gpus starts one ComfyUI per GPU: a running one cannot be attached to, only a checkout
+    # started (gpus_of refuses a URL), so only comfy-cli's workspace can serve.
+    per_gpu = settings.host.gpus is not None
+    if not per_gpu and answers(url):
         return Located(
             settings.replace(comfyui_url=url),
             f"no COMFYS3_COMFYUI_URL or COMFYS3_COMFYUI_PATH was given: using the ComfyUI that "
@@ -114,7 +117,7 @@ def locate_comfyui(settings: WorkerSettings, *, home: Path | None = None) -> Loc
     home = home if home is not None else Path.home()
     found = comfy_cli_workspace(home)
     if found is None:
-        raise SettingsError(_install_message(url, home))
+        raise SettingsError(_install_message(url, home, per_gpu=per_gpu))
     workspace, extras = found
     changes: dict[str, object] = {"comfyui_path": workspace}
     if "python" not in comfyui.model_fields_set:
@@ -124,16 +127,27 @@ def locate_comfyui(settings: WorkerSettings, *, home: Path | None = None) -> Loc
         changes["comfyui_args"] = args
     located = settings.replace(**changes)
     args_said = f" {located.comfyui.args}" if located.comfyui.args else ""
+    why = "--gpus starts one per GPU" if per_gpu else f"nothing answers at {url}"
     return Located(
         located,
-        f"no COMFYS3_COMFYUI_URL or COMFYS3_COMFYUI_PATH was given and nothing answers at "
-        f"{url}: starting the ComfyUI comfy-cli installed in {workspace} (with "
+        f"no COMFYS3_COMFYUI_URL or COMFYS3_COMFYUI_PATH was given and {why}: starting the "
+        f"ComfyUI comfy-cli installed in {workspace} (with "
         f"{located.comfyui.python}{args_said}; set COMFYS3_COMFYUI_PYTHON or "
         "COMFYS3_COMFYUI_ARGS to change that)",
     )
 
 
-def _install_message(url: str, home: Path) -> str:
+def _install_message(url: str, home: Path, *, per_gpu: bool = False) -> str:
+    if per_gpu:  # a running ComfyUI is of no use: --gpus starts its own, one per GPU
+        return (
+            "no ComfyUI: --gpus starts one ComfyUI per GPU from a checkout, no "
+            "COMFYS3_COMFYUI_PATH was given, and comfy-cli has installed none "
+            f"({comfy_cli_config(home)} names no workspace, and "
+            f"{comfy_cli_default_workspace(home)} has no main.py). Install one:\n"
+            "    pip install comfy-cli\n"
+            "    comfy --skip-prompt install --nvidia\n"
+            "or name the checkout you have: COMFYS3_COMFYUI_PATH=/path/to/ComfyUI"
+        )
     return (
         f"no ComfyUI: no COMFYS3_COMFYUI_URL or COMFYS3_COMFYUI_PATH was given, nothing "
         f"answers at {url}, and comfy-cli has installed none ({comfy_cli_config(home)} names "

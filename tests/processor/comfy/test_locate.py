@@ -83,6 +83,26 @@ def test_the_recent_workspace_and_then_the_default_folder_count_too(tmp_path: Pa
     assert locate_comfyui(settings, home=home).settings.comfyui.path == default
 
 
+def test_with_gpus_a_comfyui_answering_on_the_port_is_passed_over(
+    fake_comfyui: Any, tmp_path: Path
+) -> None:
+    """--gpus starts one ComfyUI per GPU, which a running one cannot be: comfy-cli's checkout
+    is used, and without one the error asks for a checkout, not for a URL."""
+    port = int(fake_comfyui.url.rsplit(":", 1)[1])
+    settings = WorkerSettings(comfyui_port=port, gpus="all")
+    with pytest.raises(SettingsError) as caught:
+        locate_comfyui(settings, home=tmp_path)
+    assert str(caught.value).startswith("no ComfyUI: --gpus starts one ComfyUI per GPU")
+    assert "COMFYS3_COMFYUI_PATH=/path/to/ComfyUI" in str(caught.value)
+    assert "COMFYS3_COMFYUI_URL" not in str(caught.value)
+
+    home, ws = tmp_path / "home", workspace(tmp_path / "ComfyUI")
+    comfy_cli_knows(home, default_workspace=str(ws))
+    located = locate_comfyui(settings, home=home)
+    assert (located.settings.comfyui.url, located.settings.comfyui.path) == (None, ws)
+    assert located.notice is not None and "--gpus starts one per GPU" in located.notice
+
+
 def test_settings_that_name_a_comfyui_are_left_alone(tmp_path: Path) -> None:
     for settings in (
         WorkerSettings(comfyui_url="http://127.0.0.1:1"),
