@@ -125,6 +125,10 @@ def test_run_serves_an_embedded_s3_that_submit_status_and_report_find(
     assert "submitted next.json -> input/next.json (job next)" in alone.stdout
     assert "no worker serves the embedded S3 now" in alone.stderr
     assert comfys3(folder, "status", "next").returncode == 3  # waiting for a worker
+    cancelled = comfys3(folder, "cancel", "next")  # cancel finds the same store
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.startswith("cancel requested for job next")
+    assert "started the embedded S3 in" in cancelled.stderr  # a message: on stderr
 
     again, log = start_worker(folder, fake_comfyui.url)  # same keys, same endpoint
     try:
