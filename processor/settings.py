@@ -256,7 +256,8 @@ class HostSettings(BaseSettings):
     gpus: str | None = Field(
         default=None,
         description="Start one ComfyUI per GPU and feed them all: GPU ids (0,1,3) or all "
-        "(counted with nvidia-smi -L). Needs COMFYS3_COMFYUI_PATH; each gets its own port "
+        "(counted with nvidia-smi -L). Starts COMFYS3_COMFYUI_PATH, else comfy-cli's "
+        "ComfyUI; each gets its own port "
         "(COMFYS3_COMFYUI_PORT + n), folders and log.",
     )
 

@@ -536,8 +536,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--gpus",
         metavar="IDS",
         help="start one ComfyUI per GPU and feed them all from one intake: GPU ids (0,1) or all "
-        "(counted with nvidia-smi -L); needs COMFYS3_COMFYUI_PATH (default: COMFYS3_GPUS, "
-        "else one ComfyUI)",
+        "(counted with nvidia-smi -L); starts COMFYS3_COMFYUI_PATH, else the ComfyUI "
+        "comfy-cli installed (default: COMFYS3_GPUS, else one ComfyUI)",
     )
     run.add_argument(
         "--log-format", choices=["text", "json"], default="text", help="log line format"
