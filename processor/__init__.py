@@ -8,6 +8,7 @@ from :mod:`processor.workflows`, whose path is part of what a user's own templat
 """
 
 from processor.aio import ClosedOnExit
+from processor.comfy.locate import Located, locate_comfyui
 from processor.comfy.waiting import Waiting
 from processor.errors import (
     ComfyError,
@@ -62,6 +63,7 @@ from processor.storage.base import (
     validate_key,
 )
 from processor.storage.claims_check import PROBE_PREFIX
+from processor.storage.embedded import DATA_DIR, EmbeddedS3Storage
 from processor.storage.layout import (
     CANCEL,
     CLAIMS,
@@ -88,7 +90,14 @@ from processor.template_scaffold import (
     render_graph,
     render_module,
 )
-from processor.worker.assembly import open_storage, open_worker, s3_layout, storage_from_env
+from processor.worker.assembly import (
+    StoreChoice,
+    choose_store,
+    open_storage,
+    open_worker,
+    s3_layout,
+    storage_from_env,
+)
 from processor.worker.loop import Counts, WaitForWork, Worker
 from processor.workflows import (
     Bind,
@@ -106,6 +115,7 @@ from processor.workflows import (
 __all__ = [
     "CANCEL",
     "CLAIMS",
+    "DATA_DIR",
     "DISPATCHED",
     "DONE",
     "FAILED",
@@ -120,6 +130,7 @@ __all__ = [
     "Comfys3Error",
     "Counts",
     "DispatchSettings",
+    "EmbeddedS3Storage",
     "FieldPlan",
     "FixedValue",
     "InputFile",
@@ -133,6 +144,7 @@ __all__ = [
     "JsonLimitError",
     "Layout",
     "LocalStorage",
+    "Located",
     "ManifestError",
     "NodeCatalog",
     "ObjectInfo",
@@ -156,6 +168,7 @@ __all__ = [
     "StatusBook",
     "Storage",
     "StorageError",
+    "StoreChoice",
     "StoredObject",
     "Verdict",
     "VolumeLogHandler",
@@ -173,6 +186,7 @@ __all__ = [
     "check_image",
     "check_job_id",
     "check_template_name",
+    "choose_store",
     "command_line_requester",
     "default_job_id",
     "differences",
@@ -186,6 +200,7 @@ __all__ = [
     "load_sqs_settings",
     "load_worker_settings",
     "load_workflow",
+    "locate_comfyui",
     "missing_inputs",
     "open_storage",
     "open_worker",

@@ -126,7 +126,11 @@ class ComfyUISettings(BaseSettings):
         "NAME* for a prefix). It gets PATH, HOME, CUDA/HF/torch variables and these, never "
         "the worker's credentials.",
     )
-    port: int = Field(default=8188, description="Port for a ComfyUI the worker starts.")
+    port: int = Field(
+        default=8188,
+        description="Port for a ComfyUI the worker starts, and where it looks for one on "
+        "127.0.0.1 when neither URL nor path is set.",
+    )
     startup_timeout: float = Field(
         default=300.0, gt=0, description="Seconds to wait for ComfyUI to answer."
     )
@@ -274,7 +278,8 @@ class HostSettings(BaseSettings):
     gpus: str | None = Field(
         default=None,
         description="Start one ComfyUI per GPU and feed them all: GPU ids (0,1,3) or all "
-        "(counted with nvidia-smi -L). Needs COMFYS3_COMFYUI_PATH; each gets its own port "
+        "(counted with nvidia-smi -L). Starts COMFYS3_COMFYUI_PATH, else comfy-cli's "
+        "ComfyUI; each gets its own port "
         "(COMFYS3_COMFYUI_PORT + n), folders and log.",
     )
 

@@ -39,7 +39,9 @@ def restore_command(args: argparse.Namespace) -> int:
         snapshots = [load_snapshot(path) for path in paths]
     except SnapshotError as error:
         return _fail(str(error))
-    print(f"restoring {', '.join(str(p) for p in paths)} into {comfyui}", flush=True)
+    print(
+        f"restoring {', '.join(str(p) for p in paths)} into {comfyui}", file=sys.stderr, flush=True
+    )
     options = RestoreOptions(
         comfyui=comfyui,
         python=args.python,
@@ -62,7 +64,7 @@ def models_command(args: argparse.Namespace) -> int:
     except ModelsError as error:
         return _fail(str(error))
     if not specs:
-        print(f"models: {args.models_file} lists no models; nothing to do")
+        print(f"models: {args.models_file} lists no models; nothing to do", file=sys.stderr)
         return 0
     report = ModelDownloader(Path(args.dest)).download_all(specs)
     if report.ok:

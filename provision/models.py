@@ -183,7 +183,7 @@ class ModelDownloader:
         self.endpoint = (
             endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
         ).rstrip("/")
-        self.out = out or sys.stdout
+        self.out = out or sys.stderr  # progress is a message; the summary is the data
         self._records: dict[str, _Record] = {}
 
     def _say(self, message: str) -> None:

@@ -118,7 +118,7 @@ class Restorer:
         self.options = options
         self.fetcher: PackFetcher = fetcher or RegistryClient()
         self.runner = runner
-        self.out = out or sys.stdout
+        self.out = out or sys.stderr  # progress is a message; the summary is the data
         self.report = RestoreReport()
         self._step = 0
         self._steps = 0

@@ -1,4 +1,7 @@
-"""A real headless Chromium for tests: Debian's ``chromium``, driven over the DevTools protocol.
+"""A real headless Chromium for tests, driven over the DevTools protocol: the one already on
+this machine (``CHROME_BIN``, or chromium / chromium-browser / google-chrome on PATH), else
+Debian's ``chromium``, installed when the tests run as root (CI), else a message naming what
+to install.
 
 The protocol is JSON over a websocket, and websocket-client is already a dependency, so this
 needs no WebDriver, no chromedriver and no extra package: start the browser with
@@ -16,6 +19,7 @@ import shutil
 import subprocess
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -39,25 +43,60 @@ START_TIMEOUT = 30.0
 CALL_TIMEOUT = 30.0
 
 
+BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+BROWSER_VARIABLE = "CHROME_BIN"
+INSTALL_HINT = (
+    "the report's browser test needs headless Chromium or Chrome: install one (Debian/Ubuntu: "
+    "`sudo apt-get install chromium`; macOS: `brew install --cask chromium`), or name the "
+    f"binary in {BROWSER_VARIABLE}"
+)
+
+
+class NoBrowser(RuntimeError):
+    """No Chromium or Chrome here, and none could be installed: what to install is said."""
+
+
+def find_browser(environ: Mapping[str, str] | None = None, path: str | None = None) -> str | None:
+    """The browser to drive: ``$CHROME_BIN`` when set, else the first of the usual names on
+    ``path`` (default: PATH)."""
+    env = os.environ if environ is None else environ
+    named = env.get(BROWSER_VARIABLE, "").strip()
+    if named:
+        found = shutil.which(named, path=path)
+        if not found:
+            raise NoBrowser(f"{BROWSER_VARIABLE}={named} is not an executable; {INSTALL_HINT}")
+        return found
+    for name in BROWSER_NAMES:
+        found = shutil.which(name, path=path)
+        if found:
+            return found
+    return None
+
+
 def ensure_chromium() -> str:
-    """The chromium binary; installed from Debian's packages when missing (CI runs as root).
+    """A Chromium or Chrome binary: one already here (``CHROME_BIN``, or chromium,
+    chromium-browser, google-chrome, google-chrome-stable on PATH), else Debian's chromium
+    installed with apt-get when this runs as root where apt-get exists (as CI does), else
+    :class:`NoBrowser` saying what to install.
 
     Quick when present: a PATH lookup. The package lists are refreshed only when the first
     install attempt fails, since that is what a stale or empty list looks like.
     """
-    found = shutil.which("chromium")
+    found = find_browser()
     if found:
         return found
-    if os.geteuid() != 0:
-        raise RuntimeError("chromium is missing: run `apt-get install -y chromium` as root")
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise NoBrowser(f"no Chromium or Chrome found ({', '.join(BROWSER_NAMES)}); {INSTALL_HINT}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "-q", "chromium"]
+    print("tests/browser.py: installing chromium with apt-get (running as root)", flush=True)
     if subprocess.run(install, env=env, check=False).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, check=True)
-        subprocess.run(install, env=env, check=True)
-    found = shutil.which("chromium")
+        subprocess.run(["apt-get", "update", "-q"], env=env, check=False)
+        if subprocess.run(install, env=env, check=False).returncode != 0:
+            raise NoBrowser(f"`apt-get install chromium` failed; {INSTALL_HINT}")
+    found = find_browser()
     if not found:
-        raise RuntimeError("apt-get installed chromium, but it is not on PATH")
+        raise NoBrowser(f"apt-get installed chromium, but it is not on PATH; {INSTALL_HINT}")
     return found
 
 

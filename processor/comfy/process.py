@@ -281,6 +281,7 @@ class ComfyProcess:
                         state.detail = f"HTTP {response.status}"
                 except (aiohttp.ClientError, TimeoutError):
                     pass
+                state.failed = True
                 if time.monotonic() >= deadline:
                     tail = self.log_tail(30)
                     raise ComfyUnavailable(

@@ -1,9 +1,11 @@
 """Saying what the worker waits for, while it waits.
 
 Waiting for ComfyUI can take minutes (a cold start loads models), and a wrong address used to
-look the same as a slow one: minutes of silence, then an error. A wait here reports itself at
-once and then every second to a listener, which decides how to show it: log lines for a
-worker (:class:`LogNotices`), a line redrawn in place on a terminal (the CLI's own listener).
+look the same as a slow one: minutes of silence, then an error. A wait here reports itself
+every second to a listener, which decides how to show it: log lines for a worker
+(:class:`LogNotices`), a line redrawn in place on a terminal (the CLI's own listener). It starts
+reporting only once a try has failed: a ComfyUI that answers at once is not a wait, and a
+notice then would only say something false ("gives up in 300 s").
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class WaitState:
     detail: str
     deadline: float  # time.monotonic() at which the wait fails
     ready: bool = False
+    failed: bool = False  # a try failed: from now on the wait is shown
 
 
 class LogNotices:
@@ -75,7 +78,9 @@ class LogNotices:
 async def reporting(
     listener: WaitListener, what: str, timeout: float, detail: str = "no answer yet"
 ) -> AsyncIterator[WaitState]:
-    """Report the wait inside this block to ``listener``: at once, every second, and at its end.
+    """Report the wait inside this block to ``listener``: every second once a try has failed
+    (the caller sets ``failed``, after it has set the detail and deadline that try taught it),
+    and at its end.
 
     The caller updates the yielded state (its latest answer, a nearer deadline, ``ready``); a
     listener that raises is logged and otherwise ignored, so showing a wait never breaks it.
@@ -100,7 +105,8 @@ async def reporting(
 
     async def tick() -> None:
         while True:
-            report()
+            if state.failed:
+                report()
             await asyncio.sleep(TICK_SECONDS)
 
     ticker = asyncio.ensure_future(tick())

@@ -95,19 +95,27 @@ def input_files(jobs: Iterable[Job]) -> list[InputFile]:
     ]
 
 
+def key_refusal(text: str) -> str | None:
+    """Why an input-file value can never be read (``/etc/passwd``, ``../x``, a malformed
+    ``s3://``), in the one sentence ``validate``, ``submit``, ``exec`` and the worker all give;
+    None when it names a key, an object or a URL (which the fetch guard judges)."""
+    try:
+        input_source(text)
+    except StorageError as error:
+        reason = str(error).removeprefix(f"invalid storage key {text!r}: ")
+        return f"input file {text!r} cannot be read: {reason} ({RULE})"
+    return None
+
+
 def key_problems(jobs: Iterable[Job], policy: FetchPolicy | None = None) -> list[Problem]:
     """One problem per input file the worker would refuse (a bad key, a URL its fetch guard
     refuses), at its payload field (once, however many jobs of a batch share it). ``policy``:
     the worker's fetch guard (default: the one COMFYS3_FETCH_* describes here)."""
     problems: dict[tuple[str, str], Problem] = {}
     for item in input_files(jobs):
-        message = None
-        try:
+        message = key_refusal(item.key)
+        if message is None:
             source = input_source(item.key)
-        except StorageError as error:
-            reason = str(error).removeprefix(f"invalid storage key {item.key!r}: ")
-            message = f"input file {item.key!r} cannot be read: {reason} ({RULE})"
-        else:
             if source.kind == "url":
                 policy = policy or fetch_policy(FetchSettings())
                 refusal = policy.refusal(source.url)

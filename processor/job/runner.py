@@ -40,7 +40,7 @@ from processor.errors import (
     StorageError,
 )
 from processor.job.cancel import CancelSignal
-from processor.job.input_refs import InputSource, input_source
+from processor.job.input_refs import InputSource, input_source, key_refusal
 from processor.job.inputs import check_image
 from processor.job.manifest import Job
 from processor.job.outputs import prepare_output
@@ -80,6 +80,9 @@ class Verdict(enum.Enum):
     failed = "failed"  # failed, and another attempt cannot help
     cancelled = "cancelled"  # someone asked for it to stop: final, nobody's failure
     lost = "lost"  # another worker took the claim over; this attempt's results were dropped
+    # The worker stopped mid-attempt and gave the job back (never returned by run(): the
+    # attempt is cancelled; LaneHooks.on_given_back tells the lane).
+    handed_back = "handed_back"
 
 
 @dataclass
@@ -105,6 +108,7 @@ class LaneHooks:
     # GPU is fed other jobs while it waits? And the way back in, before its prompt is queued.
     step_aside: Callable[[], bool] | None = None
     step_back: Callable[[], Awaitable[None]] | None = None
+    on_given_back: Callable[[JobStatus], None] | None = None  # cancelled: the job is handed back
 
 
 PROGRESS_INTERVAL = 1.0  # seconds between progress writes to a running job's status
@@ -296,6 +300,8 @@ class JobRunner:
         except asyncio.CancelledError:
             executed(0.0)
             record.given_back()
+            if hooks.on_given_back is not None:
+                hooks.on_given_back(record.status)
             with contextlib.suppress(Exception):
                 await asyncio.shield(record.save())
             raise
@@ -492,10 +498,10 @@ class JobRunner:
 
     async def _stage_inputs(self, job: Job, subfolder: str) -> dict[str, str]:
         async def stage_one(field_name: str, text: str) -> tuple[str, str]:
-            try:
-                source = input_source(text)
-            except StorageError as error:
-                raise InputMissing(f"input '{field_name}': {error}") from None
+            refusal = key_refusal(text)
+            if refusal is not None:  # never readable: invalid, as validate says, not missing
+                raise InputInvalid(f"input '{field_name}': {refusal}")
+            source = input_source(text)
             data = await self._read_input(field_name, text, source)
             try:
                 check_image(data, text, max_pixels=self.limits.max_input_pixels)

@@ -92,8 +92,9 @@ class Metrics:
         )
         self.attempts = Counter(
             "comfys3_attempts",
-            "Job attempts by outcome (succeeded, retry, failed) and error type (none on "
-            "success); retries are outcome=retry.",
+            "Job attempts by outcome (succeeded, retry, failed, cancelled, skipped, "
+            "handed_back) and error type (none on success); retries are outcome=retry, jobs a "
+            "stopping worker gave back outcome=handed_back.",
             ["outcome", "error_type"],
             registry=r,
         )

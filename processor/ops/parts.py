@@ -74,14 +74,20 @@ class Ops:
 
     # -- jobs -------------------------------------------------------------------------------
 
-    def observe(self, outcome: JobOutcome) -> None:
+    def observe(self, outcome: JobOutcome, *, counted: bool = True) -> None:
         """One attempt's outcome into the metrics: attempts by outcome and error type, phase
-        timings, ComfyUI's execution time, and the job count when the state is final."""
+        timings, ComfyUI's execution time, and the job count when the state is final.
+        ``counted``: the worker's tally (:class:`processor.worker.loop.Counts`) counts it for
+        its job; when not (a skipped duplicate of a job that succeeded), the job count is left
+        alone too, so the metrics and the worker's summary agree."""
         status = outcome.status
         error_type = status.error.type if status.error is not None else None
         self.metrics.attempt_finished(outcome.verdict.value, error_type)
+        if outcome.verdict is Verdict.handed_back:
+            return  # not final and nothing ran to its end: an attempt, nothing more
         if outcome.verdict is Verdict.skipped:
-            self.metrics.job_finished("skipped", status.workflow)
+            if counted:
+                self.metrics.job_finished("skipped", status.workflow)
             return
         self.metrics.job_phases(status.timings)
         if "execute" in status.timings:

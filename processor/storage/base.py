@@ -8,7 +8,7 @@ what a non-recursive listing shows), not only on the happy path.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, Self, TypedDict, Unpack
 
@@ -46,10 +46,13 @@ class ObjectInfo:
 
 @dataclass(frozen=True)
 class Page:
-    """One page of a non-recursive listing, in key order; ``truncated`` when more follow."""
+    """One page of a non-recursive listing, in key order; ``truncated`` when more follow.
+    ``folders``: the sub-folders met on the page, as prefixes ending in ``/`` (S3's
+    CommonPrefixes), so a look for misplaced files need not list a folder's whole history."""
 
     items: list[ObjectInfo]
     truncated: bool
+    folders: list[str] = field(default_factory=list)
 
 
 class PutOptions(TypedDict, total=False):

@@ -288,16 +288,22 @@ class LocalStorage(ClosedOnExit):
 
         def scan() -> Page:
             names: list[tuple[bytes, str]] = []
+            folders: list[str] = []
             try:
                 with os.scandir(base) as scanner:
                     for entry in scanner:
                         key = folder + entry.name
                         encoded = key.encode("utf-8", "surrogateescape")
-                        if encoded > after and entry.is_file():
+                        if encoded <= after or key == PRIVATE_DIR:
+                            continue
+                        if entry.is_file():
                             names.append((encoded, key))
+                        elif entry.is_dir(follow_symlinks=False):
+                            folders.append(f"{key}/")
             except (FileNotFoundError, NotADirectoryError):
                 return Page([], truncated=False)
             names.sort()
+            folders.sort(key=lambda name: name.encode("utf-8", "surrogateescape"))
             found: list[ObjectInfo] = []
             for _, key in names[:limit]:
                 path = self._root / key
@@ -315,7 +321,7 @@ class LocalStorage(ClosedOnExit):
                         last_modified=datetime.fromtimestamp(stat.st_mtime, tz=UTC),
                     )
                 )
-            return Page(found, truncated=len(names) > limit)
+            return Page(found, truncated=len(names) > limit, folders=folders[:limit])
 
         return await self._run("list", folder or ".", scan)
 

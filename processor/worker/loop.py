@@ -74,17 +74,26 @@ MAX_ASIDE = 2  # jobs at once that leave the lane to wait for a model download
 
 @dataclass
 class Counts:
-    """What a worker did, for ``--once``, SIGTERM and RunPod's drain answer.
+    """What a worker did, for ``--once``, SIGTERM, RunPod's drain answer and the metrics: the
+    one tally all of them read (the worker feeds the metrics from :meth:`add`'s answer).
 
     ``outcomes`` lists every attempt in order; the counts are by job: a job that succeeded
     counts as succeeded even if a duplicate of it was skipped later, otherwise its latest
-    outcome counts. So the four counts add up to the number of jobs.
+    outcome counts (a job the worker handed back when it stopped counts as handed back). So
+    the counts add up to the number of jobs.
     """
 
     outcomes: list[JobOutcome] = field(default_factory=list)
 
-    def add(self, outcome: JobOutcome) -> None:
+    def add(self, outcome: JobOutcome) -> bool:
+        """Record an attempt; False when it changes no job's count (a skipped duplicate of a
+        job that succeeded here), so the metrics leave it out as the summary does."""
+        counted = not (
+            outcome.verdict is Verdict.skipped
+            and self._by_job().get(outcome.status.id) is Verdict.succeeded
+        )
         self.outcomes.append(outcome)
+        return counted
 
     def since(self, mark: int) -> Counts:
         """What happened after ``mark`` outcomes (e.g. during one RunPod drain call)."""
@@ -112,6 +121,8 @@ class Counts:
     retried = property(lambda self: self._count(Verdict.retry))
     skipped = property(lambda self: self._count(Verdict.skipped))
     cancelled = property(lambda self: self._count(Verdict.cancelled))
+    # Jobs stopped mid-attempt with the worker and given back to the intake, uncounted.
+    handed_back = property(lambda self: self._count(Verdict.handed_back))
 
     @property
     def manifests(self) -> int:
@@ -125,21 +136,25 @@ class Counts:
             "retried": self.retried,
             "skipped": self.skipped,
             "cancelled": self.cancelled,
+            "handed_back": self.handed_back,
             "attempts": len(self.outcomes),
         }
 
     def describe(self) -> str:
         """One line for a person; the same after ``--once`` and after SIGTERM."""
         summary = self.summary()
-        kinds = ("succeeded", "failed", "retried", "skipped", "cancelled")
-        jobs = sum(summary[kind] for kind in kinds)
+        jobs = sum(summary[state] for state in COUNTED)
         cancelled = f", {summary['cancelled']} cancelled" if summary["cancelled"] else ""
+        handed = f", {summary['handed_back']} handed back" if summary["handed_back"] else ""
         return (
             f"{jobs} job(s): {summary['succeeded']} succeeded, {summary['failed']} failed, "
-            f"{summary['retried']} to retry, {summary['skipped']} skipped{cancelled} "
+            f"{summary['retried']} to retry, {summary['skipped']} skipped{cancelled}{handed} "
             f"({summary['manifests']} manifests, {summary['attempts']} attempts)"
         )
 
+
+# The states the summary counts jobs in; together they make its number of jobs.
+COUNTED = ("succeeded", "failed", "retried", "skipped", "cancelled", "handed_back")
 
 WaitForWork = Callable[[bool], Awaitable[None]]
 
@@ -513,8 +528,8 @@ class Worker:
         return outcomes
 
     def _record(self, outcome: JobOutcome) -> None:
-        self.counts.add(outcome)
-        self.ops.observe(outcome)
+        counted = self.counts.add(outcome)
+        self.ops.observe(outcome, counted=counted)
 
     async def _jobs(
         self, key: str, beat: Heartbeat, slot: Slot, *, leave: bool = True
@@ -614,6 +629,9 @@ class Worker:
             back()
             slot = lane.take_now()
 
+        def given_back(status: JobStatus) -> None:
+            self._record(JobOutcome(Verdict.handed_back, status, charged=False))
+
         cancel = self.cancels.watch(job)
         try:
             await self.cancels.check(job, cancel, max_age=PAGE_MAX_AGE)
@@ -627,6 +645,7 @@ class Worker:
                     on_executed=executed,
                     step_aside=step_aside,
                     step_back=step_back,
+                    on_given_back=given_back,
                 ),
                 notes=_previous_error_note(lease),
                 manifest_version=version,

@@ -620,11 +620,10 @@ def test_new_then_workflows_and_validate(tmp_path: Path) -> None:
     for manifest, seed in (("as_saved.json", 469771404043268), ("new_seed.json", 5)):
         checked = run("validate", "--print-graph", manifest, cwd=tmp_path, workflows_dir=folder)
         assert checked.returncode == 0, checked.stdout + checked.stderr
-        first, graph_text = checked.stdout.split("\n", 1)
-        assert first == f"{manifest}: ok (1 job: {manifest[:-5]})"
+        assert checked.stderr == f"{manifest}: ok (1 job: {manifest[:-5]})\n"  # a message
         expected = graph("hires_fix")
         expected["11"]["inputs"]["seed"] = seed
-        assert without_prefixes(json.loads(graph_text)) == without_prefixes(expected)
+        assert without_prefixes(json.loads(checked.stdout)) == without_prefixes(expected)
 
 
 def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -23,6 +23,13 @@ from provision import cli
 from provision.models import ModelsError, parse_models
 from tests.paths import REPO
 
+
+def said(capsys: pytest.CaptureFixture[str]) -> str:
+    """All a command printed: its progress (stderr), then its summary (stdout)."""
+    out, err = capsys.readouterr()
+    return err + out
+
+
 COMMIT = "a" * 40
 FILES = {
     ("comfy/tiny", "tiny.safetensors"): b"tiny model bytes " * 1000,
@@ -123,11 +130,12 @@ def test_download_lands_in_its_folder_and_a_second_run_downloads_nothing(
     assert download(models, dest) == 0
     assert (dest / "checkpoints" / "tiny.safetensors").read_bytes() == tiny
     assert (dest / "vae" / "v.pt").read_bytes() == b"vae bytes"
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()  # progress on stderr, the summary (the data) on stdout
     assert (
         "[1/2] downloading checkpoints/tiny.safetensors from comfy/tiny/tiny.safetensors@main"
-        in out
+        in err
     )
+    assert out.strip() and "downloading" not in out
     assert hub["GET"] == 2
     # Nothing but the two models and the record of what was verified.
     assert files_under(dest) == [".comfys3-models.json", "checkpoints/tiny.safetensors", "vae/v.pt"]
@@ -135,7 +143,7 @@ def test_download_lands_in_its_folder_and_a_second_run_downloads_nothing(
     before = dict(hub)
     assert download(models, dest) == 0
     assert dict(hub) == before  # not a single request
-    out = capsys.readouterr().out
+    out = said(capsys)
     assert "[2/2] vae/v.pt already present and verified" in out
     assert "0 downloaded, 2 already present" in out
 

@@ -28,6 +28,13 @@ from provision.restore import GIT_MARKER, RestoreOptions, Restorer
 from provision.snapshot import SnapshotError, load_snapshot, parse_snapshot, repo_name
 from tests.paths import REPO
 
+
+def said(capsys: pytest.CaptureFixture[str]) -> str:
+    """All a command printed: its progress (stderr), then its summary (stdout)."""
+    out, err = capsys.readouterr()
+    return err + out
+
+
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "t",
     "GIT_AUTHOR_EMAIL": "t@example.invalid",
@@ -199,7 +206,7 @@ def test_restore_installs_each_node_and_names_the_failure(
     snapshot = snapshot_file(tmp_path, repos)
 
     code = run_restore(comfyui, snapshot, registry)
-    out, err = capsys.readouterr()
+    _, err = capsys.readouterr()
 
     assert code == 1
     # Cloned at the pinned commit, not at the branch head.
@@ -210,7 +217,7 @@ def test_restore_installs_each_node_and_names_the_failure(
     assert (nodes / "script-node" / "install.marker").read_text() == "ran\n"
     # Disabled: not cloned, and said so.
     assert not (nodes / "disabled-node").exists()
-    assert f"skipping {repos.url('disabled-node')} (disabled in the snapshot)" in out
+    assert f"skipping {repos.url('disabled-node')} (disabled in the snapshot)" in err
     # The registry pack is unpacked at its version and its install.py ran.
     assert (nodes / "comfy-pack" / "__init__.py").read_text() == "PACK = '1.2.0'\n"
     assert (nodes / "comfy-pack" / "install.marker").read_text() == "ran\n"
@@ -221,8 +228,8 @@ def test_restore_installs_each_node_and_names_the_failure(
     # ComfyUI-Manager is neither installed nor left behind.
     assert not (nodes / "ComfyUI-Manager").exists()
     # Progress lines a person can follow.
-    assert f"[1/8] cloning {repos.url('good-node')} @ {repos.hashes['good-node'][0][:10]}" in out
-    assert "[8/8] pip install of the snapshot's 1 requirement(s)" in out
+    assert f"[1/8] cloning {repos.url('good-node')} @ {repos.hashes['good-node'][0][:10]}" in err
+    assert "[8/8] pip install of the snapshot's 1 requirement(s)" in err
 
 
 def test_second_run_changes_nothing(
@@ -236,14 +243,14 @@ def test_second_run_changes_nothing(
     zips_before = [path for path in _Registry.requests if path.startswith("/zips/")]
 
     code = run_restore(comfyui, snapshot, registry)
-    out, err = capsys.readouterr()
+    _, err = capsys.readouterr()
 
     assert code == 1  # the broken node is retried and still named, never taken as done
     assert "failed: bad-req-node" in err
-    assert "good-node already at" in out
-    assert "script-node already at" in out
-    assert "comfy-pack already at 1.2.0" in out
-    assert "cloning" not in out
+    assert "good-node already at" in err
+    assert "script-node already at" in err
+    assert "comfy-pack already at 1.2.0" in err
+    assert "cloning" not in err
     assert (nodes / "script-node" / "install.marker").read_text() == "ran\n"
     assert (nodes / "comfy-pack" / "install.marker").read_text() == "ran\n"
     assert [p for p in _Registry.requests if p.startswith("/zips/")] == zips_before
@@ -261,7 +268,7 @@ def test_clean_snapshot_exits_zero_twice_and_follows_a_new_pin(
     assert run_restore(comfyui, snapshot, registry) == 0
     capsys.readouterr()
     assert run_restore(comfyui, snapshot, registry) == 0
-    second_run = capsys.readouterr().out
+    second_run = said(capsys)
     assert "good-node already at" in second_run
     assert "0 installed, 2 already in place" in second_run  # the node and the file node
 
@@ -269,7 +276,7 @@ def test_clean_snapshot_exits_zero_twice_and_follows_a_new_pin(
     pinned[repos.url("good-node")]["hash"] = second
     snapshot = snapshot_file(tmp_path, repos, git_custom_nodes=pinned, cnr_custom_nodes={}, pips={})
     assert run_restore(comfyui, snapshot, registry) == 0
-    out_lines = capsys.readouterr().out
+    out_lines = said(capsys)
     assert f"updating good-node to {repos.url('good-node')} @ {second[:10]}" in out_lines
     assert git(nodes / "good-node", "rev-parse", "HEAD") == second
     assert (nodes / "good-node" / "__init__.py").read_text() == "VERSION = 2\n"
@@ -347,10 +354,10 @@ def test_failing_pips_are_named_one_by_one(
         pips={"pip": "", "no-such-dist-comfys3==1.0": "", "mine": "file:///home/me/mine"},
     )
     assert run_restore(comfyui, snapshot, registry) == 1
-    out, err = capsys.readouterr()
+    _, err = capsys.readouterr()
     assert "failed: pip no-such-dist-comfys3==1.0" in err
     assert "pip pip" not in err
-    assert "skipping pip requirement 'mine @ file:///home/me/mine'" in out
+    assert "skipping pip requirement 'mine @ file:///home/me/mine'" in err
 
 
 def test_unreadable_input_is_a_usage_error(
@@ -429,7 +436,7 @@ def test_a_comfyui_at_another_commit_is_reported(
         file_custom_nodes=[],
     )
     assert run_restore(comfyui, snapshot, registry) == 0
-    out = capsys.readouterr().out
+    out = said(capsys)
     assert f"ComfyUI is at {second[:10]}, the snapshot was taken at {first[:10]}" in out
     assert git(comfyui, "rev-parse", "HEAD") == second
 
@@ -461,7 +468,7 @@ def test_packaged_manager_is_left_out_with_its_pip_and_old_clone(
         pips={"comfyui_manager==4.3": "", "pip": ""},
     )
     assert run_restore(comfyui, snapshot, registry) == 0
-    out = capsys.readouterr().out
+    out = said(capsys)
     assert "ComfyUI-Manager here is the pip package of manager_requirements.txt" in out
     assert "found ComfyUI-Manager" in out  # the old clone, detected and then removed
     assert (
@@ -486,7 +493,7 @@ def test_keep_manager_on_a_packaged_comfyui_installs_its_requirements_not_a_clon
     )
     (comfyui / "custom_nodes" / "ComfyUI-Manager").rmdir()
     assert run_restore(comfyui, snapshot, registry, "--keep-manager") == 0
-    out = capsys.readouterr().out
+    out = said(capsys)
     assert (
         f"[1/2] skipping {repos.url('ComfyUI-Manager')} (this ComfyUI installs ComfyUI-Manager "
         "from manager_requirements.txt instead)" in out
@@ -517,7 +524,7 @@ def test_a_git_era_comfyui_is_told_apart_and_keeps_cloning(
         file_custom_nodes=[],
     )
     assert run_restore(comfyui, snapshot, registry) == 0
-    out = capsys.readouterr().out
+    out = said(capsys)
     assert "ComfyUI-Manager here is a git clone in custom_nodes/" in out
     assert "note: skipping pip requirement 'comfyui-manager==3.37'" in out
     assert not (comfyui / "custom_nodes" / "ComfyUI-Manager").exists()
@@ -526,7 +533,7 @@ def test_a_git_era_comfyui_is_told_apart_and_keeps_cloning(
     assert code == 0
     manager = comfyui / "custom_nodes" / "ComfyUI-Manager"
     assert git(manager, "rev-parse", "HEAD") == repos.hashes["ComfyUI-Manager"][0]
-    assert "found ComfyUI-Manager" not in capsys.readouterr().out  # none was there before
+    assert "found ComfyUI-Manager" not in said(capsys)  # none was there before
 
 
 def test_manager_names_and_requirements_are_recognised() -> None:

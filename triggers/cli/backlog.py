@@ -48,6 +48,7 @@ from processor import (
     load_worker_settings,
     storage_from_env,
 )
+from triggers.cli import logs
 
 DEFAULT_MAX_KEYS = 100_000
 LIST_PAGE = 1000  # ListObjectsV2 answers at most this many keys a request
@@ -284,7 +285,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
         print("comfys3 status: give a JOB_ID or --summary, not both", file=sys.stderr)
         return 2
     lease_seconds = load_worker_settings().lane.lease_seconds
-    storage, layout = storage_from_env(args.local)
+    storage, layout = storage_from_env(args.local, say=logs.to_stderr)
 
     async def count() -> Summary:
         async with storage:

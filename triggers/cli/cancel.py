@@ -32,7 +32,7 @@ from processor import (
     split_priority,
     storage_from_env,
 )
-from triggers.cli import submit
+from triggers.cli import logs, submit
 
 MAX_MANIFEST_BYTES = 1_048_576
 MAX_SCAN_PAGES = 10  # pages of prioritised names looked through for a manifest's name
@@ -55,7 +55,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         except ValueError as error:
             print(f"comfys3: {job_id!r} is not a job id: it {error}", file=sys.stderr)
             return 2
-    storage, layout = storage_from_env(args.local)
+    storage, layout = storage_from_env(args.local, say=logs.to_stderr)
     return asyncio.run(_cancel(storage, layout, args))
 
 

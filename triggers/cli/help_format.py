@@ -36,15 +36,25 @@ class HelpFormatter(argparse.HelpFormatter):
         return textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
-        text = " ".join(text.split())
-        return textwrap.fill(
-            text,
-            width,
-            initial_indent=indent,
-            subsequent_indent=indent,
-            break_on_hyphens=False,
-            break_long_words=False,
-        )
+        """Paragraphs (split at blank lines) are wrapped; a table (a title line, then lines
+        indented under it, such as a list of exit codes) is kept as laid out."""
+        blocks = []
+        for block in textwrap.dedent(text).strip("\n").split("\n\n"):
+            lines = block.splitlines()
+            if len(lines) > 1 and all(line.startswith("  ") for line in lines[1:]):
+                blocks.append("\n".join(indent + line for line in lines))
+                continue
+            blocks.append(
+                textwrap.fill(
+                    " ".join(block.split()),
+                    width,
+                    initial_indent=indent,
+                    subsequent_indent=indent,
+                    break_on_hyphens=False,
+                    break_long_words=False,
+                )
+            )
+        return "\n\n".join(blocks)
 
 
 class RawDescriptionHelpFormatter(HelpFormatter):

@@ -44,6 +44,11 @@ class _StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
+def to_stderr(line: str) -> None:
+    """What a short command says beside its data (which alone goes to stdout)."""
+    print(f"comfys3: {line}", file=sys.stderr, flush=True)
+
+
 def configure(log_format: str = "text", level: str = "INFO") -> None:
     handler = _StderrHandler(sys.stderr)
     handler.setFormatter(_formatter(log_format))

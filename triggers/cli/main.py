@@ -27,13 +27,14 @@ and a status.json next to them.
 Start here:
   comfys3 workflows                    list the templates and their fields
   comfys3 validate job.json            check manifests offline
-  comfys3 run                          poll S3 and run jobs until stopped
+  comfys3 run                          run jobs from S3 until stopped (with no S3 setting:
+                                       an embedded S3 in ./comfys3-data)
   comfys3 submit job.json --wait       check a manifest, upload it, follow the job
   comfys3 serve                        the HTTP jobs API (POST /jobs, GET /jobs/ID)
   comfys3 cancel JOB_ID                stop a job, waiting or running
   comfys3 dispatch                     wake RunPod: one request per manifest in S3
 
-Settings come from COMFYS3_* environment variables (see README.md).
+Settings come from COMFYS3_* environment variables (see README.md); none is needed to start.
 """
 
 

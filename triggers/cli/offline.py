@@ -113,14 +113,19 @@ def cmd_workflows(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """Each file's verdict, and with ``--print-graph`` the filled graphs. The graphs are the
+    data then, so they alone go to stdout (one JSON document: ``> graph.json`` parses) and the
+    verdicts go to stderr; without it the verdicts are the data, on stdout."""
     settings = load_worker_settings()
     registry = WorkflowRegistry.default(settings.jobs.workflows_dir)
+    verdicts = sys.stderr if args.print_graph else sys.stdout
     failures = 0
+    graphs: dict[str, Any] = {}
     for path in args.files:
         try:
             data = Path(path).read_bytes()
         except OSError as error:
-            print(f"{path}: cannot read: {error.strerror}")
+            print(f"{path}: cannot read: {error.strerror}", file=verdicts)
             failures += 1
             continue
         try:
@@ -136,15 +141,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 raise ManifestError(problems)
         except ManifestError as error:
             failures += 1
-            print(f"{path}: invalid")
+            print(f"{path}: invalid", file=verdicts)
             for problem in error.problems:
-                print(f"  {problem}")
+                print(f"  {problem}", file=verdicts)
             continue
         ids = ", ".join(job.id for job in jobs)
-        print(f"{path}: ok ({len(jobs)} job{'s' if len(jobs) != 1 else ''}: {ids})")
-        if args.print_graph:
-            for job in jobs:
-                print(json.dumps(job.graph, indent=2))
+        print(f"{path}: ok ({len(jobs)} job{'s' if len(jobs) != 1 else ''}: {ids})", file=verdicts)
+        graphs.update({job.id: job.graph for job in jobs})
+    if args.print_graph and graphs:
+        # One job: its graph, as ComfyUI's /prompt takes it. More: an object by job id.
+        document = next(iter(graphs.values())) if len(graphs) == 1 else graphs
+        print(json.dumps(document, indent=2))
     return 1 if failures else 0
 
 
@@ -173,6 +180,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     validate.add_argument("files", nargs="+", metavar="FILE", help="manifest files (JSON)")
     validate.add_argument(
-        "--print-graph", action="store_true", help="print the filled ComfyUI graph of each job"
+        "--print-graph",
+        action="store_true",
+        help="print the filled ComfyUI graph as JSON on stdout (the verdicts go to stderr): "
+        "one job's graph as is, several jobs' as an object by job id",
     )
     validate.set_defaults(handler=cmd_validate)

@@ -18,6 +18,7 @@ from pathlib import Path
 from processor import (
     FINAL,
     RULE,
+    EmbeddedS3Storage,
     Job,
     JobState,
     JobStatus,
@@ -35,6 +36,7 @@ from processor import (
     split_priority,
     storage_from_env,
 )
+from triggers.cli import logs
 
 # How long --wait stays quiet before saying that no worker has touched the jobs: long enough
 # for a worker that is already running to claim them, short enough that a typo in the bucket or
@@ -82,7 +84,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if problems:
         print("comfys3: nothing was submitted", file=sys.stderr)
         return 1
-    storage, layout = storage_from_env(args.local)
+    storage, layout = storage_from_env(args.local, say=logs.to_stderr)
     return asyncio.run(_submit(storage, layout, submissions, args))
 
 
@@ -194,6 +196,15 @@ async def _submit(
                     print(f"  warning: {already_succeeded(job.id)}", file=sys.stderr)
         if refused or not args.wait:
             return 1 if refused else 0
+        if isinstance(storage, EmbeddedS3Storage) and storage.started_here:
+            # Its server stops with this command, and no worker can serve the store meanwhile.
+            print(
+                "comfys3: no worker serves the embedded S3 now, so nothing runs these jobs "
+                "yet: start `comfys3 run` in this folder, and they run; follow them with "
+                "`comfys3 status JOB_ID` (or submit with --wait while it runs)",
+                file=sys.stderr,
+            )
+            return 1
         stale = {job_id: status for job_id, status in before.items() if status is not None}
         statuses = await follow(
             storage, layout, jobs, stale, args.timeout, args.interval, manifests=waiting
@@ -211,7 +222,8 @@ async def follow(
     hint_after: float = NOBODY_HINT_SECONDS,
     manifests: list[str] | None = None,
 ) -> dict[str, JobStatus]:
-    """Poll the jobs' statuses until each is final (or the time is up), printing each change.
+    """Poll the jobs' statuses until each is final (or the time is up), printing each change
+    to stderr (progress is a message; :func:`report` prints the outcome, the data).
 
     A status counts once it differs from the ``stale`` one read before submitting. Comparing
     documents, not clocks, keeps this right when the worker's clock is off from ours. While no
@@ -225,7 +237,11 @@ async def follow(
     hint_at: float | None = start + next(hints)
     shown: dict[str, str] = {}
     latest: dict[str, JobStatus] = {}
-    print(f"waiting for {len(job_ids)} job(s); Ctrl-C stops waiting, not the jobs")
+    print(
+        f"waiting for {len(job_ids)} job(s); Ctrl-C stops waiting, not the jobs",
+        file=sys.stderr,
+        flush=True,
+    )
     book = StatusBook(storage, layout)
     while True:
         # Only the jobs still open are read again, and at once: a big batch costs one round
@@ -239,7 +255,7 @@ async def follow(
             line = _progress_line(status)
             if shown.get(job_id) != line:
                 shown[job_id] = line
-                print(line, flush=True)
+                print(line, file=sys.stderr, flush=True)
         if all(s in latest and latest[s].state in FINAL for s in job_ids):
             return latest
         now = time.monotonic()
@@ -292,7 +308,8 @@ def _progress_line(status: JobStatus) -> str:
 
 
 def report(job_ids: list[str], statuses: dict[str, JobStatus], timeout: float | None) -> int:
-    """The outcome per job (outputs, or the error), and the exit code a script checks."""
+    """The outcome per job on stdout (its final state and outputs; the error goes to stderr),
+    and the exit code a script checks."""
     unfinished = [j for j in job_ids if j not in statuses or statuses[j].state not in FINAL]
     # Failed or cancelled: anything final but a success makes the exit code 1.
     failed = [
@@ -306,6 +323,7 @@ def report(job_ids: list[str], statuses: dict[str, JobStatus], timeout: float | 
         status = statuses.get(job_id)
         if status is None or status.state not in FINAL:
             continue
+        print(f"{job_id}: {status.state.value}")
         if status.state is JobState.succeeded:
             for output in status.outputs:
                 print(f"  {job_id}: {output.key}")

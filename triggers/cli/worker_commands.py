@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from processor import (
+    FINAL,
     Counts,
+    EmbeddedS3Storage,
     Job,
     JobRecord,
     JobState,
@@ -27,23 +30,27 @@ from processor import (
     SettingsError,
     SqsSettings,
     StatusBook,
-    Storage,
     StorageError,
+    StoreChoice,
     Verdict,
     WaitForWork,
     WorkerSettings,
     WorkflowRegistry,
     build_ops,
+    choose_store,
+    key_problems,
     load_jobs,
     load_s3_settings,
     load_sqs_settings,
     load_worker_settings,
+    locate_comfyui,
     open_worker,
     parse_gpus,
     storage_from_env,
     validate_key,
 )
 from triggers.cli import backlog, logs
+from triggers.cli.cancel import pending_manifest
 from triggers.cli.exec_folder import OUTPUT_PREFIX, OutputFolder
 from triggers.cli.misplaced import MisplacedManifests
 from triggers.cli.wait_line import WaitLine
@@ -74,8 +81,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "watched directly, so leave one of them out"
             )
         sqs = load_sqs_settings()
-    storage, layout = storage_from_env(args.local)
-    counts = asyncio.run(_run(args, settings, storage, layout, sqs))
+    # After the arguments are known to fit together: finding a ComfyUI may probe a port.
+    located = locate_comfyui(settings)  # the ComfyUI on 8188, or comfy-cli's, when none is set
+    settings = located.settings
+    if located.notice:
+        log.info("%s", located.notice)
+    store = choose_store(args.local, worker=True, say=lambda line: log.info("%s", line))
+    counts = asyncio.run(_run(args, settings, store, sqs))
     if args.once:
         print(f"done: {counts.describe()}")
     return 0
@@ -84,23 +96,29 @@ def cmd_run(args: argparse.Namespace) -> int:
 async def _run(
     args: argparse.Namespace,
     settings: WorkerSettings,
-    storage: Storage,
-    layout: Layout,
+    store: StoreChoice,
     sqs: SqsSettings | None = None,
 ) -> Counts:
-    stop = asyncio.Event()
+    storage, layout = store.storage, store.layout
+    stop = asyncio.Event()  # the first SIGINT/SIGTERM: no new claims, running jobs finish
+    now = asyncio.Event()  # the second: running jobs are handed back at once
     loop = asyncio.get_running_loop()
     # With events, an idle worker touches storage only at its fallback listing.
     listing = settings.triggers.events_fallback_interval if sqs is not None else 0.0
     ops = build_ops(settings, listing_interval=listing)
 
     def on_signal(signum: signal.Signals) -> None:
-        if not stop.is_set():
-            log.info(
-                "%s: no new claims; running jobs get up to %g s to finish, then are given back",
-                signum.name,
-                settings.triggers.shutdown_grace,
-            )
+        if stop.is_set():
+            if not now.is_set():
+                log.info("%s again: stopping now; running jobs are handed back", signum.name)
+            now.set()
+            return
+        log.info(
+            "%s: no new claims; running jobs get up to %g s to finish, then are handed back; "
+            "press Ctrl-C again to stop now (running jobs are handed back)",
+            signum.name,
+            settings.triggers.shutdown_grace,
+        )
         ops.health.stopping()
         stop.set()
 
@@ -121,17 +139,28 @@ async def _run(
             # Before the worker, so jobs can be submitted while ComfyUI starts.
             from triggers.api.server import serving_api  # FastAPI loads only when it serves
 
+            if not await _unless(stop, _serve_store_first(stack, store)):
+                log.info("stopped before the worker was ready")
+                return Counts()
             api_storage, _ = storage_from_env(args.local)
             await stack.enter_async_context(serving_api(settings, api_storage, layout))
-        worker = await stack.enter_async_context(
-            open_worker(storage=storage, layout=layout, settings=settings, ops=ops)
+        # A signal while the worker starts (ComfyUI may take minutes) stops the start: no job
+        # runs yet, so there is nothing to finish.
+        worker = await _unless(
+            stop,
+            stack.enter_async_context(
+                open_worker(storage=storage, layout=layout, settings=settings, ops=ops)
+            ),
         )
+        if worker is None:
+            log.info("stopped before the worker was ready")
+            return Counts()
         wait_for_work: WaitForWork | None = None  # --once: drain, then return
         may_list: Callable[[], bool] | None = None
         if args.once:
             pass
-        elif args.local is not None:
-            folder = Path(args.local) / layout.input_dir
+        elif store.local_root is not None:
+            folder = store.local_root / layout.input_dir
             watch = FolderWatch(folder, stop, settings.triggers.poll_max_interval)
             wait_for_work = (await stack.enter_async_context(watch)).wait
         elif sqs is not None:
@@ -166,75 +195,156 @@ async def _run(
             may_list=may_list,
             on_idle=warn_misplaced,
         )
-        await _until_stopped(work, stop, settings.triggers.shutdown_grace)
+        await _until_stopped(work, stop, now, settings.triggers.shutdown_grace)
     if stop.is_set():
         log.info("stopped: %s", worker.counts.describe(), extra=worker.counts.summary())
     return worker.counts
 
 
-async def _until_stopped(
-    work: Coroutine[Any, Any, Counts], stop: asyncio.Event, grace: float
-) -> None:
-    """On SIGTERM the worker stops claiming and finishes what it runs; past the grace period
-    the running jobs are cancelled, which gives their claims back, so nothing is orphaned."""
+T = TypeVar("T")
+
+
+async def _serve_store_first(stack: contextlib.AsyncExitStack, store: StoreChoice) -> bool:
+    """Start the embedded S3 now, when that is the store, so that the jobs API (which opens
+    its own client on the same store, as ``submit`` does, by credentials.env) has a server to
+    talk to while ComfyUI starts. Any other store needs nothing started. True when done."""
+    if isinstance(store.storage, EmbeddedS3Storage):
+        await stack.enter_async_context(store.storage)
+    return True
+
+
+async def _unless(event: asyncio.Event, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None when ``event`` is set first (``work`` is then cancelled)."""
     task = asyncio.ensure_future(work)
-    stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
     if not task.done():
-        done, _ = await asyncio.wait({task}, timeout=grace)
-        if not done:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()
+
+
+async def _until_stopped(
+    work: Coroutine[Any, Any, Counts], stop: asyncio.Event, now: asyncio.Event, grace: float
+) -> None:
+    """On the first SIGINT/SIGTERM (``stop``) the worker stops claiming and finishes what it
+    runs; past the grace period, or at once on the second (``now``), the running jobs are
+    cancelled, which hands them back and releases their claims, so nothing is orphaned."""
+    task = asyncio.ensure_future(work)
+    stopped, hurry = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(now.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait({task, hurry}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        hurry.cancel()
+    if not task.done():
+        if not now.is_set():
+            log.info("the %g s grace is over: handing back the running jobs", grace)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return
     task.result()  # a crash of the worker loop surfaces here, as a readable error
 
 
 # -- status ---------------------------------------------------------------------------------
 
 
+# What `comfys3 status JOB_ID` exits with: the job's state, for a script (documented in --help).
+EXIT_SUCCEEDED = 0
+EXIT_FAILED = 1  # failed or cancelled: final, and not a success
+EXIT_USAGE = 2  # a wrong argument or setting (argparse and main() use 2 as well)
+EXIT_NOT_FINISHED = 3  # waiting, queued, running, handed back: look again later
+EXIT_UNKNOWN = 4  # no such job here, or its status cannot be read
+EXIT_UNREACHABLE = 5  # storage did not answer: the state is not known
+STATUS_EXIT_CODES = f"""\
+exit codes (for scripts):
+  {EXIT_SUCCEEDED}  the job succeeded
+  {EXIT_FAILED}  it failed (or was cancelled)
+  {EXIT_USAGE}  usage: a wrong argument or setting
+  {EXIT_NOT_FINISHED}  not finished: waiting for a worker, queued (e.g. handed back), or running
+  {EXIT_UNKNOWN}  unknown: no status and no waiting manifest for that id, or an unreadable status
+  {EXIT_UNREACHABLE}  the storage could not be read
+"""
+
+
+def exit_code_of(state: str) -> int:
+    """A state's exit code. Final states other than success (failed, cancelled) are 1; any
+    other state, including ones a newer worker may write, is not finished yet."""
+    if state == JobState.succeeded:
+        return EXIT_SUCCEEDED
+    if state in {s.value for s in FINAL}:
+        return EXIT_FAILED
+    return EXIT_NOT_FINISHED
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     if args.summary or args.job_id is None:
         return backlog.cmd_summary(args)
-    storage, layout = storage_from_env(args.local)
+    storage, layout = storage_from_env(args.local, say=logs.to_stderr)
+    job_id = args.job_id
+    try:
+        validate_key(layout.status_key(job_id))
+    except StorageError as error:  # a name no job can have: a usage error
+        print(f"comfys3: {error}", file=sys.stderr)
+        return EXIT_USAGE
 
-    async def read() -> tuple[JobRecord, bool]:
-        """The job's status record, and whether a manifest of that name still waits to be run."""
-        validate_key(layout.status_key(args.job_id))  # a name no key can have: a usage error
+    async def read() -> tuple[JobRecord, str | None]:
+        """The job's status record, and the key of a manifest of that name that still waits
+        to be run (plain, or with the priority ``submit`` puts into the name)."""
         async with storage:
-            record = await StatusBook(storage, layout).read_record(args.job_id)
+            record = await StatusBook(storage, layout).read_record(job_id)
             if not record.missing:
-                return record, False
+                return record, None
             try:
-                waiting = await storage.head(layout.manifest_key(args.job_id)) is not None
+                return record, await pending_manifest(storage, layout, job_id)
             except StorageError:  # not a usable manifest name: there is simply no such job
-                waiting = False
-            return record, waiting
+                return record, None
 
     try:
         record, waiting = asyncio.run(read())
     except StorageError as error:
-        print(f"comfys3: {error}", file=sys.stderr)
-        return 2
-    where = record.key
-    if record.missing:
-        if waiting:
-            print(
-                f"job {args.job_id}: waiting: {layout.manifest_key(args.job_id)} has not been "
-                f"claimed by a worker yet (no status at {where})"
-            )
-            return 0
-        print(f"comfys3: no status for job {args.job_id!r} at {where}")
-        return 1
-    if record.status is None:  # the bucket is untrusted: a foreign or broken document
-        print(f"comfys3: the status at {where} is {record.problem}")
-        return 1
+        print(f"comfys3: cannot read the status of {job_id!r}: {error}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if record.status is not None:
+        status = record.status
+        print(status.model_dump_json(indent=2) if args.json else describe_status(status))
+        return exit_code_of(status.state)
+    # No status to show: the answer is still a state, as JSON with --json.
+    if waiting:
+        state, code = "waiting", EXIT_NOT_FINISHED
+        text = (
+            f"job {job_id}: waiting: {waiting} has not been claimed by a worker yet (no status "
+            f"at {record.key})"
+        )
+    elif record.missing:
+        state, code = "unknown", EXIT_UNKNOWN
+        text = (
+            f"job {job_id}: unknown: no status for job {job_id!r} at {record.key}, and no "
+            f"manifest waiting at {layout.manifest_key(job_id)}"
+        )
+    else:  # the bucket is untrusted: a foreign or broken document
+        state, code = "unknown", EXIT_UNKNOWN
+        text = f"job {job_id}: unknown: the status at {record.key} is {record.problem}"
     if args.json:
-        print(record.status.model_dump_json(indent=2))
-        return 0
-    print(describe_status(record.status))
-    return 0
+        document = {
+            "id": job_id,
+            "state": state,
+            "status_key": record.key,
+            "manifest_key": waiting,
+            "problem": None if waiting else record.problem,
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        print(text)
+    return code
 
 
 def describe_status(status: JobStatus) -> str:
@@ -309,13 +419,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
     settings = load_worker_settings()
     if args.comfyui_url:
         settings = settings.replace(comfyui_url=args.comfyui_url)
-    if not settings.comfyui.url and settings.comfyui.path is None:
-        print(
-            "comfys3: no ComfyUI to run on: give --comfyui-url URL (a ComfyUI that runs), or "
-            "set COMFYS3_COMFYUI_URL, or COMFYS3_COMFYUI_PATH to a ComfyUI checkout to start",
-            file=sys.stderr,
-        )
+    try:
+        located = locate_comfyui(settings)  # the ComfyUI on 8188, or comfy-cli's
+    except SettingsError as error:
+        print(f"comfys3: {error}\nor give this command --comfyui-url URL", file=sys.stderr)
         return 2
+    settings = located.settings
+    if located.notice:
+        logs.to_stderr(located.notice)
     manifest = Path(args.manifest)
     try:
         data = manifest.read_bytes()
@@ -331,6 +442,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
             allow_raw=settings.jobs.allow_raw_workflows,
             max_bytes=settings.jobs.max_manifest_bytes,
         )
+        problems = key_problems(jobs)  # /etc/passwd: refused as `validate` refuses it
+        if problems:
+            raise ManifestError(problems)
     except ManifestError as error:
         print(f"{manifest}: invalid manifest", file=sys.stderr)
         for problem in error.problems:
@@ -385,10 +499,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run jobs from S3 (or a local folder) until stopped",
         description="""
             Poll COMFYS3_S3_INPUT_DIR for job manifests, claim them, run them on ComfyUI and
-            write outputs and status.json under COMFYS3_S3_OUTPUT_DIR/<job id>/. Many workers
-            may share one bucket; at start the worker checks that the storage honours the
-            conditional writes that keep them from running a job twice. SIGTERM finishes (or
-            gives back) the running jobs and exits.
+            write outputs and status.json under COMFYS3_S3_OUTPUT_DIR/<job id>/. With no
+            COMFYS3_S3_* setting at all it serves an embedded S3 (SeaweedFS, from the local
+            extra) with its data in ./comfys3-data, where submit, status and report find it;
+            with neither COMFYS3_COMFYUI_URL nor COMFYS3_COMFYUI_PATH it uses the ComfyUI
+            answering on 127.0.0.1:COMFYS3_COMFYUI_PORT, else the one comfy-cli installed.
+            Many workers may share one bucket; at start the worker checks that the storage
+            honours the conditional writes that keep them from running a job twice. The first
+            SIGTERM or Ctrl-C stops claiming and lets the running jobs finish (up to
+            COMFYS3_SHUTDOWN_GRACE seconds), then hands back the rest; a second one hands them
+            back at once. Handed back means the claim is released and the manifest waits for
+            the next worker, with nothing lost.
         """,
     )
     run.add_argument(
@@ -415,8 +536,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--gpus",
         metavar="IDS",
         help="start one ComfyUI per GPU and feed them all from one intake: GPU ids (0,1) or all "
-        "(counted with nvidia-smi -L); needs COMFYS3_COMFYUI_PATH (default: COMFYS3_GPUS, "
-        "else one ComfyUI)",
+        "(counted with nvidia-smi -L); starts COMFYS3_COMFYUI_PATH, else the ComfyUI "
+        "comfy-cli installed (default: COMFYS3_GPUS, else one ComfyUI)",
     )
     run.add_argument(
         "--log-format", choices=["text", "json"], default="text", help="log line format"
@@ -427,14 +548,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "status",
         help="show a job's status, or how the whole backlog stands",
         description="""
-            Print the status document of a job for a person (or --json for the document itself).
-            With --summary instead of a job id: how many manifests wait, run, succeeded and
-            failed, counted from listings alone (no document is read).
+            Print the status of a job for a person, or with --json its status document (a
+            job with no status yet is JSON too: {"id", "state": "waiting" or "unknown",
+            "status_key", "manifest_key", "problem"}). The exit code says the state. With
+            --summary instead of a job id: how many manifests wait, run, succeeded and failed,
+            counted from listings alone (no document is read).
         """,
+        epilog=STATUS_EXIT_CODES,
     )
     status.add_argument("job_id", metavar="JOB_ID", nargs="?")
     status.add_argument(
-        "--json", action="store_true", help="print the raw status document (or the counts)"
+        "--json",
+        action="store_true",
+        help="print JSON: the status document, or the state of a job without one (or the counts)",
     )
     status.add_argument("--local", type=Path, metavar="DIR", help="read from a local folder")
     backlog.register_options(status)

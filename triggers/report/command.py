@@ -23,7 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
-from processor import Layout, OutputRecord, Storage, StorageError, storage_from_env
+from processor import Layout, OutputRecord, Storage, StorageError, choose_store
+from triggers.cli.logs import to_stderr
 from triggers.report.data import JobRecord, Selection, parse_since, read_records, select_jobs
 from triggers.report.page import render_pages
 from triggers.report.thumbs import THUMB_DIR, Thumb, is_image, make_thumbnails
@@ -151,13 +152,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"comfys3: --expires must be 1 to {PRESIGN_MAX_SECONDS} seconds", file=sys.stderr)
         return 2
     selection = Selection(tuple(args.job_ids), args.prefix, since)
-    storage, layout = storage_from_env(args.local)
+    choice = choose_store(args.local, say=to_stderr)
+    storage, layout = choice.storage, choice.layout
     out_dir = Path(args.out)
 
     def linker(opened: Storage) -> Linker:
         if args.presign:
             return presign_linker(opened, args.expires)
-        return relative_linker(out_dir, args.local)
+        return relative_linker(out_dir, choice.local_root)
 
     result = asyncio.run(
         write_report(

@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from processor import SettingsError, load_s3_settings, load_worker_settings
 from triggers.cli import logs
 from triggers.cli.help_format import CommandParser
 from triggers.runpod.handler import RunpodHandler
+
+# How to get the SDK, said the same way here, in --help, README.md and docs/runpod.md.
+INSTALL_HINT = "pip install -e '.[runpod]'"
 
 
 def build_handler() -> RunpodHandler:
@@ -46,9 +51,14 @@ def serve(args: argparse.Namespace) -> int:
         import runpod.serverless
     except ImportError:
         print(
-            "comfys3: the runpod package is not installed: pip install 'comfys3[runpod]'",
+            f"comfys3: the runpod package is not installed: {INSTALL_HINT} (in the comfys3 "
+            "checkout)",
             file=sys.stderr,
         )
+        return 2
+    nothing = nothing_to_run(args)
+    if nothing:
+        print(f"comfys3 runpod: {nothing}", file=sys.stderr)
         return 2
     try:
         handler = build_handler()
@@ -70,6 +80,21 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         handler.close()
     return 0
+
+
+def nothing_to_run(args: argparse.Namespace) -> str | None:
+    """Why the SDK would exit at once: off RunPod, with no --test_input, no --rp_serve_api and
+    no ./test_input.json, it logs a warning (hidden by --rp_log_level ERROR) and exits 1."""
+    if args.test_input or args.rp_serve_api or os.environ.get("RUNPOD_WEBHOOK_GET_JOB"):
+        return None
+    if Path("test_input.json").is_file():
+        return None
+    return (
+        "nothing to run: this is not RunPod (RUNPOD_WEBHOOK_GET_JOB is not set) and there is "
+        f"no test_input.json in {Path.cwd()}. Give a job with --test_input "
+        """'{"input": {"workflow": "solid"}}', put it in ./test_input.json, or serve a local """
+        "API with --rp_serve_api"
+    )
 
 
 def _server(args: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
@@ -128,7 +153,7 @@ DESCRIPTION = (
     "docs/runpod.md. Settings come from COMFYS3_* variables, as for `comfys3 run`. "
     "With neither --test_input nor --rp_serve_api it serves the endpoint's queue on "
     "RunPod, and runs ./test_input.json once elsewhere. Needs the runpod extra: "
-    "pip install 'comfys3[runpod]'."
+    f"{INSTALL_HINT}."
 )
 
 

@@ -1,5 +1,6 @@
-"""Waiting for ComfyUI out loud: what is awaited is said at once and then again while it lasts,
-and an address where nothing listens fails after a short grace, not after the start-up timeout."""
+"""Waiting for ComfyUI out loud: what is awaited is said once a try has failed and then again
+while it lasts, with the real deadline; an address where nothing listens fails after a short
+grace, not after the start-up timeout; a ComfyUI that answers at once is no wait at all."""
 
 from __future__ import annotations
 
@@ -44,11 +45,12 @@ async def test_a_refusing_address_fails_after_the_grace_and_says_so_from_the_sta
     assert message.startswith(f"nothing answers at {url} (connection refused for 1.5 s)")
     assert "COMFYS3_COMFYUI_CONNECT_GRACE" in message and "--comfyui-url" in message
     first = reports[0]
-    assert first.what == f"ComfyUI at {url}" and first.elapsed < 0.5 and not first.done
-    assert first.gives_up_in > 200  # nothing was refused yet: the whole timeout is left
-    assert any(r.detail == "connection refused" and r.gives_up_in <= 1.5 for r in reports[1:])
+    assert first.what == f"ComfyUI at {url}" and not first.done
+    # Said after the first refused try, with the grace as the deadline: never "300 s".
+    assert first.detail == "connection refused" and first.gives_up_in <= 1.5
+    assert all(r.gives_up_in <= 1.5 for r in reports)
     assert reports[-1].done and not reports[-1].ready
-    assert len(reports) >= 3  # at once, every second, at the end
+    assert len(reports) >= 2  # every second once refused, and at the end
 
 
 async def test_a_comfyui_that_opens_its_port_within_the_grace_is_waited_for(
@@ -79,6 +81,13 @@ async def test_the_engine_gives_the_grace_only_to_a_comfyui_it_did_not_start() -
         async with ComfyEngine(settings, on_wait=reports):
             pass
     assert reports and reports[0].what.startswith("ComfyUI at http://127.0.0.1:")
+
+
+async def test_a_comfyui_that_answers_at_once_is_no_wait(fake_comfyui: object) -> None:
+    reports = Reports()
+    async with ComfyClient(fake_comfyui.url) as comfy:  # type: ignore[attr-defined]
+        await comfy.wait_ready(300, refused_grace=20, on_wait=reports)
+    assert [r.done and r.ready for r in reports] == [True]  # only the end, nothing to show
 
 
 def test_log_notices_say_it_at_once_then_every_few_seconds(
@@ -158,14 +167,32 @@ def test_exec_on_a_dead_address_says_what_it_waits_for_and_fails_fast(
 
 
 def test_exec_without_any_comfyui_names_the_flag(
-    in_folder: Path, capsys: pytest.CaptureFixture[str]
+    in_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    monkeypatch.setenv("COMFYS3_COMFYUI_PORT", str(free_port()))  # nothing answers there
+    monkeypatch.setenv("HOME", str(in_folder))  # and comfy-cli installed none
     code = cli.main(["exec", "job.json", "--out", "out"])
 
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith("comfys3: no ComfyUI to run on: give --comfyui-url URL")
+    assert err.startswith("comfys3: no ComfyUI: no COMFYS3_COMFYUI_URL or COMFYS3_COMFYUI_PATH")
+    assert "pip install comfy-cli" in err
+    assert err.rstrip().endswith("or give this command --comfyui-url URL")
     assert not (in_folder / "out").exists()
+
+
+def test_exec_without_a_setting_uses_the_comfyui_on_its_port(
+    in_folder: Path,
+    fake_comfyui: FakeComfyUIThread,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("COMFYS3_COMFYUI_PORT", fake_comfyui.url.rsplit(":", 1)[1])
+    code = cli.main(["exec", "job.json", "--out", "out"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"using the ComfyUI that answers at {fake_comfyui.url}" in captured.err
+    assert (in_folder / "out" / "job" / "status.json").is_file()
 
 
 def test_run_attached_to_a_dead_address_logs_the_wait_and_fails_fast(tmp_path: Path) -> None:
@@ -180,3 +207,20 @@ def test_run_attached_to_a_dead_address_logs_the_wait_and_fails_fast(tmp_path: P
     assert f"INFO processor.comfy.client: waiting for ComfyUI at {url}: " in result.stderr
     assert f"comfys3: nothing answers at {url} (connection refused for 1 s)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_run_and_exec_on_a_comfyui_that_answers_at_once_say_no_wait(
+    tmp_path: Path, fake_comfyui: FakeComfyUIThread
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMFYS3_")}
+    env["COMFYS3_COMFYUI_URL"] = fake_comfyui.url
+    (tmp_path / "job.json").write_text('{"workflow": "solid"}')
+    for args in (
+        ("run", "--once", "--local", str(tmp_path / "jobs")),
+        ("exec", "job.json", "--out", "out"),
+    ):
+        result = subprocess.run(
+            comfys3(*args), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        assert "waiting for" not in result.stderr and "gives up" not in result.stderr

@@ -113,6 +113,17 @@ async def test_list_non_recursive_hides_sub_prefixes(storage: Storage) -> None:
     ]
 
 
+async def test_a_page_names_its_sub_folders_alike_on_every_backend(storage: Storage) -> None:
+    for key in ["input/a.json", "input/_done/a.json", "input/sub/deep/b.json", "inputs/x.json"]:
+        await storage.put(key, key.encode())
+
+    page = await storage.list_page("input")
+    assert [o.key for o in page.items] == ["input/a.json"]
+    assert page.folders == ["input/_done/", "input/sub/"]
+    top = await storage.list_page("")
+    assert top.items == [] and top.folders == ["input/", "inputs/"]  # .comfys3/ stays hidden
+
+
 async def test_list_paginates(storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
     """A page size of 2 walks the continuation logic on every backend, sub-prefixes included."""
     monkeypatch.setattr(storage_s3, "LIST_PAGE", 2)

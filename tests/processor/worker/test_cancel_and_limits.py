@@ -113,7 +113,7 @@ async def test_a_running_job_is_cancelled_from_the_command_line(
     assert took < 5, took
     assert_settled(tmp_path, "long")
     shown = await asyncio.to_thread(cli.main, ["status", "long", "--local", str(tmp_path)])
-    assert shown == 0
+    assert shown == 1  # cancelled: final, and no success (`comfys3 status --help`)
     stats = fake_comfyui.stats()
     assert len(stats["interrupted"]) == 1 and len(stats["executed"]) == 2  # then "after" ran
     assert fake_queue(fake_comfyui) == {"queue_running": [], "queue_pending": []}
@@ -222,7 +222,8 @@ async def test_status_shows_a_cancelled_job_for_a_person(
     assert await cancel_cli(tmp_path, "gone", "--reason", "not needed") == 0
     await drain(tmp_path, worker_settings(fake_comfyui))
     capsys.readouterr()
-    assert await asyncio.to_thread(cli.main, ["status", "gone", "--local", str(tmp_path)]) == 0
+    # Exit 1: cancelled is final and no success, as for a failed job (`status --help`).
+    assert await asyncio.to_thread(cli.main, ["status", "gone", "--local", str(tmp_path)]) == 1
     shown = capsys.readouterr().out
     assert shown.startswith("job gone: cancelled (attempt 1)")
     assert "  cancelled cancelled by comfys3 cancel (" in shown

@@ -189,6 +189,20 @@ async def test_input_file_is_staged_and_missing_one_is_named(
     assert executions(fake_comfyui) == 1
 
 
+async def test_an_input_path_outside_the_storage_fails_as_invalid_with_the_rule(
+    tmp_path: Path, fake_comfyui: Any
+) -> None:
+    drop(tmp_path, "abs", {"workflow": "scale", "payload": {"image": "/etc/passwd"}})
+
+    await drain(tmp_path, worker_settings(fake_comfyui))
+
+    status = status_of(tmp_path, "abs")
+    assert status.state is JobState.failed and status.error is not None
+    assert status.error.type == "input_invalid"  # no attempt can read it: not "missing"
+    assert "input file '/etc/passwd' cannot be read: it starts with '/'" in status.error.message
+    assert executions(fake_comfyui) == 0
+
+
 async def test_output_converted_to_jpeg(tmp_path: Path, fake_comfyui: Any) -> None:
     drop(tmp_path, "jpg", {"workflow": "solid", "output": {"format": "jpeg", "quality": 80}})
 
@@ -266,9 +280,9 @@ def test_counts_are_by_job_and_a_later_window_never_goes_negative() -> None:
 
     assert counts.summary() == {
         "manifests": 2, "succeeded": 1, "failed": 1, "retried": 0, "skipped": 0, "cancelled": 0,
-        "attempts": 3,
+        "handed_back": 0, "attempts": 3,
     }  # fmt: skip
     assert counts.since(mark).summary() == {
         "manifests": 2, "succeeded": 1, "failed": 1, "retried": 0, "skipped": 0, "cancelled": 0,
-        "attempts": 2,
+        "handed_back": 0, "attempts": 2,
     }  # fmt: skip

@@ -111,3 +111,21 @@ async def test_the_out_folder_stands_for_the_output_prefix(tmp_path: Path) -> No
         assert folder.path_of("output/job/a.png") == (tmp_path / "results/job/a.png").resolve()
         with pytest.raises(StorageError, match="is not under output/"):
             await folder.put("input/job.json", b"{}")
+
+
+def test_an_input_path_no_worker_reads_is_refused_alike_by_validate_exec_and_the_worker(
+    tmp_path: Path, fake_comfyui: Any
+) -> None:
+    """/etc/passwd was "invalid" for validate and input_missing for exec: one rule, one
+    message, and the worker fails such a job as input_invalid with that message too."""
+    manifest = {"workflow": "scale", "payload": {"image": "/etc/passwd"}}
+    said = "payload.image: input file '/etc/passwd' cannot be read: it starts with '/'"
+    executed = run_exec(tmp_path, manifest, fake_comfyui.url)
+    checked = subprocess.run(
+        comfys3("validate", "job.json"), cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert executed.returncode == checked.returncode == 1
+    [by_exec] = [line for line in executed.stderr.splitlines() if "payload.image" in line]
+    [by_validate] = [line for line in checked.stdout.splitlines() if "payload.image" in line]
+    assert by_exec == by_validate and by_exec.startswith(f"  {said} (an input file is a path")
+    assert fake_comfyui.stats()["queued"] == 0 and not (tmp_path / "out" / "job").exists()

@@ -48,12 +48,40 @@ def test_validate_seed_example_with_no_s3_variables(tmp_path: Path) -> None:
     result = run_clean("validate", "--print-graph", str(manifest), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    first, graph_text = result.stdout.split("\n", 1)
-    assert first == f"{manifest}: ok (1 job: job)"
-    graph = json.loads(graph_text)
+    # `validate --print-graph job.json > graph.json`: stdout is the graph alone, the verdict
+    # is a message on stderr.
+    assert result.stderr == f"{manifest}: ok (1 job: job)\n"
+    graph = json.loads(result.stdout)
     assert graph["3"]["inputs"]["seed"] == 123
     assert graph["3"]["class_type"] == "KSampler"
     assert graph["9"]["inputs"]["filename_prefix"] == "comfys3/job/9"
+
+
+def test_print_graph_of_several_jobs_is_one_json_object_by_job_id(tmp_path: Path) -> None:
+    batch = tmp_path / "pair.json"
+    batch.write_text('{"workflow": "solid", "batch": [{"color": 1}, {"color": 2}]}')
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"workflow": "nope"}')
+    result = run_clean("validate", "--print-graph", str(batch), str(broken), cwd=tmp_path)
+    assert result.returncode == 1  # one file is invalid: said on stderr, the rest still shown
+    graphs = json.loads(result.stdout)
+    assert {job: graph["1"]["inputs"]["color"] for job, graph in graphs.items()} == {
+        "pair-1": 1,
+        "pair-2": 2,
+    }
+    assert f"{batch}: ok (2 jobs: pair-1, pair-2)" in result.stderr
+    assert f"{broken}: invalid" in result.stderr
+
+
+def test_validate_without_print_graph_gives_its_verdicts_on_stdout(tmp_path: Path) -> None:
+    manifest = tmp_path / "job.json"
+    manifest.write_text('{"workflow": "solid"}')
+    result = run_clean("validate", str(manifest), cwd=tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0,
+        f"{manifest}: ok (1 job: job)\n",
+        "",
+    )
 
 
 def test_workflows_with_no_s3_variables(tmp_path: Path) -> None:
