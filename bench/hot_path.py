@@ -310,15 +310,8 @@ def filled_graphs(workload: Workload, name: str, numbers: range, folder: Path) -
                           capture_output=True, text=True, cwd=folder, timeout=120)  # fmt: skip
     if done.returncode != 0:
         raise SystemExit(f"comfys3 validate failed:\n{done.stdout}\n{done.stderr}")
-    text = done.stdout.partition("\n")[2]
-    decoder, graphs, at = json.JSONDecoder(), [], 0
-    while at < len(text):
-        while at < len(text) and text[at].isspace():
-            at += 1
-        if at >= len(text):
-            break
-        graph, at = decoder.raw_decode(text, at)
-        graphs.append(graph)
+    printed = json.loads(done.stdout)  # a batch: {job id: graph}, in the batch's order
+    graphs = list(printed.values()) if len(batch) > 1 else [printed]
     if len(graphs) != len(batch):
         raise SystemExit(f"comfys3 validate printed {len(graphs)} graphs for {len(batch)} jobs")
     return graphs
@@ -377,6 +370,7 @@ def run_comfys3(
     prefix: str,
     counted: bool = True,
     before: Path | None = None,
+    s3_client: str | None = None,
 ) -> Row:
     """One `comfys3 run --once` worker draining ``numbers`` jobs; ``counted``: through the
     counting proxies (else straight to S3 and ComfyUI, for throughput without the proxies)."""
@@ -397,9 +391,11 @@ def run_comfys3(
     if before is not None:  # another checkout's worker: the same bench, code before a change
         name = name.replace("comfys3", f"comfys3 before ({before.name})")
         command = [str(before / ".venv" / "bin" / "comfys3")]
+    if s3_client is not None:
+        name = name.replace("comfys3", f"comfys3 on {s3_client}")
     log_path = (
-        folder
-        / f"worker-{workload.name}{'' if counted else '-bare'}{'-before' if before else ''}.log"
+        folder / f"worker-{workload.name}{'' if counted else '-bare'}{'-before' if before else ''}"
+        f"{'-' + s3_client if s3_client else ''}.log"
     )
     with contextlib.ExitStack() as stack:
         s3_proxy = comfy_proxy = None
@@ -413,6 +409,8 @@ def run_comfys3(
         folders = comfy.output_dir.parent if comfy.output_dir and not NO_FOLDERS else None
         env = worker_env(s3, s3_proxy.url if s3_proxy else s3.endpoint_url,
                          comfy_proxy.url if comfy_proxy else comfy.url, folders)  # fmt: skip
+        if s3_client is not None:
+            env["COMFYS3_S3_CLIENT"] = s3_client
         process = subprocess.Popen(
             [*command, "run", "--once"], env=env, cwd=folder,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -583,6 +581,8 @@ def run_workload(args: argparse.Namespace, workload: Workload, s3: S3, base: Pat
     per_round = args.jobs // args.rounds
     say = lambda text: print(f"[{workload.name}] {text}", file=sys.stderr, flush=True)  # noqa: E731
     clients = ["alone", "comfys3"] + (["comfys3-bare"] if args.bare else [])
+    if args.obstore:
+        clients += ["comfys3-obstore"]
     if args.before:
         clients += ["before"] + (["before-bare"] if args.bare else [])
     if args.peer_driver:
@@ -608,9 +608,11 @@ def run_workload(args: argparse.Namespace, workload: Workload, s3: S3, base: Pat
                 elif client.startswith(("comfys3", "before")):
                     bare = client.endswith("bare")
                     before = client.startswith("before")
-                    prefix = f"{workload.name}{tag}{'b' if bare else ''}{'o' if before else ''}"
+                    other = "obstore" if client.endswith("obstore") else None
+                    prefix = (f"{workload.name}{tag}{'b' if bare else ''}{'o' if before else ''}"
+                              f"{'x' if other else ''}")  # fmt: skip
                     row = run_comfys3(s3, comfy, workload, numbers, base, prefix, not bare,
-                                      args.before if before else None)  # fmt: skip
+                                      args.before if before else None, other)  # fmt: skip
                 else:
                     bare = client.endswith("bare")
                     name = f"peer{'b' if bare else ''}{tag}"
@@ -688,6 +690,11 @@ def main() -> None:
         type=Path,
         help="another comfys3 checkout with its .venv (e.g. main): its worker gets rows of its "
         "own in the same run, for figures before and after a change",
+    )
+    parser.add_argument(
+        "--obstore",
+        action="store_true",
+        help="a row more: the worker on COMFYS3_S3_CLIENT=obstore (needs comfys3[obstore])",
     )
     parser.add_argument(
         "--no-folders",
