@@ -19,6 +19,7 @@ from processor.errors import (
     PreconditionFailed,
     Problem,
     SettingsError,
+    StoppedWhileStarting,
     StorageError,
     WorkflowLoadError,
 )
@@ -153,6 +154,7 @@ __all__ = [
     "SettingsError",
     "SqsSettings",
     "StatusBook",
+    "StoppedWhileStarting",
     "Storage",
     "StorageError",
     "StoredObject",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from processor.comfy.client import ComfyClient
 from processor.comfy.gpus import gpus_of
 from processor.comfy.process import ComfyEngine
 from processor.comfy.waiting import WaitListener
+from processor.errors import StorageUnreachable
 from processor.job.runner import ProgressHook, runner_for
 from processor.models.cache import ModelCache
 from processor.models.paths_config import cache_dir
@@ -28,6 +30,7 @@ from processor.storage.base import Storage
 from processor.storage.claims_check import check_conditional_writes
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage
+from processor.storage.reachable import describe_wait, until_reachable
 from processor.storage.s3 import S3Storage
 from processor.worker.loop import Worker
 from processor.worker.warm_start import warm_up
@@ -89,6 +92,7 @@ async def open_worker(
     on_wait: WaitListener | None = None,
     ops: Ops | None = None,
     shared: bool = True,
+    stop: asyncio.Event | None = None,
 ) -> AsyncIterator[Worker]:
     """A ready worker, the same for every trigger (``run``, ``exec``, RunPod): templates
     loaded, storage open and able to referee claims, ComfyUI answering and warmed up, and
@@ -100,6 +104,10 @@ async def open_worker(
     not from ``storage`` (``exec`` reads them from the current folder). ``shared``: other
     workers may use this storage, so it must referee claims; ``exec``'s output folder is its
     own. ``on_wait`` shows a person what the worker waits for (ComfyUI starting).
+
+    Storage that does not answer yet is waited for, without a bound, as long as the failure
+    may pass (:mod:`processor.storage.reachable`); ``stop`` set meanwhile (SIGTERM) raises
+    :class:`processor.errors.StoppedWhileStarting`.
     """
     registry = WorkflowRegistry.default(settings.jobs.workflows_dir)
     holder = worker_name(settings)
@@ -115,8 +123,8 @@ async def open_worker(
         await stack.enter_async_context(storage)
         if inputs is not None:
             await stack.enter_async_context(inputs)
-        if shared and settings.lane.check_conditional_writes:
-            await check_conditional_writes(storage, layout.claims_prefix, holder)
+        if shared:
+            await _storage_answers(storage, layout, settings, holder, ops, stop)
         ops.storage_ok()
         ops.health.set_clock_offset(storage.clock_offset)
         offset = storage.clock_offset()
@@ -182,6 +190,45 @@ async def open_worker(
             settings=settings,
             holder=holder,
             ops=ops,
+        )
+
+
+async def _storage_answers(
+    storage: Storage,
+    layout: Layout,
+    settings: WorkerSettings,
+    holder: str,
+    ops: Ops,
+    stop: asyncio.Event | None,
+) -> None:
+    """The first requests a worker makes of shared storage, tried until it answers: the check
+    that it referees claims, or (with that check off) one listing of the intake, so a wrong
+    bucket or credentials fail here, at once, and an outage is waited out before ComfyUI
+    starts. Each try is a single request (botocore's retries off): the back-off is here."""
+
+    def waiting(error: StorageUnreachable, pause: float) -> None:
+        ops.storage_failed("start", error)
+        log.warning("%s", describe_wait(error, pause), extra=error.details)
+
+    async with contextlib.AsyncExitStack() as stack:
+        probe = storage
+        if isinstance(storage, S3Storage):
+            probe = await stack.enter_async_context(storage.single_try())
+
+        async def attempt() -> None:
+            if settings.lane.check_conditional_writes:
+                await check_conditional_writes(probe, layout.claims_prefix, holder)
+            else:
+                await probe.list_page(layout.input_dir, limit=1)
+
+        started = time.monotonic()
+        _, failures = await until_reachable(attempt, on_wait=waiting, stop=stop)
+    if failures:
+        log.info(
+            "%r answers after %d failed tries (%.0f s)",
+            storage,
+            failures,
+            time.monotonic() - started,
         )
 
 

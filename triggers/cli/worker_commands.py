@@ -27,6 +27,7 @@ from processor import (
     SettingsError,
     SqsSettings,
     StatusBook,
+    StoppedWhileStarting,
     Storage,
     StorageError,
     Verdict,
@@ -123,9 +124,13 @@ async def _run(
 
             api_storage, _ = storage_from_env(args.local)
             await stack.enter_async_context(serving_api(settings, api_storage, layout))
-        worker = await stack.enter_async_context(
-            open_worker(storage=storage, layout=layout, settings=settings, ops=ops)
-        )
+        try:
+            worker = await stack.enter_async_context(
+                open_worker(storage=storage, layout=layout, settings=settings, ops=ops, stop=stop)
+            )
+        except StoppedWhileStarting:
+            log.info("stopped before the worker was ready: nothing was claimed")
+            return Counts()
         wait_for_work: WaitForWork | None = None  # --once: drain, then return
         may_list: Callable[[], bool] | None = None
         if args.once:
