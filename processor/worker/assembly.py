@@ -92,6 +92,7 @@ async def open_worker(
     on_wait: WaitListener | None = None,
     ops: Ops | None = None,
     shared: bool = True,
+    wait_for_storage: bool = False,
     stop: asyncio.Event | None = None,
 ) -> AsyncIterator[Worker]:
     """A ready worker, the same for every trigger (``run``, ``exec``, RunPod): templates
@@ -105,9 +106,11 @@ async def open_worker(
     workers may use this storage, so it must referee claims; ``exec``'s output folder is its
     own. ``on_wait`` shows a person what the worker waits for (ComfyUI starting).
 
-    Storage that does not answer yet is waited for, without a bound, as long as the failure
-    may pass (:mod:`processor.storage.reachable`); ``stop`` set meanwhile (SIGTERM) raises
-    :class:`processor.errors.StoppedWhileStarting`.
+    ``wait_for_storage`` (a worker that serves until stopped): shared storage that does not
+    answer yet is waited for, without a bound, as long as the failure may pass
+    (:mod:`processor.storage.reachable`); ``stop`` set meanwhile (SIGTERM) raises
+    :class:`processor.errors.StoppedWhileStarting`. Without it (a drain, a RunPod request,
+    which want an answer now) the first failure is raised, readable.
     """
     registry = WorkflowRegistry.default(settings.jobs.workflows_dir)
     holder = worker_name(settings)
@@ -123,8 +126,10 @@ async def open_worker(
         await stack.enter_async_context(storage)
         if inputs is not None:
             await stack.enter_async_context(inputs)
-        if shared:
+        if shared and wait_for_storage:
             await _storage_answers(storage, layout, settings, holder, ops, stop)
+        elif shared and settings.lane.check_conditional_writes:
+            await check_conditional_writes(storage, layout.claims_prefix, holder)
         ops.storage_ok()
         ops.health.set_clock_offset(storage.clock_offset)
         offset = storage.clock_offset()

@@ -126,7 +126,15 @@ async def _run(
             await stack.enter_async_context(serving_api(settings, api_storage, layout))
         try:
             worker = await stack.enter_async_context(
-                open_worker(storage=storage, layout=layout, settings=settings, ops=ops, stop=stop)
+                open_worker(
+                    storage=storage,
+                    layout=layout,
+                    settings=settings,
+                    ops=ops,
+                    # A serving worker waits out an S3 outage at start; a drain says it failed.
+                    wait_for_storage=not args.once,
+                    stop=stop,
+                )
             )
         except StoppedWhileStarting:
             log.info("stopped before the worker was ready: nothing was claimed")
@@ -392,7 +400,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             Poll COMFYS3_S3_INPUT_DIR for job manifests, claim them, run them on ComfyUI and
             write outputs and status.json under COMFYS3_S3_OUTPUT_DIR/<job id>/. Many workers
             may share one bucket; at start the worker checks that the storage honours the
-            conditional writes that keep them from running a job twice. SIGTERM finishes (or
+            conditional writes that keep them from running a job twice; S3 that does not answer
+            yet is waited for (without --once), one log line per try. SIGTERM finishes (or
             gives back) the running jobs and exits.
         """,
     )

@@ -146,8 +146,17 @@ async def test_a_worker_waits_for_storage_then_runs_jobs(
     (tmp_path / "input" / "job.json").write_text('{"workflow": "solid"}')
     storage = DownAtFirst(tmp_path, failures=2)
     caplog.set_level("INFO", logger="comfys3.worker")
+    with pytest.raises(StorageUnreachable):  # a drain (or a RunPod request) does not wait
+        async with open_worker(
+            storage=storage, layout=local_layout(), settings=worker_settings(fake_comfyui)
+        ):
+            pass
+    storage.failures = 2
     async with open_worker(
-        storage=storage, layout=local_layout(), settings=worker_settings(fake_comfyui)
+        storage=storage,
+        layout=local_layout(),
+        settings=worker_settings(fake_comfyui),
+        wait_for_storage=True,
     ) as worker:
         counts = await worker.run()
     assert counts.succeeded == 1
