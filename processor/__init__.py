@@ -20,6 +20,7 @@ from processor.errors import (
     PreconditionFailed,
     Problem,
     SettingsError,
+    StoppedWhileStarting,
     StorageError,
     WorkflowLoadError,
 )
@@ -166,6 +167,7 @@ __all__ = [
     "SettingsError",
     "SqsSettings",
     "StatusBook",
+    "StoppedWhileStarting",
     "Storage",
     "StorageError",
     "StoreChoice",

@@ -16,6 +16,7 @@ Comfys3Error
 ├── JsonLimitError             JSON beyond what comfys3 reads (also a ValueError)
 ├── LeaseLost                  a claim was taken over: the job is no longer ours
 ├── JobCancelled               someone asked for the job to stop (comfys3 cancel, RunPod)
+├── StoppedWhileStarting       SIGTERM / Ctrl-C came while the worker waited to be ready
 ├── FetchError                 a fetch from outside failed in a way that may pass
 │   └── FetchRefused           the guard refused it, or the answer can never be used
 ├── ModelDownloadFailed        a model could not be fetched this time
@@ -23,6 +24,7 @@ Comfys3Error
 ├── CapabilityMissing          this worker's ComfyUI lacks node types or models the job needs
 │   └── CapabilityWaitOver     ... and no worker that has them took it in time
 ├── StorageError               a storage operation failed
+│   ├── StorageUnreachable     no answer, or "overloaded" (refused, timeout, DNS, 5xx, SlowDown)
 │   ├── ObjectNotFound
 │   ├── PreconditionFailed     a conditional write lost
 │   ├── InvalidKey             a key no backend should use
@@ -150,8 +152,20 @@ class JobCancelled(Comfys3Error):
     RunPod's cancel). ``details`` say who and when; it is final, and it is nobody's failure."""
 
 
+class StoppedWhileStarting(Comfys3Error):
+    """The worker was asked to stop (SIGTERM, Ctrl-C) while it waited for what it needs to
+    start (storage that does not answer yet): nothing was claimed, so stopping is clean."""
+
+
 class StorageError(Comfys3Error):
     """A storage operation that failed; the message names the operation and key, never secrets."""
+
+
+class StorageUnreachable(StorageError):
+    """The storage did not answer (connection refused or reset, a timeout, a host name that
+    does not resolve) or answered that it cannot serve now (5xx, SlowDown): an outage that
+    waiting may end, unlike a refusal (bad credentials, no such bucket). ``details`` has
+    ``endpoint`` and ``reason``, a few words for a log line."""
 
 
 class ObjectNotFound(StorageError):

@@ -503,8 +503,10 @@ class JobRunner:
                 raise InputInvalid(f"input '{field_name}': {refusal}")
             source = input_source(text)
             data = await self._read_input(field_name, text, source)
-            try:
-                check_image(data, text, max_pixels=self.limits.max_input_pixels)
+            try:  # decoded in full, off the event loop: Pillow lets go of the GIL meanwhile
+                await asyncio.to_thread(
+                    check_image, data, text, max_pixels=self.limits.max_input_pixels
+                )
             except InputInvalid as error:
                 raise InputInvalid(f"input '{field_name}': {error}") from None
             name = await self.comfy.upload_input(data, source.file_name, subfolder)

@@ -48,6 +48,7 @@ from processor.errors import (
     ObjectTooLarge,
     PreconditionFailed,
     StorageError,
+    StorageUnreachable,
 )
 from processor.settings import S3Settings
 from processor.storage.base import ObjectInfo, Page, Put, PutOptions, StoredObject, validate_key
@@ -240,7 +241,16 @@ class ObstoreStorage(ClosedOnExit):
                 f"S3 {operation} of {where} was refused ({detail}); check "
                 "COMFYS3_S3_ACCESS_KEY, COMFYS3_S3_SECRET_KEY and the bucket's permissions"
             )
+        outage = _outage(error, status, code)
+        if outage is not None:
+            return StorageUnreachable(
+                f"S3 {operation} of {where} failed: {detail}",
+                {"endpoint": self._endpoint_shown(), "reason": outage},
+            )
         return StorageError(f"S3 {operation} of {where} failed: {detail}")
+
+    def _endpoint_shown(self) -> str:
+        return self._settings.endpoint_url or f"s3.{self._settings.region}.amazonaws.com"
 
     # -- Storage --------------------------------------------------------------------------
 
@@ -393,3 +403,33 @@ class ObstoreStorage(ClosedOnExit):
             return await obstore.sign_async(self._s3, "GET", key, timedelta(seconds=expires_in))
         except _OBSTORE_ERRORS as error:
             raise self._translate(error, "presign", key) from None
+
+
+# obstore's words for a request that got no answer (its errors carry no type for it), most
+# telling first, each with what a log line says.
+_NO_ANSWER = (
+    ("connection refused", "connection refused"),
+    ("dns error", "host name not found"),
+    ("failed to lookup", "host name not found"),
+    ("connection reset", "connection reset"),
+    ("broken pipe", "connection reset"),
+    ("timed out", "timed out"),
+    ("operation timed out", "timed out"),
+    ("error sending request", "no answer"),
+    ("tcp connect", "no answer"),
+)
+
+
+def _outage(error: BaseException, status: int | None, code: str | None) -> str | None:
+    """A few words for a failure that waiting may end (no answer, 5xx, SlowDown), else None:
+    the same line botocore's standard retry mode draws for :class:`S3Storage`."""
+    if code == "SlowDown":
+        return "HTTP 503 SlowDown"
+    if status is not None and status >= 500:
+        return f"HTTP {status}"
+    if status is None:
+        text = str(error).lower()
+        for words, reason in _NO_ANSWER:
+            if words in text:
+                return reason
+    return None

@@ -13,6 +13,8 @@ import copy
 import email.utils
 import functools
 import random
+import socket
+import ssl
 import statistics
 import time
 from collections import deque
@@ -24,10 +26,30 @@ import aiohttp
 import botocore.utils
 from aiobotocore.session import AioSession, get_session
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    HTTPClientError,
+    ReadTimeoutError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import SSLError as BotoSSLError
+from botocore.retries.standard import (
+    OrRetryChecker,
+    RetryContext,
+    ThrottledRetryableChecker,
+    TransientRetryableChecker,
+)
 
 from processor.aio import ClosedOnExit
-from processor.errors import ObjectNotFound, ObjectTooLarge, PreconditionFailed, StorageError
+from processor.errors import (
+    ObjectNotFound,
+    ObjectTooLarge,
+    PreconditionFailed,
+    StorageError,
+    StorageUnreachable,
+)
 from processor.settings import S3Settings
 from processor.storage.base import (
     ObjectInfo,
@@ -78,6 +100,83 @@ _AUTH_CODES = {
     "ExpiredToken",
 }
 _TRANSPORT_ERRORS = (BotoCoreError, aiohttp.ClientError, OSError, asyncio.TimeoutError)
+# Failures on the way to S3 that may pass: botocore's own transient exceptions (connection
+# refused or reset, DNS, timeouts), and the same from aiohttp or the socket before botocore
+# wraps them. Certificate errors are not among them: they do not pass by themselves.
+_CONNECTION_ERRORS = (
+    BotoConnectionError,
+    HTTPClientError,
+    aiohttp.ClientError,
+    OSError,
+    asyncio.TimeoutError,
+)
+_CERTIFICATE_ERRORS = (BotoSSLError, aiohttp.ClientSSLError, ssl.SSLError)
+# Answers that say "not now" (500, 502, 503, 504, SlowDown, throttling, RequestTimeout), as
+# botocore's standard retry mode judges them, so waiting at start agrees with its retries.
+_PASSING_ANSWERS = OrRetryChecker([TransientRetryableChecker(), ThrottledRetryableChecker()])
+
+
+class _Answer:
+    """The one attribute botocore's transient check reads of an HTTP response."""
+
+    def __init__(self, status_code: int) -> None:
+        self.status_code = status_code
+
+
+def passing_reason(error: BaseException) -> str | None:
+    """A few words on why S3 could not serve the request, if it is an outage that may pass
+    (no connection, a timeout, an answer of 5xx or SlowDown); None for anything else (bad
+    credentials, no such bucket, a certificate that does not verify), which waiting cannot
+    mend."""
+    if isinstance(error, ClientError):
+        code, status = _error_code(error)
+        context = RetryContext(
+            attempt_number=1,
+            parsed_response=error.response,
+            http_response=_Answer(status) if status else None,
+        )
+        if not _PASSING_ANSWERS.is_retryable(context):
+            return None
+        return " ".join(part for part in (f"HTTP {status}" if status else "", code) if part)
+    if not isinstance(error, _CONNECTION_ERRORS) or _caused_by(error, _CERTIFICATE_ERRORS):
+        return None
+    if _caused_by(error, (ConnectionRefusedError,)):
+        return "connection refused"
+    if _caused_by(error, (aiohttp.ClientConnectorDNSError, socket.gaierror)):
+        return "host name not found"
+    if isinstance(error, ConnectTimeoutError):
+        return "no connection within the connect timeout"
+    if isinstance(error, ReadTimeoutError) or _caused_by(error, (asyncio.TimeoutError,)):
+        return "no answer within the read timeout"
+    if _caused_by(error, (ConnectionResetError, aiohttp.ServerDisconnectedError)):
+        return "connection closed by the server"
+    root = _root(error)
+    text = " ".join(str(root).split()) or type(root).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """``error`` and what it wraps: botocore keeps the cause in ``kwargs['error']``, aiohttp's
+    connector errors in ``os_error``, Python in ``__cause__`` / ``__context__``."""
+    found: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in found and len(found) < 8:
+        found.append(current)
+        kwargs = getattr(current, "kwargs", None)
+        inner = kwargs.get("error") if isinstance(kwargs, dict) else None
+        inner = inner if isinstance(inner, BaseException) else getattr(current, "os_error", None)
+        if not isinstance(inner, BaseException):
+            inner = current.__cause__ or current.__context__
+        current = inner
+    return found
+
+
+def _caused_by(error: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    return any(isinstance(cause, kinds) for cause in _causes(error))
+
+
+def _root(error: BaseException) -> BaseException:
+    return _causes(error)[-1]
 
 
 _TIMESTAMP_FORMATS = ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ", "%a, %d %b %Y %H:%M:%S GMT")
@@ -223,8 +322,10 @@ class S3Storage(ClosedOnExit):
 
     def _translate(self, error: Exception, operation: str, key: str) -> StorageError:
         where = self._where(key)
+        reason = passing_reason(error)
         if not isinstance(error, ClientError):
-            return StorageError(f"S3 {operation} of {where} failed: {error}")
+            message = f"S3 {operation} of {where} failed: {error}"
+            return self._unreachable(message, reason) if reason else StorageError(message)
         code, status = _error_code(error)
         message = error.response.get("Error", {}).get("Message") or ""
         detail = f"{code or status}" + (f": {message}" if message else "")
@@ -239,7 +340,13 @@ class S3Storage(ClosedOnExit):
                 f"S3 {operation} of {where} was refused ({detail}); check "
                 "COMFYS3_S3_ACCESS_KEY, COMFYS3_S3_SECRET_KEY and the bucket's permissions"
             )
-        return StorageError(f"S3 {operation} of {where} failed: {detail}")
+        message = f"S3 {operation} of {where} failed: {detail}"
+        return self._unreachable(message, reason) if reason else StorageError(message)
+
+    def _unreachable(self, message: str, reason: str) -> StorageUnreachable:
+        return StorageUnreachable(
+            message, {"service": "S3", "endpoint": self._settings.endpoint_url, "reason": reason}
+        )
 
     async def _call(self, operation: str, key: str, method: str, **params: Any) -> Any:
         try:
@@ -250,6 +357,20 @@ class S3Storage(ClosedOnExit):
     def location(self, key: str) -> str:
         """Where ``key`` is, for a person: ``s3://bucket/key``."""
         return self._where(key)
+
+    def single_try(self) -> S3Storage:
+        """The same bucket, endpoint and credentials, with botocore's own retries off, for
+        waiting on S3 at start: there the wait is the retry, so a try is one request and one
+        log line, not several hidden behind back-off. Its answers' dates still tell this
+        storage's clock. Unopened: use it in ``async with``; closing it closes only its own
+        client."""
+        other = copy.copy(self)
+        other._config = self._config.merge(
+            Config(retries={"mode": "standard", "total_max_attempts": 1})
+        )
+        other._stack = None
+        other._client = None
+        return other
 
     def in_bucket(self, bucket: str) -> S3Storage:
         """The same endpoint and credentials, another bucket (an ``s3://bucket/key`` input);

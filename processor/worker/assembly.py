@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from processor.comfy.client import ComfyClient
 from processor.comfy.gpus import gpus_of
 from processor.comfy.process import ComfyEngine
 from processor.comfy.waiting import WaitListener
-from processor.errors import SettingsError
+from processor.errors import SettingsError, StorageUnreachable
 from processor.job.runner import ProgressHook, runner_for
 from processor.models.cache import ModelCache
 from processor.models.paths_config import cache_dir
@@ -33,6 +34,8 @@ from processor.storage.embedded import DATA_DIR, EmbeddedS3, EmbeddedS3Storage, 
 from processor.storage.embedded import INSTALL_HINT as EMBEDDED_INSTALL_HINT
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage
+from processor.storage.reachable import describe_wait, until_reachable
+from processor.storage.s3 import S3Storage
 from processor.storage.s3_clients import s3_storage
 from processor.worker.loop import Worker
 from processor.worker.warm_start import warm_up
@@ -180,6 +183,8 @@ async def open_worker(
     on_wait: WaitListener | None = None,
     ops: Ops | None = None,
     shared: bool = True,
+    wait_for_storage: bool = False,
+    stop: asyncio.Event | None = None,
 ) -> AsyncIterator[Worker]:
     """A ready worker, the same for every trigger (``run``, ``exec``, RunPod): templates
     loaded, storage open and able to referee claims, ComfyUI answering and warmed up, and
@@ -191,6 +196,12 @@ async def open_worker(
     not from ``storage`` (``exec`` reads them from the current folder). ``shared``: other
     workers may use this storage, so it must referee claims; ``exec``'s output folder is its
     own. ``on_wait`` shows a person what the worker waits for (ComfyUI starting).
+
+    ``wait_for_storage`` (a worker that serves until stopped): shared storage that does not
+    answer yet is waited for, without a bound, as long as the failure may pass
+    (:mod:`processor.storage.reachable`); ``stop`` set meanwhile (SIGTERM) raises
+    :class:`processor.errors.StoppedWhileStarting`. Without it (a drain, a RunPod request,
+    which want an answer now) the first failure is raised, readable.
     """
     registry = WorkflowRegistry.default(settings.jobs.workflows_dir)
     holder = worker_name(settings)
@@ -206,7 +217,9 @@ async def open_worker(
         await stack.enter_async_context(storage)
         if inputs is not None:
             await stack.enter_async_context(inputs)
-        if shared and settings.lane.check_conditional_writes:
+        if shared and wait_for_storage:
+            await _storage_answers(storage, layout, settings, holder, ops, stop)
+        elif shared and settings.lane.check_conditional_writes:
             await check_conditional_writes(storage, layout.claims_prefix, holder)
         ops.storage_ok()
         ops.health.set_clock_offset(storage.clock_offset)
@@ -273,6 +286,45 @@ async def open_worker(
             settings=settings,
             holder=holder,
             ops=ops,
+        )
+
+
+async def _storage_answers(
+    storage: Storage,
+    layout: Layout,
+    settings: WorkerSettings,
+    holder: str,
+    ops: Ops,
+    stop: asyncio.Event | None,
+) -> None:
+    """The first requests a worker makes of shared storage, tried until it answers: the check
+    that it referees claims, or (with that check off) one listing of the intake, so a wrong
+    bucket or credentials fail here, at once, and an outage is waited out before ComfyUI
+    starts. Each try is a single request (botocore's retries off): the back-off is here."""
+
+    def waiting(error: StorageUnreachable, pause: float) -> None:
+        ops.storage_failed("start", error)
+        log.warning("%s", describe_wait(error, pause), extra=error.details)
+
+    async with contextlib.AsyncExitStack() as stack:
+        probe = storage
+        if isinstance(storage, S3Storage):
+            probe = await stack.enter_async_context(storage.single_try())
+
+        async def attempt() -> None:
+            if settings.lane.check_conditional_writes:
+                await check_conditional_writes(probe, layout.claims_prefix, holder)
+            else:
+                await probe.list_page(layout.input_dir, limit=1)
+
+        started = time.monotonic()
+        _, failures = await until_reachable(attempt, on_wait=waiting, stop=stop)
+    if failures:
+        log.info(
+            "%r answers after %d failed tries (%.0f s)",
+            storage,
+            failures,
+            time.monotonic() - started,
         )
 
 

@@ -30,6 +30,7 @@ from processor import (
     SettingsError,
     SqsSettings,
     StatusBook,
+    StoppedWhileStarting,
     StorageError,
     StoreChoice,
     Verdict,
@@ -144,16 +145,27 @@ async def _run(
                 return Counts()
             api_storage, _ = storage_from_env(args.local)
             await stack.enter_async_context(serving_api(settings, api_storage, layout))
-        # A signal while the worker starts (ComfyUI may take minutes) stops the start: no job
-        # runs yet, so there is nothing to finish.
-        worker = await _unless(
-            stop,
-            stack.enter_async_context(
-                open_worker(storage=storage, layout=layout, settings=settings, ops=ops)
-            ),
-        )
+        # A signal while the worker starts (ComfyUI may take minutes, S3 may not answer yet)
+        # stops the start: no job runs yet, so there is nothing to finish.
+        try:
+            worker = await _unless(
+                stop,
+                stack.enter_async_context(
+                    open_worker(
+                        storage=storage,
+                        layout=layout,
+                        settings=settings,
+                        ops=ops,
+                        # A serving worker waits out an S3 outage at start; a drain says so.
+                        wait_for_storage=not args.once,
+                        stop=stop,
+                    )
+                ),
+            )
+        except StoppedWhileStarting:
+            worker = None
         if worker is None:
-            log.info("stopped before the worker was ready")
+            log.info("stopped before the worker was ready: nothing was claimed")
             return Counts()
         wait_for_work: WaitForWork | None = None  # --once: drain, then return
         may_list: Callable[[], bool] | None = None
@@ -505,7 +517,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             with neither COMFYS3_COMFYUI_URL nor COMFYS3_COMFYUI_PATH it uses the ComfyUI
             answering on 127.0.0.1:COMFYS3_COMFYUI_PORT, else the one comfy-cli installed.
             Many workers may share one bucket; at start the worker checks that the storage
-            honours the conditional writes that keep them from running a job twice. The first
+            honours the conditional writes that keep them from running a job twice; S3 that
+            does not answer yet is waited for (without --once), one log line per try. The first
             SIGTERM or Ctrl-C stops claiming and lets the running jobs finish (up to
             COMFYS3_SHUTDOWN_GRACE seconds), then hands back the rest; a second one hands them
             back at once. Handed back means the claim is released and the manifest waits for

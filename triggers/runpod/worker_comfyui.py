@@ -186,7 +186,7 @@ def decode_images(
                 f"image {image.name!r} is not valid base64 (a data: URI prefix is fine)"
             ) from None
         try:
-            kind, _, _ = check_image(data, image.name, max_pixels=max_pixels, decode=True)
+            kind, _, _ = check_image(data, image.name, max_pixels=max_pixels)
         except InputInvalid as error:
             raise InputError(str(error)) from None
         content_type = Image.MIME.get(kind, "application/octet-stream")

@@ -17,7 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from processor.errors import ObjectNotFound, PreconditionFailed, StorageError
+from processor.errors import (
+    ObjectNotFound,
+    PreconditionFailed,
+    StorageError,
+    StorageUnreachable,
+)
 from processor.settings import S3Settings
 from processor.storage import s3 as storage_s3
 from processor.storage.base import Storage, folder_prefix, validate_key
@@ -313,6 +318,13 @@ async def test_unreachable_endpoint_is_a_readable_storage_error(client: str) -> 
     assert "s3://nowhere/input/a.json" in message
     assert "get" in message
     assert "very-secret-value" not in message
+    # An outage that may pass, which a starting worker waits out, said in a few words.
+    assert isinstance(caught.value, StorageUnreachable)
+    assert caught.value.details == {
+        "service": "S3",
+        "endpoint": settings.endpoint_url,
+        "reason": "connection refused",
+    }
 
 
 @pytest.mark.parametrize("client", S3_CLIENTS)
@@ -325,6 +337,7 @@ async def test_wrong_secret_is_refused_without_leaking_it(seaweedfs: S3Server, c
     assert "COMFYS3_S3_SECRET_KEY" in message
     assert "wrong-secret-value" not in message
     assert settings.bucket_name in message
+    assert not isinstance(caught.value, StorageUnreachable)  # waiting would not mend it
 
 
 @pytest.mark.parametrize("client", S3_CLIENTS)
@@ -334,6 +347,92 @@ async def test_missing_bucket_is_not_a_missing_key(moto_server: S3Server, client
         with pytest.raises(StorageError, match="bucket does not exist") as caught:
             await storage.get("a.json")
     assert not isinstance(caught.value, ObjectNotFound)
+    assert not isinstance(caught.value, StorageUnreachable)
+
+
+def client_error(status: int, code: str) -> Exception:
+    from botocore.exceptions import ClientError
+
+    response = {
+        "Error": {"Code": code, "Message": "..."},
+        "ResponseMetadata": {"HTTPStatusCode": status},
+    }
+    return ClientError(response, "PutObject")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "reason"),
+    [
+        (503, "SlowDown", "HTTP 503 SlowDown"),
+        (500, "InternalError", "HTTP 500 InternalError"),
+        (502, "", "HTTP 502"),
+        (400, "RequestTimeout", "HTTP 400 RequestTimeout"),
+        (403, "AccessDenied", None),
+        (403, "SignatureDoesNotMatch", None),
+        (404, "NoSuchBucket", None),
+        (412, "PreconditionFailed", None),
+        (501, "NotImplemented", None),
+    ],
+)
+def test_answers_that_may_pass_are_told_from_refusals(
+    status: int, code: str, reason: str | None
+) -> None:
+    """botocore's own standard-mode judgement: 5xx and throttling pass, refusals do not."""
+    assert storage_s3.passing_reason(client_error(status, code)) == reason
+
+
+def test_connection_failures_may_pass_but_certificates_do_not() -> None:
+    from botocore.exceptions import (
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ParamValidationError,
+        ReadTimeoutError,
+    )
+    from botocore.exceptions import SSLError as BotoSSLError
+
+    url = "http://s3.example:9000/b"
+    refused = EndpointConnectionError(endpoint_url=url, error=ConnectionRefusedError(111, "no"))
+    assert storage_s3.passing_reason(refused) == "connection refused"
+    assert storage_s3.passing_reason(ConnectTimeoutError(endpoint_url=url)) == (
+        "no connection within the connect timeout"
+    )
+    assert storage_s3.passing_reason(ReadTimeoutError(endpoint_url=url)) == (
+        "no answer within the read timeout"
+    )
+    assert storage_s3.passing_reason(BotoSSLError(endpoint_url=url, error="bad cert")) is None
+    assert storage_s3.passing_reason(ParamValidationError(report="x")) is None
+    assert storage_s3.passing_reason(ValueError("not a transport error")) is None
+
+
+async def test_a_host_that_does_not_resolve_may_pass() -> None:
+    settings = S3Settings(
+        region="us-east-1",
+        access_key=SecretStr("a"),
+        secret_key=SecretStr("b"),
+        bucket_name="nowhere",
+        endpoint_url="http://no-such-host.invalid:9000",
+        retry_attempts=1,
+    )
+    async with S3Storage(settings, connect_timeout=1, read_timeout=1).single_try() as storage:
+        with pytest.raises(StorageUnreachable) as caught:
+            await storage.list_page("input", limit=1)
+    assert caught.value.details["reason"] == "host name not found"
+
+
+async def test_a_single_try_storage_works_and_closes_only_its_own_client(
+    moto_s3_settings: S3Settings,
+) -> None:
+    async with S3Storage(moto_s3_settings) as storage:
+        async with storage.single_try() as once:
+            assert once._config.retries == {"mode": "standard", "total_max_attempts": 1}
+            await once.put("a.json", b"{}")
+            assert once.clock_offset() is not None
+        # Its answers' dates count for the storage it came from; that one is still open.
+        assert storage.clock_offset() is not None
+        assert (await storage.get("a.json")).data == b"{}"
+    # The storage itself keeps botocore's retries (max_attempts counts retries, the total
+    # is one more).
+    assert storage._config.retries["total_max_attempts"] == moto_s3_settings.retry_attempts + 1
 
 
 @pytest.mark.parametrize("client", S3_CLIENTS)

@@ -8,6 +8,7 @@ test_claims_check.py (the ``*-obstore`` backends), against moto and SeaweedFS.
 from __future__ import annotations
 
 import contextlib
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +18,12 @@ import pytest
 from aiohttp import web
 from pydantic import SecretStr, ValidationError
 
-from processor.errors import PreconditionFailed, SettingsError
+from processor.errors import (
+    PreconditionFailed,
+    SettingsError,
+    StorageError,
+    StorageUnreachable,
+)
 from processor.settings import S3Settings
 from processor.storage import obstore_s3
 from processor.storage import s3 as storage_s3
@@ -187,3 +193,30 @@ def test_the_setting_picks_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "processor.storage.obstore_s3")
     with pytest.raises(SettingsError, match=r"pip install 'comfys3\[obstore\]'"):
         s3_storage(settings)
+
+
+async def failed_get(script: list[tuple[int, str]]) -> StorageError:
+    async with scripted_s3(script) as server, ObstoreStorage(settings_for(server.url)) as storage:
+        try:
+            await storage.get("k.json")
+        except StorageError as error:
+            return error
+    raise AssertionError("the get did not fail")
+
+
+async def test_an_outage_is_told_from_a_refusal() -> None:
+    """A worker waits out S3 that does not answer at start (issue 24, item 4) on either
+    client: obstore's "no answer" and 5xx are StorageUnreachable, a 403 is not."""
+    with socket.socket() as holder:  # a port nobody listens on
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+    async with ObstoreStorage(settings_for(f"http://127.0.0.1:{port}")) as storage:
+        with pytest.raises(StorageUnreachable) as down:
+            await storage.put("k.json", b"1", if_none_match=True)
+    assert down.value.details["reason"] == "connection refused"
+    assert down.value.details["endpoint"] == f"http://127.0.0.1:{port}"
+    busy = await failed_get([(503, "SlowDown")] * 20)
+    assert isinstance(busy, StorageUnreachable)
+    refused = await failed_get([(403, "AccessDenied")])
+    assert isinstance(refused, StorageError)
+    assert not isinstance(refused, StorageUnreachable)

@@ -46,7 +46,9 @@ async def test_a_model_by_url_is_fetched_once_for_two_jobs_and_an_input_by_url(
     tmp_path: Path, fake_comfyui: Any, server: FileServer
 ) -> None:
     model = os.urandom(200_000)
-    model_url = server.add("my-model.safetensors", model)
+    # Stalled halfway for a moment: both jobs are prepared while it downloads, however the
+    # event loop happens to order their steps (a download of a few ms sometimes ended first).
+    model_url = server.add("my-model.safetensors", model) + "?stall=0.5"
     image_url = server.add("cat.png", png())
     sha = hashlib.sha256(model).hexdigest()
     models = [{"url": model_url, "sha256": sha, "folder": "checkpoints"}]
@@ -93,7 +95,8 @@ async def test_a_model_by_url_is_fetched_once_for_two_jobs_and_an_input_by_url(
             "my-model.safetensors",
             sha,
         )
-        assert record.bytes == len(model) and record.source == model_url
+        assert record.bytes == len(model)
+        assert record.source == model_url.removesuffix("?stall=0.5")  # a query is not shown
     assert "models" in status_of(tmp_path, "t2i").timings
     assert (cache / "checkpoints" / "my-model.safetensors").read_bytes() == model
     assert executions(fake_comfyui) == 3
@@ -149,6 +152,28 @@ async def test_input_urls_the_guard_refuses_or_that_are_missing(
     assert "COMFYS3_FETCH_ALLOW_HTTP" in found["closed"].message
     assert server.requests["nope.png"] == 2  # the closed worker never connected
     assert executions(fake_comfyui) == 0
+
+
+async def test_an_input_by_url_whose_body_was_cut_off_fails_naming_it(
+    tmp_path: Path, fake_comfyui: Any, server: FileServer
+) -> None:
+    """The header arrives, the pixels do not all: decoded in full, the job fails at once as
+    input_invalid instead of in ComfyUI's LoadImage (or the worker) on every attempt."""
+    buffer = io.BytesIO()
+    Image.effect_noise((48, 48), 90).convert("RGB").save(buffer, "JPEG")
+    whole = buffer.getvalue()
+    url = server.add("cut.jpg", whole[: len(whole) // 2])
+    drop(tmp_path, "cut", {"workflow": "scale", "payload": {"image": url}})
+
+    counts = await drain(tmp_path, settings_with_cache(fake_comfyui, tmp_path / "cache"))
+
+    status = status_of(tmp_path, "cut")
+    assert status.state is JobState.failed and status.error is not None
+    assert status.error.type == "input_invalid" and status.attempt == 1
+    assert status.error.message.startswith("input 'image': ")
+    assert "cut.jpg" in status.error.message
+    assert "is truncated or corrupt: its JPEG data does not decode" in status.error.message
+    assert counts.retried == 0 and executions(fake_comfyui) == 0
 
 
 async def test_models_on_a_worker_without_a_cache_wait_for_one_that_has_it(

@@ -138,7 +138,7 @@ def test_images_are_decoded_and_checked_before_anything_is_written() -> None:
         (SentImage("a.png", "not base64!"), 100, "image 'a.png' is not valid base64"),
         (SentImage("a.png", good), 40, "is 8x6 = 48 pixels; the limit is 40"),
         (SentImage("a.png", base64.b64encode(b"hello").decode()), 100, "not an image ComfyUI"),
-        (SentImage("a.png", truncated), 100, "input file 'a.png' is not a readable image"),
+        (SentImage("a.png", truncated), 100, "input file 'a.png' is truncated or corrupt"),
         (SentImage("a.png", base64.b64encode(b"x" * 4000).decode()), 100, "the limit is 1,000"),
     ]
     for sent, max_pixels, expected in cases:
