@@ -191,8 +191,15 @@ def test_the_setting_picks_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(s3_storage(settings.model_copy(update={"client": "botocore"})), S3Storage)
     monkeypatch.setitem(sys.modules, "obstore", None)  # as if the extra were not installed
     monkeypatch.delitem(sys.modules, "processor.storage.obstore_s3")
-    with pytest.raises(SettingsError, match=r"pip install 'comfys3\[obstore\]'"):
+    with pytest.raises(SettingsError, match=r"COMFYS3_S3_CLIENT=botocore"):
         s3_storage(settings)
+
+
+def test_obstore_is_the_default_unless_addressing_is_botocores_guess() -> None:
+    plain = {k: v for k, v in settings_for("https://s3.example.com").model_dump().items()}
+    plain.pop("client")
+    assert S3Settings(**plain).client == "obstore"
+    assert S3Settings(**{**plain, "addressing_style": "auto"}).client == "botocore"
 
 
 async def failed_get(script: list[tuple[int, str]]) -> StorageError:
