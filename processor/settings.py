@@ -65,9 +65,9 @@ class S3Settings(BaseSettings):
         default=5, ge=1, description="Attempts per S3 call (the first and its retries)."
     )
     client: Literal["botocore", "obstore"] = Field(
-        default="obstore",
-        description="S3 client: obstore (a third of botocore's CPU per request; listings stay "
-        "on botocore) or botocore (aiobotocore). With ADDRESSING_STYLE=auto: botocore.",
+        default="botocore",
+        description="S3 client: botocore (aiobotocore) or obstore (pip install "
+        "'comfys3[obstore]'; a third of botocore's CPU per request, listings stay on botocore).",
     )
 
     @field_validator("input_dir", "output_dir")
@@ -87,8 +87,8 @@ class S3Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _style_for_client(self) -> Self:
-        """``auto`` is botocore's own guess, which obstore cannot make: asked for by name,
-        obstore with ``auto`` is an error at start-up; by default, ``auto`` means botocore."""
+        """``auto`` is botocore's own guess, which obstore cannot make: obstore with ``auto``
+        is an error at start-up."""
         if self.client == "obstore" and self.addressing_style == "auto":
             if "client" in self.model_fields_set:
                 raise ValueError(

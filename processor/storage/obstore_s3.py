@@ -245,7 +245,7 @@ class ObstoreStorage(ClosedOnExit):
         if outage is not None:
             return StorageUnreachable(
                 f"S3 {operation} of {where} failed: {detail}",
-                {"endpoint": self._endpoint_shown(), "reason": outage},
+                {"service": "S3", "endpoint": self._endpoint_shown(), "reason": outage},
             )
         return StorageError(f"S3 {operation} of {where} failed: {detail}")
 

@@ -1,7 +1,6 @@
-"""Which S3 client a bucket is opened with (``COMFYS3_S3_CLIENT``): obstore, the default, which
-costs a third of botocore's CPU a request (``bench/s3_client_cost.py``, docs/s3-clients.md), or
-aiobotocore, the house's long-standing one. Both honour the same
-:class:`processor.storage.base.Storage` contract."""
+"""Which S3 client a bucket is opened with (``COMFYS3_S3_CLIENT``): aiobotocore, the default,
+or obstore, an extra that costs a third of botocore's CPU a request (``bench/s3_client_cost.py``,
+docs/s3-clients.md). Both honour the same :class:`processor.storage.base.Storage` contract."""
 
 from __future__ import annotations
 
@@ -21,8 +20,7 @@ def s3_storage(settings: S3Settings) -> Storage:
         if error.name != "obstore":
             raise
         raise SettingsError(
-            "the S3 client obstore (COMFYS3_S3_CLIENT, default obstore) is not installed, "
-            "though comfys3 depends on it: pip install 'obstore==0.12.1', or set "
-            "COMFYS3_S3_CLIENT=botocore"
+            "COMFYS3_S3_CLIENT=obstore needs the obstore package: "
+            "pip install 'comfys3[obstore]' (or set COMFYS3_S3_CLIENT=botocore)"
         ) from None
     return ObstoreStorage(settings)

@@ -308,7 +308,9 @@ async def _storage_answers(
 
     async with contextlib.AsyncExitStack() as stack:
         probe = storage
-        if isinstance(storage, S3Storage):
+        # The embedded store is opened once, by its owner: a second client of it would look
+        # like another worker serving it.
+        if isinstance(storage, S3Storage) and not isinstance(storage, EmbeddedS3Storage):
             probe = await stack.enter_async_context(storage.single_try())
 
         async def attempt() -> None:

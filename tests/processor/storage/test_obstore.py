@@ -191,14 +191,14 @@ def test_the_setting_picks_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(s3_storage(settings.model_copy(update={"client": "botocore"})), S3Storage)
     monkeypatch.setitem(sys.modules, "obstore", None)  # as if the extra were not installed
     monkeypatch.delitem(sys.modules, "processor.storage.obstore_s3")
-    with pytest.raises(SettingsError, match=r"COMFYS3_S3_CLIENT=botocore"):
+    with pytest.raises(SettingsError, match=r"pip install 'comfys3\[obstore\]'"):
         s3_storage(settings)
 
 
-def test_obstore_is_the_default_unless_addressing_is_botocores_guess() -> None:
-    plain = {k: v for k, v in settings_for("https://s3.example.com").model_dump().items()}
+def test_botocore_is_the_default() -> None:
+    plain = dict(settings_for("https://s3.example.com").model_dump())
     plain.pop("client")
-    assert S3Settings(**plain).client == "obstore"
+    assert S3Settings(**plain).client == "botocore"
     assert S3Settings(**{**plain, "addressing_style": "auto"}).client == "botocore"
 
 
