@@ -7,7 +7,7 @@ exists, and no trigger reaches past this file. Workflow templates import the def
 from :mod:`processor.workflows`, whose path is part of what a user's own template relies on.
 """
 
-from processor.aio import ClosedOnExit
+from processor.aio import ClosedOnExit, unless_set
 from processor.comfy.locate import Located, locate_comfyui
 from processor.comfy.waiting import Waiting
 from processor.errors import (
@@ -20,6 +20,7 @@ from processor.errors import (
     PreconditionFailed,
     Problem,
     SettingsError,
+    StoppedFirst,
     StoppedWhileStarting,
     StorageError,
     WorkflowLoadError,
@@ -167,6 +168,7 @@ __all__ = [
     "SettingsError",
     "SqsSettings",
     "StatusBook",
+    "StoppedFirst",
     "StoppedWhileStarting",
     "Storage",
     "StorageError",
@@ -218,6 +220,7 @@ __all__ = [
     "s3_storage",
     "split_priority",
     "storage_from_env",
+    "unless_set",
     "validate_key",
     "worker_log_handler",
 ]

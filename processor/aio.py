@@ -1,10 +1,39 @@
-"""The two asyncio idioms this worker needs everywhere: waiting on several things at once, and
-closing what an ``async with`` opened."""
+"""The asyncio idioms this worker needs everywhere: waiting on several things at once, giving
+up on work when asked to stop, and closing what an ``async with`` opened."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from processor.errors import StoppedFirst
+
+T = TypeVar("T")
+
+
+async def unless_set(event: asyncio.Event | None, work: Awaitable[T]) -> T:
+    """``work``'s result, unless ``event`` is set first: then ``work`` is cancelled (a start-up
+    step that waits out a connect timeout must not hold up a SIGTERM) and :class:`StoppedFirst`
+    is raised."""
+    if event is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the caller was cancelled: so is everything it started
+        task.cancel()
+        stopping.cancel()
+        raise
+    stopping.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise StoppedFirst
 
 
 async def wait_any(*events: asyncio.Event | None, timeout: float | None = None) -> None:

@@ -17,6 +17,7 @@ Comfys3Error
 ├── LeaseLost                  a claim was taken over: the job is no longer ours
 ├── JobCancelled               someone asked for the job to stop (comfys3 cancel, RunPod)
 ├── StoppedWhileStarting       SIGTERM / Ctrl-C came while the worker waited to be ready
+├── StoppedFirst               asked to stop before a piece of work ended (it was cancelled)
 ├── FetchError                 a fetch from outside failed in a way that may pass
 │   └── FetchRefused           the guard refused it, or the answer can never be used
 ├── ModelDownloadFailed        a model could not be fetched this time
@@ -150,6 +151,11 @@ class LeaseLost(Comfys3Error):
 class JobCancelled(Comfys3Error):
     """Someone asked for the job to stop (``comfys3 cancel``, a cancel object in the bucket,
     RunPod's cancel). ``details`` say who and when; it is final, and it is nobody's failure."""
+
+
+class StoppedFirst(Comfys3Error):
+    """:func:`processor.aio.unless_set`: the stop came before the work ended, and the work was
+    cancelled."""
 
 
 class StoppedWhileStarting(Comfys3Error):

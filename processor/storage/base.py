@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol, Self, TypedDict, Unpack
+from typing import Protocol, Self, TypedDict, TypeVar, Unpack
 
 from processor.errors import InvalidKey, StorageError
 
@@ -53,6 +53,9 @@ class Page:
     items: list[ObjectInfo]
     truncated: bool
     folders: list[str] = field(default_factory=list)
+
+
+T = TypeVar("T")
 
 
 class PutOptions(TypedDict, total=False):
@@ -189,3 +192,12 @@ def folder_prefix(prefix: str) -> str:
     if problem:
         raise InvalidKey(f"invalid storage prefix {prefix!r}: {problem}")
     return trimmed + "/"
+
+
+def require_open(handle: T | None, bucket: str, owner: str) -> T:
+    """A backend's client, or the error that says how to open it (``owner``: its class)."""
+    if handle is None:
+        raise StorageError(
+            f"S3 storage for bucket {bucket!r} is not open; use 'async with {owner}(...)'"
+        )
+    return handle

@@ -51,7 +51,15 @@ from processor.errors import (
     StorageUnreachable,
 )
 from processor.settings import S3Settings
-from processor.storage.base import ObjectInfo, Page, Put, PutOptions, StoredObject, validate_key
+from processor.storage.base import (
+    ObjectInfo,
+    Page,
+    Put,
+    PutOptions,
+    StoredObject,
+    require_open,
+    validate_key,
+)
 from processor.storage.s3 import CONFLICT_BACKOFF, CONFLICT_RETRIES, LIST_PAGE, S3Storage
 
 if TYPE_CHECKING:
@@ -217,12 +225,7 @@ class ObstoreStorage(ClosedOnExit):
 
     @property
     def _s3(self) -> S3Store:
-        if self._store is None:
-            raise StorageError(
-                f"S3 storage for bucket {self.bucket!r} is not open; "
-                "use 'async with ObstoreStorage(...)'"
-            )
-        return self._store
+        return require_open(self._store, self.bucket, "ObstoreStorage")
 
     def _where(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"

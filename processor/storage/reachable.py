@@ -13,13 +13,12 @@ error and is raised at once. SIGTERM or Ctrl-C ends the wait at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from processor.aio import wait_any
+from processor.aio import StoppedFirst, unless_set, wait_any
 from processor.errors import StoppedWhileStarting, StorageUnreachable
 
 T = TypeVar("T")
@@ -81,23 +80,11 @@ async def until_reachable(
 
 
 async def _unless_stopped(work: Awaitable[T], stop: asyncio.Event | None) -> T:
-    """``work``'s result, unless ``stop`` is set first: then ``work`` is cancelled (a try
-    that waits out a connect timeout should not hold up a SIGTERM)."""
-    if stop is None:
-        return await work
-    task = asyncio.ensure_future(work)
-    stopped = asyncio.ensure_future(stop.wait())
+    """``work``'s result, unless ``stop`` is set first (see :func:`processor.aio.unless_set`)."""
     try:
-        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopped.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if task.cancelled():
-        raise _stopped()
-    return task.result()
+        return await unless_set(stop, work)
+    except StoppedFirst:
+        raise _stopped() from None
 
 
 def _stopped() -> StoppedWhileStarting:

@@ -58,6 +58,7 @@ from processor.storage.base import (
     PutOptions,
     StoredObject,
     folder_prefix,
+    require_open,
     validate_key,
 )
 
@@ -310,12 +311,7 @@ class S3Storage(ClosedOnExit):
 
     @property
     def _s3(self) -> Any:
-        if self._client is None:
-            raise StorageError(
-                f"S3 storage for bucket {self.bucket!r} is not open; "
-                "use 'async with S3Storage(...)'"
-            )
-        return self._client
+        return require_open(self._client, self.bucket, "S3Storage")
 
     def _where(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"

@@ -30,6 +30,7 @@ from processor import (
     SettingsError,
     SqsSettings,
     StatusBook,
+    StoppedFirst,
     StoppedWhileStarting,
     StorageError,
     StoreChoice,
@@ -48,6 +49,7 @@ from processor import (
     open_worker,
     parse_gpus,
     storage_from_env,
+    unless_set,
     validate_key,
 )
 from triggers.cli import backlog, logs
@@ -227,18 +229,10 @@ async def _serve_store_first(stack: contextlib.AsyncExitStack, store: StoreChoic
 
 async def _unless(event: asyncio.Event, work: Awaitable[T]) -> T | None:
     """``work``'s result, or None when ``event`` is set first (``work`` is then cancelled)."""
-    task = asyncio.ensure_future(work)
-    waiter = asyncio.ensure_future(event.wait())
     try:
-        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        waiter.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        return await unless_set(event, work)
+    except StoppedFirst:
         return None
-    return task.result()
 
 
 async def _until_stopped(
