@@ -13,7 +13,7 @@ from pathlib import Path
 
 from processor.comfy.process import ComfyEngine
 from processor.comfy.waiting import WaitListener
-from processor.job.runner import ProgressHook, runner_for
+from processor.job.runner import Comfy, ProgressHook, runner_for
 from processor.ops.metrics import CLOCK_WARN_SECONDS, describe_clock_offset
 from processor.ops.parts import Ops, build_ops
 from processor.ops.volume import worker_name
@@ -68,6 +68,7 @@ async def open_worker(
     on_wait: WaitListener | None = None,
     ops: Ops | None = None,
     shared: bool = True,
+    comfy: Comfy | None = None,
 ) -> AsyncIterator[Worker]:
     """A ready worker, the same for every trigger (``run``, ``exec``, RunPod): templates
     loaded, storage open and able to referee claims, ComfyUI answering and warmed up, and
@@ -78,12 +79,14 @@ async def open_worker(
     trigger that serves /metrics passes its own. ``inputs``: where input files are read, when
     not from ``storage`` (``exec`` reads them from the current folder). ``shared``: other
     workers may use this storage, so it must referee claims; ``exec``'s output folder is its
-    own. ``on_wait`` shows a person what the worker waits for (ComfyUI starting).
+    own. ``on_wait`` shows a person what the worker waits for (ComfyUI starting). ``comfy``: a
+    ready client to use instead of attaching to or starting ComfyUI (bench/fleet.py runs
+    hundreds of workers on in-process stand-ins); its owner opens and closes it.
     """
     registry = WorkflowRegistry.default(settings.jobs.workflows_dir)
     holder = worker_name(settings)
     ops = ops or build_ops(settings)
-    engine = ComfyEngine(settings, on_wait=on_wait)
+    engine = ComfyEngine(settings, on_wait=on_wait) if comfy is None else None
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(storage)
         if inputs is not None:
@@ -98,9 +101,14 @@ async def open_worker(
         await ops.start()
         # Closed before storage: a webhook's record is written into its status.
         stack.push_async_callback(ops.aclose, min(5.0, settings.triggers.shutdown_grace))
-        client = await stack.enter_async_context(engine)
+        if comfy is not None:
+            client, cleanup, url = comfy, None, "(given)"
+        else:
+            assert engine is not None
+            client = await stack.enter_async_context(engine)
+            cleanup, url = engine.cleanup, engine.url
         ops.health.set_comfy_check(lambda: client.connected)
-        if engine.process is not None:
+        if engine is not None and engine.process is not None:
             engine.process.add_exit_listener(
                 lambda code, restarting: (
                     None
@@ -108,7 +116,7 @@ async def open_worker(
                     else ops.health.fatal(f"ComfyUI died ({code}) and will not be restarted")
                 )
             )
-        warmed = await warm_up(client, registry, settings, cleanup=engine.cleanup)
+        warmed = await warm_up(client, registry, settings, cleanup=cleanup)
         if warmed.ran:
             ops.metrics.warmup_finished(warmed.seconds, warmed.succeeded)
         log.info(
@@ -117,9 +125,9 @@ async def open_worker(
             storage,
             layout.input_dir,
             layout.output_dir,
-            engine.url,
+            url,
             ", ".join(registry.names()),
-            extra={"worker": holder, "comfyui": engine.url},
+            extra={"worker": holder, "comfyui": url},
         )
         runner = runner_for(
             settings,
@@ -128,7 +136,7 @@ async def open_worker(
             comfy=client,
             layout=layout,
             worker_id=holder,
-            cleanup=engine.cleanup,
+            cleanup=cleanup,
             on_progress=on_progress,
             announce=ops.notify,
         )
