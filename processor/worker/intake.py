@@ -300,11 +300,13 @@ class Intake:
             if self._page_listed_at > float("-inf") and self._advance():
                 return None  # a sweep is complete
             await self._list(self._cursor)
-            if not self._spread_done:
+            # Spread once the intake first holds more than a page, not at the first listing:
+            # a fleet that starts idle would otherwise never spread, and every worker would
+            # claim from the first page of the backlog when it comes.
+            if not self._spread_done and self._page_truncated and len(self._page) >= 2:
                 self._spread_done = True
-                if self._page_truncated and len(self._page) >= 2:
-                    self._space = KeySpace.guess(sorted(item.key for item in self._page))
-                    await self._list_from_random_point()
+                self._space = KeySpace.guess(sorted(item.key for item in self._page))
+                await self._list_from_random_point()
 
     def _in_page(self, key: str) -> bool:
         return (self._page_start is None or key > self._page_start) and (

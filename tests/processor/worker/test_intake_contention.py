@@ -215,3 +215,23 @@ async def test_a_drain_that_keeps_meeting_other_workers_still_ends_having_seen_a
             intake.held(candidate.key, recheck_in=10**10)
             await intake.report(candidate.key, HintOutcome.taken)
     assert offered == set(keys)
+
+
+async def test_a_fleet_that_started_idle_spreads_when_the_backlog_comes(tmp_path: Path) -> None:
+    """Workers start before the work (the usual case): their first sweeps find one short page
+    or nothing. When a backlog of many pages lands, each must still start at a random point,
+    not all of them at the first page (bench/fleet.py: 82% of 50 polling workers' claims were
+    wasted on each other's keys)."""
+    (tmp_path / "input").mkdir()
+    intakes = [intake_for(LocalStorage(tmp_path), seed) for seed in range(6)]
+    for intake in intakes:
+        assert await intake.next(never) is None  # an empty intake: a sweep of nothing
+    keys = drop(tmp_path, 1000, width=4)
+
+    starts = []
+    for intake in intakes:
+        candidate = await intake.next(never)
+        assert candidate is not None
+        starts.append(keys.index(candidate.key) if candidate.key in keys else -1)
+    assert sum(1 for index in starts if index >= 100) >= 4, starts  # past the first page
+    assert len(set(starts)) == len(starts)
