@@ -5,8 +5,10 @@ with a zero-cost in-process ComfyUI, so what is measured is comfys3's own coordi
 listings, statuses, retirement, and SQS messages with ``--modes events`` (moto's server plays
 SQS; the uploader sends the notification S3 would send after each PUT, since SeaweedFS cannot).
 The workers start idle; the manifests are then uploaded (16 at a time, or at ``--rate`` a
-second) and the run ends when each has its final status. How each figure is counted is in
-tests/fleet.py's docstring:
+second, by a producer process of its own) and the run ends when each has its final status;
+``--preload`` uploads them all before the workers start (a fleet scaled up from zero on a
+backlog). With ``--job-seconds`` each prompt takes that long (a sleep, one prompt at a time per
+worker, as on a GPU). How each figure is counted is in tests/fleet.py's docstring:
 
 - jobs/s: manifests over the span from the first PUT to the last final status
 - wasted claims: claim attempts that ran no job (taken by another worker, manifest gone, job
@@ -15,7 +17,7 @@ tests/fleet.py's docstring:
   by key area; SQS requests per job
 - pickup p50/p95: manifest PUT returned -> a worker won its claim; tail: last PUT -> last final
   status
-- CPU ms per job of this process (every worker and the uploader) and of SeaweedFS; memory per
+- CPU ms per job of this process (every worker) and of SeaweedFS; memory per
   worker (RSS growth while the workers opened, over their number)
 - checks: every manifest ended once, every job ran once, the claim accounting adds up, the
   workers' and uploader's requests equal what SeaweedFS counted, nothing is left behind
@@ -24,7 +26,8 @@ One JSON line per run, then a table. Nothing is asserted; the machine's cores ar
 the fleet, the uploader and SeaweedFS, so jobs/s is a floor, not what a fleet of machines does.
 
     python bench/fleet.py [--workers 10 50 200] [--manifests 10000] [--modes poll events]
-                          [--rate 0] [--job-seconds 0] [--duplicate-events 0] [--quick]
+                          [--rate 0] [--job-seconds 0] [--duplicate-events 0] [--preload]
+                          [--names counter|hash] [--quick]
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -91,40 +95,70 @@ def main() -> None:
                         help="share of manifests whose event SQS delivers twice")  # fmt: skip
     parser.add_argument("--names", choices=["counter", "hash"], default="counter")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds a run may take")
+    parser.add_argument("--preload", action="store_true",
+                        help="upload everything before the workers start")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="3 workers, 40 manifests")
     parser.add_argument("--log-level", default="ERROR", help="the workers' log level")
     args = parser.parse_args()
     if args.quick:
         args.workers, args.manifests = [3], 40
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
+    configs = [(mode, workers) for mode in args.modes for workers in args.workers]
+    if len(configs) == 1:
+        print(json.dumps(run_one(args, *configs[0])), flush=True)
+        return
+    # Each run in a fresh process, with its own servers: memory and CPU figures of one run
+    # must not carry what an earlier run left behind.
     rows = []
+    for mode, workers in configs:
+        command = [sys.executable, __file__, *passed_on(args), "--modes", mode]
+        answer = subprocess.run(
+            [*command, "--workers", str(workers)], stdout=subprocess.PIPE, text=True, check=True
+        )
+        row = json.loads(answer.stdout.strip().splitlines()[-1])
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print(table(rows))
+    print("\nS3 requests per job by type:")
+    for row in rows:
+        print("  " + by_type(row))
+
+
+def passed_on(args: argparse.Namespace) -> list[str]:
+    """The options of one run, for a child process."""
+    options = [
+        f"--manifests={args.manifests}",
+        f"--rate={args.rate}",
+        f"--job-seconds={args.job_seconds}",
+        f"--duplicate-events={args.duplicate_events}",
+        f"--names={args.names}",
+        f"--timeout={args.timeout}",
+        f"--log-level={args.log_level}",
+    ]
+    return [*options, "--preload"] if args.preload else options
+
+
+def run_one(args: argparse.Namespace, mode: str, workers: int) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="comfys3-fleet-")))
         weed = WeedMini(base / "weed")
         server = weed.start()
         stack.callback(weed.stop)
-        sqs = stack.enter_context(moto_sqs_process(base)) if "events" in args.modes else None
-        for mode in args.modes:
-            for workers in args.workers:
-                plan = FleetPlan(
-                    workers=workers,
-                    manifests=args.manifests,
-                    mode=mode,
-                    rate=args.rate,
-                    job_seconds=args.job_seconds,
-                    duplicate_events=args.duplicate_events if mode == "events" else 0.0,
-                    names=args.names,
-                    timeout=args.timeout,
-                )
-                say(f"-- {mode}, {workers} workers, {args.manifests} manifests")
-                report = asyncio.run(FleetRun(plan, weed, server, sqs, say=say).run())
-                row = report.figures()
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-    print(table(rows))
-    print("\nS3 requests per job by type:")
-    for row in rows:
-        print("  " + by_type(row))
+        sqs = stack.enter_context(moto_sqs_process(base)) if mode == "events" else None
+        plan = FleetPlan(
+            workers=workers,
+            manifests=args.manifests,
+            mode=mode,
+            rate=args.rate,
+            job_seconds=args.job_seconds,
+            duplicate_events=args.duplicate_events if mode == "events" else 0.0,
+            names=args.names,
+            preload=args.preload,
+            timeout=args.timeout,
+        )
+        say(f"-- {mode}, {workers} workers, {args.manifests} manifests")
+        report = asyncio.run(FleetRun(plan, weed, server, sqs, say=say).run())
+        return report.figures()
 
 
 if __name__ == "__main__":

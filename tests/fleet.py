@@ -6,10 +6,13 @@ InstantComfy`), served the way ``comfys3 run`` serves it: the adaptive poll inte
 :class:`triggers.events.sqs.SqsEvents` on a queue of S3 event notifications with the slow
 fallback listing behind. The workers start idle; then manifests are uploaded (as fast as the
 uploader can, or at ``rate`` a second), and the run ends when every manifest has a final status.
+With ``preload`` the manifests are all up before the workers start (a fleet scaled up from
+zero on a backlog, as KEDA does).
 
 S3 is SeaweedFS (``weed mini``). It cannot send event notifications to SQS, so in events mode
 the uploader sends, after each PUT, the message S3 would send (one record per message, the key
-URL-encoded) to a queue on a moto server in a process of its own.
+URL-encoded) to a queue on a moto server in a process of its own. The uploader is a process of
+its own too (tests/fleet_upload.py), as a user's producer would be.
 
 What is counted, and where (tests/processor/worker/test_fleet_accounting.py checks that it
 adds up):
@@ -59,14 +62,12 @@ from processor.storage.claims import Lease, Taken
 from processor.storage.s3 import S3Storage
 from processor.worker.assembly import open_worker, s3_layout
 from processor.worker.loop import Worker
-from tests.event_shapes import s3_notification
 from tests.instant_comfy import InstantComfy
 from tests.s3_servers import S3Server, WeedMini, free_port, s3_settings_for
-from tests.workers import ROOT, keys, s3_client
-from triggers.events.sqs import SqsEvents, open_sqs_client
+from tests.workers import ROOT, keys, s3_client, s3_env
+from triggers.events.sqs import SqsEvents
 from triggers.poll import AdaptiveInterval
 
-MANIFEST = json.dumps({"workflow": "solid", "payload": {}}).encode()
 # SeaweedFS's request types, from botocore's operation names.
 SERVER_TYPE = {
     "PutObject": "PUT",
@@ -93,13 +94,8 @@ class FleetPlan:
     timeout: float = 1800.0  # the run gives up after this many seconds
     uploaders: int = 16  # concurrent PUTs
     names: str = "counter"  # counter: job0000042; hash: 3fa9c1-job0000042
+    preload: bool = False  # upload everything before the workers start
     settings: dict[str, Any] = field(default_factory=dict)  # WorkerSettings overrides
-
-
-def manifest_name(n: int, names: str) -> str:
-    if names == "hash":
-        return f"{uuid.uuid5(uuid.NAMESPACE_OID, str(n)).hex[:6]}-job{n:07d}"
-    return f"job{n:07d}"
 
 
 # -- counting -------------------------------------------------------------------------------
@@ -193,11 +189,13 @@ class Ledger:
     expected: int = 0  # manifests: the run is over once each has a final outcome
     expected_gone: set[str] = field(default_factory=set)  # ghost keys: and each was dropped
 
-    def uploaded_now(self, key: str) -> None:
-        now = time.time()
-        self.uploaded[key] = now
-        self.first_upload = min(self.first_upload, now)
-        self.last_upload = max(self.last_upload, now)
+    def uploaded_now(self, key: str, at: float) -> None:
+        self.uploaded[key] = at
+        self.first_upload = min(self.first_upload, at)
+        self.last_upload = max(self.last_upload, at)
+
+    def upload_span(self) -> float:
+        return self.last_upload - self.first_upload
 
     def attempt(self, key: str, result: Lease | Taken) -> None:
         self.attempts += 1
@@ -372,7 +370,7 @@ class FleetReport:
             "workers": self.plan.workers,
             "manifests": self.manifests,
             "job_seconds": self.plan.job_seconds,
-            "rate": self.plan.rate or "max",
+            "rate": "preloaded" if self.plan.preload else self.plan.rate or "max",
             "completed": self.completed,
             "finished": len(ledger.final_at),
             "jobs_per_s": round(len(ledger.final_at) / self.span(), 1),
@@ -395,7 +393,7 @@ class FleetReport:
             "pickup_p95_s": round(_quantile(pickups, 0.95), 3),
             "pickup_max_s": round(pickups[-1], 3) if pickups else None,
             "tail_s": round(tail, 2),
-            "upload_s": round(ledger.last_upload - ledger.first_upload, 2),
+            "upload_s": round(ledger.upload_span(), 2),
             "wall_s": round(self.wall, 1),
             "cpu_ms_per_job": round(1000 * self.cpu / jobs, 1),
             "weed_cpu_ms_per_job": round(1000 * self.weed_cpu / jobs, 1),
@@ -481,26 +479,36 @@ class FleetRun:
         stop = asyncio.Event()
         metrics, bucket = self.weed.metrics_url, self.s3.bucket_name
         before = await asyncio.to_thread(server_counts, metrics, bucket)
+        if plan.preload:
+            await self._upload(ghosts)
         async with contextlib.AsyncExitStack() as stack:
             workers = [
                 await stack.enter_async_context(self._worker(i)) for i in range(plan.workers)
             ]
             self.say(f"{plan.workers} workers open ({plan.mode})")
             rss_workers = rss_mb()
-            serving = [
-                asyncio.create_task(
-                    await stack.enter_async_context(self._serve(worker, stop)), name=f"w{i}"
-                )
-                for i, worker in enumerate(workers)
-            ]
-            await asyncio.sleep(0.5)  # every worker past its first (empty) sweep, idle
-            self.worker_requests.mark()
-            self.sqs_requests.mark()
+
+            async def serve() -> list[asyncio.Task[Any]]:
+                return [
+                    asyncio.create_task(
+                        await stack.enter_async_context(self._serve(worker, stop)), name=f"w{i}"
+                    )
+                    for i, worker in enumerate(workers)
+                ]
+
+            if not plan.preload:  # the fleet waits, idle, for the work to come
+                serving = await serve()
+                await asyncio.sleep(0.5)  # every worker past its first (empty) sweep
+                self.worker_requests.mark()
+                self.sqs_requests.mark()
             cpu, weed_cpu = time.process_time(), weed_cpu_seconds(self.weed)
             started = time.monotonic()
             peak = [rss_workers]
             sampler = asyncio.create_task(self._sample_rss(peak, stop))
-            await self._upload(ghosts)
+            if plan.preload:  # the work waits for the fleet (scaled up from zero on it)
+                serving = await serve()
+            else:
+                await self._upload(ghosts)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.ledger.done.wait(), plan.timeout)
             completed = self.ledger.done.is_set()
@@ -586,42 +594,33 @@ class FleetRun:
                 await asyncio.wait_for(stop.wait(), 1.0)
 
     async def _upload(self, ghosts: list[str]) -> None:
-        """PUT every manifest (and, with events, send what S3 would) from ``uploaders``
-        concurrent tasks, at ``rate`` a second if given; returns when all are up."""
+        """Run the producer (tests/fleet_upload.py) in a process of its own and note when
+        each PUT returned, and the requests it sent."""
         plan = self.plan
-        names = iter(range(plan.manifests))
-        started = time.monotonic()
-        duplicate_every = round(1 / plan.duplicate_events) if plan.duplicate_events > 0 else 0
-        async with contextlib.AsyncExitStack() as stack:
-            storage = await stack.enter_async_context(S3Storage(self.s3))
-            self.uploader_requests.attach(storage._client)
-            sqs = None
-            if self.sqs is not None:
-                sqs = await stack.enter_async_context(open_sqs_client(self.sqs, self.s3))
-
-            async def announce(*keys: str) -> None:
-                if sqs is None or not keys:
-                    return
-                entries = [
-                    {"Id": str(n), "MessageBody": s3_notification(self.s3.bucket_name, key)}
-                    for n, key in enumerate(keys)
-                ]
-                await sqs.send_message_batch(QueueUrl=self.sqs.queue_url, Entries=entries)  # type: ignore[union-attr]
-
-            async def uploader() -> None:
-                for n in names:
-                    if plan.rate > 0:
-                        await asyncio.sleep(max(0.0, started + n / plan.rate - time.monotonic()))
-                    key = self.layout.manifest_key(manifest_name(n, plan.names))
-                    await storage.put(key, MANIFEST, content_type="application/json")
-                    self.ledger.uploaded_now(key)
-                    twice = duplicate_every and n % duplicate_every == 0
-                    await announce(*([key, key] if twice else [key]))
-
-            await asyncio.gather(*(uploader() for _ in range(plan.uploaders)))
-            for start in range(0, len(ghosts), 10):
-                await announce(*ghosts[start : start + 10])
-        self.say(f"{plan.manifests} manifests up in {time.monotonic() - started:.1f} s")
+        spec = {
+            "manifests": plan.manifests,
+            "rate": plan.rate,
+            "uploaders": plan.uploaders,
+            "names": plan.names,
+            "events": self.sqs is not None,
+            "duplicate_events": plan.duplicate_events,
+            "ghosts": [self.layout.manifest_name(key) for key in ghosts],
+        }
+        extra = {}
+        if self.sqs is not None:
+            extra = {"sqs_queue_url": self.sqs.queue_url, "sqs_endpoint_url": self.sqs.endpoint_url}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.fleet_upload", json.dumps(spec),
+            cwd=ROOT, env=s3_env(self.s3, **extra), stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"the uploader failed ({process.returncode})")
+        result = json.loads(out)
+        for key, at in result["uploaded"]:
+            self.ledger.uploaded_now(key, at)
+        self.uploader_requests.by_operation.update(result["requests"])
+        self.say(f"{len(result['uploaded'])} manifests up in {self.ledger.upload_span():.1f} s")
 
     def _bucket_after(self) -> dict[str, int]:
         client = s3_client(self.s3)

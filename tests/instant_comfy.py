@@ -30,12 +30,14 @@ PNG = bytes.fromhex(
 
 class InstantComfy:
     """Zero-cost ComfyUI: a prompt is done the moment it is queued (or after ``job_seconds``
-    of sleep, which costs no CPU: a fleet of slow GPUs without the GPUs)."""
+    of sleep, which costs no CPU: a fleet of slow GPUs without the GPUs). Like ComfyUI, it
+    runs one prompt at a time, in the order they were waited for."""
 
     def __init__(self, job_seconds: float = 0.0) -> None:
         self.job_seconds = job_seconds
         self.executions: collections.Counter[str] = collections.Counter()
         self._queued: dict[str, list[OutputFile]] = {}
+        self._gpu = asyncio.Lock()
 
     @property
     def connected(self) -> bool:
@@ -62,7 +64,8 @@ class InstantComfy:
         include_temp: bool = False,
     ) -> RunResult:
         if self.job_seconds > 0:
-            await asyncio.sleep(self.job_seconds)
+            async with self._gpu:
+                await asyncio.sleep(self.job_seconds)
         files = self._queued.pop(prompt_id, [])
         return RunResult(prompt_id, files, {}, [], self.job_seconds)
 
