@@ -99,6 +99,8 @@ def main() -> None:
                         help="upload everything before the workers start")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="3 workers, 40 manifests")
     parser.add_argument("--log-level", default="ERROR", help="the workers' log level")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="a worker setting, e.g. events_fallback_interval=3600")  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.workers, args.manifests = [3], 40
@@ -134,6 +136,7 @@ def passed_on(args: argparse.Namespace) -> list[str]:
         f"--names={args.names}",
         f"--timeout={args.timeout}",
         f"--log-level={args.log_level}",
+        *(f"--setting={setting}" for setting in args.setting),
     ]
     return [*options, "--preload"] if args.preload else options
 
@@ -155,6 +158,7 @@ def run_one(args: argparse.Namespace, mode: str, workers: int) -> dict[str, Any]
             names=args.names,
             preload=args.preload,
             timeout=args.timeout,
+            settings=dict(setting.split("=", 1) for setting in args.setting),
         )
         say(f"-- {mode}, {workers} workers, {args.manifests} manifests")
         report = asyncio.run(FleetRun(plan, weed, server, sqs, say=say).run())

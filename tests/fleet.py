@@ -399,8 +399,16 @@ class FleetReport:
             "weed_cpu_ms_per_job": round(1000 * self.weed_cpu / jobs, 1),
             "rss_mb_per_worker": round((self.rss_workers - self.rss_before) / self.plan.workers, 2),
             "rss_peak_mb": round(self.rss_peak),
+            "server_vs_counted": {
+                "server": dict(sorted(self.server_requests.items())),
+                "counted": dict(sorted(self.counted_requests().items())),
+            },
             "checks": self.checks(),
         }
+
+    def counted_requests(self) -> collections.Counter[str]:
+        """The workers' and the uploader's S3 requests over the run, by SeaweedFS's types."""
+        return self.worker_requests.by_server_type() + self.uploader_requests.by_server_type()
 
     def checks(self) -> dict[str, bool]:
         """What must hold for the figures to mean anything."""
@@ -414,8 +422,7 @@ class FleetReport:
             "attempts_add_up": ledger.attempts == sum(self.executions.values()) + ledger.wasted,
             "won_add_up": ledger.won
             == sum(self.executions.values()) + ledger.gone + ledger.skipped,
-            "requests_match_server": self.server_requests
-            == self.worker_requests.by_server_type() + self.uploader_requests.by_server_type(),
+            "requests_match_server": self.server_requests == self.counted_requests(),
             "intake_empty": self.bucket.get("intake", -1) == 0,
             "claims_empty": self.bucket.get("claims", -1) == 0,
             "all_retired": self.bucket.get("done", -1) == len(uploaded),

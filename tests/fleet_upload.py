@@ -60,14 +60,25 @@ async def upload(plan: dict[str, Any]) -> dict[str, Any]:
         if sqs_settings is not None:
             sqs = await stack.enter_async_context(open_sqs_client(sqs_settings, s3))
 
-        async def announce(*keys: str) -> None:
-            if sqs is None or sqs_settings is None or not keys:
-                return
-            entries = [
-                {"Id": str(n), "MessageBody": s3_notification(s3.bucket_name, key)}
-                for n, key in enumerate(keys)
-            ]
-            await sqs.send_message_batch(QueueUrl=sqs_settings.queue_url, Entries=entries)
+        # What S3 would send: one message per object, one record per message. Sent in
+        # batches of ten (the producer's economy; every message is still one key).
+        announced: asyncio.Queue[str | None] = asyncio.Queue()
+
+        async def announcer() -> None:
+            done = False
+            while not done:
+                batch = [await announced.get()]
+                while len(batch) < 10 and not announced.empty():
+                    batch.append(announced.get_nowait())
+                done = None in batch
+                keys = [key for key in batch if key is not None]
+                if sqs is None or sqs_settings is None or not keys:
+                    continue
+                entries = [
+                    {"Id": str(n), "MessageBody": s3_notification(s3.bucket_name, key)}
+                    for n, key in enumerate(keys)
+                ]
+                await sqs.send_message_batch(QueueUrl=sqs_settings.queue_url, Entries=entries)
 
         async def uploader() -> None:
             for n in names:
@@ -77,12 +88,15 @@ async def upload(plan: dict[str, Any]) -> dict[str, Any]:
                 await storage.put(key, MANIFEST, content_type="application/json")
                 uploaded.append((key, time.time()))
                 twice = duplicate_every and n % duplicate_every == 0
-                await announce(*([key, key] if twice else [key]))
+                for _ in range(2 if twice else 1):
+                    announced.put_nowait(key)
 
+        sending = asyncio.create_task(announcer())
         await asyncio.gather(*(uploader() for _ in range(int(plan.get("uploaders", 16)))))
-        ghosts = [layout.manifest_key(name) for name in plan.get("ghosts", [])]
-        for start in range(0, len(ghosts), 10):
-            await announce(*ghosts[start : start + 10])
+        for name in plan.get("ghosts", []):
+            announced.put_nowait(layout.manifest_key(name))
+        announced.put_nowait(None)
+        await sending
     return {"uploaded": uploaded, "requests": dict(requests)}
 
 
