@@ -14,7 +14,9 @@ ARG CUDA_VERSION=12.8.1
 ARG UBUNTU_VERSION=24.04
 
 FROM nvidia/cuda:${CUDA_VERSION}-cudnn-runtime-ubuntu${UBUNTU_VERSION} AS base-gpu
-ENV COMFYS3_COMFYUI_ARGS=""
+# Every GPU of the container, one ComfyUI each (one GPU: one ComfyUI, as without it).
+ENV COMFYS3_COMFYUI_ARGS="" \
+    COMFYS3_GPUS=all
 
 FROM ubuntu:${UBUNTU_VERSION} AS base-cpu
 # ComfyUI on a machine without a GPU must be told so.

@@ -12,6 +12,7 @@ from processor.comfy.waiting import Waiting
 from processor.errors import (
     ComfyError,
     Comfys3Error,
+    InputInvalid,
     JsonLimitError,
     ManifestError,
     ObjectNotFound,
@@ -21,13 +22,23 @@ from processor.errors import (
     StorageError,
     WorkflowLoadError,
 )
+from processor.job.cancel import CancelRequest, cancel_request, command_line_requester
 from processor.job.input_refs import RULE, key_problems, missing_inputs
-from processor.job.manifest import Job, JobManifest, check_job_id, default_job_id, load_jobs
+from processor.job.inputs import check_image
+from processor.job.manifest import (
+    Job,
+    JobManifest,
+    check_job_id,
+    default_job_id,
+    file_targets,
+    load_jobs,
+)
 from processor.job.runner import JobOutcome, Verdict
 from processor.job.status import JobState, JobStatus, OutputRecord, ProgressInfo
 from processor.job.status_book import FINAL, STATUS_CONCURRENCY, JobRecord, StatusBook
 from processor.ops.parts import Ops, build_ops
 from processor.ops.server import OpsServer
+from processor.ops.version import package_version
 from processor.ops.volume import VolumeLogHandler, worker_log_handler
 from processor.safejson import load_json
 from processor.settings import (
@@ -39,6 +50,7 @@ from processor.settings import (
     load_s3_settings,
     load_sqs_settings,
     load_worker_settings,
+    parse_gpus,
 )
 from processor.storage.base import (
     ObjectInfo,
@@ -50,7 +62,16 @@ from processor.storage.base import (
     validate_key,
 )
 from processor.storage.claims_check import PROBE_PREFIX
-from processor.storage.layout import CLAIMS, DISPATCHED, DONE, FAILED, Layout
+from processor.storage.layout import (
+    CANCEL,
+    CLAIMS,
+    DISPATCHED,
+    DONE,
+    FAILED,
+    Layout,
+    priority_name,
+    split_priority,
+)
 from processor.storage.local import LocalStorage
 from processor.storage.s3 import S3Storage
 from processor.template_scaffold import (
@@ -82,6 +103,7 @@ from processor.workflows import (
 )
 
 __all__ = [
+    "CANCEL",
     "CLAIMS",
     "DISPATCHED",
     "DONE",
@@ -91,6 +113,7 @@ __all__ = [
     "RULE",
     "STATUS_CONCURRENCY",
     "Bind",
+    "CancelRequest",
     "ClosedOnExit",
     "ComfyError",
     "Comfys3Error",
@@ -99,6 +122,7 @@ __all__ = [
     "FieldPlan",
     "FixedValue",
     "InputFile",
+    "InputInvalid",
     "Job",
     "JobManifest",
     "JobOutcome",
@@ -144,10 +168,14 @@ __all__ = [
     "WorkflowRegistry",
     "build_ops",
     "builtin_workflows_dir",
+    "cancel_request",
+    "check_image",
     "check_job_id",
     "check_template_name",
+    "command_line_requester",
     "default_job_id",
     "differences",
+    "file_targets",
     "folder_prefix",
     "key_problems",
     "load_dispatch_settings",
@@ -160,12 +188,16 @@ __all__ = [
     "missing_inputs",
     "open_storage",
     "open_worker",
+    "package_version",
+    "parse_gpus",
     "parse_graph",
     "plan_template",
+    "priority_name",
     "random_seed",
     "render_graph",
     "render_module",
     "s3_layout",
+    "split_priority",
     "storage_from_env",
     "validate_key",
     "worker_log_handler",

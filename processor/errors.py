@@ -15,6 +15,13 @@ Comfys3Error
 ├── InputInvalid               an input file no attempt could use
 ├── JsonLimitError             JSON beyond what comfys3 reads (also a ValueError)
 ├── LeaseLost                  a claim was taken over: the job is no longer ours
+├── JobCancelled               someone asked for the job to stop (comfys3 cancel, RunPod)
+├── FetchError                 a fetch from outside failed in a way that may pass
+│   └── FetchRefused           the guard refused it, or the answer can never be used
+├── ModelDownloadFailed        a model could not be fetched this time
+├── ModelInvalid               a model no attempt could use (wrong sha256, refused, too large)
+├── CapabilityMissing          this worker's ComfyUI lacks node types or models the job needs
+│   └── CapabilityWaitOver     ... and no worker that has them took it in time
 ├── StorageError               a storage operation failed
 │   ├── ObjectNotFound
 │   ├── PreconditionFailed     a conditional write lost
@@ -26,6 +33,7 @@ Comfys3Error
     ├── ComfyValidationError   ComfyUI refused the graph
     ├── ComfyRuntimeError      a node raised while the prompt ran
     ├── ComfyTimeout
+    │   └── JobTimeLimitExceeded   the manifest's own timeout_s ended it
     ├── ComfyInterrupted
     └── ComfyUnavailable       ComfyUI cannot be reached, or died
         └── ComfyDiedWhileWaiting
@@ -103,8 +111,43 @@ class JsonLimitError(Comfys3Error, ValueError):
     """A document that is not JSON, or is JSON beyond what comfys3 accepts; says where."""
 
 
+class FetchError(Comfys3Error):
+    """A fetch from outside (an input or model URL) failed in a way that may pass: the
+    connection was refused or broke, it timed out, the server answered 5xx or 429."""
+
+
+class FetchRefused(FetchError):
+    """The fetch guard refused the URL or an address it resolved to, or the answer can never
+    be used (404, 403, larger than the limit, a redirect loop): asking again cannot help."""
+
+
+class ModelDownloadFailed(Comfys3Error):
+    """A model named in the manifest could not be fetched this time (a network error); the
+    message names the model and its source."""
+
+
+class ModelInvalid(Comfys3Error):
+    """A model named in the manifest that no attempt could use: its sha256 is not the one the
+    manifest gives, its URL is refused or missing, or it is larger than the cache."""
+
+
+class CapabilityMissing(Comfys3Error):
+    """The job needs node types or models this worker's ComfyUI lacks: it is left for another
+    worker that has them, without counting an attempt. ``details`` lists what is missing."""
+
+
+class CapabilityWaitOver(CapabilityMissing):
+    """No worker that has what the job needs took it within COMFYS3_CAPABILITY_WAIT: the job
+    fails, naming what is missing."""
+
+
 class LeaseLost(Comfys3Error):
     """Someone else replaced or removed our claim; the job is no longer ours to report on."""
+
+
+class JobCancelled(Comfys3Error):
+    """Someone asked for the job to stop (``comfys3 cancel``, a cancel object in the bucket,
+    RunPod's cancel). ``details`` say who and when; it is final, and it is nobody's failure."""
 
 
 class StorageError(Comfys3Error):
@@ -187,6 +230,12 @@ class ComfyRuntimeError(ComfyError):
 
 class ComfyTimeout(ComfyError):
     """The prompt ran past the job timeout and was interrupted."""
+
+
+class JobTimeLimitExceeded(ComfyTimeout):
+    """The prompt ran past the manifest's own ``timeout_s``: the job asked for that bound, and
+    another attempt would run just as long, so it is final (the worker's COMFYS3_JOB_TIMEOUT,
+    a guard against a hung ComfyUI, is retried)."""
 
 
 class ComfyInterrupted(ComfyError):

@@ -194,6 +194,18 @@ class LaneSettings(BaseSettings):
         description="Most prompts kept in ComfyUI's queue; the worker goes this deep only for "
         "prompts much shorter than preparing one.",
     )
+    cancel_check_interval: float = Field(
+        default=2.0,
+        ge=0,
+        description="While jobs run, seconds between listings of the cancel requests "
+        "(input/_cancel/); 0: only checked when a job is claimed.",
+    )
+    capability_wait: float = Field(
+        default=300.0,
+        ge=0,
+        description="Seconds a manifest that needs node types or models this worker lacks is "
+        "left for another worker (counted from its upload); then it fails, naming them.",
+    )
 
 
 class TriggerSettings(BaseSettings):
@@ -237,8 +249,21 @@ class HostSettings(BaseSettings):
         description="Job run once before claiming any: a template (solid), "
         "template:payload JSON, or @manifest path.",
     )
+    gpus: str | None = Field(
+        default=None,
+        description="Start one ComfyUI per GPU and feed them all: GPU ids (0,1,3) or all "
+        "(counted with nvidia-smi -L). Needs COMFYS3_COMFYUI_PATH; each gets its own port "
+        "(COMFYS3_COMFYUI_PORT + n), folders and log.",
+    )
 
-    _unset = field_validator("warmup", mode="before")(_empty_is_unset)
+    _unset = field_validator("warmup", "gpus", mode="before")(_empty_is_unset)
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_gpus(value)
+        return value
 
     @field_validator("warmup")
     @classmethod
@@ -264,6 +289,12 @@ class RunpodSettings(BaseSettings):
     )
     refresh_worker: bool = Field(
         default=False, description="Ask RunPod for a fresh worker after each job."
+    )
+    runpod_images: Literal["auto", "base64", "s3_url"] = Field(
+        default="auto",
+        description="How a worker-comfyui-shaped request gets its images back: base64 in the "
+        "answer, or s3_url (presigned); auto does as worker-comfyui: s3_url when its "
+        "BUCKET_ENDPOINT_URL is set, base64 otherwise.",
     )
 
 
@@ -309,6 +340,53 @@ class WebhookSettings(BaseSettings):
         return value
 
 
+class FetchSettings(BaseSettings):
+    """The one guard for every fetch from outside: model URLs, input URLs and webhooks."""
+
+    model_config = SettingsConfigDict(env_prefix=f"{ENV_PREFIX}FETCH_", extra="ignore")
+
+    allow_http: bool = Field(
+        default=False,
+        description="Allow http:// URLs for models, inputs and webhooks (default: https only).",
+    )
+    allow_private: bool = Field(
+        default=False,
+        description="Allow loopback and private addresses (10/8, 192.168/16 ...) for models, "
+        "inputs and webhooks; link-local never.",
+    )
+    allow_hosts: str = Field(
+        default="",
+        description="Hosts a manifest's URLs may name, e.g. huggingface.co,*.hf.co "
+        "(empty: any public host).",
+    )
+    timeout: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="Seconds a fetch may wait to connect or for the next bytes.",
+    )
+
+
+class ModelSettings(BaseSettings):
+    """Models a manifest names by URL or Hugging Face path, fetched into a cache at run time."""
+
+    model_config = SettingsConfigDict(env_prefix=f"{ENV_PREFIX}MODEL_", extra="ignore")
+
+    cache: Path | None = Field(
+        default=None,
+        description="Folder of models fetched at run time, in ComfyUI's folder layout "
+        "(default: model-cache/ on the network volume when there is one; else off).",
+    )
+    cache_max_gb: float = Field(
+        default=100.0,
+        gt=0,
+        description="Size of the model cache (GB); least recently used models are evicted "
+        "past it, and a larger model is refused.",
+    )
+
+    _unset = field_validator("cache", mode="before")(_empty_is_unset)
+
+
 class MetricsSettings(BaseSettings):
     """The ops server: /metrics, /healthz and /livez."""
 
@@ -328,6 +406,39 @@ class MetricsSettings(BaseSettings):
     _unset = field_validator("port", mode="before")(_empty_is_unset)
 
 
+class ApiSettings(BaseSettings):
+    """The HTTP jobs API (``comfys3 serve``, or beside ``comfys3 run`` when a port is set)."""
+
+    model_config = SettingsConfigDict(env_prefix=f"{ENV_PREFIX}API_", extra="ignore")
+
+    port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Serve the jobs API on this port beside `comfys3 run` (default: off; "
+        "`comfys3 serve` uses it too, else 8288).",
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address the jobs API listens on (0.0.0.0 to be reached from outside).",
+    )
+    token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token every jobs API request must carry (Authorization: Bearer ...).",
+    )
+    allow_no_token: bool = Field(
+        default=False,
+        description="Serve the jobs API without a token; honoured only on a loopback address.",
+    )
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body the jobs API reads (a POST /jobs of many manifests).",
+    )
+
+    _unset = field_validator("port", "token", mode="before")(_empty_is_unset)
+
+
 # The groups of WorkerSettings, by attribute: each reads its own variables, named by its prefix.
 GROUPS: dict[str, type[BaseSettings]] = {
     "comfyui": ComfyUISettings,
@@ -338,6 +449,9 @@ GROUPS: dict[str, type[BaseSettings]] = {
     "runpod": RunpodSettings,
     "webhooks": WebhookSettings,
     "metrics": MetricsSettings,
+    "fetch": FetchSettings,
+    "models": ModelSettings,
+    "api": ApiSettings,
 }
 
 
@@ -375,6 +489,9 @@ class WorkerSettings(BaseModel):
     runpod: RunpodSettings = Field(default_factory=RunpodSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    fetch: FetchSettings = Field(default_factory=FetchSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
 
     @model_validator(mode="before")
     @classmethod
@@ -446,6 +563,20 @@ def webhook_key(secret: str) -> bytes:
     if not low <= len(key) <= high:
         raise ValueError(f"decodes to {len(key)} bytes; use {low} to {high} random bytes")
     return key
+
+
+def parse_gpus(value: str) -> list[str] | None:
+    """``0,1,3`` -> the GPU ids; ``all`` -> None (to be counted on the machine). Only the
+    syntax is checked here, when settings load."""
+    text = value.strip()
+    if text.lower() == "all":
+        return None
+    ids = [part.strip() for part in text.split(",") if part.strip()]
+    if not ids or not all(re.fullmatch(r"\d{1,3}", gpu) for gpu in ids):
+        raise ValueError(f"{value!r}: give GPU ids separated by commas (0,1) or all")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{value!r} names a GPU twice")
+    return ids
 
 
 @dataclass(frozen=True)

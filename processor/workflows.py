@@ -83,11 +83,14 @@ class FieldBinding:
 
 @dataclass(frozen=True)
 class StagedInput:
-    """A file the job needs inside ComfyUI before it runs."""
+    """A file the job needs inside ComfyUI before it runs. ``where`` is the manifest object
+    that names it (a template's ``payload``, or a raw graph's ``graph_inputs``), so a problem
+    with it points at the line to edit."""
 
     field: str
     source: str
     targets: tuple[Bind, ...]
+    where: str = "payload"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """A ComfyUI stand-in that lives in the worker's own process and costs nothing.
 
 It has the methods a job runner calls (``upload_input``, ``queue_prompt``, ``wait_for``,
-``fetch_output``, ``interrupt``) and answers each at once: every save node of a queued graph
+``fetch_output``, ``cancel``) and answers each at once: every save node of a queued graph
 "makes" one small PNG. So a benchmark of many workers (bench/fleet.py) measures only comfys3's
 own coordination (claims, listings, statuses, retirement), not a GPU, a fake server's HTTP, or a
 websocket. Not a protocol fake: tests of the client use tests/fake_comfyui, which follows the
@@ -18,7 +18,7 @@ import collections
 from collections.abc import Callable
 from typing import Any
 
-from processor.comfy.client import OutputFile, Progress, RunResult
+from processor.comfy.client import OutputFile, Progress, RunLimit, RunResult
 from processor.workflows import SAVE_PREFIX_INPUT
 
 # A 1x1 PNG: the smallest output a SaveImage could give.
@@ -46,7 +46,7 @@ class InstantComfy:
     async def upload_input(self, data: bytes, filename: str, subfolder: str) -> str:
         return f"{subfolder}/{filename}"
 
-    async def queue_prompt(self, graph: dict[str, Any], prompt_id: str) -> None:
+    async def queue_prompt(self, graph: dict[str, Any], prompt_id: str) -> list[str]:
         files = []
         for node_id, node in graph.items():
             prefix = node.get("inputs", {}).get(SAVE_PREFIX_INPUT)
@@ -54,6 +54,7 @@ class InstantComfy:
                 files.append(OutputFile(node_id, "images", f"{node_id}_00001_.png", "", "output"))
                 self.executions[job_of(prefix)] += 1
         self._queued[prompt_id] = files
+        return []  # no output left out
 
     async def wait_for(
         self,
@@ -62,6 +63,7 @@ class InstantComfy:
         timeout: float,
         on_progress: Callable[[Progress], None] | None = None,
         include_temp: bool = False,
+        run_limit: RunLimit | None = None,
     ) -> RunResult:
         if self.job_seconds > 0:
             async with self._gpu:
@@ -72,9 +74,8 @@ class InstantComfy:
     async def fetch_output(self, ref: OutputFile) -> bytes:
         return PNG
 
-    async def interrupt(self, prompt_id: str | None = None) -> None:
-        if prompt_id is not None:
-            self._queued.pop(prompt_id, None)
+    async def cancel(self, prompt_id: str) -> None:
+        self._queued.pop(prompt_id, None)
 
 
 def job_of(save_prefix: str) -> str:

@@ -19,7 +19,8 @@ class Payload(WorkflowPayload):
 
     image: Annotated[str, Bind("1", "image"), InputFile()] = Field(
         min_length=1,
-        description="The source image: a key in the bucket (or a path under the local root).",
+        description="The source image: a key in the bucket (or a path under the local root), an "
+        "https:// URL, or s3://bucket/key.",
     )
     denoise: Annotated[float, Bind("3", "denoise")] = Field(
         0.6, ge=0.0, le=1.0, description="How much to change the image (0 keeps it, 1 replaces it)."

@@ -12,7 +12,8 @@ class Payload(WorkflowPayload):
 
     image: Annotated[str, Bind("1", "image"), InputFile()] = Field(
         min_length=1,
-        description="The image to resize: a key in the bucket (or a path under the local root).",
+        description="The image to resize: a key in the bucket (or a path under the local root), an "
+        "https:// URL, or s3://bucket/key.",
     )
     scale_by: Annotated[float, Bind("2", "scale_by")] = Field(
         2.0, gt=0.0, le=8.0, description="Factor applied to width and height."

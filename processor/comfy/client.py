@@ -5,6 +5,12 @@ before the first prompt is queued, and events are kept per prompt from the momen
 queued, so the pipeline can queue job N+1 while it waits for job N and lose nothing.
 Completion comes from the socket (no polling); /history is read once per prompt, after
 ComfyUI says it is written, and is the source of truth for outputs and timings.
+
+Two ComfyUIs are served (../shared/comfyui-protocol/DELTA.md): 0.3.64, whose routes are
+/history, /queue and /interrupt, and today's (0.38.x), which adds the job API
+(``/api/jobs/{id}``, ``/api/jobs/{id}/cancel``). Which one answers is found once per connection
+(:meth:`ComfyClient.server_info`) and only matters for the rare requests that are not on the
+hot path: finding a prompt again after the socket dropped, and stopping one.
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
 from processor.aio import ClosedOnExit
-from processor.comfy.node_errors import as_dict, validation_error
+from processor.comfy.node_errors import as_dict, dropped_outputs, validation_error
 from processor.comfy.waiting import LogNotices, WaitListener, reporting
 from processor.comfy.websocket import PromptWatch, SocketListener
 from processor.errors import (
@@ -46,7 +53,10 @@ __all__ = [
     "ComfyValidationError",
     "OutputFile",
     "Progress",
+    "RunLimit",
     "RunResult",
+    "ServerInfo",
+    "new_prompt_id",
     "sniff_content_type",
 ]
 
@@ -55,8 +65,43 @@ log = logging.getLogger(__name__)
 # How long /history may stay empty after success before it is an error. ComfyUI writes the
 # entry right after execution_success; a GC pause (~0.3 s) or a busy machine delays it.
 HISTORY_GRACE_S = 30.0
-# After an interrupt, how long to wait for ComfyUI to confirm it stopped the prompt.
-INTERRUPT_GRACE_S = 10.0
+# Does the job API exist? One cheap request per connection: only the running job is read, so
+# ComfyUI does not walk its history to answer. 200 on today's ComfyUI, 404 on 0.3.64.
+JOB_API_PROBE = "/api/jobs?status=in_progress&limit=1"
+JOB_STATES_QUEUED = ("pending", "in_progress")
+JOB_STATES_FINISHED = ("completed", "failed", "cancelled")
+THREE_D_EXTENSIONS = (".glb", ".gltf", ".obj", ".fbx", ".stl", ".ply", ".usdz")
+
+
+def new_prompt_id() -> str:
+    """A prompt id as today's ComfyUI requires one from a client: a canonical lowercase
+    uuid4 (0.3.64 took any string; 0.25 and later answer 400 ``invalid_prompt_id``)."""
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the ComfyUI at the other end speaks, found once per connection."""
+
+    version: str | None  # /system_stats' comfyui_version, e.g. "0.3.64" or "0.38.1"
+    job_api: bool  # GET /api/jobs answers (today's ComfyUI); else only the 0.3.64 routes
+
+    def describe(self) -> str:
+        routes = (
+            "the job API (/api/jobs)"
+            if self.job_api
+            else "the 0.3.64 routes (/history, /queue, /interrupt)"
+        )
+        return f"ComfyUI {self.version or '(version not given)'}, using {routes}"
+
+
+@dataclass(frozen=True)
+class RunLimit:
+    """How long a prompt may execute, counted from when ComfyUI starts it (not from when it
+    was queued: a job waiting behind another is not charged for the wait)."""
+
+    seconds: float
+    source: str  # what set it, named in the timeout message: "timeout_s", "COMFYS3_JOB_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -72,10 +117,14 @@ class Progress:
 @dataclass(frozen=True)
 class OutputFile:
     node_id: str
-    kind: str  # the /history key: "images", "gifs", "audio", "video", ...
+    kind: str  # the /history key: "images", "gifs", "audio", "3d", ...
     filename: str
     subfolder: str
     type: str  # "output" | "temp"
+    animated: bool = False  # the node said ``animated``: a video or animation under "images"
+    # Named by a preview node rather than saved by one (Preview3D's model path): it may lie in
+    # ComfyUI's input folder, so not finding it is no failure.
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,59 +146,98 @@ _MAGIC: list[tuple[bytes, int, str]] = [
     (b"BM", 0, "image/bmp"),
     (b"II*\x00", 0, "image/tiff"),
     (b"MM\x00*", 0, "image/tiff"),
-    (b"ftypavif", 4, "image/avif"),
-    (b"ftypheic", 4, "image/heic"),
-    (b"ftypisom", 4, "video/mp4"),
-    (b"ftypmp42", 4, "video/mp4"),
-    (b"\x1aE\xdf\xa3", 0, "video/webm"),
-    (b"OggS", 0, "audio/ogg"),
     (b"fLaC", 0, "audio/flac"),
     (b"ID3", 0, "audio/mpeg"),
+    (b"glTF", 0, "model/gltf-binary"),
 ]
+# ISO base media files (MP4, MOV, AVIF, HEIC, M4A) tell what they are by their brand.
+_FTYP_BRANDS = {
+    b"avif": "image/avif",
+    b"avis": "image/avif",
+    b"heic": "image/heic",
+    b"heix": "image/heic",
+    b"mif1": "image/heic",
+    b"M4A ": "audio/mp4",
+    b"qt  ": "video/quicktime",
+}
 
 
 def sniff_content_type(data: bytes) -> str:
-    """Content type from the bytes themselves: a manifest's file name may lie."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+    """Content type from the bytes themselves: a file name may lie, or say nothing."""
+    head = data[:64]
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "image/webp"
-    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
         return "audio/wav"
+    if head[4:8] == b"ftyp":
+        return _FTYP_BRANDS.get(head[8:12], "video/mp4")
+    if head[:4] == b"\x1aE\xdf\xa3":  # EBML: WebM names itself, other Matroska does not
+        return "video/webm" if b"webm" in head else "video/x-matroska"
+    if head[:4] == b"OggS":
+        return "video/ogg" if b"theora" in head else "audio/ogg"
     for magic, offset, content_type in _MAGIC:
         if data[offset : offset + len(magic)] == magic:
             return content_type
+    if len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
+        return "audio/mpeg"  # an MP3 frame without an ID3 tag (after JPEG: FF D8 is not this)
     return "application/octet-stream"
 
 
 def parse_outputs(
     outputs: dict[str, Any], include_temp: bool
 ) -> tuple[list[OutputFile], dict[str, list[str]]]:
-    """Every file-like entry of every node (any kind), and the strings as text outputs."""
+    """Every file-like entry of every node (any kind), and the strings as text outputs.
+
+    ComfyUI's shapes, old and new: ``images`` (with ``animated: [true]`` for video and
+    animations, today's SaveVideo/SaveWEBM/SaveAnimatedWEBP), ``gifs`` (VideoHelperSuite),
+    ``audio``, ``3d`` (SaveGLB), ``text`` (PreviewAny, ShowText) and Preview3D's ``result``,
+    whose first item names a model file. Extra keys (asset ``id``, ``preview_id``, VHS's
+    ``fullpath``) are ignored; a file named twice is taken once.
+    """
     files: list[OutputFile] = []
     texts: dict[str, list[str]] = {}
+    seen: set[tuple[str, str, str]] = set()
     wanted = {"output", "temp"} if include_temp else {"output"}
+
+    def add(ref: OutputFile) -> None:
+        where = (ref.type, ref.subfolder, ref.filename)
+        if ref.type in wanted and where not in seen:
+            seen.add(where)
+            files.append(ref)
+
     for node_id in sorted(outputs, key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n)):
         node_outputs = outputs[node_id]
         if not isinstance(node_outputs, dict):
             continue
+        flags = node_outputs.get("animated")
+        animated = isinstance(flags, list | tuple) and any(flag is True for flag in flags)
         for kind, items in node_outputs.items():
-            if not isinstance(items, list):
+            if not isinstance(items, list) or kind == "animated":
                 continue
             for item in items:
                 if isinstance(item, dict) and isinstance(item.get("filename"), str):
-                    file_type = str(item.get("type") or "output")
-                    if file_type in wanted:
-                        files.append(
-                            OutputFile(
-                                node_id=str(node_id),
-                                kind=str(kind),
-                                filename=item["filename"],
-                                subfolder=str(item.get("subfolder") or ""),
-                                type=file_type,
-                            )
+                    add(
+                        OutputFile(
+                            node_id=str(node_id),
+                            kind=str(kind),
+                            filename=item["filename"],
+                            subfolder=str(item.get("subfolder") or ""),
+                            type=str(item.get("type") or "output"),
+                            animated=animated and kind == "images",
                         )
+                    )
+                elif isinstance(item, str) and kind == "result" and _is_model_path(item):
+                    path = PurePosixPath(item.replace("\\", "/"))
+                    parent = "" if str(path.parent) == "." else str(path.parent)
+                    add(OutputFile(str(node_id), "3d", path.name, parent, "output", optional=True))
                 elif isinstance(item, str):
                     texts.setdefault(str(node_id), []).append(item)
     return files, texts
+
+
+def _is_model_path(text: str) -> bool:
+    """A 3-D file as Preview3D names it ("mesh/ComfyUI_00001_.glb"), not free text."""
+    return "\n" not in text and len(text) < 1024 and text.lower().endswith(THREE_D_EXTENSIONS)
 
 
 def _safe_name(filename: str) -> str:
@@ -191,6 +279,8 @@ class ComfyClient(ClosedOnExit):
         self._down_timer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dead: ComfyError | None = None
+        self._server: ServerInfo | None = None  # found once per connection
+        self._server_lock = asyncio.Lock()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -221,6 +311,34 @@ class ComfyClient(ClosedOnExit):
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def generation(self) -> int:
+        """Counts websocket connections: it moves when ComfyUI comes back (a restart, or a
+        reconnect after a network fault), when what it offers may have changed."""
+        return self._generation
+
+    async def object_info(self) -> dict[str, Any]:
+        """``GET /object_info``: every node type ComfyUI offers, with its inputs (the model
+        files a loader accepts are the choices of its inputs). Large with many custom nodes,
+        so asked once per connection, not per job."""
+        await self._wait_connected()
+        return await self._request_json("GET", "/object_info")
+
+    async def has_node(self, node_type: str) -> bool:
+        """Whether ComfyUI has the node type, asked one by one (``GET /object_info/{type}``).
+        ``/object_info`` silently leaves out a node whose inputs could not be listed at that
+        moment (LoadImage before its input folder exists, a custom node that raises): it
+        answers ``{}`` only for a type it does not have, and an error for one that failed."""
+        await self._wait_connected()
+        status, raw = await self._request("GET", f"/object_info/{quote(node_type, safe='')}")
+        if status != 200:
+            return True  # there, but its description failed to build
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return True
+        return not (isinstance(body, dict) and not body)
 
     def drop_connection(self) -> None:
         """Abort the websocket as a network fault would (it reconnects and reconciles)."""
@@ -305,6 +423,8 @@ class ComfyClient(ClosedOnExit):
                         last_error = str(error) or type(error).__name__
                         refused_since = None
                 if stats is not None and self._connected.is_set():
+                    with contextlib.suppress(ComfyError):
+                        self._server = await self._probe(stats)
                     state.ready = True
                     return stats
                 if stats is not None:
@@ -338,6 +458,24 @@ class ComfyClient(ClosedOnExit):
             message, {"kind": "unavailable", "url": self.base_url, "log_tail": tail}
         )
 
+    async def server_info(self) -> ServerInfo:
+        """What this ComfyUI speaks, asked once per connection (a ComfyUI restarted under the
+        worker may be another version)."""
+        if self._server is None:
+            async with self._server_lock:
+                if self._server is None:
+                    stats = await self._request_json("GET", "/system_stats")
+                    self._server = await self._probe(stats)
+        return self._server
+
+    async def _probe(self, stats: dict[str, Any]) -> ServerInfo:
+        system = as_dict(stats.get("system"))
+        version = system.get("comfyui_version")
+        status, _ = await self._request("GET", JOB_API_PROBE)
+        info = ServerInfo(str(version) if version is not None else None, status == 200)
+        log.info("%s at %s", info.describe(), self.base_url)
+        return info
+
     # ----------------------------------------------------------------- inputs
 
     async def upload_input(self, data: bytes, filename: str, subfolder: str) -> str:
@@ -361,8 +499,13 @@ class ComfyClient(ClosedOnExit):
 
     # ----------------------------------------------------------------- prompts
 
-    async def queue_prompt(self, graph: dict[str, Any], prompt_id: str) -> None:
-        """Queue ``graph`` under ``prompt_id``; its events are kept until someone waits."""
+    async def queue_prompt(self, graph: dict[str, Any], prompt_id: str) -> list[str]:
+        """Queue ``graph`` under ``prompt_id``; its events are kept until someone waits.
+
+        Returns the outputs ComfyUI left out, one readable line each: a 200 that carries
+        ``node_errors`` means some output nodes failed validation and the prompt was queued
+        without them (both versions do this), which is worth a note, not a failure.
+        """
         await self._wait_connected()
         existing = self._watches.get(prompt_id)
         if existing is not None and not existing.done.is_set():
@@ -392,14 +535,16 @@ class ComfyClient(ClosedOnExit):
         except BaseException:
             self._watches.pop(prompt_id, None)
             raise
-        if isinstance(body, dict) and body.get("node_errors"):
-            log.warning("prompt %s queued with node errors: %s", prompt_id, body["node_errors"])
+        dropped = dropped_outputs(body.get("node_errors")) if isinstance(body, dict) else []
+        if dropped:
+            log.warning("prompt %s queued without some outputs: %s", prompt_id, "; ".join(dropped))
         if isinstance(body, dict) and isinstance(body.get("number"), int | float):
             watch.number = body["number"]
         watch.queued = True
         if self._generation != generation:
             # The socket reconnected while we posted: events may be lost, ask /history.
             self._spawn(self._reconcile(watch))
+        return dropped
 
     async def wait_for(
         self,
@@ -408,8 +553,11 @@ class ComfyClient(ClosedOnExit):
         timeout: float,
         on_progress: Callable[[Progress], None] | None = None,
         include_temp: bool = False,
+        run_limit: RunLimit | None = None,
     ) -> RunResult:
-        """Follow a queued prompt to its end; ``timeout`` counts from this call."""
+        """Follow a queued prompt to its end. ``timeout`` counts from this call (the worker's
+        bound, queue wait included); ``run_limit`` from when ComfyUI starts executing it. A
+        prompt past either is stopped on ComfyUI and :class:`ComfyTimeout` names the limit."""
         watch = self._watches.get(prompt_id)
         if watch is None:
             watch = PromptWatch.for_graph(prompt_id, None)
@@ -418,13 +566,19 @@ class ComfyClient(ClosedOnExit):
             self._spawn(self._reconcile(watch))  # it may be over already
         watch.on_progress = on_progress
         try:
-            try:
-                await asyncio.wait_for(watch.done.wait(), timeout)
-            except TimeoutError:
+            exceeded = await self._until_done(watch, timeout, run_limit)
+            if exceeded is not None:
+                seconds, source = exceeded
                 await self._stop_prompt(watch)
                 raise ComfyTimeout(
-                    f"prompt {prompt_id} timed out after {timeout:g} s and was interrupted",
-                    {"kind": "timeout", "prompt_id": prompt_id, "timeout_s": timeout},
+                    f"prompt {prompt_id} timed out after {seconds:g} s ({source}) and was "
+                    "cancelled on ComfyUI",
+                    {
+                        "kind": "timeout",
+                        "prompt_id": prompt_id,
+                        "timeout_s": seconds,
+                        "limit": source,
+                    },
                 ) from None
             if watch.failure is not None:
                 raise watch.failure
@@ -444,6 +598,32 @@ class ComfyClient(ClosedOnExit):
         finally:
             if self._watches.get(prompt_id) is watch:
                 del self._watches[prompt_id]
+
+    async def _until_done(
+        self, watch: PromptWatch, timeout: float, run_limit: RunLimit | None
+    ) -> tuple[float, str] | None:
+        """Wait for the watch to end; the limit it ran past, or None."""
+        loop = asyncio.get_running_loop()
+        overall = loop.time() + timeout
+        while not watch.done.is_set():
+            deadline, limit = overall, (timeout, "COMFYS3_JOB_TIMEOUT")
+            if run_limit is not None and watch.started_at is not None:
+                own = watch.started_at + run_limit.seconds
+                if own < deadline:
+                    deadline, limit = own, (run_limit.seconds, run_limit.source)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return limit
+            waits = [watch.done.wait()]
+            if run_limit is not None and watch.started_at is None:
+                waits.append(watch.began.wait())  # from then on its own limit counts too
+            tasks = [asyncio.ensure_future(w) for w in waits]
+            try:
+                await asyncio.wait(tasks, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
+        return None
 
     async def run(
         self,
@@ -474,12 +654,47 @@ class ComfyClient(ClosedOnExit):
         except (aiohttp.ClientError, TimeoutError) as error:
             raise self._unreachable("GET /view", error) from error
 
-    async def interrupt(self, prompt_id: str | None = None) -> None:
-        """Stop ``prompt_id`` if it runs and drop it if it waits; no id stops whatever runs."""
-        body = {"prompt_id": prompt_id} if prompt_id else {}
-        await self._request("POST", "/interrupt", json=body)
-        if prompt_id:
+    async def cancel(self, prompt_id: str) -> None:
+        """Stop ``prompt_id`` on ComfyUI, never another prompt: interrupted if it runs,
+        dropped if it waits. A prompt this client follows is settled as far as can be known
+        now: one dropped before it started gets :class:`ComfyInterrupted` (``details.kind``
+        "cancelled"); one interrupted ends with ComfyUI's ``execution_interrupted``, at its
+        next step or node, which nobody needs to wait for.
+
+        Today's ComfyUI does both at once, atomically (``POST /api/jobs/{id}/cancel``). On
+        0.3.64, or a ComfyUI whose job API has no cancel yet, the prompt is first deleted from
+        the queue (so one that waits cannot start after), and only if it is still there, so
+        running, ``/interrupt {prompt_id}`` follows, which ComfyUI carries out only if that
+        very prompt is the one running.
+        """
+        server = await self.server_info()
+        done = False
+        if server.job_api:
+            status, _ = await self._request("POST", f"/api/jobs/{prompt_id}/cancel")
+            done = status == 200
+            if not done:
+                log.info("POST /api/jobs/%s/cancel: HTTP %d; the 0.3.64 way", prompt_id, status)
+        if not done:
             await self._request("POST", "/queue", json={"delete": [prompt_id]})
+            if await self._in_queue(prompt_id):  # not waiting any more: it runs
+                await self._request("POST", "/interrupt", json={"prompt_id": prompt_id})
+        watch = self._watches.get(prompt_id)
+        if watch is not None and not watch.done.is_set():
+            await self._settle_cancelled(watch)
+
+    async def _settle_cancelled(self, watch: PromptWatch) -> None:
+        """After a cancel: end the watch of a prompt ComfyUI dropped before it started (no
+        event ever comes for that one), or of one that ended meanwhile."""
+        where, entry = await self._locate(watch)
+        if where == "finished" and entry is not None:
+            watch.apply_history(entry)
+        elif where == "absent":
+            watch.fail(
+                ComfyInterrupted(
+                    f"prompt {watch.prompt_id} was dropped from ComfyUI's queue before it started",
+                    {"kind": "cancelled", "prompt_id": watch.prompt_id},
+                )
+            )
 
     # ----------------------------------------------------------------- internals
 
@@ -583,6 +798,8 @@ class ComfyClient(ClosedOnExit):
         if up:
             self._generation += 1
             self._connected.set()
+            if self._generation > 1:
+                self._server = None  # maybe a restarted, or another, ComfyUI: asked again
             if self._down_timer is not None:
                 self._down_timer.cancel()
                 self._down_timer = None
@@ -617,11 +834,11 @@ class ComfyClient(ClosedOnExit):
             for attempt in range(3):
                 if watch.done.is_set():
                     return
-                entry = await self._get_history(watch)
-                if entry:
+                where, entry = await self._locate(watch)
+                if where == "finished" and entry is not None:
                     watch.apply_history(entry)
                     return
-                if await self._in_queue(watch.prompt_id):
+                if where == "queued":
                     return  # still pending or running: its events will come on the new socket
                 if attempt < 2:
                     await asyncio.sleep(0.25)
@@ -636,6 +853,34 @@ class ComfyClient(ClosedOnExit):
             pass  # still down: the next reconnect or the down timer settles it
         except Exception:
             log.exception("reconciling prompt %s failed", watch.prompt_id)
+
+    async def _locate(self, watch: PromptWatch) -> tuple[str, dict[str, Any] | None]:
+        """Where ComfyUI has the prompt: "queued" (waiting or running), "finished" (with its
+        /history entry) or "absent".
+
+        With the job API one request answers while it is queued, and without the race of two
+        (a prompt that ends between a /history and a /queue read looks absent). Anything but
+        a clear queued or finished answer is checked the 0.3.64 way, so a ComfyUI whose job
+        API says something unforeseen never loses a prompt for it.
+        """
+        if (await self.server_info()).job_api:
+            status, raw = await self._request("GET", f"/api/jobs/{watch.prompt_id}")
+            state = None
+            if status == 200:
+                with contextlib.suppress(ValueError):
+                    state = as_dict(json.loads(raw)).get("status")
+            if state in JOB_STATES_QUEUED:
+                return "queued", None
+            if state in JOB_STATES_FINISHED:
+                entry = await self._get_history(watch)
+                if entry is not None:
+                    return "finished", entry
+        entry = await self._get_history(watch)
+        if entry is not None:
+            return "finished", entry
+        if await self._in_queue(watch.prompt_id):
+            return "queued", None
+        return "absent", None
 
     async def _get_history(self, watch: PromptWatch) -> dict[str, Any] | None:
         """This run's entry; an older run that reused the prompt id does not count."""
@@ -709,17 +954,11 @@ class ComfyClient(ClosedOnExit):
         )
 
     async def _stop_prompt(self, watch: PromptWatch) -> None:
-        """Interrupt it (or drop it from the queue) and give ComfyUI a moment to confirm."""
+        """Cancel it on ComfyUI (a timed-out prompt must not keep the GPU), confirmed."""
         try:
-            await self.interrupt(watch.prompt_id)
+            await self.cancel(watch.prompt_id)
         except ComfyError as error:
-            log.warning("could not interrupt prompt %s: %s", watch.prompt_id, error)
-            return
-        with contextlib.suppress(ComfyError):
-            if not await self._in_queue(watch.prompt_id):
-                return  # it was still waiting and is now deleted, or it is already over
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(watch.done.wait(), INTERRUPT_GRACE_S)
+            log.warning("could not stop prompt %s: %s", watch.prompt_id, error)
 
 
 def _nobody_there(error: aiohttp.ClientConnectorError) -> str | None:

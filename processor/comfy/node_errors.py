@@ -8,9 +8,18 @@ saw (node ids, error types, the values ComfyUI expected) without access to the w
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from processor.errors import ComfyValidationError
+
+# 0.3.64 words a missing node type inside an `invalid_prompt` message; today's ComfyUI has
+# `missing_node_type` with the class in extra_info (DELTA.md §5).
+_OLD_MISSING = re.compile(r"Cannot execute because node (.+) does not exist\.?$")
+_OLD_NO_CLASS = "Cannot execute because a node is missing the class_type property."
+_NODE_ID = re.compile(r"^Node ID '#(.+)'$")
+_NO_CLASS_HINT = "has no class_type: the graph is not in ComfyUI's API format, or is damaged"
+_INSTALL_HINT = "install the custom node that provides it (docs/image.md), or fix the graph"
 
 # Model files: a value of a combo input that looks like one is "not installed", not "not allowed".
 _MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft", ".onnx")
@@ -42,7 +51,10 @@ def validation_error(status: int, body: Any) -> ComfyValidationError:
                 lines.append(f"node {node_id} ({class_type}) {describe_node_error(item)}")
     headline = str(error.get("message") or "invalid prompt").strip().rstrip(".")
     details_text = str(error.get("details") or "").strip()
-    if details_text and not lines:
+    special = _whole_prompt_error(error)
+    if special is not None:
+        headline = special
+    elif details_text and not lines:
         headline = f"{headline} ({details_text})"
     return ComfyValidationError(
         f"ComfyUI rejected the prompt: {headline}",
@@ -55,6 +67,58 @@ def validation_error(status: int, body: Any) -> ComfyValidationError:
             "lines": lines,
         },
     )
+
+
+def _whole_prompt_error(error: dict[str, Any]) -> str | None:
+    """The refusals of the whole prompt worth their own sentence: a node type this ComfyUI
+    does not have (in both versions' wording), a prompt id it refuses. None for the rest."""
+    kind = str(error.get("type") or "")
+    message = str(error.get("message") or "").strip()
+    extra = as_dict(error.get("extra_info"))
+    node_id = extra.get("node_id")
+    if node_id is None:
+        found = _NODE_ID.match(str(error.get("details") or "").strip())
+        node_id = found.group(1) if found else None
+    where = f"node {node_id}" if node_id is not None else "a node"
+    class_type: Any = None
+    if kind == "missing_node_type":
+        class_type = extra.get("class_type")
+        if class_type is None:
+            return f"{where} {_NO_CLASS_HINT}"
+    elif kind == "invalid_prompt" and message == _OLD_NO_CLASS:
+        return f"{where} {_NO_CLASS_HINT}"
+    elif kind == "invalid_prompt" and (found := _OLD_MISSING.match(message)) is not None:
+        class_type = found.group(1)
+    elif kind == "invalid_prompt_id":
+        return (
+            "ComfyUI refused the prompt id: it must be a canonical lowercase UUID "
+            f"({str(error.get('details') or message).strip()})"
+        )
+    if class_type is None:
+        return None
+    title = extra.get("node_title")
+    named = f" ({title!r})" if isinstance(title, str) and title and title != class_type else ""
+    return (
+        f"{where}{named} is of type {str(class_type)!r}, which this ComfyUI does not have: "
+        f"{_INSTALL_HINT}"
+    )
+
+
+def dropped_outputs(node_errors: Any) -> list[str]:
+    """The outputs ComfyUI left out of a prompt it queued anyway (a 200 that carries
+    ``node_errors``: the other outputs passed), one readable line per problem."""
+    lines: list[str] = []
+    entries = sorted(as_dict(node_errors).items(), key=lambda kv: _node_sort_key(kv[0]))
+    for node_id, entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        class_type = entry.get("class_type") or "?"
+        outputs = [str(o) for o in entry.get("dependent_outputs") or []]
+        dropped = f" (output node {', '.join(outputs)} skipped)" if outputs else ""
+        for item in entry.get("errors") or []:
+            if isinstance(item, dict):
+                lines.append(f"node {node_id} ({class_type}) {describe_node_error(item)}{dropped}")
+    return lines
 
 
 def describe_node_error(item: dict[str, Any]) -> str:
@@ -104,6 +168,13 @@ def describe_node_error(item: dict[str, Any]) -> str:
         if name and text.startswith(f"{name} - "):
             text = text[len(name) + 3 :]
         return f"{prefix}{text or message}"
+    if kind == "dependency_cycle":
+        path = details or ", ".join(str(n) for n in extra.get("cycle_nodes") or [])
+        return f"is in a loop of links ({path}): a node cannot depend on its own output"
+    if kind == "invalid_dynamic_input":
+        return f"{prefix}invalid dynamic input: {message.rstrip('.')}" + (
+            f" ({details})" if details and details != name else ""
+        )
     if kind in ("exception_during_validation", "exception_during_inner_validation"):
         exc_type = extra.get("exception_type")
         exc_msg = extra.get("exception_message") or details

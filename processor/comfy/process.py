@@ -26,8 +26,10 @@ import aiohttp
 
 from processor.aio import ClosedOnExit
 from processor.comfy.client import ComfyClient, RunResult
+from processor.comfy.gpus import Gpu
 from processor.comfy.waiting import LogNotices, Waiting, WaitListener, reporting
 from processor.errors import ComfyDiedWhileWaiting, ComfyUnavailable, SettingsError
+from processor.models import paths_config
 from processor.ops import volume
 from processor.settings import WorkerSettings
 
@@ -377,29 +379,40 @@ class ComfyEngine(ClosedOnExit):
         stop_grace: float = 10.0,
         restart_backoff: float = 1.0,
         on_wait: WaitListener | None = None,
+        gpu: Gpu | None = None,
     ) -> None:
+        """``gpu``: start this ComfyUI for one GPU of several (``--gpus``): it sees only that
+        GPU, listens on the configured port plus the GPU's place, and has folders and a log of
+        its own, so that several run side by side."""
         self.settings = settings
+        self.gpu = gpu
         self.on_wait = on_wait  # where the wait for ComfyUI at start is told (None: the log)
         self.process: ComfyProcess | None = None
         self._client: ComfyClient | None = None
         self.input_dir: Path | None = settings.comfyui.input_dir
         self.output_dir: Path | None = settings.comfyui.output_dir
         self.temp_dir: Path | None = settings.comfyui.temp_dir
-        if settings.comfyui.url:
+        if settings.comfyui.url and gpu is None:
             self.url = settings.comfyui.url.rstrip("/")
         elif settings.comfyui.path is not None:
+            # The model cache as an extra model path, when the worker keeps one.
+            args = [*shlex.split(settings.comfyui.args), *paths_config.comfyui_args(settings)]
+            child_env = comfyui_environment(settings.comfyui.env) if env is None else dict(env)
+            log_path = volume.comfyui_log(settings)
+            if gpu is not None:
+                args = _own_folders(args, gpu, Path(settings.comfyui.path))
+                child_env = {**child_env, "CUDA_VISIBLE_DEVICES": gpu.device}
+                if log_path is not None:
+                    log_path = log_path.with_name(f"{log_path.stem}-{gpu.name}{log_path.suffix}")
             self.process = ComfyProcess(
                 path=settings.comfyui.path,
                 python=settings.comfyui.python,
-                port=settings.comfyui.port,
-                args=shlex.split(settings.comfyui.args),
-                log_path=volume.comfyui_log(settings),
+                port=settings.comfyui.port + (gpu.index if gpu is not None else 0),
+                args=args,
+                log_path=log_path,
                 startup_timeout=settings.comfyui.startup_timeout,
                 max_restarts=settings.comfyui.max_restarts,
-                env=volume.comfyui_environment(
-                    settings,
-                    env if env is not None else comfyui_environment(settings.comfyui.env),
-                ),
+                env=volume.comfyui_environment(settings, child_env),
                 stop_grace=stop_grace,
                 backoff=restart_backoff,
             )
@@ -412,6 +425,11 @@ class ComfyEngine(ClosedOnExit):
                 "no ComfyUI: set COMFYS3_COMFYUI_URL to attach to a running one, or "
                 "COMFYS3_COMFYUI_PATH to the ComfyUI checkout the worker should start"
             )
+
+    @property
+    def name(self) -> str:
+        """What this ComfyUI is called in logs, metrics and /healthz."""
+        return self.gpu.name if self.gpu is not None else "comfyui"
 
     @property
     def client(self) -> ComfyClient:
@@ -513,6 +531,39 @@ class ComfyEngine(ClosedOnExit):
             if base in target.parents:
                 shutil.rmtree(target, ignore_errors=True)
                 _remove_empty_parents(target.parent, base)
+
+
+# ComfyUI's folder flags, and each folder's place when the arguments do not name one.
+FOLDER_FLAGS = {
+    "--input-directory": "input",
+    "--output-directory": "output",
+    "--temp-directory": "",
+}
+
+
+def _own_folders(args: list[str], gpu: Gpu, comfyui: Path) -> list[str]:
+    """``args`` with input, output and temp folders of this GPU's own: a folder the arguments
+    name gets a sub-folder per GPU; one they do not is under ``comfyui/comfys3-gpus/``.
+    (ComfyUI puts its temp folder inside the directory given.)"""
+    given: dict[str, str] = {}
+    kept: list[str] = []
+    pending: str | None = None
+    for arg in args:
+        if pending is not None:
+            given[pending], pending = arg, None
+            continue
+        flag, equals, value = arg.partition("=")
+        if flag in FOLDER_FLAGS:
+            if equals:
+                given[flag] = value
+            else:
+                pending = flag
+            continue
+        kept.append(arg)
+    for flag, default in FOLDER_FLAGS.items():
+        folder = Path(given[flag]) / gpu.name if flag in given else gpu.folder(comfyui) / default
+        kept += [flag, str(folder)]
+    return kept
 
 
 def _unreported(waiting: Waiting) -> None:

@@ -140,6 +140,7 @@ class PromptWatch:
     weights: dict[str, float] = field(default_factory=dict)
     queued: bool = False
     started: bool = False  # ComfyUI began executing it (any execution event seen)
+    started_at: float | None = None  # when that was first seen (loop time)
     number: float | None = None  # POST /prompt's queue number, also stored in /history
     cached: list[str] = field(default_factory=list)
     node_fraction: dict[str, float] = field(default_factory=dict)
@@ -155,6 +156,7 @@ class PromptWatch:
     last_fraction: float = 0.0
     done: asyncio.Event = field(default_factory=asyncio.Event)
     history_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    began: asyncio.Event = field(default_factory=asyncio.Event)  # set with ``started``
 
     @classmethod
     def for_graph(cls, prompt_id: str, graph: dict[str, Any] | None) -> PromptWatch:
@@ -185,8 +187,11 @@ class PromptWatch:
 
     def handle(self, kind: str, data: dict[str, Any]) -> bool:
         """Apply one event; True when progress moved enough to tell the callback."""
-        if kind in ("execution_start", "execution_cached", "executing", "progress"):
+        starts = ("execution_start", "execution_cached", "executing", "progress")
+        if kind in starts and not self.started:
             self.started = True
+            self.started_at = asyncio.get_running_loop().time()
+            self.began.set()
         if kind == "execution_start":
             timestamp = data.get("timestamp")
             if isinstance(timestamp, int | float):

@@ -15,9 +15,13 @@ from PIL import Image, UnidentifiedImageError
 from processor.errors import InputInvalid
 
 
-def check_image(data: bytes, source: str, *, max_pixels: int) -> tuple[str, int, int]:
-    """(format, width, height) of an image, or :class:`InputInvalid`. Only the header is
-    parsed: Pillow's ``open`` is lazy, so a decompression bomb is refused before it expands."""
+def check_image(
+    data: bytes, source: str, *, max_pixels: int, decode: bool = False
+) -> tuple[str, int, int]:
+    """(format, width, height) of an image, or :class:`InputInvalid`. The header is parsed
+    first: Pillow's ``open`` is lazy, so a decompression bomb is refused before it expands.
+    ``decode`` then decodes every pixel too, for bytes that come straight from a caller (a
+    truncated or corrupt image body is refused here instead of inside ComfyUI)."""
     if not data:
         raise InputInvalid(f"input file {source!r} is empty (0 bytes)")
     try:
@@ -26,6 +30,8 @@ def check_image(data: bytes, source: str, *, max_pixels: int) -> tuple[str, int,
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
                 kind = image.format or "?"
+                if decode and 0 < width * height <= max_pixels:
+                    image.load()
     except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise InputInvalid(
             f"input file {source!r} is not an image ComfyUI can load (or it is too large to "

@@ -18,12 +18,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from processor.errors import JsonLimitError, ManifestError, Problem, problems_from_validation
 from processor.job.status_book import StatusBook
+from processor.models.spec import MAX_MODELS, ModelSpec
 from processor.safejson import load_json
-from processor.workflows import Graph, StagedInput, WorkflowRegistry, set_output_prefixes
+from processor.storage.layout import MAX_PRIORITY, split_priority
+from processor.workflows import (
+    Bind,
+    Graph,
+    StagedInput,
+    WorkflowRegistry,
+    set_output_prefixes,
+)
 
 MANIFEST_VERSION: Literal[1] = 1
 JOB_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 MAX_BATCH = 1000
+MAX_GRAPH_INPUTS = 100
 
 NotifyCheck = Callable[[str], str | None]
 
@@ -90,13 +99,40 @@ class JobManifest(BaseModel):
         description="A raw ComfyUI API graph instead of a template "
         "(refused unless COMFYS3_ALLOW_RAW_WORKFLOWS=true).",
     )
+    graph_inputs: dict[str, str] | None = Field(
+        None,
+        max_length=MAX_GRAPH_INPUTS,
+        description="With a raw `graph`: input files to stage into ComfyUI first, by the name "
+        "the graph uses for each (a LoadImage's `image`) -> the file (a key in the bucket, "
+        "or a path under the local root). Every node input whose value is that name then "
+        "receives the staged file.",
+    )
     output: OutputOptions = Field(default_factory=OutputOptions)  # type: ignore[arg-type]
     metadata: dict[str, Any] = Field(
         default_factory=dict, description="Free-form; copied into the status."
     )
     rerun: bool = Field(False, description="Run again even if this id already succeeded.")
+    timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds the job may run on ComfyUI once it starts; capped by the worker's "
+        "COMFYS3_JOB_TIMEOUT. A job past it fails with error type `timeout`, not retried.",
+    )
+    priority: int = Field(
+        0,
+        ge=-MAX_PRIORITY,
+        le=MAX_PRIORITY,
+        description="Higher is claimed first, ties by age. Workers read it from the manifest's "
+        "key (`comfys3 submit` names it so; see docs/layout.md), not from its body.",
+    )
     notify: NotifyOptions | None = Field(
         None, description="A webhook for this job's final status (see docs/webhooks.md)."
+    )
+    models: list[ModelSpec] = Field(
+        default_factory=list,
+        max_length=MAX_MODELS,
+        description="Models the job needs, fetched into the worker's model cache before it "
+        "runs unless they are there (see docs/manifests.md#models).",
     )
 
     @field_validator("id")
@@ -119,6 +155,15 @@ class JobManifest(BaseModel):
             raise ValueError("give either 'workflow' or 'graph', not both")
         if self.graph is not None and (self.payload or self.batch):
             raise ValueError("a raw 'graph' takes no 'payload' or 'batch'")
+        named: dict[str, str] = {}
+        for model in self.models:
+            earlier = named.setdefault(model.label, model.sha256 or "")
+            if earlier != (model.sha256 or ""):
+                raise ValueError(f"models: {model.label} is named twice, with different sha256")
+        if self.graph_inputs is not None and self.graph is None:
+            raise ValueError(
+                "'graph_inputs' goes with a raw 'graph'; a template names its files in 'payload'"
+            )
         return self
 
 
@@ -137,6 +182,18 @@ class Job:
     rerun: bool = False
     batch_index: int | None = None
     notify_url: str | None = None
+    timeout_s: float | None = None
+    priority: int = 0
+    # The manifest's id: for a batch the id its entries extend (``x`` of ``x-1``), else the
+    # job's own. A cancel named by it cancels every job of the manifest.
+    base_id: str = ""
+
+    @property
+    def cancel_names(self) -> tuple[str, ...]:
+        """The names a cancel request for this job may carry: its id, or its batch's."""
+        return (self.id,) if self.base_id in ("", self.id) else (self.id, self.base_id)
+
+    models: tuple[ModelSpec, ...] = ()
 
     def filled_graph(self, staged: dict[str, str], run_id: str | None = None) -> Graph:
         """The graph for one run: staged input names in place of the user's file references,
@@ -155,7 +212,8 @@ class Job:
 
 
 def default_job_id(manifest_key: str) -> str:
-    return PurePosixPath(manifest_key).stem
+    """The job id of a manifest without an ``id``: its name, less any priority marker."""
+    return split_priority(PurePosixPath(manifest_key).stem)[1]
 
 
 def parse_manifest_bytes(data: bytes, *, max_bytes: int) -> dict[str, Any]:
@@ -206,6 +264,10 @@ def resolve_jobs(
         "metadata": manifest.metadata,
         "rerun": manifest.rerun,
         "notify_url": notify_url,
+        "timeout_s": manifest.timeout_s,
+        "priority": manifest.priority,
+        "base_id": job_id,
+        "models": tuple(manifest.models),
     }
     if manifest.graph is not None:
         if not allow_raw:
@@ -215,8 +277,11 @@ def resolve_jobs(
                 "graph",
             )
         graph = json.loads(json.dumps(manifest.graph))
+        inputs = graph_inputs(graph, manifest.graph_inputs or {})
         set_output_prefixes(graph, job_id)
-        return [Job(job_id, workflow="(raw graph)", payload={}, graph=graph, inputs=[], **common)]
+        return [
+            Job(job_id, workflow="(raw graph)", payload={}, graph=graph, inputs=inputs, **common)
+        ]
 
     assert manifest.workflow is not None
     workflow = registry.get(manifest.workflow)
@@ -261,6 +326,44 @@ def resolve_jobs(
     if problems:
         raise ManifestError(problems)
     return jobs
+
+
+def file_targets(graph: Graph, name: str) -> tuple[Bind, ...]:
+    """Every node input of ``graph`` whose value is ``name``: where a file it names goes."""
+    return tuple(
+        Bind(str(node_id), input_name)
+        for node_id, node in graph.items()
+        if isinstance(node, dict) and isinstance(node.get("inputs"), dict)
+        for input_name, value in node["inputs"].items()
+        if value == name
+    )
+
+
+def graph_inputs(graph: Graph, named: dict[str, str]) -> list[StagedInput]:
+    """A raw graph's input files, each bound to every node input whose value is its name.
+
+    That is how a graph exported from ComfyUI refers to a file (a LoadImage's ``image`` is
+    ``"cat.png"``), so the graph runs as exported; the staged file's own name in ComfyUI's
+    input folder replaces it at run time. A name no node uses is a problem: it is a typo, or a
+    file the graph does not need.
+    """
+    staged: list[StagedInput] = []
+    problems: list[Problem] = []
+    for name, source in named.items():
+        targets = file_targets(graph, name)
+        if not targets:
+            problems.append(
+                Problem(
+                    f"graph_inputs.{name}",
+                    f"no node of the graph has an input whose value is {name!r}; name the file "
+                    "as the graph does (e.g. a LoadImage's 'image')",
+                )
+            )
+            continue
+        staged.append(StagedInput(name, source, targets, where="graph_inputs"))
+    if problems:
+        raise ManifestError(problems)
+    return staged
 
 
 def _unwritable_status(job: Job, where: str) -> Problem | None:

@@ -50,9 +50,20 @@ TABLE: dict[type[BaseException], Policy] = {
     errors.InputMissing: Policy("input_missing", retry=False),
     errors.InputInvalid: Policy("input_invalid", retry=False),
     errors.ComfyValidationError: Policy("validation", retry=False),
+    errors.ModelInvalid: Policy("model_invalid", retry=False),
+    errors.FetchRefused: Policy("fetch_refused", retry=False),
+    errors.CapabilityWaitOver: Policy("capability_missing", retry=False),
+    # A download that broke may work next time; it is the outside world's fault, but charged,
+    # so a source that is down for good ends the job.
+    errors.ModelDownloadFailed: Policy("model_download", retry=True),
+    errors.FetchError: Policy("fetch", retry=True),
+    # Left for another worker that has the node types or models: not the job's fault.
+    errors.CapabilityMissing: Policy("capability_missing", retry=True, charge=False),
     # ComfyUI failed this prompt: another attempt may not.
     errors.ComfyRuntimeError: Policy("runtime", retry=True),
     errors.ComfyTimeout: Policy("timeout", retry=True),
+    # The job's own timeout_s: it asked for that bound, another try would run as long.
+    errors.JobTimeLimitExceeded: Policy("timeout", retry=False, charge=True),
     errors.ComfyInterrupted: Policy("interrupted", retry=True),
     errors.ComfyUnavailable: Policy("comfyui_unavailable", retry=True),
     errors.ComfyDiedWhileWaiting: Policy("comfyui_unavailable", retry=True, charge=False),
@@ -65,6 +76,8 @@ TABLE: dict[type[BaseException], Policy] = {
     errors.ObjectTooLarge: Policy("storage", retry=True),
     # Another worker took the claim over: this try's results are dropped, the job is theirs.
     errors.LeaseLost: Policy("claim_lost", retry=True, charge=False),
+    # Someone asked for it to stop: final, and not the job's fault, so never charged.
+    errors.JobCancelled: Policy("cancelled", retry=False, charge=False),
     # Anything else is a bug somewhere: retried and charged, so it ends.
     Exception: Policy("internal", retry=True, internal=True),
 }

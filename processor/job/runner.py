@@ -12,26 +12,40 @@ import asyncio
 import contextlib
 import enum
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Any
 
-from processor.comfy.client import ComfyClient, OutputFile, Progress, RunResult
+from processor.comfy.client import (
+    ComfyClient,
+    OutputFile,
+    Progress,
+    RunLimit,
+    RunResult,
+    new_prompt_id,
+)
 from processor.errors import (
+    CapabilityMissing,
+    ComfyError,
+    ComfyTimeout,
+    FetchError,
+    FetchRefused,
     InputInvalid,
     InputMissing,
+    JobCancelled,
+    JobTimeLimitExceeded,
     LeaseLost,
     ObjectNotFound,
     ObjectTooLarge,
     StorageError,
 )
+from processor.job.cancel import CancelSignal
+from processor.job.input_refs import InputSource, input_source
 from processor.job.inputs import check_image
 from processor.job.manifest import Job
 from processor.job.outputs import prepare_output
 from processor.job.retry_table import describe, policy_for, will_retry
-from processor.job.status import JobState, JobStatus, OutputRecord, ProgressInfo
+from processor.job.status import JobState, JobStatus, OutputRecord, ProgressInfo, TimeLimit
 from processor.job.status_book import (
     FINAL,
     Announce,
@@ -42,8 +56,10 @@ from processor.job.status_book import (
     StatusBook,
 )
 from processor.logsafe import printable_logger
+from processor.models.cache import ModelCache
+from processor.ops.fetch_guard import Fetcher, display_url, refusal_status
 from processor.settings import JobLimits, WorkerSettings
-from processor.storage.base import ObjectStore, Storage, validate_key
+from processor.storage.base import ObjectStore, Storage
 from processor.storage.layout import Layout
 
 log = printable_logger("comfys3.job")
@@ -62,6 +78,7 @@ class Verdict(enum.Enum):
     skipped = "skipped"
     retry = "retry"  # failed, and another attempt may succeed
     failed = "failed"  # failed, and another attempt cannot help
+    cancelled = "cancelled"  # someone asked for it to stop: final, nobody's failure
     lost = "lost"  # another worker took the claim over; this attempt's results were dropped
 
 
@@ -84,10 +101,16 @@ class LaneHooks:
     on_queued: Callable[[float], None] | None = None  # seconds spent preparing the prompt
     on_started: Callable[[], None] | None = None  # ComfyUI began executing it
     on_executed: Callable[[float], None] | None = None  # ComfyUI is done (its execution seconds)
+    # A model must be downloaded: may the job leave the lane meanwhile (True: it left), so the
+    # GPU is fed other jobs while it waits? And the way back in, before its prompt is queued.
+    step_aside: Callable[[], bool] | None = None
+    step_back: Callable[[], Awaitable[None]] | None = None
 
 
 PROGRESS_INTERVAL = 1.0  # seconds between progress writes to a running job's status
 UPLOAD_CONCURRENCY = 8  # outputs of one job uploaded at once
+JOB_TIMEOUT = "COMFYS3_JOB_TIMEOUT"  # the worker's limit, as a status names it
+OWN_TIMEOUT = "timeout_s"  # the manifest's
 
 
 def runner_for(
@@ -101,10 +124,13 @@ def runner_for(
     cleanup: Cleanup | None = None,
     on_progress: ProgressHook | None = None,
     announce: Announce | None = None,
+    fetcher: Fetcher | None = None,
+    models: ModelCache | None = None,
 ) -> JobRunner:
     """The one way a runner is built from settings (a worker, ``exec``, the warm-up): the job
     limits go whole, and storage trouble after a prompt ran is waited out for up to a lease
-    (how long other workers wait for this one anyway)."""
+    (how long other workers wait for this one anyway). ``fetcher`` fetches input URLs,
+    ``models`` the models manifests name (see :func:`processor.worker.assembly.open_worker`)."""
     return JobRunner(
         storage=storage,
         comfy=comfy,
@@ -116,6 +142,8 @@ def runner_for(
         on_progress=on_progress,
         announce=announce,
         storage_patience=settings.lane.lease_seconds,
+        fetcher=fetcher,
+        models=models,
     )
 
 
@@ -136,6 +164,8 @@ class JobRunner:
         on_progress: ProgressHook | None = None,
         announce: Announce | None = None,
         storage_patience: float = 0.0,
+        fetcher: Fetcher | None = None,
+        models: ModelCache | None = None,
     ) -> None:
         """``limits`` is the settings group, whole: a limit added there reaches every runner.
         ``storage_patience``: seconds to wait out storage trouble once ComfyUI has run the
@@ -150,6 +180,8 @@ class JobRunner:
         self.storage_patience = storage_patience
         self.cleanup = cleanup
         self.on_progress = on_progress
+        self.fetcher = fetcher
+        self.models = models
         self.book = StatusBook(storage, layout, worker=worker_id, announce=announce)
 
     # -- one job --------------------------------------------------------------------------
@@ -165,6 +197,7 @@ class JobRunner:
         manifest_version: str | None = None,
         resumed: bool = False,
         fence: Fence | None = None,
+        cancel: CancelSignal | None = None,
     ) -> JobOutcome:
         """Run ``job`` once; never raises but for cancellation.
 
@@ -174,6 +207,11 @@ class JobRunner:
 
         ``resumed``: the manifest was claimed before (its claim existed), so this upload may
         already have run to its end, with only its retirement left undone.
+
+        ``cancel``: set when someone asks the job to stop (a cancel object, RunPod). Asked
+        before the prompt is queued, nothing reaches ComfyUI; asked while ComfyUI has it, the
+        prompt is stopped there. Either way the status says ``cancelled``, by whom and when.
+        Once ComfyUI has finished the prompt, a cancel changes nothing.
 
         Only what the prompt needs happens before it is queued: the status that says the job
         runs (whose conditional write also tells whether this job already has a status) and
@@ -192,36 +230,55 @@ class JobRunner:
         executed = _Once(hooks.on_executed)
         started = time.monotonic()
         charged = True
-        run_id = str(uuid.uuid4())
+        run_id = new_prompt_id()
         result: RunResult | None = None
         patience: float | None = None  # until when storage trouble is waited out
         subfolder = f"comfys3/{run_id}"
         staged_any = False
+        pins = contextlib.ExitStack()  # the job's models, kept from eviction until it ends
+        aside: list[float] = []  # when the job stepped out of the lane to wait for a download
         try:
+            if cancel is not None and cancel.requested:
+                executed(0.0)
+                return await self._cancelled_before_start(job, record, cancel)
             beginning = await record.begin(job, resumed=resumed)
             if beginning.begun is not Begun.run:
                 executed(0.0)
                 return _earlier(beginning)
             phase = time.monotonic()
             staged_any = bool(job.inputs)
-            staged = await self._stage_inputs(job, subfolder)
+            if job.models:
+                pins.enter_context(self._model_cache(job).pinned(job.models))
+
+            def fetching() -> None:
+                if hooks.step_aside is not None and not aside and hooks.step_aside():
+                    aside.append(time.monotonic())
+
+            staged = await self._stage_all(job, subfolder, record, fetching)
             record.timing("stage", time.monotonic() - phase)
             graph = job.filled_graph(staged, run_id)
+            aside_seconds = 0.0
+            if aside and hooks.step_back is not None:
+                await hooks.step_back()
+                aside_seconds = time.monotonic() - aside[0]
+            limit = self._time_limit(job)
+            record.limited(limit)
+            if cancel is not None and cancel.requested:
+                raise cancel.error("before it started")
 
             phase = time.monotonic()
-            await self.comfy.queue_prompt(graph, run_id)
+            for line in await self.comfy.queue_prompt(graph, run_id):
+                record.note(f"ComfyUI left out an output that failed its checks: {line}")
             record.timing("queue", time.monotonic() - phase)
             if hooks.on_queued is not None:
-                hooks.on_queued(time.monotonic() - started)
+                hooks.on_queued(time.monotonic() - started - aside_seconds)
             phase = time.monotonic()
             async with self._progress_writer(record, hooks.on_started) as on_progress:
                 try:
-                    result = await self.comfy.wait_for(
-                        run_id, timeout=self.limits.job_timeout, on_progress=on_progress
-                    )
+                    result = await self._wait(run_id, limit, on_progress, cancel)
                 except asyncio.CancelledError:
                     with contextlib.suppress(Exception):
-                        await asyncio.shield(self.comfy.interrupt(run_id))
+                        await asyncio.shield(self.comfy.cancel(run_id))
                     raise
             executed(result.execution_seconds)
             patience = time.monotonic() + self.storage_patience
@@ -246,6 +303,7 @@ class JobRunner:
             executed(0.0)
             verdict, charged = self._failed(job, record, error)
         finally:
+            pins.close()
             # Clean up after failures too: an attempt that staged inputs and then failed must
             # not leave them in ComfyUI's input folder, or a warm worker's disk creeps up.
             if self.cleanup is not None and (result is not None or staged_any):
@@ -285,6 +343,72 @@ class JobRunner:
             self.book.announce_final(status, job.notify_url)
         return JobOutcome(verdict, status, charged)
 
+    def _time_limit(self, job: Job) -> TimeLimit:
+        """The manifest's ``timeout_s`` when it is below the worker's COMFYS3_JOB_TIMEOUT,
+        which caps it, else the worker's."""
+        worker = self.limits.job_timeout
+        if job.timeout_s is not None and job.timeout_s < worker:
+            return TimeLimit(seconds=job.timeout_s, source=OWN_TIMEOUT)
+        return TimeLimit(seconds=worker, source=JOB_TIMEOUT)
+
+    async def _wait(
+        self,
+        run_id: str,
+        limit: TimeLimit,
+        on_progress: Callable[[Progress], None],
+        cancel: CancelSignal | None,
+    ) -> RunResult:
+        """ComfyUI's result, unless the time limit or a cancel ends the prompt first."""
+        own = RunLimit(limit.seconds, OWN_TIMEOUT) if limit.source == OWN_TIMEOUT else None
+        waiting = asyncio.ensure_future(
+            self.comfy.wait_for(
+                run_id,
+                timeout=self.limits.job_timeout,
+                on_progress=on_progress,
+                run_limit=own,
+            )
+        )
+        try:
+            if cancel is not None:
+                asked = asyncio.ensure_future(cancel.wait())
+                try:
+                    await asyncio.wait({waiting, asked}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    asked.cancel()
+                if not waiting.done():
+                    try:
+                        await self.comfy.cancel(run_id)
+                    except ComfyError as error:
+                        log.warning("job prompt %s: could not stop it: %s", run_id, error)
+                    waiting.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await waiting
+                    raise cancel.error("while it ran")
+            return await waiting
+        except ComfyTimeout as error:
+            if error.details.get("limit") != OWN_TIMEOUT:
+                raise
+            raise JobTimeLimitExceeded(
+                f"the job ran longer than its manifest's timeout_s ({limit.seconds:g} s, "
+                f"below COMFYS3_JOB_TIMEOUT={self.limits.job_timeout:g} s) and was "
+                "cancelled on ComfyUI",
+                error.details,
+            ) from None
+        finally:
+            waiting.cancel()
+
+    async def _cancelled_before_start(
+        self, job: Job, record: AttemptRecord, cancel: CancelSignal
+    ) -> JobOutcome:
+        """Nothing of the job reached ComfyUI: its status says cancelled (an earlier success
+        of the same id stands)."""
+        info, _ = describe(cancel.error("before it started"))
+        status, kept = await self.book.cancelled_before_start(job, record, info)
+        log.info("job %s: %s", job.id, info.message, extra={"job_id": job.id, "state": "cancelled"})
+        if kept:
+            return JobOutcome(Verdict.skipped, status)
+        return JobOutcome(Verdict.cancelled, status, charged=False)
+
     def _dropped(
         self, job: Job, record: AttemptRecord, lost: LeaseLost, run_id: str, running: bool
     ) -> JobOutcome:
@@ -298,7 +422,7 @@ class JobRunner:
             extra={"job_id": job.id, "attempt": record.status.attempt, "state": "lost"},
         )
         if running:
-            task = asyncio.ensure_future(self.comfy.interrupt(run_id))
+            task = asyncio.ensure_future(self.comfy.cancel(run_id))
             task.add_done_callback(lambda done: done.cancelled() or done.exception())
         return JobOutcome(Verdict.lost, record.status, charged=False)
 
@@ -306,6 +430,10 @@ class JobRunner:
         """Record a failed attempt: (verdict, whether the attempt counts). The retry table
         decides; the status book words it."""
         info, policy = describe(error)
+        if isinstance(error, JobCancelled):
+            record.cancelled(info)
+            log.info("job %s: %s", job.id, info.message, extra={"job_id": job.id})
+            return Verdict.cancelled, False
         status = record.status
         retrying = will_retry(policy, status.attempt, status.max_attempts or status.attempt)
         record.failed(info, retrying=retrying, charged=policy.charge)
@@ -331,32 +459,91 @@ class JobRunner:
 
     # -- phases ---------------------------------------------------------------------------
 
+    def _model_cache(self, job: Job) -> ModelCache:
+        if self.models is None:
+            # Capability-aware claiming leaves such a manifest for a worker with a cache; this
+            # is a runner without one (exec with no COMFYS3_MODEL_CACHE, say).
+            raise CapabilityMissing(
+                f"the manifest names {len(job.models)} model(s) and this worker keeps no model "
+                "cache: set COMFYS3_MODEL_CACHE (or mount a network volume)",
+                {"missing_models": [model.label for model in job.models]},
+            )
+        return self.models
+
+    async def _stage_all(
+        self, job: Job, subfolder: str, record: AttemptRecord, fetching: Callable[[], None]
+    ) -> dict[str, str]:
+        """Input files and models at once: a model download runs beside the input uploads."""
+        if not job.models:
+            return await self._stage_inputs(job, subfolder)
+        cache = self._model_cache(job)
+        started = time.monotonic()
+        models = asyncio.ensure_future(cache.ensure_all(job.models, on_fetch=fetching))
+        try:
+            staged = await self._stage_inputs(job, subfolder)
+        except BaseException:
+            models.cancel()
+            with contextlib.suppress(BaseException):
+                await models
+            raise
+        record.models_ready(await models)
+        record.timing("models", time.monotonic() - started)
+        return staged
+
     async def _stage_inputs(self, job: Job, subfolder: str) -> dict[str, str]:
-        async def stage_one(field_name: str, source: str) -> tuple[str, str]:
+        async def stage_one(field_name: str, text: str) -> tuple[str, str]:
             try:
-                key = validate_key(source)
+                source = input_source(text)
             except StorageError as error:
                 raise InputMissing(f"input '{field_name}': {error}") from None
+            data = await self._read_input(field_name, text, source)
             try:
-                stored = await self.inputs.get(key, max_bytes=self.limits.max_input_bytes)
-            except ObjectNotFound:
-                raise InputMissing(
-                    f"input '{field_name}': file {source!r} was not found "
-                    f"(looked for {self.inputs.location(key)})"
-                ) from None
-            except ObjectTooLarge as error:
-                raise InputInvalid(
-                    f"input '{field_name}': {error} (COMFYS3_MAX_INPUT_BYTES)"
-                ) from None
-            try:
-                check_image(stored.data, source, max_pixels=self.limits.max_input_pixels)
+                check_image(data, text, max_pixels=self.limits.max_input_pixels)
             except InputInvalid as error:
                 raise InputInvalid(f"input '{field_name}': {error}") from None
-            name = await self.comfy.upload_input(stored.data, PurePosixPath(key).name, subfolder)
+            name = await self.comfy.upload_input(data, source.file_name, subfolder)
             return field_name, name
 
         pairs = await asyncio.gather(*(stage_one(i.field, i.source) for i in job.inputs))
         return dict(pairs)
+
+    async def _read_input(self, field_name: str, text: str, source: InputSource) -> bytes:
+        """An input file's bytes, from storage, another bucket, or a URL (through the guard)."""
+        limit = self.limits.max_input_bytes
+        if source.kind == "url":
+            return await self._fetch_input(field_name, source.url)
+        store = self.inputs
+        if source.kind == "s3":
+            other = getattr(self.inputs, "in_bucket", None)
+            if other is None:
+                raise InputMissing(
+                    f"input '{field_name}': {text!r} is in a bucket, and this worker reads no "
+                    "bucket (s3:// inputs need a worker on S3)"
+                )
+            store = other(source.bucket)
+        try:
+            return (await store.get(source.key, max_bytes=limit)).data
+        except ObjectNotFound:
+            raise InputMissing(
+                f"input '{field_name}': file {text!r} was not found "
+                f"(looked for {store.location(source.key)})"
+            ) from None
+        except ObjectTooLarge as error:
+            raise InputInvalid(f"input '{field_name}': {error} (COMFYS3_MAX_INPUT_BYTES)") from None
+
+    async def _fetch_input(self, field_name: str, url: str) -> bytes:
+        shown = display_url(url)
+        if self.fetcher is None:
+            raise InputInvalid(f"input '{field_name}': {shown}: this runner fetches no URLs")
+        try:
+            return await self.fetcher.read(url, max_bytes=self.limits.max_input_bytes)
+        except FetchRefused as error:
+            if refusal_status(error) == 404:
+                raise InputMissing(f"input '{field_name}': {error}") from None
+            hint = " (COMFYS3_MAX_INPUT_BYTES)" if "limit" in error.details else ""
+            raise InputInvalid(f"input '{field_name}': {error}{hint}", error.details) from None
+        except FetchError as error:
+            raise FetchError(f"input '{field_name}': {error}", error.details) from None
 
     async def _publish(
         self,
@@ -373,10 +560,17 @@ class JobRunner:
             plan.append((ref, counters[ref.node_id]))
         limit = asyncio.Semaphore(UPLOAD_CONCURRENCY)
 
-        async def publish_one(ref: OutputFile, index: int) -> OutputRecord:
+        async def publish_one(ref: OutputFile, index: int) -> OutputRecord | None:
             async with limit:
-                data = await self.comfy.fetch_output(ref)
-                prepared = prepare_output(data, ref.filename, ref.kind, job.output)
+                try:
+                    data = await self.comfy.fetch_output(ref)
+                except ComfyError as error:
+                    if ref.optional and error.details.get("kind") == "output_missing":
+                        return None  # a preview of a file that is not an output of this job
+                    raise
+                prepared = prepare_output(
+                    data, ref.filename, ref.kind, job.output, animated=ref.animated
+                )
                 class_type = str(graph.get(ref.node_id, {}).get("class_type", "node"))
                 key = self.layout.output_key(
                     job.id, ref.node_id, class_type, index, prepared.ext, record.status.claim_try
@@ -399,7 +593,8 @@ class JobRunner:
                     sha256=prepared.sha256,
                 )
 
-        return list(await asyncio.gather(*(publish_one(ref, i) for ref, i in plan)))
+        published = await asyncio.gather(*(publish_one(ref, i) for ref, i in plan))
+        return [record for record in published if record is not None]
 
     @contextlib.asynccontextmanager
     async def _progress_writer(
@@ -503,5 +698,8 @@ def _earlier(beginning: Beginning) -> JobOutcome:
     assert previous is not None
     if beginning.begun is Begun.already_succeeded:
         return JobOutcome(Verdict.skipped, previous)
-    verdict = Verdict.succeeded if previous.state is JobState.succeeded else Verdict.failed
+    verdict = {
+        JobState.succeeded: Verdict.succeeded,
+        JobState.cancelled: Verdict.cancelled,
+    }.get(previous.state, Verdict.failed)
     return JobOutcome(verdict, previous, leftover=True)

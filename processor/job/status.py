@@ -37,6 +37,7 @@ class JobState(StrEnum):
     running = "running"
     succeeded = "succeeded"
     failed = "failed"
+    cancelled = "cancelled"
 
 
 class OutputRecord(BaseModel):
@@ -48,10 +49,34 @@ class OutputRecord(BaseModel):
     sha256: str
 
 
+class ModelRecord(BaseModel):
+    """A model the manifest named, as this attempt found it in the worker's model cache."""
+
+    folder: str = Field(description="ComfyUI's model folder (checkpoints, loras ...).")
+    name: str = Field(description="The file name the workflow uses.")
+    source: str = Field(description="Where it comes from: the URL (no query) or hf:org/repo/path.")
+    state: Literal["cached", "fetched"] = Field(
+        description="cached: it was there already; fetched: downloaded for this attempt."
+    )
+    bytes: int
+    seconds: float = Field(description="Time this attempt spent on it (download or check).")
+    sha256: str | None = None
+
+
 class ErrorInfo(BaseModel):
     type: str = Field(description="validation | runtime | timeout | comfyui_unavailable | ...")
     message: str = Field(description="What went wrong, for a person.")
     details: dict[str, Any] = Field(default_factory=dict)
+
+
+class TimeLimit(BaseModel):
+    """The time an attempt was allowed, and which limit set it."""
+
+    seconds: float = Field(gt=0, description="Seconds the prompt may run on ComfyUI.")
+    source: str = Field(
+        description="What set it: `timeout_s` (the manifest's own) or `COMFYS3_JOB_TIMEOUT` "
+        "(the worker's, which also caps the manifest's)."
+    )
 
 
 class ProgressInfo(BaseModel):
@@ -97,10 +122,16 @@ class JobStatus(BaseModel):
     texts: dict[str, list[str]] = Field(
         default_factory=dict, description="Text outputs by node id."
     )
+    models: list[ModelRecord] = Field(
+        default_factory=list, description="The models the manifest named: cached or fetched."
+    )
     timings: dict[str, float] = Field(
         default_factory=dict, description="Seconds per phase: claim, stage, queue, execute ..."
     )
     error: ErrorInfo | None = None
+    time_limit: TimeLimit | None = Field(
+        default=None, description="The time limit this attempt ran under, and what set it."
+    )
     notify: NotifyRecord | None = Field(
         default=None, description="What became of the job's webhook, once it was sent."
     )

@@ -39,9 +39,11 @@ from processor.job.status import (
     ErrorInfo,
     JobState,
     JobStatus,
+    ModelRecord,
     NotifyRecord,
     OutputRecord,
     ProgressInfo,
+    TimeLimit,
     utcnow,
 )
 from processor.logsafe import printable_logger
@@ -58,7 +60,7 @@ log = printable_logger("comfys3.job")
 MAX_STATUS_BYTES = 4 * 1024 * 1024
 STATUS_CONCURRENCY = 32  # status reads at once when many are read (report, submit --wait)
 _PROBLEMS_SHOWN = 3
-FINAL = (JobState.succeeded, JobState.failed)
+FINAL = (JobState.succeeded, JobState.failed, JobState.cancelled)
 NO_STATUS = "no status document"
 
 # Send a final status to its webhook in the background: (manifest URL or None for the
@@ -200,6 +202,18 @@ class AttemptRecord:
     def progress(self, info: ProgressInfo) -> None:
         self.status.progress = info
 
+    def limited(self, limit: TimeLimit) -> None:
+        """The time this attempt may run on ComfyUI, and which limit set it."""
+        self.status.time_limit = limit
+
+    def note(self, text: str) -> None:
+        """Something a person should know that is not an error (ComfyUI dropped an output)."""
+        self.status.notes.append(text)
+
+    def models_ready(self, records: list[ModelRecord]) -> None:
+        """The models the manifest named, found in the cache or fetched for this attempt."""
+        self.status.models = records
+
     async def save(self) -> None:
         """Write the document as it stands (progress, or the final state set just before).
 
@@ -276,6 +290,12 @@ class AttemptRecord:
             )
         else:
             status.state = JobState.failed
+
+    def cancelled(self, info: ErrorInfo) -> None:
+        """Someone asked for the job to stop, and it did: final, with who and when in
+        ``error.details``."""
+        self.status.error = info
+        self.status.state = JobState.cancelled
 
     def gave_up(self) -> None:
         """A retryable failure on the last attempt: the status says the attempts ran out."""
@@ -511,6 +531,23 @@ class StatusBook:
         await self.write(status)
         self.announce_final(status, job.notify_url if job is not None else None)
         return status, False
+
+    async def cancelled_before_start(
+        self, job: Job, record: AttemptRecord, info: ErrorInfo
+    ) -> tuple[JobStatus, bool]:
+        """A job cancelled before it ran: (its status, whether an earlier success was kept).
+        Nothing of it reached ComfyUI; an earlier success of the same id is never buried.
+        ``record`` is the attempt's (not begun), so the write is fenced like any of its own."""
+        previous = await self.read(job.id)
+        note = f"manifest {job.manifest_key} was cancelled before it ran: {info.message}"
+        if previous is not None and await self.keep_success(
+            previous, note, unless=record.status.manifest_version
+        ):
+            return previous, True
+        record.cancelled(info)
+        await record.save()
+        self.announce_final(record.status, job.notify_url)
+        return record.status, False
 
     @staticmethod
     def unrecordable(job: Job) -> str | None:

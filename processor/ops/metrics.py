@@ -70,7 +70,8 @@ class Metrics:
 
         self.jobs = Counter(
             "comfys3_jobs",
-            "Jobs that reached a final state, by state (succeeded, failed, skipped) and workflow.",
+            "Jobs that reached a final state, by state (succeeded, failed, cancelled, skipped) "
+            "and workflow.",
             ["state", "workflow"],
             registry=r,
         )
@@ -115,7 +116,15 @@ class Metrics:
         )
         self.lane_prompts = Gauge(
             "comfys3_lane_prompts",
-            "Prompts this worker has in ComfyUI's queue (running and waiting).",
+            "Prompts this worker has in ComfyUI's queue (running and waiting), by ComfyUI "
+            "(comfyui, or gpu<n> with --gpus).",
+            ["comfyui"],
+            registry=r,
+        )
+        self.comfyui_prompts = Counter(
+            "comfys3_comfyui_prompts",
+            "Prompts a ComfyUI of this worker finished executing, by ComfyUI.",
+            ["comfyui"],
             registry=r,
         )
         self.manifests_pending = Gauge(
@@ -151,7 +160,7 @@ class Metrics:
     # -- events the worker reports ----------------------------------------------------------
 
     def job_finished(self, state: str, workflow: str | None) -> None:
-        """A job reached a final state (succeeded, failed or skipped)."""
+        """A job reached a final state (succeeded, failed, cancelled or skipped)."""
         self.jobs.labels(state=str(state), workflow=self._workflow(workflow)).inc()
         if str(state) == "succeeded":
             self._last_success = self._clock()
@@ -181,11 +190,13 @@ class Metrics:
     def storage_error(self, operation: str) -> None:
         self.storage_errors.labels(operation=self._operation(operation)).inc()
 
-    def prompt_queued(self) -> None:
-        self.lane_prompts.inc()
+    def prompt_queued(self, comfyui: str = "comfyui") -> None:
+        self.lane_prompts.labels(comfyui=comfyui).inc()
 
-    def prompt_done(self) -> None:
-        self.lane_prompts.dec()
+    def prompt_done(self, comfyui: str = "comfyui", executed: bool = True) -> None:
+        self.lane_prompts.labels(comfyui=comfyui).dec()
+        if executed:
+            self.comfyui_prompts.labels(comfyui=comfyui).inc()
 
     def set_manifests_pending(self, count: int) -> None:
         self.manifests_pending.set(count)
@@ -278,15 +289,22 @@ class Health:
         self._stopping: str | None = None
         self._fatal: str | None = None
         self._clock_offset: Callable[[], float | None] | None = None
+        self._comfies: dict[str, ComfyCheck] = {}
 
     def set_clock_offset(self, offset: Callable[[], float | None]) -> None:
         """Where to read how far the store's clock is from this machine's (shown, never
         failing: leases do not depend on any clock)."""
         self._clock_offset = offset
 
-    def set_comfy_check(self, comfy_ok: ComfyCheck | None) -> None:
-        """Called once ComfyUI is up (``lambda: client.connected``); None while it is not."""
-        self.comfy_ok = comfy_ok
+    def set_comfy_check(self, comfy_ok: ComfyCheck | None, name: str = "comfyui") -> None:
+        """Called once a ComfyUI is up (``lambda: client.connected``); None while it is not.
+        With several (one per GPU), each is named; ready while any of them answers, and the
+        detail names each."""
+        if comfy_ok is None:
+            self._comfies.pop(name, None)
+        else:
+            self._comfies[name] = comfy_ok
+        self.comfy_ok = self._any_comfy if self._comfies else None
 
     def storage_ok(self) -> None:
         self._storage_ok_at = self._clock()
@@ -323,6 +341,16 @@ class Health:
             return None
         return Check(True, describe_clock_offset(offset))
 
+    def _any_comfy(self) -> bool:
+        return any(self._answers(check) for check in self._comfies.values())
+
+    @staticmethod
+    def _answers(check: ComfyCheck) -> bool:
+        try:
+            return bool(check())
+        except Exception:
+            return False
+
     def _comfy(self) -> Check:
         if self.comfy_ok is None:
             return Check(False, "ComfyUI is not started yet")
@@ -330,6 +358,12 @@ class Health:
             up = bool(self.comfy_ok())
         except Exception as error:
             return Check(False, f"checking ComfyUI failed: {type(error).__name__}: {error}")
+        if len(self._comfies) > 1:
+            each = {name: self._answers(check) for name, check in self._comfies.items()}
+            detail = ", ".join(
+                f"{name} {'connected' if ok else 'does not answer'}" for name, ok in each.items()
+            )
+            return Check(up, f"{sum(each.values())} of {len(each)} answer: {detail}")
         return Check(True, "connected") if up else Check(False, "ComfyUI does not answer")
 
     def _storage(self) -> Check:

@@ -13,15 +13,14 @@ from dataclasses import dataclass
 
 from processor.errors import SettingsError
 from processor.job.runner import JobOutcome, Verdict
+from processor.ops.fetch_guard import Lookup, fetch_policy, parse_allowlist
 from processor.ops.metrics import Health, Metrics
 from processor.ops.webhooks import (
-    Lookup,
     Notifier,
     OnDone,
     RetryPolicy,
     Signer,
     WebhookPolicy,
-    parse_allowlist,
 )
 from processor.settings import WorkerSettings, webhook_key
 
@@ -87,7 +86,7 @@ class Ops:
         self.metrics.job_phases(status.timings)
         if "execute" in status.timings:
             self.metrics.comfyui_executed(status.timings["execute"], status.workflow)
-        if outcome.verdict in (Verdict.succeeded, Verdict.failed):
+        if outcome.verdict in (Verdict.succeeded, Verdict.failed, Verdict.cancelled):
             self.metrics.job_finished(outcome.verdict.value, status.workflow)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -104,16 +103,20 @@ class Ops:
 
 
 def webhook_policy(settings: WorkerSettings) -> WebhookPolicy:
-    """The URL policy from COMFYS3_WEBHOOK_*; SettingsError names what is wrong."""
+    """The URL policy from COMFYS3_WEBHOOK_* and the fetch guard's COMFYS3_FETCH_* (one policy
+    for every outside fetch: the fetch opt-ins open webhooks too, and the webhook opt-ins
+    still work for webhooks alone); SettingsError names what is wrong."""
     try:
         allow = parse_allowlist(settings.webhooks.allow)
     except ValueError as error:
         raise SettingsError(f"COMFYS3_WEBHOOK_ALLOW: {error}") from None
+    fetch = fetch_policy(settings)
     policy = WebhookPolicy(
         allow=allow,
-        allow_http=settings.webhooks.allow_http,
-        allow_private=settings.webhooks.allow_private,
+        allow_http=settings.webhooks.allow_http or settings.fetch.allow_http,
+        allow_private=settings.webhooks.allow_private or settings.fetch.allow_private,
         default_url=settings.webhooks.url,
+        fetch_hosts=fetch.allow_hosts,
     )
     if settings.webhooks.url is not None:
         refusal = policy.refusal(settings.webhooks.url, from_manifest=False)

@@ -1,8 +1,9 @@
 """Completion webhooks: a finished job's status, POSTed and signed per Standard Webhooks.
 
-A webhook is the one place where a manifest (untrusted, written by whoever can put an object in
-the bucket) makes the worker open a connection to an address of its choosing. So a URL passes
-two checks. When the manifest is validated, :meth:`WebhookPolicy.refusal` looks at the URL alone
+A webhook is a place where a manifest (untrusted, written by whoever can put an object in the
+bucket) makes the worker open a connection to an address of its choosing, so it passes the fetch
+guard (:mod:`processor.ops.fetch_guard`) that model and input URLs pass too. A URL is checked
+twice. When the manifest is validated, :meth:`WebhookPolicy.refusal` looks at the URL alone
 (scheme, host allowlist, literal addresses), so a bad URL fails the manifest with a readable
 problem. At delivery, every address the host resolves to is checked again, and the connection
 goes to exactly the addresses that were checked (aiohttp is given a resolver that checks what it
@@ -26,161 +27,30 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import logging
 import random
-import re
-import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from processor.errors import Comfys3Error
 from processor.job.status import NotifyRecord
+from processor.ops.fetch_guard import (
+    Lookup,
+    UrlRules,
+    clean_note,
+    connection_note,
+    guarded_session,
+    host_allowed,
+    unwrap_refusal,
+)
 from processor.ops.version import package_version
 
 log = logging.getLogger("comfys3.notify")
-
-MAX_URL_LENGTH = 2048
-MAX_NOTE = 200  # characters of a receiver's answer (reason, Location) kept in a record
-
-
-# ---------------------------------------------------------------------------------------------
-# Addresses
-
-
-class AddressRefused(Comfys3Error, OSError):
-    """An address the policy forbids; an OSError so aiohttp passes it through its resolver."""
-
-
-def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 one stands for: ::ffff:a.b.c.d, NAT64 64:ff9b::/96, 6to4."""
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    if ip in _NAT64:
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    return ip.sixtofour
-
-
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-# 100.64/10 (carrier-grade NAT) is neither "private" nor "global" to Python; treat it as private.
-_SHARED = ipaddress.IPv4Network("100.64.0.0/10")
-
-
-def address_refusal(address: str, *, allow_private: bool) -> str | None:
-    """Why the worker must not connect to ``address`` (an IP literal), or None.
-
-    Loopback and private ranges are refused unless ``allow_private`` (a receiver on the same
-    network is a real case). Link-local (169.254/16, fe80::/10, where cloud metadata services
-    answer), unspecified, multicast and reserved addresses are refused always: no webhook
-    receiver lives there, and opening private ranges for an internal receiver must not open the
-    metadata service with them.
-    """
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return f"{address!r} is not an IP address"
-    if isinstance(ip, ipaddress.IPv6Address):
-        inner = _embedded_ipv4(ip)
-        if inner is not None:
-            reason = address_refusal(str(inner), allow_private=allow_private)
-            return f"{address} stands for {inner}: {reason}" if reason else None
-    if ip.is_unspecified:
-        return f"{address} is the unspecified address"
-    if ip.is_link_local:
-        return f"{address} is link-local (where cloud metadata services answer); never allowed"
-    if ip.is_multicast:
-        return f"{address} is a multicast address"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
-        return f"{address} is a (deprecated) site-local address"
-    hint = " (set COMFYS3_WEBHOOK_ALLOW_PRIVATE=true to allow loopback and private addresses)"
-    if ip.is_loopback:  # before "reserved": ::1 lies in the reserved ::/8
-        return None if allow_private else f"{address} is a loopback address{hint}"
-    if ip.is_reserved:
-        return f"{address} is in a reserved range"
-    if allow_private:
-        return None
-    if ip.is_private or (isinstance(ip, ipaddress.IPv4Address) and ip in _SHARED):
-        return f"{address} is a private address{hint}"
-    if not ip.is_global:
-        return f"{address} is not a public address{hint}"
-    return None
-
-
-def _is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-# ---------------------------------------------------------------------------------------------
-# The URL policy
-
-_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
-_HOSTNAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
-
-
-def _normal_host(host: str) -> str:
-    """A host as compared: lower case, IDNA (punycode), no trailing dot."""
-    raw = URL.build(scheme="https", host=host.strip()).raw_host or ""
-    return raw.lower().rstrip(".")
-
-
-def _host_problem(host: str) -> str | None:
-    if _is_ip_literal(host):
-        return None
-    if len(host) > 253 or not _HOSTNAME.match(host):
-        return f"{host!r} is not a valid host name"
-    last = host.rsplit(".", 1)[-1]
-    if last.isdigit() or re.fullmatch(r"0x[0-9a-f]*", last):
-        # 2130706433, 127.1, 0x7f.1: numeric forms that resolvers map onto an address.
-        return f"{host!r} looks like a numeric address but is not a canonical IP address"
-    return None
-
-
-def parse_allowlist(text: str) -> tuple[str, ...]:
-    """``hooks.example.com, *.acme.io`` -> normalised patterns; ValueError names a bad one.
-
-    ``name`` matches that host only; ``*.domain`` matches any host under domain (not domain
-    itself); ``*`` alone matches every host (addresses are still checked at delivery).
-    """
-    patterns: list[str] = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        if item == "*":
-            patterns.append(item)
-            continue
-        wildcard = item.startswith("*.")
-        name = item[2:] if wildcard else item
-        try:
-            normal = _normal_host(name)
-        except (ValueError, UnicodeError):
-            normal = ""
-        if not normal or "*" in normal or _host_problem(normal) is not None:
-            raise ValueError(
-                f"{item!r} is not a host pattern; use a host name (hooks.example.com) "
-                "or *. and a domain (*.acme.io)"
-            )
-        patterns.append(f"*.{normal}" if wildcard else normal)
-    return tuple(patterns)
-
-
-def host_allowed(host: str, patterns: Iterable[str]) -> bool:
-    for pattern in patterns:
-        if pattern == "*" or host == pattern:
-            return True
-        if pattern.startswith("*.") and host.endswith(pattern[1:]):
-            return True
-    return False
 
 
 @dataclass(frozen=True)
@@ -191,6 +61,8 @@ class WebhookPolicy:
     allow_http: bool = False
     allow_private: bool = False
     default_url: str | None = None
+    # COMFYS3_FETCH_ALLOW_HOSTS: the allowlist of every URL a manifest names, webhooks too.
+    fetch_hosts: tuple[str, ...] = ()
 
     def refusal(self, url: object, *, from_manifest: bool = True) -> str | None:
         """Why ``url`` may not be used, for a person, or None. No DNS: it runs when a manifest
@@ -200,6 +72,16 @@ class WebhookPolicy:
         except Exception as error:  # a parser surprise is a refusal, never a crash
             return f"not a usable URL ({type(error).__name__})"
 
+    @property
+    def rules(self) -> UrlRules:
+        """The fetch guard's URL rules, with the webhook opt-ins named in its messages."""
+        return UrlRules(
+            allow_http=self.allow_http,
+            allow_private=self.allow_private,
+            http_opt_in="COMFYS3_WEBHOOK_ALLOW_HTTP=true",
+            private_opt_in="COMFYS3_WEBHOOK_ALLOW_PRIVATE=true",
+        )
+
     def _refusal(self, url: object, from_manifest: bool) -> str | None:
         if not isinstance(url, str):
             return f"must be a URL string, not {type(url).__name__}"
@@ -208,31 +90,19 @@ class WebhookPolicy:
                 "this worker takes no webhook URL from manifests (COMFYS3_WEBHOOK_ALLOW is "
                 "empty); leave notify.url out to use the worker's default"
             )
-        if len(url) > MAX_URL_LENGTH:
-            return f"is {len(url)} characters; the limit is {MAX_URL_LENGTH}"
-        if any(ord(c) < 0x21 or c == "\x7f" for c in url):
-            return "contains spaces or control characters"
-        parsed = URL(url)
-        schemes = ("https", "http") if self.allow_http else ("https",)
-        if parsed.scheme not in schemes:
-            if parsed.scheme == "http":
-                return "must use https (http is refused unless COMFYS3_WEBHOOK_ALLOW_HTTP=true)"
-            return "must be an https:// URL" + (" or http:// URL" if self.allow_http else "")
-        if parsed.raw_host is None or not parsed.raw_host.strip("."):
-            return "has no host"
-        if parsed.raw_user is not None or parsed.raw_password is not None:
-            return "must not carry a user name or password"
-        if not parsed.port:
-            return "has no valid port"
-        host = parsed.raw_host.lower().rstrip(".")
-        problem = _host_problem(host)
+        rules = self.rules
+        problem = rules.problem(url)
         if problem:
             return problem
+        host = rules.host(url)
         if from_manifest and not host_allowed(host, self.allow):
             return f"host {host!r} is not allowed (COMFYS3_WEBHOOK_ALLOW: {', '.join(self.allow)})"
-        if _is_ip_literal(host):
-            return address_refusal(host, allow_private=self.allow_private)
-        return None
+        if from_manifest and self.fetch_hosts and not host_allowed(host, self.fetch_hosts):
+            return (
+                f"host {host!r} is not allowed (COMFYS3_FETCH_ALLOW_HOSTS: "
+                f"{', '.join(self.fetch_hosts)})"
+            )
+        return rules.address_problem(host)
 
     def choose(self, manifest_url: str | None) -> str | None:
         """The URL a job's webhook goes to: its manifest's (already checked) or the default."""
@@ -252,64 +122,6 @@ def display_url(url: str, *, origin_only: bool = False) -> str:
     if origin_only:
         return origin
     return origin + (parsed.raw_path if parsed.raw_path not in ("", "/") else "")
-
-
-# ---------------------------------------------------------------------------------------------
-# Resolving, with every address checked
-
-Lookup = Callable[[str, int], Awaitable[list[str]]]
-
-
-async def system_lookup(host: str, port: int) -> list[str]:
-    """The host's addresses from the system resolver (getaddrinfo)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-    )
-    addresses: list[str] = []
-    for _family, _type, _proto, _name, sockaddr in infos:
-        address = str(sockaddr[0])
-        if address not in addresses:
-            addresses.append(address)
-    return addresses
-
-
-class GuardedResolver(AbstractResolver):
-    """aiohttp's resolver for webhooks: a name resolves only if every address it has is
-    allowed, and aiohttp connects to exactly the addresses checked here (no second lookup)."""
-
-    def __init__(self, *, allow_private: bool, lookup: Lookup | None = None) -> None:
-        self.allow_private = allow_private
-        self.lookup = lookup or system_lookup
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        try:
-            addresses = await self.lookup(host, port)
-        except OSError:
-            raise
-        except Exception as error:  # a resolver's odd failure is a failed lookup
-            raise OSError(f"lookup of {host} failed: {error}") from None
-        if not addresses:
-            raise OSError(f"{host} has no address")
-        for address in addresses:
-            reason = address_refusal(address, allow_private=self.allow_private)
-            if reason:
-                raise AddressRefused(f"{host} resolves to a forbidden address: {reason}")
-        return [
-            {
-                "hostname": host,
-                "host": address,
-                "port": port,
-                "family": socket.AF_INET6 if ":" in address else socket.AF_INET,
-                "proto": 0,
-                "flags": socket.AI_NUMERICHOST,
-            }
-            for address in addresses
-        ]
-
-    async def close(self) -> None:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,11 +189,6 @@ class _Attempt(Comfys3Error):
         self.refused = refused
 
 
-def _clean(text: str) -> str:
-    text = "".join(c if c.isprintable() else " " for c in text).strip()
-    return text[:MAX_NOTE] + ("..." if len(text) > MAX_NOTE else "")
-
-
 def _retry_after(value: str | None) -> float | None:
     if value and value.strip().isdigit():
         return float(value.strip())
@@ -412,20 +219,6 @@ class Delivery:
         )
 
 
-def _unwrap_refusal(error: BaseException) -> AddressRefused | None:
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, AddressRefused):
-            return current
-        os_error = getattr(current, "os_error", None)
-        if isinstance(os_error, AddressRefused):
-            return os_error
-        current = current.__cause__ or current.__context__
-    return None
-
-
 async def _post_once(
     session: aiohttp.ClientSession,
     delivery: Delivery,
@@ -446,12 +239,12 @@ async def _post_once(
             allow_redirects=False,
             timeout=aiohttp.ClientTimeout(total=retry.timeout),
         ) as response:
-            status, reason = response.status, _clean(response.reason or "")
+            status, reason = response.status, clean_note(response.reason or "")
             if 200 <= status < 300:
                 return
             answer = f"HTTP {status}{' ' + reason if reason else ''}"
             if 300 <= status < 400:
-                target = _clean(response.headers.get("location", "")) or "nowhere"
+                target = clean_note(response.headers.get("location", "")) or "nowhere"
                 raise _Attempt(
                     f"{answer}: a redirect to {target}; redirects are not followed, "
                     "so point notify.url at the final address",
@@ -469,19 +262,10 @@ async def _post_once(
     except TimeoutError:
         raise _Attempt(f"no answer within {retry.timeout:g} s", retry=True) from None
     except (aiohttp.ClientError, OSError) as error:
-        refused = _unwrap_refusal(error)
+        refused = unwrap_refusal(error)
         if refused is not None:
             raise _Attempt(f"refused: {refused}", retry=False, refused=True) from None
-        raise _Attempt(_connection_note(error), retry=True) from None
-
-
-def _connection_note(error: BaseException) -> str:
-    if isinstance(error, aiohttp.ClientConnectorDNSError):
-        return f"could not resolve {error.host}: {_clean(str(error.os_error))}"
-    if isinstance(error, aiohttp.ClientConnectorError):
-        reason = error.strerror or str(error.os_error)
-        return f"could not connect to {error.host}:{error.port}: {_clean(reason)}"
-    return f"connection failed: {_clean(str(error) or type(error).__name__)}"
+        raise _Attempt(connection_note(error), retry=True) from None
 
 
 async def run_delivery(
@@ -530,21 +314,15 @@ async def run_delivery(
 USER_AGENT = f"comfys3/{package_version()} (webhook)"
 
 
-def guarded_session(
+def webhook_session(
     policy: WebhookPolicy, *, lookup: Lookup | None = None, limit: int = 8
 ) -> aiohttp.ClientSession:
-    """An HTTP session that can only reach addresses the policy allows.
-
-    No proxies from the environment (a proxy would connect on our behalf, past every check),
-    no cookies, no DNS cache outside the resolver's checks.
-    """
-    resolver = GuardedResolver(allow_private=policy.allow_private, lookup=lookup)
-    connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False, limit=limit)
-    return aiohttp.ClientSession(
-        connector=connector,
-        trust_env=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
+    """An HTTP session that can only reach addresses the policy allows (the fetch guard's)."""
+    return guarded_session(
+        allow_private=policy.allow_private,
+        lookup=lookup,
+        limit=limit,
+        hint=policy.rules.private_hint,
     )
 
 
@@ -614,7 +392,7 @@ class Notifier:
         if self._queue is not None:
             return
         self._queue = asyncio.Queue(self.queue_size)
-        self._session = guarded_session(self.policy, lookup=self.lookup, limit=self.concurrency)
+        self._session = webhook_session(self.policy, lookup=self.lookup, limit=self.concurrency)
         self._workers = [
             asyncio.create_task(self._work(index), name=f"webhook sender {index}")
             for index in range(self.concurrency)

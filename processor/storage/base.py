@@ -24,6 +24,9 @@ class StoredObject:
     etag: str
     content_type: str | None
     last_modified: datetime | None = None
+    # When the storage served it, by the storage's own clock (S3's Date header), so an age
+    # (served_at - last_modified) needs no clock of this machine; None when unknown.
+    served_at: datetime | None = None
 
     @property
     def version(self) -> str:

@@ -474,13 +474,16 @@ class ClaimStore:
             ) from None
         return replace(lease, expires_at=expires_at, etag=etag, renewed_at=written)
 
-    async def release(self, lease: Lease, *, error: str | None, charge: bool = True) -> None:
+    async def release(
+        self, lease: Lease, *, error: str | None, charge: bool = True, count_try: bool = True
+    ) -> None:
         """Give the job back (e.g. after a failure) so any worker may retry it at once.
 
         The attempt count stays, so the next holder knows how many tries went before, unless
         ``charge`` is false: a try the job was not to blame for (its worker stopped, ComfyUI
-        died running another job) is taken back. A release without an error keeps the
-        previous one.
+        died running another job) is taken back. ``count_try`` false takes the try back too
+        (a worker that cannot run the job at all left it for another; a time limit bounds
+        that instead). A release without an error keeps the previous one.
         """
         last_error = error[:MAX_ERROR_CHARS] if error is not None else lease.last_error
         try:
@@ -488,7 +491,7 @@ class ClaimStore:
                 lease.name,
                 lease.key,
                 attempt=lease.attempt if charge else lease.attempt - 1,
-                tries=lease.tries,
+                tries=lease.tries if count_try else lease.tries - 1,
                 expires_at=self._wall(),
                 state=RELEASED,
                 last_error=last_error,

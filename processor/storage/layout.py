@@ -7,16 +7,26 @@ the code cannot drift apart.
 <input>/_done/<name>.json            manifests whose jobs all finished (succeeded or skipped)
 <input>/_failed/<name>.json          manifests that failed for good
 <input>/_dispatched/<name>.json      `comfys3 dispatch`: the RunPod request sent for a manifest
+<input>/_cancel/<job id>.json        a request to cancel a job (or every job of a batch)
+<input>/!<ppp>.<name>.json           a pending manifest of priority 1..999 (ppp = 1000 - priority)
+<input>/~<ppp>.<name>.json           a pending manifest of priority -1..-999 (ppp = -priority)
 <output>/<job id>/status.json        the job's status document
 <output>/<job id>/<node>_<ClassType>_<nnn>.<ext>    the job's outputs (first try of its claim)
 <output>/<job id>/try-<n>/<node>_<ClassType>_<nnn>.<ext>   outputs of a later try
+<output>/<job id>/inputs/<name>      files sent with a RunPod request (worker-comfyui's images)
 ```
 Sub-prefixes of ``<input>`` are not listed by a poll (it lists with a delimiter), so the cost of
 a poll depends on the pending work, never on history.
+
+Priority lives in the name, not only in the manifest, so that a listing shows it without a GET
+per manifest: ``!`` sorts before every character a job id may have and ``~`` after, so the
+manifests to take first are the head of ``<input>/`` and those to take last its tail, and the
+three digits sort higher priorities first. The job id is the name without the marker.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import quote
@@ -29,6 +39,39 @@ CLAIMS = "_claims"
 DONE = "_done"
 FAILED = "_failed"
 DISPATCHED = "_dispatched"
+CANCEL = "_cancel"
+
+# Priority markers: the first sorts before [-.0-9A-Z_a-z], the second after.
+HIGH_MARK = "!"
+LOW_MARK = "~"
+MAX_PRIORITY = 999
+_PRIORITY_NAME = re.compile(r"^([!~])(\d{3})\.(.+)$")
+
+
+def priority_name(name: str, priority: int) -> str:
+    """The manifest name that makes a listing show ``priority``: ``cat`` at 5 is
+    ``!995.cat``, at -5 ``~005.cat``, at 0 just ``cat``."""
+    if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+        raise ValueError(f"priority {priority} is outside -{MAX_PRIORITY}..{MAX_PRIORITY}")
+    if priority > 0:
+        return f"{HIGH_MARK}{1000 - priority:03d}.{name}"
+    if priority < 0:
+        return f"{LOW_MARK}{-priority:03d}.{name}"
+    return name
+
+
+def split_priority(name: str) -> tuple[int, str]:
+    """A manifest name -> (the priority its name carries, the name without the marker)."""
+    match = _PRIORITY_NAME.match(name)
+    if match is None:
+        return 0, name
+    mark, digits, rest = match.groups()
+    number = int(digits)
+    if mark == HIGH_MARK and 1 <= number <= MAX_PRIORITY:
+        return 1000 - number, rest
+    if mark == LOW_MARK and 1 <= number <= MAX_PRIORITY:
+        return -number, rest
+    return 0, name
 
 
 @dataclass(frozen=True)
@@ -44,12 +87,26 @@ class Layout:
     def claims_prefix(self) -> str:
         return f"{self.input_dir}/{CLAIMS}"
 
+    @property
+    def cancel_prefix(self) -> str:
+        return f"{self.input_dir}/{CANCEL}"
+
+    def cancel_key(self, job_id: str) -> str:
+        """A request to cancel job ``job_id``, or, named by a batch manifest's id, every job
+        of that batch."""
+        return f"{self.cancel_prefix}/{job_id}.json"
+
     def is_manifest(self, key: str) -> bool:
         path = PurePosixPath(key)
         return str(path.parent) == self.input_dir and path.suffix == ".json"
 
     def manifest_key(self, name: str) -> str:
         return f"{self.input_dir}/{name}.json"
+
+    def submit_key(self, name: str, priority: int) -> str:
+        """Where a manifest of ``priority`` goes, so that workers see its priority in a
+        listing (see :func:`priority_name`)."""
+        return self.manifest_key(priority_name(name, priority))
 
     @staticmethod
     def manifest_name(key: str) -> str:
@@ -84,6 +141,11 @@ class Layout:
 
     def status_key(self, job_id: str) -> str:
         return f"{self.job_prefix(job_id)}/status.json"
+
+    def upload_key(self, job_id: str, name: str) -> str:
+        """Where a file that came with a request (not from the bucket) is kept for its job:
+        beside the job's outputs, so it lives and is cleaned up with them."""
+        return f"{self.job_prefix(job_id)}/inputs/{name}"
 
     def output_key(
         self,

@@ -191,6 +191,7 @@ class LocalStorage(ClosedOnExit):
             etag=_etag(data),
             content_type=content_type,
             last_modified=datetime.fromtimestamp(mtime, tz=UTC),
+            served_at=datetime.now(UTC),  # the file's time is this machine's clock too
         )
 
     async def head(self, key: str) -> ObjectInfo | None:

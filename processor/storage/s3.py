@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import email.utils
 import functools
 import random
@@ -44,6 +45,18 @@ DATE_SAMPLES = 15  # responses' Date headers kept to estimate the store's clock
 CONFLICT_BACKOFF = 0.05
 LIST_PAGE = 1000
 DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys
+
+
+def _served_at(response: Mapping[str, Any]) -> datetime | None:
+    """The Date header of an S3 answer: the storage's clock at the time it answered."""
+    headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    text = headers.get("date") if isinstance(headers, Mapping) else None
+    if not isinstance(text, str):
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(text).astimezone(UTC)
+    except (TypeError, ValueError):
+        return None
 
 
 def _user_agent() -> str:
@@ -238,6 +251,16 @@ class S3Storage(ClosedOnExit):
         """Where ``key`` is, for a person: ``s3://bucket/key``."""
         return self._where(key)
 
+    def in_bucket(self, bucket: str) -> S3Storage:
+        """The same endpoint and credentials, another bucket (an ``s3://bucket/key`` input);
+        it shares this storage's open client, so closing it closes nothing."""
+        if bucket == self.bucket:
+            return self
+        other = copy.copy(self)
+        other._settings = self._settings.model_copy(update={"bucket_name": bucket})
+        other._stack = None
+        return other
+
     # -- Storage --------------------------------------------------------------------------
 
     async def get(self, key: str, *, max_bytes: int | None = None) -> StoredObject:
@@ -259,6 +282,7 @@ class S3Storage(ClosedOnExit):
             etag=str(response.get("ETag", "")),
             content_type=response.get("ContentType"),
             last_modified=response.get("LastModified"),
+            served_at=_served_at(response),
         )
 
     async def head(self, key: str) -> ObjectInfo | None:

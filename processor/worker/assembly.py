@@ -6,14 +6,21 @@ Triggers call this instead of wiring the parts themselves, so polling, watching 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
+from processor.comfy.client import ComfyClient
+from processor.comfy.gpus import gpus_of
 from processor.comfy.process import ComfyEngine
 from processor.comfy.waiting import WaitListener
-from processor.job.runner import Comfy, ProgressHook, runner_for
+from processor.job.runner import Cleanup, Comfy, ProgressHook, runner_for
+from processor.models.cache import ModelCache
+from processor.models.paths_config import cache_dir
+from processor.ops.fetch_guard import Fetcher, fetch_policy
 from processor.ops.metrics import CLOCK_WARN_SECONDS, describe_clock_offset
 from processor.ops.parts import Ops, build_ops
 from processor.ops.volume import worker_name
@@ -57,6 +64,21 @@ def storage_from_env(local_root: Path | None) -> tuple[Storage, Layout]:
     return S3Storage(s3), s3_layout(s3)
 
 
+def model_cache(settings: WorkerSettings, fetcher: Fetcher) -> ModelCache | None:
+    """The cache of models manifests name, or None when this worker keeps none. A model used
+    within a job timeout (and a half) is never evicted: a job of another worker sharing the
+    volume may be loading it."""
+    root = cache_dir(settings)
+    if root is None:
+        return None
+    return ModelCache(
+        root,
+        max_bytes=int(settings.models.cache_max_gb * 1e9),
+        fetcher=fetcher,
+        recent_guard=1.5 * settings.jobs.job_timeout,
+    )
+
+
 @contextlib.asynccontextmanager
 async def open_worker(
     *,
@@ -86,8 +108,18 @@ async def open_worker(
     registry = WorkflowRegistry.default(settings.jobs.workflows_dir)
     holder = worker_name(settings)
     ops = ops or build_ops(settings)
-    engine = ComfyEngine(settings, on_wait=on_wait) if comfy is None else None
+    fetcher = Fetcher(fetch_policy(settings))  # input and model URLs, through the one guard
+    # One ComfyUI, or one per GPU (--gpus): each started, supervised and fed apart. None
+    # when a ready client is given.
+    gpus = gpus_of(settings) if comfy is None else []
+    engines = (
+        []
+        if comfy is not None
+        else [ComfyEngine(settings, on_wait=on_wait, gpu=gpu) for gpu in gpus]
+        or [ComfyEngine(settings, on_wait=on_wait)]
+    )
     async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(fetcher)
         await stack.enter_async_context(storage)
         if inputs is not None:
             await stack.enter_async_context(inputs)
@@ -101,51 +133,101 @@ async def open_worker(
         await ops.start()
         # Closed before storage: a webhook's record is written into its status.
         stack.push_async_callback(ops.aclose, min(5.0, settings.triggers.shutdown_grace))
-        if comfy is not None:
-            client, cleanup, url = comfy, None, "(given)"
+        for engine in engines:
+            stack.push_async_callback(engine.aclose)
+        if comfy is None:
+            clients = await _start_all(engines)
+            for engine, client in zip(engines, clients, strict=True):
+                _watch(engine, client, ops)
+            comfies = [
+                _Attached(client, engine.name, engine.url, engine.cleanup)
+                for engine, client in zip(engines, clients, strict=True)
+            ]
         else:
-            assert engine is not None
-            client = await stack.enter_async_context(engine)
-            cleanup, url = engine.cleanup, engine.url
-        ops.health.set_comfy_check(lambda: client.connected)
-        if engine is not None and engine.process is not None:
-            engine.process.add_exit_listener(
-                lambda code, restarting: (
-                    None
-                    if restarting
-                    else ops.health.fatal(f"ComfyUI died ({code}) and will not be restarted")
-                )
-            )
-        warmed = await warm_up(client, registry, settings, cleanup=cleanup)
-        if warmed.ran:
-            ops.metrics.warmup_finished(warmed.seconds, warmed.succeeded)
+            ops.health.set_comfy_check(lambda: comfy.connected)
+            comfies = [_Attached(comfy, "comfyui", "(given)", None)]
+        models = model_cache(settings, fetcher)
+        # Warm every ComfyUI at once: each loads the model for its own GPU.
+        warmed = await asyncio.gather(
+            *(warm_up(one.client, registry, settings, cleanup=one.cleanup) for one in comfies)
+        )
+        for warm in warmed:
+            if warm.ran:
+                ops.metrics.warmup_finished(warm.seconds, warm.succeeded)
         log.info(
             "worker %s ready: %r, manifests from %s/, results to %s/, ComfyUI at %s, templates: %s",
             holder,
             storage,
             layout.input_dir,
             layout.output_dir,
-            url,
+            ", ".join(f"{one.url} ({one.name})" for one in comfies) if gpus else comfies[0].url,
             ", ".join(registry.names()),
-            extra={"worker": holder, "comfyui": url},
+            extra={"worker": holder, "comfyui": comfies[0].url},
         )
-        runner = runner_for(
-            settings,
-            storage=storage,
-            inputs=inputs,
-            comfy=client,
-            layout=layout,
-            worker_id=holder,
-            cleanup=cleanup,
-            on_progress=on_progress,
-            announce=ops.notify,
-        )
+        runners = [
+            runner_for(
+                settings,
+                storage=storage,
+                inputs=inputs,
+                comfy=one.client,
+                layout=layout,
+                worker_id=holder,
+                cleanup=one.cleanup,
+                on_progress=on_progress,
+                announce=ops.notify,
+                fetcher=fetcher,
+                models=models,
+            )
+            for one in comfies
+        ]
         yield Worker(
             storage=storage,
-            runner=runner,
+            runner=runners[0],
+            runner_name=comfies[0].name,
+            more_runners=[
+                (one.name, runner) for one, runner in zip(comfies[1:], runners[1:], strict=True)
+            ],
             registry=registry,
             layout=layout,
             settings=settings,
             holder=holder,
             ops=ops,
+        )
+
+
+@dataclass(frozen=True)
+class _Attached:
+    """One ComfyUI a lane runs on: its client, and what the log and the runner need of it."""
+
+    client: Comfy
+    name: str
+    url: str
+    cleanup: Cleanup | None
+
+
+async def _start_all(engines: list[ComfyEngine]) -> list[ComfyClient]:
+    """Start every ComfyUI at once (each loads for a while); if one cannot start, the others
+    are stopped too and its error, readable, is what the worker says."""
+    tasks = [asyncio.ensure_future(engine.__aenter__()) for engine in engines]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _watch(engine: ComfyEngine, client: ComfyClient, ops: Ops) -> None:
+    """Health follows each ComfyUI; one that dies is restarted by its own supervisor without
+    stopping the others, and only one that will not come back makes the worker not live."""
+    ops.health.set_comfy_check(lambda: client.connected, engine.name)
+    which = f"ComfyUI ({engine.name})" if engine.gpu is not None else "ComfyUI"
+    if engine.process is not None:
+        engine.process.add_exit_listener(
+            lambda code, restarting: (
+                None
+                if restarting
+                else ops.health.fatal(f"{which} died ({code}) and will not be restarted")
+            )
         )

@@ -21,6 +21,14 @@ worker reads one page at a time:
   two workers share the page: this one leaves it for another random point. And a key this
   worker finished after its page was listed is not offered from that page again.
 
+**Priority** is in the names (:func:`processor.storage.layout.priority_name`): a manifest of
+priority above 0 is named ``!<ppp>.<name>.json`` and so sorts at the head of the prefix, one
+below 0 ``~<ppp>.<name>.json``, at its tail. So a page that starts at the head shows them first,
+and the head is listed on its own, at most once per ``page_max_age`` and only while the page in
+use starts elsewhere, to offer them before anything of the page: highest priority first, ties
+oldest first (their listing dates). Within any page, low-priority names come last. No manifest
+is read to learn its priority; a busy worker pays at most one more LIST per ``page_max_age``.
+
 A **sweep** is one pass over the whole key space from where it began. :meth:`Intake.next`
 answers ``None`` once per completed sweep, which is how a drain (``--once``, RunPod) knows that
 it has seen everything: its cost is a pass of pages, never a full listing per claim.
@@ -37,11 +45,12 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from pathlib import PurePosixPath
 
 from processor.logsafe import printable_logger
 from processor.storage.base import ObjectInfo, Storage
 from processor.storage.claims import STORE_CLOCK_MARGIN, ClaimWatch, age_by_store
-from processor.storage.layout import Layout
+from processor.storage.layout import Layout, split_priority
 
 log = printable_logger("comfys3.intake")
 
@@ -51,6 +60,12 @@ MAX_DRAWS = 20  # random start points tried before starting at the first page
 MAX_REMEMBERED = 10_000  # due keys and pending hints kept in memory; beyond, the listing finds them
 # A claim seen unchanged for this share of a lease missed a renewal (holders renew every third).
 STALE_SHARE = 2 / 3
+HEAD_PAGE = 100  # keys read from the head for prioritised manifests
+
+
+def priority_of(key: str) -> int:
+    """The priority a manifest's key carries (0 for a plain name)."""
+    return split_priority(PurePosixPath(key).stem)[0]
 
 
 class HintOutcome(enum.Enum):
@@ -69,7 +84,7 @@ HintCallback = Callable[[HintOutcome], Awaitable[None]]
 @dataclass(frozen=True)
 class Candidate:
     key: str
-    source: str  # hint | due | claims | listing | request
+    source: str  # hint | due | claims | priority | listing | request
 
 
 class Intake:
@@ -123,6 +138,11 @@ class Intake:
         self._page_size = 100
         self._taken_per_page: deque[int] = deque(maxlen=8)
         self._taken_this_page = 0
+        # Prioritised manifests from the head of the prefix, highest first, and when that
+        # was listed (by a page that starts there, or on its own).
+        self._head: deque[ObjectInfo] = deque()
+        self._head_sent_at = float("-inf")
+        self._head_offered: set[str] = set()
         self.hinted = asyncio.Event()
         self.lists = 0  # LIST requests made, for benchmarks and the ops page
         self.seen_pending = 0  # manifests in the latest page: at least this many wait
@@ -149,6 +169,12 @@ class Intake:
         self._schedule(key, self._clock() + max(0.0, delay))
         if key in self._due_at:
             self._retries.add(key)
+
+    def put_off(self, key: str, delay: float) -> None:
+        """Offer ``key`` again only after ``delay`` seconds, and not as this worker's own retry
+        (a drain does not wait for it): it was left for other workers."""
+        self._schedule(key, self._clock() + max(0.0, delay))
+        self._retries.discard(key)
 
     def held(self, key: str, recheck_in: float) -> None:
         """Another worker holds ``key``; look again in ``recheck_in`` seconds, when its claim
@@ -225,6 +251,9 @@ class Intake:
                 return Candidate(key, "claims")
         if not listing:
             return None
+        head = await self._from_head(busy)
+        if head is not None:
+            return head
         return await self._from_listing(busy)
 
     async def report(self, key: str, outcome: HintOutcome) -> None:
@@ -240,8 +269,12 @@ class Intake:
         """
         if outcome is HintOutcome.taken:
             self._met_others_at = self._clock()
-        if outcome in (HintOutcome.taken, HintOutcome.gone) and self._page_listed_at > float(
-            "-inf"
+        from_head = key in self._head_offered
+        self._head_offered.discard(key)
+        if (
+            outcome in (HintOutcome.taken, HintOutcome.gone)
+            and not from_head
+            and self._page_listed_at > float("-inf")
         ):
             self._page_listed_at = min(
                 self._page_listed_at, self._clock() - self.page_max_age - 1.0
@@ -280,6 +313,42 @@ class Intake:
                 name = self.layout.manifest_name(item.key)
                 self._stale_claims.append((self.layout.manifest_key(name), item.key))
 
+    async def _from_head(self, busy: Callable[[str], bool]) -> Candidate | None:
+        """A prioritised manifest, if the head of the prefix holds one. The head is listed on
+        its own only when the page in use starts elsewhere and the head's view is older than
+        ``page_max_age``; before the first page (which starts at the head) it waits for it."""
+        stale = self._clock() - self._head_sent_at > self.page_max_age
+        if stale and self._page_listed_at > float("-inf") and self._page_start is not None:
+            self._head_sent_at = self._clock()
+            page = await self.storage.list_page(self.layout.input_dir, limit=HEAD_PAGE)
+            self.lists += 1
+            self._take_head(page.items)
+        return self._pop_head(busy)
+
+    def _pop_head(self, busy: Callable[[str], bool]) -> Candidate | None:
+        while self._head:
+            item = self._head.popleft()
+            if (
+                not busy(item.key)
+                and item.key not in self._due_at
+                and self._settled.get(item.key, float("-inf")) < self._head_sent_at
+            ):
+                if len(self._head_offered) >= MAX_REMEMBERED:
+                    self._head_offered.clear()
+                self._head_offered.add(item.key)
+                return Candidate(item.key, "priority")
+        return None
+
+    def _take_head(self, items: list[ObjectInfo]) -> None:
+        """The prioritised manifests of a listing of the head, in claim order."""
+        raised = [
+            item
+            for item in items
+            if self.layout.is_manifest(item.key) and priority_of(item.key) > 0
+        ]
+        raised.sort(key=_claim_order, reverse=True)
+        self._head = deque(raised)
+
     async def _from_listing(self, busy: Callable[[str], bool]) -> Candidate | None:
         while True:
             if self._leave_page:
@@ -287,6 +356,9 @@ class Intake:
                 await self._leave()
             elif self._page and self._clock() - self._page_listed_at > self.page_max_age:
                 await self._list(self._page_start)  # same place again: see what is left
+            head = self._pop_head(busy)  # a page that starts at the head found some
+            if head is not None:
+                return head
             while self._page:
                 item = self._page.pop()
                 if (
@@ -306,10 +378,12 @@ class Intake:
             # Spread once the intake first holds more than a page, not at the first listing:
             # a fleet that starts idle would otherwise never spread, and every worker would
             # claim from the first page of the backlog when it comes.
-            if not self._spread_done and self._page_truncated and len(self._page) >= 2:
-                self._spread_done = True
-                self._space = KeySpace.guess(sorted(item.key for item in self._page))
-                await self._list_from_random_point()
+            if not self._spread_done and self._page_truncated:
+                plain = sorted(item.key for item in self._page if priority_of(item.key) == 0)
+                if len(plain) >= 2:
+                    self._spread_done = True
+                    self._space = KeySpace.guess(plain)
+                    await self._list_from_random_point()
 
     def _in_page(self, key: str) -> bool:
         return (self._page_start is None or key > self._page_start) and (
@@ -385,6 +459,9 @@ class Intake:
         else:
             page = await listing
         self.lists += 1
+        if start_after is None:  # this page is the head: its prioritised ones go first
+            self._head_sent_at = self._page_sent_at
+            self._take_head([item for item in page.items if item.key not in held])
         items = list(page.items)
         self.seen_pending = sum(1 for item in items if self.layout.is_manifest(item.key))
         self._page_start = start_after
@@ -397,7 +474,10 @@ class Intake:
             # Keys past the origin were offered at the start of this sweep: the page that
             # crosses it would offer them again.
             items = [item for item in items if item.key <= self._origin]
+        if start_after is None:  # offered from the head instead
+            items = [item for item in items if not (priority_of(item.key) > 0)]
         self._rng.shuffle(items)
+        items.sort(key=_claim_order)  # stable: plain names stay shuffled
         self._page = [item for item in items if item.key not in held]
 
     async def _held_from(self, start_after: str | None) -> set[str]:
@@ -429,6 +509,13 @@ class Intake:
         if self._taken_per_page:
             recent = max(self._taken_per_page)
             self._page_size = max(MIN_PAGE, min(MAX_PAGE, 2 * recent))
+
+
+def _claim_order(item: ObjectInfo) -> tuple[int, float]:
+    """Sorts the last to claim first (a page is used from its end): lower priority before
+    higher, and within a priority other than 0 newer before older; plain names all equal."""
+    priority = priority_of(item.key)
+    return (priority, -item.last_modified.timestamp() if priority else 0.0)
 
 
 @dataclass(frozen=True)

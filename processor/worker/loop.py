@@ -24,11 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from processor.aio import wait_any
 from processor.errors import (
+    CapabilityMissing,
+    CapabilityWaitOver,
     InvalidKey,
     JsonLimitError,
     LeaseLost,
@@ -37,8 +40,15 @@ from processor.errors import (
     ObjectTooLarge,
     StorageError,
 )
-from processor.job.manifest import Job, check_job_id, load_jobs
-from processor.job.retry_table import claim_retry_pause, max_tries, policy_for, retry_pause
+from processor.job.cancel import CancelRequest
+from processor.job.manifest import Job, check_job_id, default_job_id, load_jobs
+from processor.job.retry_table import (
+    claim_retry_pause,
+    describe,
+    max_tries,
+    policy_for,
+    retry_pause,
+)
 from processor.job.runner import JobOutcome, JobRunner, LaneHooks, Verdict
 from processor.job.status import ErrorInfo, JobStatus
 from processor.logsafe import printable_logger
@@ -47,16 +57,19 @@ from processor.safejson import load_json
 from processor.settings import WorkerSettings
 from processor.storage.base import Storage, StoredObject
 from processor.storage.claims import ClaimStore, Heartbeat, Lease, Taken
-from processor.storage.layout import Layout
+from processor.storage.layout import Layout, split_priority
 from processor.storage.retirement import Retirer
+from processor.worker.cancels import CancelWatch
+from processor.worker.capabilities import CapabilityWatch, Lack
 from processor.worker.intake import Candidate, HintCallback, HintOutcome, Intake
-from processor.worker.prompt_queue import Lane, LaneDepth, Slot
+from processor.worker.prompt_queue import LaneDepth, Lanes, Slot
 from processor.workflows import WorkflowRegistry
 
 log = printable_logger("comfys3.worker")
 
 
 PAGE_MAX_AGE = 2.0  # seconds a page of the intake is trusted before it is listed again
+MAX_ASIDE = 2  # jobs at once that leave the lane to wait for a model download
 
 
 @dataclass
@@ -98,6 +111,7 @@ class Counts:
     # Jobs whose latest attempt failed and that wait for another one.
     retried = property(lambda self: self._count(Verdict.retry))
     skipped = property(lambda self: self._count(Verdict.skipped))
+    cancelled = property(lambda self: self._count(Verdict.cancelled))
 
     @property
     def manifests(self) -> int:
@@ -110,16 +124,19 @@ class Counts:
             "failed": self.failed,
             "retried": self.retried,
             "skipped": self.skipped,
+            "cancelled": self.cancelled,
             "attempts": len(self.outcomes),
         }
 
     def describe(self) -> str:
         """One line for a person; the same after ``--once`` and after SIGTERM."""
         summary = self.summary()
-        jobs = summary["succeeded"] + summary["failed"] + summary["retried"] + summary["skipped"]
+        kinds = ("succeeded", "failed", "retried", "skipped", "cancelled")
+        jobs = sum(summary[kind] for kind in kinds)
+        cancelled = f", {summary['cancelled']} cancelled" if summary["cancelled"] else ""
         return (
             f"{jobs} job(s): {summary['succeeded']} succeeded, {summary['failed']} failed, "
-            f"{summary['retried']} to retry, {summary['skipped']} skipped "
+            f"{summary['retried']} to retry, {summary['skipped']} skipped{cancelled} "
             f"({summary['manifests']} manifests, {summary['attempts']} attempts)"
         )
 
@@ -138,7 +155,11 @@ class Worker:
         settings: WorkerSettings,
         holder: str,
         ops: Ops | None = None,
+        more_runners: Sequence[tuple[str, JobRunner]] = (),
+        runner_name: str = "comfyui",
     ) -> None:
+        """``runner`` runs jobs on one ComfyUI; ``more_runners`` on more (one per GPU), each
+        named, each with a lane of its own fed from the one intake and claim store."""
         self.storage = storage
         self.ops = ops or Ops.quiet()
         self.runner = runner
@@ -153,11 +174,25 @@ class Worker:
             settings.lane.lease_seconds,
             on_renewed=self.ops.storage_ok,
         )
-        self.depth = LaneDepth(
-            settings.lane.lane_depth_max,
-            max_queued_seconds=min(10.0, settings.lane.lease_seconds / 6),
+        runners = [(runner_name, runner), *more_runners]
+        self.lanes = Lanes(
+            [
+                (
+                    name,
+                    LaneDepth(
+                        settings.lane.lane_depth_max,
+                        max_queued_seconds=min(10.0, settings.lane.lease_seconds / 6),
+                    ),
+                )
+                for name, _ in runners
+            ]
         )
-        self.lane = Lane(self.depth)
+        self._runner_of = {
+            lane: lane_runner
+            for lane, (_, lane_runner) in zip(self.lanes.all, runners, strict=True)
+        }
+        self.lane = self.lanes.all[0]  # the first ComfyUI's: the only one without --gpus
+        self.depth = self.lane.depth
         self.intake = Intake(
             storage,
             layout,
@@ -166,6 +201,7 @@ class Worker:
             watch=self.claims.watch,  # what the intake's scans see, the claims judge by
         )
         self.retirer = Retirer(storage, layout)
+        self.cancels = CancelWatch(storage, layout, interval=settings.lane.cancel_check_interval)
         self.max_tries = max_tries(settings.jobs.max_attempts)
         self.counts = Counts()
         self._inflight: dict[str, asyncio.Task[list[JobOutcome] | None]] = {}
@@ -174,6 +210,9 @@ class Worker:
         self._won = 0  # claims won since this worker started
         self._claim_failures = 0  # claim attempts in a row that storage failed
         self._crash_logged: set[str] = set()
+        # What this worker's ComfyUI can run: a manifest it cannot is left for another worker.
+        self.capabilities = CapabilityWatch(runner.comfy, runner.models)
+        self._aside = 0  # jobs out of the lane while a model downloads
 
     # -- what triggers use ----------------------------------------------------------------
 
@@ -181,9 +220,14 @@ class Worker:
         """Claim ``key`` ahead of anything listed (an S3 event, a RunPod request named it)."""
         self.intake.hint(key, on_outcome)
 
+    async def cancel(self, names: list[str], request: CancelRequest) -> None:
+        """Ask jobs (or whole batches, by a batch manifest's id) to stop, here at once and on
+        any worker through their cancel objects (RunPod's cancel of a request)."""
+        await self.cancels.request(names, request)
+
     def claims_held_ahead(self) -> int:
         """Claims whose prompt ComfyUI has not started yet: what this worker keeps from others."""
-        return self.lane.ahead()
+        return self.lanes.ahead()
 
     async def run(
         self,
@@ -218,7 +262,7 @@ class Worker:
 
         try:
             while not stop.is_set() and not limited():
-                slot = await self.lane.take(stop)
+                slot = await self.lanes.take(stop)
                 if slot is None:
                     break
                 try:
@@ -277,7 +321,7 @@ class Worker:
 
         ``None`` when another worker holds it.
         """
-        slot = self.lane.take_now()
+        slot = self.lanes.take_now()
         task = self._start(Candidate(key, "request"), slot)
         try:
             return await task
@@ -419,15 +463,18 @@ class Worker:
             self._decided.set()
             if result.took_over:
                 self.ops.metrics.claim_taken_over()
-            return await self._claimed(key, result, slot)
+            return await self._claimed(key, result, slot, leave=candidate.source != "request")
         finally:
             if not claimed:
                 self._claiming -= 1
                 self._decided.set()
             slot.release()
 
-    async def _claimed(self, key: str, lease: Lease, slot: Slot) -> list[JobOutcome]:
-        """Everything that happens to one claimed manifest."""
+    async def _claimed(
+        self, key: str, lease: Lease, slot: Slot, *, leave: bool = True
+    ) -> list[JobOutcome]:
+        """Everything that happens to one claimed manifest. ``leave``: a manifest this worker
+        cannot run may be left for another (not for a request made to this worker)."""
         log.info(
             "claimed %s (attempt %d)",
             key,
@@ -440,7 +487,7 @@ class Worker:
             async with self.claims.heartbeat(lease) as beat:
                 latest = beat
                 try:
-                    outcomes = await self._jobs(key, beat, slot)
+                    outcomes = await self._jobs(key, beat, slot, leave=leave)
                     if beat.lost is None:
                         await self._settle(key, beat, outcomes)
                 except asyncio.CancelledError:
@@ -469,7 +516,9 @@ class Worker:
         self.counts.add(outcome)
         self.ops.observe(outcome)
 
-    async def _jobs(self, key: str, beat: Heartbeat, slot: Slot) -> list[JobOutcome]:
+    async def _jobs(
+        self, key: str, beat: Heartbeat, slot: Slot, *, leave: bool = True
+    ) -> list[JobOutcome]:
         lease = beat()
         try:
             stored = await self.storage.get(key, max_bytes=self.settings.jobs.max_manifest_bytes)
@@ -488,9 +537,15 @@ class Worker:
             slot.release()
             log.warning("%s is not a valid manifest: %s", key, error)
             return [await self._invalid(key, stored, error)]
+        lack = await self.capabilities.lacking(jobs)
+        if lack is not None:
+            ended = await self._lacking(key, stored, lease, jobs, lack, leave=leave)
+            if ended is not None:
+                slot.release()
+                return ended
         tasks = [
             asyncio.create_task(
-                self._job(job, beat, slot if index == 0 else self.lane.take_now(), stored.version)
+                self._job(job, beat, slot if index == 0 else self.lanes.take_now(), stored.version)
             )
             for index, job in enumerate(jobs)
         ]
@@ -512,38 +567,76 @@ class Worker:
         """One job of a manifest; whatever happens to it stays with it, never with siblings.
         Its writes are fenced by the manifest's claim (``beat``)."""
         lease = beat()
+        lane = slot.lane  # the ComfyUI (GPU) this job runs on
+        runner = self._runner_of[lane]
 
         in_comfyui = False
+        aside = False
 
         def queued(seconds: float) -> None:
             nonlocal in_comfyui
             in_comfyui = True
-            self.depth.record_prepare(seconds)
-            self.ops.metrics.prompt_queued()
+            lane.depth.record_prepare(seconds)
+            self.ops.metrics.prompt_queued(lane.name)
 
         def began() -> None:
             slot.started = True
 
         def executed(seconds: float) -> None:
             if in_comfyui:
-                self.ops.metrics.prompt_done()
+                self.ops.metrics.prompt_done(lane.name, executed=seconds > 0)
             if seconds > 0:
-                self.depth.record_execute(seconds)
+                lane.depth.record_execute(seconds)
             slot.release()
-            self.lane.changed()
+            self.lanes.changed()
+            back()
 
+        def step_aside() -> bool:
+            """A model must be downloaded: leave the lane so other jobs feed the GPU, unless
+            MAX_ASIDE jobs are out already (each one out lets another manifest be claimed)."""
+            nonlocal aside
+            if aside or self._aside >= MAX_ASIDE:
+                return False
+            aside = True
+            self._aside += 1
+            slot.release()
+            return True
+
+        def back() -> None:
+            nonlocal aside
+            if aside:
+                aside = False
+                self._aside -= 1
+
+        async def step_back() -> None:
+            """Into the lane again, at once: the job has waited long enough."""
+            nonlocal slot
+            back()
+            slot = lane.take_now()
+
+        cancel = self.cancels.watch(job)
         try:
-            return await self.runner.run(
+            await self.cancels.check(job, cancel, max_age=PAGE_MAX_AGE)
+            return await runner.run(
                 job,
                 attempt=lease.attempt,
                 max_attempts=self.settings.jobs.max_attempts,
-                hooks=LaneHooks(on_queued=queued, on_started=began, on_executed=executed),
+                hooks=LaneHooks(
+                    on_queued=queued,
+                    on_started=began,
+                    on_executed=executed,
+                    step_aside=step_aside,
+                    step_back=step_back,
+                ),
                 notes=_previous_error_note(lease),
                 manifest_version=version,
                 resumed=lease.tries > 1,
                 fence=beat,
+                cancel=cancel,
             )
         finally:
+            self.cancels.unwatch(job)
+            back()
             slot.release()
 
     async def _settle(self, key: str, beat: Heartbeat, outcomes: list[JobOutcome]) -> None:
@@ -572,6 +665,7 @@ class Worker:
         await self.retirer.retire(key, failed=failed, claim_key=lease.key)
         self.intake.forget(key)
         await self.intake.report(key, HintOutcome.settled)
+        await self.cancels.ended(o.status.id for o in outcomes)
 
     async def _give_back(self, key: str, beat: Heartbeat, reason: str, *, charge: bool) -> None:
         await beat.halt()  # a renewal landing after we read the lease would fail the release
@@ -588,6 +682,9 @@ class Worker:
         whose fault it is: storage trouble is not the manifest's, so it is given back
         uncounted (bounded by max_tries) and tried again after a pause; anything else counts
         as an attempt, like any failure of the manifest's."""
+        if isinstance(error, CapabilityMissing):
+            await self._leave(key, beat, error)
+            return
         policy = policy_for(error)
         if policy.error_type == "storage":
             self.ops.storage_failed("job", error)
@@ -596,6 +693,68 @@ class Worker:
             await self._give_back(key, beat, f"{policy.error_type}: {error}", charge=False)
             return
         await self._crashed(key, beat, error)
+
+    async def _lacking(
+        self,
+        key: str,
+        stored: StoredObject,
+        lease: Lease,
+        jobs: list[Job],
+        lack: Lack,
+        *,
+        leave: bool,
+    ) -> list[JobOutcome] | None:
+        """A manifest that needs what this worker lacks. Until it is COMFYS3_CAPABILITY_WAIT
+        seconds old it is left for another worker (:class:`CapabilityMissing`, handled by
+        :meth:`_leave`); then no worker that has what it needs took it, and it fails. When
+        only model files are missing, it runs instead (None): ComfyUI's own validation error
+        names the file and lists those it has."""
+        wait = self.settings.lane.capability_wait
+        age = _age(stored)
+        if leave and age is not None and age < wait:
+            raise CapabilityMissing(
+                f"this worker's ComfyUI {lack.describe()}",
+                {**lack.details(), "left_for": round(wait - age, 1)},
+            )
+        if not lack.nodes and not lack.no_cache:
+            return None
+        waited = f"no worker that has them took it within {wait:g} s (COMFYS3_CAPABILITY_WAIT)"
+        if not leave:
+            waited = "this worker was asked to run it"
+        error = CapabilityWaitOver(f"the job {lack.describe()}; {waited}", lack.details())
+        info, _ = describe(error)
+        log.warning("%s: %s", key, error, extra={"manifest": key, "error_type": info.type})
+        outcomes = []
+        for job in jobs:
+            status, kept = await self.book.gave_up(
+                job.id,
+                key,
+                job=job,
+                manifest_version=stored.version,
+                attempts=lease.attempt,
+                max_attempts=self.settings.jobs.max_attempts,
+                info=info,
+                note=f"worker {self.claims.holder} {lack.describe()}; {waited}",
+            )
+            verdict = Verdict.succeeded if kept else Verdict.failed
+            outcomes.append(JobOutcome(verdict, status, leftover=kept))
+        return outcomes
+
+    async def _leave(self, key: str, beat: Heartbeat, error: CapabilityMissing) -> None:
+        """Give a manifest this worker cannot run back, as if it had never been claimed here
+        (neither an attempt nor a try is counted: the wait bounds it), and look at it again
+        only once its wait is over, when it fails if nobody took it."""
+        await beat.halt()
+        lease = beat()
+        try:
+            # No error recorded: nothing failed, and the next holder's status must not say so.
+            await self.claims.release(lease, error=None, charge=False, count_try=False)
+        except (StorageError, LeaseLost) as trouble:  # either way the claim expires by itself
+            log.warning("%s: could not give the claim back: %s", key, trouble)
+        pause = float(error.details.get("left_for", 0.0)) + 1.0
+        self.intake.put_off(key, max(pause, self.settings.jobs.retry_delay))
+        log.info("%s: left for another worker for %.0f s: %s", key, pause, error)
+        await self.intake.report(key, HintOutcome.released)
 
     async def _crashed(self, key: str, beat: Heartbeat, error: BaseException) -> None:
         """Something unexpected while handling a claimed manifest: an attempt, like any other
@@ -637,7 +796,7 @@ class Worker:
         """A broken manifest fails with a status that says why (never burying an earlier
         success of the same id). Where no status can be written (no usable id), the manifest
         still fails, once."""
-        job_id = _declared_id(stored.data if stored else b"") or self.layout.manifest_name(key)
+        job_id = _declared_id(stored.data if stored else b"") or default_job_id(key)
         version = stored.version if stored else None
         try:
             check_job_id(job_id)
@@ -669,7 +828,8 @@ class Worker:
             with contextlib.suppress(Exception):
                 ids = [(job.id, job) for job in self._load(stored, key, check_notify=False)]
         if not ids:
-            ids = [(_declared_id(stored.data if stored else b"") or lease.name, None)]
+            declared = _declared_id(stored.data if stored else b"")
+            ids = [(declared or split_priority(lease.name)[1], None)]
         attempts = min(lease.attempt, self.settings.jobs.max_attempts)
         note = (
             f"gave up after {attempts} attempt(s) and {lease.tries} tries in all "
@@ -716,6 +876,16 @@ def _declared_id(data: bytes) -> str | None:
         return check_job_id(value) if isinstance(value, str) else None
     except ValueError:
         return None
+
+
+def _age(stored: StoredObject) -> float | None:
+    """Seconds since the manifest was uploaded, by the storage's clock alone (its Date
+    header against the object's LastModified), falling back to this machine's clock when the
+    storage did not say; None when the upload time is unknown."""
+    if stored.last_modified is None:
+        return None
+    now = stored.served_at or datetime.now(UTC)
+    return max(0.0, (now - stored.last_modified).total_seconds())
 
 
 def _previous_error_note(lease: Lease) -> list[str]:

@@ -50,30 +50,37 @@ class LaneDepth:
 
 
 class Slot:
-    """One place in the lane; released exactly once, however its job ends."""
+    """One place in a lane; released exactly once, however its job ends."""
 
     def __init__(self, lane: Lane) -> None:
-        self._lane = lane
+        self.lane = lane
         self._held = True
         self.started = False  # ComfyUI began executing its prompt
 
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._lane._release(self)
+            self.lane._release(self)
 
 
 class Lane:
-    """Admission to ComfyUI's queue: at most ``depth.target()`` slots taken at once."""
+    """Admission to one ComfyUI's queue: at most ``depth.target()`` slots taken at once."""
 
-    def __init__(self, depth: LaneDepth) -> None:
+    def __init__(
+        self, depth: LaneDepth, name: str = "comfyui", changed: asyncio.Event | None = None
+    ) -> None:
         self.depth = depth
+        self.name = name
         self._taken: set[Slot] = set()
-        self._changed = asyncio.Event()
+        self._changed = changed or asyncio.Event()
 
     @property
     def in_use(self) -> int:
         return len(self._taken)
+
+    @property
+    def room(self) -> int:
+        return self.depth.target() - len(self._taken)
 
     def ahead(self) -> int:
         """Slots whose prompt has not started executing: claims held ahead of the GPU."""
@@ -103,4 +110,34 @@ class Lane:
 
     def _release(self, slot: Slot) -> None:
         self._taken.discard(slot)
+        self._changed.set()
+
+
+class Lanes:
+    """Several lanes (one per ComfyUI, one per GPU) fed by one intake: a slot is taken from
+    the lane with the most room, so every GPU is kept busy and none hoards claims."""
+
+    def __init__(self, depths: list[tuple[str, LaneDepth]]) -> None:
+        self._changed = asyncio.Event()
+        self.all = [Lane(depth, name, self._changed) for name, depth in depths]
+
+    def ahead(self) -> int:
+        return sum(lane.ahead() for lane in self.all)
+
+    def take_now(self) -> Slot:
+        """A slot regardless of the targets, from the least busy lane."""
+        return min(self.all, key=lambda lane: lane.in_use).take_now()
+
+    async def take(self, stop: asyncio.Event | None = None) -> Slot | None:
+        """Wait for room in any lane; ``None`` if ``stop`` is set first."""
+        while True:
+            if stop is not None and stop.is_set():
+                return None
+            best = max(self.all, key=lambda lane: (lane.room, -lane.in_use))
+            if best.room > 0:
+                return best.take_now()
+            self._changed.clear()
+            await wait_any(self._changed, stop)
+
+    def changed(self) -> None:
         self._changed.set()

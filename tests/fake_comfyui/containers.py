@@ -41,6 +41,15 @@ def write_webm(path: Path) -> None:
     path.write_bytes(_ebml_element(b"\x1a\x45\xdf\xa3", header) + segment)
 
 
+def write_glb(path: Path) -> None:
+    """A binary glTF 2.0 file: the 12-byte header (`glTF`, version 2, length) and a JSON chunk
+    holding only the asset record (no meshes: a client looks at the header, not the model)."""
+    document = b'{"asset":{"version":"2.0","generator":"fake ComfyUI"}}'
+    document += b" " * (-len(document) % 4)  # chunks are 4-byte aligned, JSON padded with spaces
+    chunk = struct.pack("<I", len(document)) + b"JSON" + document
+    path.write_bytes(b"glTF" + struct.pack("<II", 2, 12 + len(chunk)) + chunk)
+
+
 def write_flac(path: Path, sample_rate: int, channels: int, samples: int) -> None:
     """`fLaC` and a STREAMINFO block (16-bit samples) describing the stream; no audio frames."""
     packed = (sample_rate << 44) | ((channels - 1) << 41) | ((16 - 1) << 36) | samples

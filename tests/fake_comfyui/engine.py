@@ -63,6 +63,9 @@ class Stats:
     ws_drops: int = 0
     # Checkpoint loads that paid first_load_delay: {"prompt_id", "ckpt_name", "seconds"}.
     model_loads: list[dict[str, Any]] = field(default_factory=list)
+    # Requests by "METHOD /route pattern" (unknown routes as "METHOD ?"), fake/ routes left out:
+    # tests count what a client asks of ComfyUI (a probe once per connection, say).
+    requests: dict[str, int] = field(default_factory=dict)
 
 
 class Interrupted(Exception):
@@ -128,6 +131,7 @@ class Engine:
 
     def stats_json(self) -> dict[str, Any]:
         return {
+            "pid": os.getpid(),
             "executed": dict(self.stats.executed),
             "queued": self.stats.queued,
             "interrupted": list(self.stats.interrupted),
@@ -137,6 +141,7 @@ class Engine:
             "nodes_run": dict(self.stats.nodes_run),
             "ws_drops": self.stats.ws_drops,
             "model_loads": [dict(load) for load in self.stats.model_loads],
+            "requests": dict(self.stats.requests),
         }
 
     def get_history(self, max_items: int | None = None, offset: int = -1) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script, possibly from its own directory
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import yaml
 from aiohttp import web
 
 from tests.fake_comfyui.server import FakeDirs, create_app
@@ -31,12 +32,15 @@ from tests.fake_comfyui.state import ConfigError, FakeState
 ENV_REPORT = "FAKE_COMFYUI_ENV_REPORT"
 
 
-def report_environment() -> None:
+def report_environment(port: int) -> None:
     """Test-only: write this process's environment as JSON to the file named by
-    FAKE_COMFYUI_ENV_REPORT, so a test can see what a supervisor let through to ComfyUI."""
+    FAKE_COMFYUI_ENV_REPORT (``{port}`` in it becomes this process's port, so several fakes
+    started by one supervisor report apart), so a test can see what ComfyUI was given."""
     target = os.environ.get(ENV_REPORT)
     if target:
-        Path(target).write_text(json.dumps(dict(os.environ), sort_keys=True))
+        Path(target.replace("{port}", str(port))).write_text(
+            json.dumps(dict(os.environ), sort_keys=True)
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,9 +52,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input-directory", type=Path, default=None)
     parser.add_argument("--output-directory", type=Path, default=None)
     parser.add_argument("--temp-directory", type=Path, default=None)
+    parser.add_argument("--extra-model-paths-config", type=Path, nargs="+", action="append")
     args, unknown = parser.parse_known_args(argv)
     args.ignored = unknown
     return args
+
+
+def checkpoint_dirs(configs: list[list[Path]] | None) -> list[str]:
+    """The checkpoint folders of ComfyUI extra_model_paths.yaml files, as ComfyUI reads them:
+    each section's base_path joined with each line of its ``checkpoints`` entry."""
+    folders: list[str] = []
+    for path in (p for group in configs or [] for p in group):
+        document = yaml.safe_load(path.read_text()) or {}
+        for section in document.values():
+            if not isinstance(section, dict):
+                continue
+            base = Path(str(section.get("base_path", path.parent)))
+            for line in str(section.get("checkpoints", "")).splitlines():
+                if line.strip():
+                    folders.append(str(base / line.strip()))
+    return folders
 
 
 def resolve_dirs(args: argparse.Namespace) -> FakeDirs:
@@ -87,7 +108,7 @@ async def serve(args: argparse.Namespace, state: FakeState) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report_environment()
+    report_environment(args.port)
     logging.basicConfig(
         stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )
@@ -96,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fake ComfyUI: {exc}", file=sys.stderr)
         return 2
+    state.checkpoint_dirs += checkpoint_dirs(args.extra_model_paths_config)
     if args.ignored:
         print(f"fake ComfyUI: ignoring flags {' '.join(args.ignored)}", flush=True)
     try:

@@ -1,12 +1,14 @@
-"""Output nodes for video, audio and text, reporting what today's ComfyUI reports.
+"""Output nodes for video, audio, text and 3-D, reporting what ComfyUI reports.
 
 The history/`executed` shapes follow ComfyUI's own savers (comfy_api/latest/_ui.py and the core
 nodes): core video (SaveVideo, SaveWEBM, SaveAnimatedWEBP) lands under `images` with
 `animated: [true]`, never under a `video` key; SaveAudio/SaveAudioMP3/SaveAudioOpus under
 `audio` as `<prefix>_<counter:05>.<ext>` (no trailing underscore, unlike images); PreviewAny
 under `text`; and the VideoHelperSuite custom node VHS_VideoCombine under `gifs`, with its
-extra `format`, `frame_rate`, `workflow` and `fullpath` keys. Every file is real: animated
-WebP and GIF from Pillow, the rest from containers.py.
+extra `format`, `frame_rate`, `workflow` and `fullpath` keys. 3-D as in 0.3.64's
+comfy_extras: SaveGLB under `3d` (`<prefix>_<counter:05>_.glb`), and Preview3D, which only names
+a model file as the first item of `result`. Every file is real: animated WebP and GIF from
+Pillow, the rest from containers.py.
 """
 
 from __future__ import annotations
@@ -131,6 +133,35 @@ def _preview_any(ctx: NodeContext, kw: dict[str, Any]) -> NodeResult:
         except (TypeError, ValueError):
             text = str(source)
     return NodeResult(ui={"text": [text]})
+
+
+# --- 3-D -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """What a 3-D generator hands to SaveGLB (only the count matters here: one file each)."""
+
+    count: int
+
+
+def _fake_mesh(ctx: NodeContext, kw: dict[str, Any]) -> NodeResult:
+    return NodeResult((Mesh(int(kw["count"])),))
+
+
+def _save_glb(ctx: NodeContext, kw: dict[str, Any]) -> NodeResult:
+    mesh: Mesh = kw["mesh"]
+    folder, stem, counter, subfolder = next_save_path(ctx.output_dir, kw["filename_prefix"])
+    results = []
+    for index in range(mesh.count):
+        name = f"{stem}_{counter + index:05}_.glb"
+        containers.write_glb(folder / name)
+        results.append(_saved(name, subfolder))
+    return NodeResult(ui={"3d": results})
+
+
+def _preview_3d(ctx: NodeContext, kw: dict[str, Any]) -> NodeResult:
+    return NodeResult(ui={"result": [kw["model_file"], kw.get("camera_info")]})
 
 
 # --- an intermediate preview ------------------------------------------------------------------
@@ -288,6 +319,34 @@ def media_nodes() -> list[NodeDef]:
             lambda ctx: {"source": ("*", {})},
             output_node=True,
             display_name="Preview Any",
+        ),
+        NodeDef(
+            "FakeMesh",
+            "3d",
+            ("MESH",),
+            _fake_mesh,
+            lambda ctx: {"count": ("INT", {"default": 1, "min": 1, "max": 8})},
+            description="Stands in for a 3-D generator (Hunyuan3D's VAEDecodeHunyuan3D ...).",
+        ),
+        NodeDef(
+            "SaveGLB",
+            "3d",
+            (),
+            _save_glb,
+            lambda ctx: {
+                "mesh": ("MESH", {}),
+                "filename_prefix": ("STRING", {"default": "mesh/ComfyUI"}),
+            },
+            output_node=True,
+        ),
+        NodeDef(
+            "Preview3D",
+            "3d",
+            (),
+            _preview_3d,
+            lambda ctx: {"model_file": ("STRING", {"default": "", "multiline": False})},
+            optional=lambda ctx: {"camera_info": ("LOAD3D_CAMERA", {})},
+            output_node=True,
         ),
         NodeDef(
             "FakePreviewPassthrough",

@@ -209,6 +209,22 @@ class NodeDef:
 # --- helpers -------------------------------------------------------------------------------
 
 
+def installed_checkpoints(ctx: NodeContext) -> list[str]:
+    """The knob's names, then the files of the checkpoint folders (an extra model path)."""
+    names = list(ctx.state.installed_checkpoints)
+    for folder in ctx.state.checkpoint_dirs:
+        path = Path(folder)
+        if path.is_dir():
+            names += sorted(p.name for p in path.iterdir() if p.is_file() and p.name not in names)
+    return names
+
+
+def offered(ctx: NodeContext) -> dict[str, NodeDef]:
+    """The node types this fake offers now: every one but the hidden ones."""
+    hidden = set(ctx.state.hidden_nodes)
+    return {name: node for name, node in NODES.items() if name not in hidden}
+
+
 def _int(default: int, lo: int, hi: int, step: int | None = 1, **extra: Any) -> InputSpec:
     options: dict[str, Any] = {"default": default, "min": lo, "max": hi}
     if step is not None:
@@ -586,7 +602,7 @@ def _registry() -> dict[str, NodeDef]:
             _checkpoint_loader,
             lambda ctx: {
                 "ckpt_name": (
-                    list(ctx.state.installed_checkpoints),
+                    installed_checkpoints(ctx),
                     {"tooltip": "The name of the checkpoint (model) to load."},
                 ),
             },

@@ -31,7 +31,7 @@ from aiohttp import WSMsgType, web
 from . import jobs
 from .engine import SENSITIVE_EXTRA_DATA_KEYS, Engine, QueueItem
 from .hub import SERVER_FEATURES, Hub, server_features
-from .nodes import NODES, NodeContext
+from .nodes import NodeContext, offered
 from .state import ConfigError, FakeState
 from .validation import validate_prompt
 
@@ -63,7 +63,9 @@ DIRS = web.AppKey("dirs", FakeDirs)
 def create_app(state: FakeState, dirs: FakeDirs) -> web.Application:
     """The aiohttp application; its executor and publisher run while the app runs."""
     dirs.create()
-    app = web.Application(client_max_size=SERVER_FEATURES["max_upload_size"])
+    app = web.Application(
+        client_max_size=SERVER_FEATURES["max_upload_size"], middlewares=[count_requests]
+    )
     app[STATE] = state
     app[DIRS] = dirs
     hub = Hub()
@@ -121,6 +123,20 @@ def create_app(state: FakeState, dirs: FakeDirs) -> web.Application:
     # path is looked up there, so an unknown GET is a 404 and an unknown POST a 405.
     app.router.add_route("*", "/{tail:.*}", unknown_route)
     return app
+
+
+@web.middleware
+async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count each request by its route pattern in the engine's stats (see README: requests)."""
+    info = request.match_info.route.resource
+    pattern = info.canonical if info is not None else "?"
+    if pattern == "/{tail}":
+        pattern = "?"
+    if not pattern.startswith(("/fake/", "/api/fake/")):
+        requests = request.app[ENGINE].stats.requests
+        name = f"{request.method} {pattern}"
+        requests[name] = requests.get(name, 0) + 1
+    return await handler(request)
 
 
 async def unknown_route(request: web.Request) -> web.StreamResponse:
@@ -436,13 +452,19 @@ async def system_stats(request: web.Request) -> web.Response:
 
 async def object_info(request: web.Request) -> web.Response:
     ctx = request.app[ENGINE].ctx
-    return web.json_response({name: node.info(ctx) for name, node in NODES.items()})
+    broken = set(ctx.state.broken_info_nodes)  # logged and left out, as ComfyUI does
+    return web.json_response(
+        {name: node.info(ctx) for name, node in offered(ctx).items() if name not in broken}
+    )
 
 
 async def object_info_node(request: web.Request) -> web.Response:
     name = request.match_info["node_class"]
-    node = NODES.get(name)
-    return web.json_response({name: node.info(request.app[ENGINE].ctx)} if node else {})
+    ctx = request.app[ENGINE].ctx
+    node = offered(ctx).get(name)
+    if node is not None and name in ctx.state.broken_info_nodes:
+        raise web.HTTPInternalServerError(text="500 Internal Server Error")
+    return web.json_response({name: node.info(ctx)} if node else {})
 
 
 async def features(request: web.Request) -> web.Response:

@@ -45,6 +45,14 @@ class FakeState:
                       so a supervisor's restarted process survives the retry
     history_gap       seconds between sending execution_success and writing /history
     installed_checkpoints  the ckpt_name values CheckpointLoaderSimple accepts
+    checkpoint_dirs   folders whose files CheckpointLoaderSimple accepts too, listed afresh on
+                      every request (as ComfyUI rescans a model folder that changed); main.py
+                      fills it from --extra-model-paths-config
+    hidden_nodes      node types the fake pretends not to have: absent from /object_info, and
+                      refused by POST /prompt like any unknown node (a ComfyUI without them)
+    broken_info_nodes node types whose description fails to build, as a real ComfyUI's
+                      LoadImage does while its input folder is missing: left out of
+                      /object_info, HTTP 500 from /object_info/{type}, but they still run
     preview_frames    KSampler sends binary preview frames per step, as with --preview-method
     startup_delay     seconds main.py waits before listening (ComfyUI boots in 5-9 s)
     gc_pause          seconds the queue stalls after a prompt, at most every gc_interval seconds
@@ -75,6 +83,9 @@ class FakeState:
     die_marker: str | None = None
     history_gap: float = 0.02
     installed_checkpoints: list[str] = field(default_factory=lambda: list(DEFAULT_CHECKPOINTS))
+    checkpoint_dirs: list[str] = field(default_factory=list)
+    hidden_nodes: list[str] = field(default_factory=list)
+    broken_info_nodes: list[str] = field(default_factory=list)
     preview_frames: bool = False
     startup_delay: float = 0.0
     gc_pause: float = 0.0
@@ -150,7 +161,12 @@ def _convert(name: str, raw: Any) -> Any:
             if isinstance(raw, str):
                 return raw.strip().lower() in ("1", "true", "yes", "on")
             return bool(raw)
-        if name == "installed_checkpoints":
+        if name in (
+            "installed_checkpoints",
+            "checkpoint_dirs",
+            "hidden_nodes",
+            "broken_info_nodes",
+        ):
             if isinstance(raw, str):
                 return [part.strip() for part in raw.split(",") if part.strip()]
             return [str(item) for item in raw]

@@ -13,7 +13,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from .nodes import NODES, NodeContext, NodeDef
+from .nodes import NODES, NodeContext, NodeDef, offered
 
 Error = dict[str, Any]
 
@@ -281,7 +281,7 @@ def validate_prompt(
     for node_id, node in prompt.items():
         if not isinstance(node, dict) or "class_type" not in node:
             return ValidationResult(False, _unknown_node_error(node_id, node, current))
-        definition = NODES.get(node["class_type"])
+        definition = offered(ctx).get(node["class_type"])
         if definition is None:
             return ValidationResult(False, _unknown_node_error(node_id, node, current))
         if definition.output_node:

@@ -12,7 +12,8 @@ from typing import Any
 
 from processor import ComfyError, SettingsError, StorageError, WorkflowLoadError
 from provision import cli as provision_cli
-from triggers.cli import offline, submit, template, worker_commands
+from triggers.api import command as api_command
+from triggers.cli import cancel, offline, submit, template, worker_commands
 from triggers.cli.help_format import CommandParser, RawDescriptionHelpFormatter
 from triggers.events import dispatch
 from triggers.report import command as report_command
@@ -28,6 +29,8 @@ Start here:
   comfys3 validate job.json            check manifests offline
   comfys3 run                          poll S3 and run jobs until stopped
   comfys3 submit job.json --wait       check a manifest, upload it, follow the job
+  comfys3 serve                        the HTTP jobs API (POST /jobs, GET /jobs/ID)
+  comfys3 cancel JOB_ID                stop a job, waiting or running
   comfys3 dispatch                     wake RunPod: one request per manifest in S3
 
 Settings come from COMFYS3_* environment variables (see README.md).
@@ -58,6 +61,8 @@ def _registrations() -> list[Callable[[Any], None]]:
         template.register,
         worker_commands.register,
         submit.register,
+        api_command.register,
+        cancel.register,
         report_command.register,
         runpod.register,
         dispatch.register,

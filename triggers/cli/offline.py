@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +41,49 @@ def _describe_type(schema: dict[str, Any]) -> str:
     return kind + (f" ({' '.join(bounds)})" if bounds else "")
 
 
-def workflow_table(workflow: Workflow) -> list[str]:
+@dataclass(frozen=True)
+class FieldRow:
+    """One payload field of a template, as ``comfys3 workflows`` and ``GET /workflows`` show
+    it. ``has_default`` is false for a required field and for one filled at run time (a
+    random seed), which ``default`` then leaves as None."""
+
+    name: str
+    kind: str
+    required: bool
+    has_default: bool
+    default: Any
+    description: str
+
+
+def workflow_fields(workflow: Workflow) -> list[FieldRow]:
     schema = workflow.json_schema()
     required = set(schema.get("required", []))
     defs = schema.get("$defs", {})
-    lines = [f"{workflow.name}: {workflow.description}"]
+    rows = []
     for name, prop in schema.get("properties", {}).items():
         if "$ref" in prop:
             prop = {**defs.get(prop["$ref"].rsplit("/", 1)[-1], {}), **prop}
-        default = "required" if name in required else f"default {prop.get('default', '(auto)')!r}"
-        lines.append(f"  {name:<16} {_describe_type(prop):<34} {default}")
-        if prop.get("description"):
-            lines.append(f"  {'':<16} {prop['description']}")
+        rows.append(
+            FieldRow(
+                name=name,
+                kind=_describe_type(prop),
+                required=name in required,
+                has_default="default" in prop,
+                default=prop.get("default"),
+                description=str(prop.get("description") or ""),
+            )
+        )
+    return rows
+
+
+def workflow_table(workflow: Workflow) -> list[str]:
+    lines = [f"{workflow.name}: {workflow.description}"]
+    for row in workflow_fields(workflow):
+        shown = row.default if row.has_default else "(auto)"
+        default = "required" if row.required else f"default {shown!r}"
+        lines.append(f"  {row.name:<16} {row.kind:<34} {default}")
+        if row.description:
+            lines.append(f"  {'':<16} {row.description}")
     return lines
 
 

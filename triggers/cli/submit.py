@@ -32,6 +32,7 @@ from processor import (
     load_jobs,
     load_worker_settings,
     missing_inputs,
+    split_priority,
     storage_from_env,
 )
 
@@ -50,6 +51,12 @@ class Submission:
     name: str
     data: bytes
     jobs: list[Job]
+
+    @property
+    def priority(self) -> int:
+        """The manifest's ``priority``: it goes into the key, where workers see it in a
+        listing (docs/layout.md), without reading the manifest."""
+        return self.jobs[0].priority if self.jobs else 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -88,20 +95,39 @@ def check(
     except OSError as error:
         return f"{path}: cannot read it: {error.strerror}"
     try:
-        jobs = load_jobs(
-            data,
-            manifest_key=f"{path.stem}.json",
-            registry=registry,
-            allow_raw=allow_raw,
-            max_bytes=max_bytes,
-        )
-        problems = key_problems(jobs)
-        if problems:
-            raise ManifestError(problems)
+        jobs = check_manifest(data, path.stem, registry, allow_raw, max_bytes)
     except ManifestError as error:
         lines = [f"{path}: invalid manifest"] + [f"  {problem}" for problem in error.problems]
         return "\n".join(lines)
-    return Submission(path, path.stem, data, jobs)
+    # A file already named with a priority marker keeps only its name: the manifest says.
+    return Submission(path, split_priority(path.stem)[1], data, jobs)
+
+
+def check_manifest(
+    data: bytes, name: str, registry: WorkflowRegistry, allow_raw: bool, max_bytes: int
+) -> list[Job]:
+    """The jobs a manifest to be named ``<name>.json`` in the intake becomes, checked as a
+    worker will check them (input file names included), or a ManifestError with every problem.
+    The one check behind ``submit`` and the jobs API's ``POST /jobs``."""
+    jobs = load_jobs(
+        data,
+        manifest_key=f"{name}.json",
+        registry=registry,
+        allow_raw=allow_raw,
+        max_bytes=max_bytes,
+    )
+    problems = key_problems(jobs)
+    if problems:
+        raise ManifestError(problems)
+    return jobs
+
+
+def already_succeeded(job_id: str) -> str:
+    """The warning for a job id that succeeded before: workers will not run it again."""
+    return (
+        f"job {job_id} already succeeded, so a worker will not run it again; set "
+        '"rerun": true in the manifest to run it anyway'
+    )
 
 
 def _same_name(submissions: list[Submission]) -> str | None:
@@ -146,7 +172,7 @@ async def _submit(
         before = dict(zip(jobs, found, strict=True))
         waiting: list[str] = []
         for submission in submissions:
-            key = layout.manifest_key(submission.name)
+            key = layout.submit_key(submission.name, submission.priority)
             try:
                 await storage.put(
                     key, submission.data, content_type="application/json", if_none_match=True
@@ -165,11 +191,7 @@ async def _submit(
             for job in submission.jobs:
                 previous = before[job.id]
                 if not job.rerun and previous and previous.state is JobState.succeeded:
-                    print(
-                        f"  warning: job {job.id} already succeeded, so a worker will not run it "
-                        'again; set "rerun": true in the manifest to run it anyway',
-                        file=sys.stderr,
-                    )
+                    print(f"  warning: {already_succeeded(job.id)}", file=sys.stderr)
         if refused or not args.wait:
             return 1 if refused else 0
         stale = {job_id: status for job_id, status in before.items() if status is not None}
@@ -272,7 +294,14 @@ def _progress_line(status: JobStatus) -> str:
 def report(job_ids: list[str], statuses: dict[str, JobStatus], timeout: float | None) -> int:
     """The outcome per job (outputs, or the error), and the exit code a script checks."""
     unfinished = [j for j in job_ids if j not in statuses or statuses[j].state not in FINAL]
-    failed = [j for j in job_ids if j in statuses and statuses[j].state is JobState.failed]
+    # Failed or cancelled: anything final but a success makes the exit code 1.
+    failed = [
+        j
+        for j in job_ids
+        if j in statuses
+        and statuses[j].state in FINAL
+        and statuses[j].state is not JobState.succeeded
+    ]
     for job_id in job_ids:
         status = statuses.get(job_id)
         if status is None or status.state not in FINAL:
@@ -333,4 +362,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.set_defaults(handler=cmd_submit)
 
 
-__all__ = ["check", "follow", "register", "report"]
+__all__ = ["already_succeeded", "check", "check_manifest", "follow", "register", "report"]

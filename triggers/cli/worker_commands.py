@@ -39,6 +39,7 @@ from processor import (
     load_sqs_settings,
     load_worker_settings,
     open_worker,
+    parse_gpus,
     storage_from_env,
     validate_key,
 )
@@ -58,6 +59,12 @@ log = logging.getLogger("comfys3.worker")
 def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(args.log_format)
     settings = load_worker_settings()
+    if args.gpus is not None:
+        try:
+            parse_gpus(args.gpus)
+        except ValueError as error:
+            raise SettingsError(f"--gpus {error}") from None
+        settings = settings.replace(gpus=args.gpus)
     logs.to_volume(settings, args.log_format)
     sqs: SqsSettings | None = None
     if args.events == "sqs" and not args.once:
@@ -110,6 +117,12 @@ async def _run(
                 await stack.enter_async_context(server)
             except OSError as error:
                 raise SettingsError(str(error.strerror or error)) from None
+        if settings.api.port is not None:
+            # Before the worker, so jobs can be submitted while ComfyUI starts.
+            from triggers.api.server import serving_api  # FastAPI loads only when it serves
+
+            api_storage, _ = storage_from_env(args.local)
+            await stack.enter_async_context(serving_api(settings, api_storage, layout))
         worker = await stack.enter_async_context(
             open_worker(storage=storage, layout=layout, settings=settings, ops=ops)
         )
@@ -237,13 +250,22 @@ def describe_status(status: JobStatus) -> str:
         progress = status.progress
         where = f" at {progress.node}" if progress.node else ""
         lines.append(f"  progress  {progress.fraction:.0%}{where}")
+    if status.time_limit is not None:
+        limit = status.time_limit
+        lines.append(f"  limit     {limit.seconds:g} s ({limit.source})")
     lines.append(f"  updated   {status.updated_at.isoformat(timespec='seconds')}")
     if status.timings:
         timings = ", ".join(f"{k} {v:.2f}s" for k, v in status.timings.items())
         lines.append(f"  timings   {timings}")
     for output in status.outputs:
         lines.append(f"  output    {output.key} ({output.content_type}, {output.bytes} bytes)")
-    if status.error is not None:
+    for node, texts in status.texts.items():
+        for text in texts:
+            flat = " ".join(text.split())
+            lines.append(f"  text      node {node}: {flat[:200]}{'…' if len(flat) > 200 else ''}")
+    if status.state is JobState.cancelled and status.error is not None:
+        lines.append(f"  cancelled {status.error.message}")
+    elif status.error is not None:
         lines.append(f"  error     {status.error.type}:")
         lines += [f"    {line}" for line in status.error.message.splitlines()]
     for note in status.notes:
@@ -388,6 +410,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bucket's S3 event notifications announce on COMFYS3_SQS_QUEUE_URL, with a full "
         "listing every COMFYS3_EVENTS_FALLBACK_INTERVAL s for lost events (docs/events.md). "
         "Ignored with --once (default: poll)",
+    )
+    run.add_argument(
+        "--gpus",
+        metavar="IDS",
+        help="start one ComfyUI per GPU and feed them all from one intake: GPU ids (0,1) or all "
+        "(counted with nvidia-smi -L); needs COMFYS3_COMFYUI_PATH (default: COMFYS3_GPUS, "
+        "else one ComfyUI)",
     )
     run.add_argument(
         "--log-format", choices=["text", "json"], default="text", help="log line format"

@@ -40,7 +40,6 @@ import json
 import logging
 import math
 import os
-import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -70,6 +69,7 @@ from processor import (
 from triggers.cli import logs
 from triggers.events.runpod_api import TERMINAL, RunPodApi, RunPodError
 from triggers.events.sqs import KeyOutcome, SqsEvents
+from triggers.stopping import stop_on_signals
 
 log = logging.getLogger("comfys3.dispatch")
 
@@ -443,11 +443,7 @@ async def _dispatch_command(
     worker: WorkerSettings,
     sqs: SqsSettings | None,
 ) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(signum, stop.set)
+    stop = stop_on_signals()
     layout = s3_layout(s3)
     async with open_dispatcher(s3, settings, dispatcher_name()) as dispatcher:
         if args.once:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from processor import JobState, JobStatus
+from processor import JobState, JobStatus, OutputRecord
 
 EXECUTE = "execute"
 UNREADABLE = "unreadable"
@@ -24,6 +24,7 @@ NO_WORKFLOW = "(none)"
 STATE_ORDER = (
     JobState.succeeded.value,
     JobState.failed.value,
+    JobState.cancelled.value,
     JobState.running.value,
     JobState.queued.value,
     UNREADABLE,
@@ -41,7 +42,7 @@ class Summary:
     timed_jobs: int
     started: datetime | None
     ended: datetime | None
-    outputs_by_kind: dict[str, tuple[int, int]]  # kind -> (files, bytes)
+    outputs_by_kind: dict[str, tuple[int, int]]  # media (see media_of) -> (files, bytes)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,22 @@ class FailureGroup:
 def aware(moment: datetime) -> datetime:
     """A status written by another tool may carry a time without a zone; ours are UTC."""
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def media_of(output: OutputRecord) -> str:
+    """What a person calls the file: images, video, audio, 3d, text, else ComfyUI's kind.
+    By content type, because ComfyUI files today's videos under ``images``."""
+    content_type = output.content_type.split(";", 1)[0].strip().lower()
+    major = content_type.split("/", 1)[0]
+    if major == "image":
+        return "images"
+    if major in ("video", "audio"):
+        return major
+    if major == "model" or output.kind == "3d":
+        return "3d"
+    if major == "text" or content_type == "application/json":
+        return "text"
+    return output.kind
 
 
 def execute_seconds(status: JobStatus) -> float | None:
@@ -77,8 +94,8 @@ def summarize(statuses: Sequence[JobStatus], unreadable: int) -> Summary:
     sizes: Counter[str] = Counter()
     for status in statuses:
         for output in status.outputs:
-            files[output.kind] += 1
-            sizes[output.kind] += max(output.bytes, 0)
+            files[media_of(output)] += 1
+            sizes[media_of(output)] += max(output.bytes, 0)
     return Summary(
         jobs=len(statuses) + unreadable,
         by_state=by_state,

@@ -27,6 +27,7 @@ from triggers.report.stats import (
     differing_fields,
     execute_seconds,
     failure_groups,
+    media_of,
     summarize,
 )
 from triggers.report.thumbs import Thumb, is_image
@@ -58,6 +59,7 @@ class OutputView:
     href: str | None
     thumb: str | None = None
     note: str | None = None
+    media: str = ""  # images, video, audio, 3d, text ...: video and audio get a player
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,7 @@ def _output_view(
         "kind": output.kind,
         "content_type": output.content_type,
         "size": human_size(output.bytes),
+        "media": media_of(output),
     }
     if not linked:
         return OutputView(**base, href=None, note="not a key in the job's folder: not linked")

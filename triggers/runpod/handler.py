@@ -8,8 +8,10 @@ and a poller sharing the bucket can never run it a second time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -30,13 +32,16 @@ from processor import (
     WorkerSettings,
     WorkflowLoadError,
     WorkflowRegistry,
+    cancel_request,
     check_job_id,
     default_job_id,
+    key_problems,
     load_jobs,
     open_storage,
     open_worker,
     s3_layout,
 )
+from triggers.runpod import worker_comfyui
 from triggers.runpod.host import WorkerHost
 from triggers.runpod.progress import (
     DEFAULT_INTERVAL,
@@ -54,6 +59,7 @@ from triggers.runpod.request import (
     manifest_key,
     parse_request,
 )
+from triggers.runpod.worker_comfyui import WorkerComfyuiJob, is_worker_comfyui
 
 log = logging.getLogger("comfys3.runpod")
 
@@ -95,7 +101,11 @@ class RunpodHandler:
     async def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
         try:
             runpod_id = str(job.get("id") or FALLBACK_ID)
-            request = parse_request(job.get("input"), runpod_id)
+            request: Request | WorkerComfyuiJob
+            if is_worker_comfyui(job.get("input")):
+                request = worker_comfyui.parse(job["input"], runpod_id)
+            else:
+                request = parse_request(job.get("input"), runpod_id)
             if isinstance(request, InlineJob) and request.job_id not in (
                 runpod_id,
                 job["input"].get("id"),
@@ -116,24 +126,29 @@ class RunpodHandler:
             answer["refresh_worker"] = True
         return answer
 
-    # -- the three forms ------------------------------------------------------------------
+    # -- the forms --------------------------------------------------------------------
 
-    async def _serve(self, job: dict[str, Any], request: Request) -> dict[str, Any]:
+    async def _serve(
+        self, job: dict[str, Any], request: Request | WorkerComfyuiJob
+    ) -> dict[str, Any]:
+        if isinstance(request, WorkerComfyuiJob):
+            return await self._serve_worker_comfyui(job, request)
         if isinstance(request, InlineJob):
-            key = self.layout.manifest_key(request.job_id)
-            data = self._validated(request, key)
+            key, data = self._validated(request.document, request.job_id)
 
             async def inline(worker: Worker) -> dict[str, Any]:
                 return await self._run_inline(worker, job, request, key, data)
 
-            return await self.host.run(inline)
+            return await self.host.run(inline, on_cancel=self._canceller(job, request.job_id))
         if isinstance(request, NamedManifest):
             named = manifest_key(request.reference, self.layout)
 
             async def run_named(worker: Worker) -> dict[str, Any]:
                 return await self._run_named(worker, job, named)
 
-            return await self.host.run(run_named)
+            return await self.host.run(
+                run_named, on_cancel=self._canceller(job, default_job_id(named), named)
+            )
 
         drain = request
 
@@ -142,29 +157,56 @@ class RunpodHandler:
 
         return await self.host.run(run_drain)
 
-    def _validated(self, request: InlineJob, key: str) -> bytes:
-        """The manifest's bytes, checked in full (template and payload included) before the
-        worker starts, so a bad request is refused at once and leaves nothing behind."""
-        data = json.dumps(request.document).encode()
-        load_jobs(
+    def _validated(self, document: dict[str, Any], job_id: str) -> tuple[str, bytes]:
+        """The manifest's key and bytes, checked in full (template, payload and input file
+        names included) before the worker starts, so a bad request is refused at once and
+        leaves nothing behind. Its ``priority`` goes into the key, as ``comfys3 submit`` does."""
+        data = json.dumps(document).encode()
+        jobs = load_jobs(
             data,
-            manifest_key=key,
+            manifest_key=self.layout.manifest_key(job_id),
             registry=self.registry,
             allow_raw=self.settings.jobs.allow_raw_workflows,
             max_bytes=self.settings.jobs.max_manifest_bytes,
         )
-        return data
+        problems = key_problems(jobs)
+        if problems:
+            raise ManifestError(problems)
+        priority = jobs[0].priority if jobs else 0
+        return self.layout.submit_key(job_id, priority), data
+
+    def _canceller(
+        self, job: dict[str, Any], job_id: str, key: str | None = None
+    ) -> Callable[[Worker], Awaitable[None]]:
+        """What RunPod's stop of this request does: the job (every job of a batch, named by
+        its id) is cancelled like by ``comfys3 cancel``, on this worker at once and for any
+        other through its cancel object. Its status says ``cancelled``; it is not given
+        back to run again."""
+        runpod_id = str(job.get("id") or FALLBACK_ID)
+
+        async def cancel(worker: Worker) -> None:
+            name = job_id
+            if key is not None:  # a named manifest: the id it declares, if it can be read
+                with contextlib.suppress(StorageError):
+                    name = _peek((await worker.storage.get(key)).data, key)[0]
+            log.info("RunPod stopped request %s: cancelling job %s", runpod_id, name)
+            by = f"RunPod (request {runpod_id} was cancelled or timed out)"
+            await worker.cancel([name], cancel_request(name, by))
+
+        return cancel
+
+    async def _put_manifest(self, storage: Storage, key: str, data: bytes, job_id: str) -> None:
+        """Write an inline manifest, never over one that waits (its caller would get this
+        request's answer, and this caller that one's)."""
+        try:
+            await storage.put(key, data, content_type="application/json", if_none_match=True)
+        except PreconditionFailed:
+            raise _already_waiting(key, job_id) from None
 
     async def _run_inline(
         self, worker: Worker, job: dict[str, Any], request: InlineJob, key: str, data: bytes
     ) -> dict[str, Any]:
-        try:
-            await worker.storage.put(key, data, content_type="application/json", if_none_match=True)
-        except PreconditionFailed:
-            raise HandlerError(
-                f"a manifest {key} is already waiting to run; give this job another 'id', or "
-                f'run that one with {{"manifest": "{request.job_id}.json"}}'
-            ) from None
+        await self._put_manifest(worker.storage, key, data, request.job_id)
         with self.relay.watch(job, request.job_id):
             outcomes = await self._run_to_end(worker, key)
         return await self._answer(worker, key, outcomes, batch="batch" in request.document)
@@ -178,6 +220,54 @@ class RunpodHandler:
         with self.relay.watch(job, job_id):
             outcomes = await self._run_to_end(worker, key)
         return await self._answer(worker, key, outcomes, batch=batch)
+
+    async def _serve_worker_comfyui(
+        self, job: dict[str, Any], request: WorkerComfyuiJob
+    ) -> dict[str, Any]:
+        """A worker-comfyui request: checked whole (graph, then every image) before anything
+        is written; its images kept beside the job, then the manifest; the answer in
+        worker-comfyui's shape."""
+        key, data = self._validated(request.manifest(self.layout), request.job_id)
+        limits = self.settings.jobs
+        images = await asyncio.to_thread(
+            worker_comfyui.decode_images,
+            request.used_images(),
+            max_bytes=limits.max_input_bytes,
+            max_pixels=limits.max_input_pixels,
+        )
+        mode = worker_comfyui.image_mode(request.images_as, self.settings.runpod.runpod_images)
+        notes = [*request.notes, *request.unused_notes()]
+
+        async def run(worker: Worker) -> dict[str, Any]:
+            if await worker.storage.head(key) is not None:  # before its images are kept
+                raise _already_waiting(key, request.job_id)
+            await asyncio.gather(
+                *(
+                    worker.storage.put(
+                        self.layout.upload_key(request.job_id, image.name),
+                        image.data,
+                        content_type=image.content_type,
+                    )
+                    for image in images
+                )
+            )
+            await self._put_manifest(worker.storage, key, data, request.job_id)
+            with self.relay.watch(job, request.job_id):
+                outcomes = await self._run_to_end(worker, key)
+            status = outcomes[0].status
+            answer = await worker_comfyui.answer(
+                worker.storage,
+                self.layout,
+                status,
+                mode=mode,
+                presign_seconds=self.settings.runpod.presign_seconds,
+                notes=notes,
+            )
+            if status.state is not JobState.succeeded:
+                answer["error"] = _failure_line(status)
+            return answer
+
+        return await self.host.run(run)
 
     async def _drain(self, worker: Worker, job: dict[str, Any], drain: Drain) -> dict[str, Any]:
         # The worker's counts run for its whole life; this drain's share is what came after.
@@ -263,12 +353,15 @@ class RunpodHandler:
                 {
                     "key": output.key,
                     "url": url,
+                    "kind": output.kind,
+                    "node_id": output.node_id,
                     "content_type": output.content_type,
                     "bytes": output.bytes,
                     "sha256": output.sha256,
                 }
                 for output, url in zip(status.outputs, urls, strict=True)
             ],
+            "texts": status.texts,
         }
 
     def _status_key(self, status: JobStatus) -> str:
@@ -290,6 +383,13 @@ def _peek(data: bytes, key: str) -> tuple[str, bool]:
     except ValueError:
         resolved = default_job_id(key)
     return resolved, isinstance(document.get("batch"), list)
+
+
+def _already_waiting(key: str, job_id: str) -> HandlerError:
+    return HandlerError(
+        f"a manifest {key} is already waiting to run; give this job another 'id', or "
+        f'run that one with {{"manifest": "{job_id}.json"}}'
+    )
 
 
 def _failure_line(status: JobStatus) -> str:

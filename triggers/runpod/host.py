@@ -42,14 +42,29 @@ class WorkerHost:
         """Whether a worker is open (ComfyUI answered at least once)."""
         return self._worker is not None
 
-    async def run(self, work: Callable[[Worker], Awaitable[T]]) -> T:
+    async def run(
+        self,
+        work: Callable[[Worker], Awaitable[T]],
+        *,
+        on_cancel: Callable[[Worker], Awaitable[None]] | None = None,
+    ) -> T:
         """Run ``work(worker)`` on the worker's loop; the first call waits for the worker.
 
-        Cancelling the caller cancels the work on the worker's loop too, so a job RunPod stops
-        gives its claim back instead of running on unseen.
+        Cancelling the caller (RunPod stops a request: cancelled, or past its execution
+        timeout) cancels the work on the worker's loop too, so it gives its claim back instead
+        of running on unseen; with ``on_cancel``, that runs instead, and the work goes on to
+        its own end (a cancelled job ends as ``cancelled``, its manifest settled).
         """
-        future = asyncio.run_coroutine_threadsafe(self._with_worker(work), self._ensure_loop())
-        return await asyncio.wrap_future(future)
+        loop = self._ensure_loop()
+        future = asyncio.run_coroutine_threadsafe(self._with_worker(work), loop)
+        if on_cancel is None:
+            return await asyncio.wrap_future(future)
+        try:
+            return await asyncio.shield(asyncio.wrap_future(future))
+        except asyncio.CancelledError:
+            if not future.done():
+                asyncio.run_coroutine_threadsafe(self._with_worker(on_cancel), loop)
+            raise
 
     def close(self) -> None:
         """Close the worker (stopping a ComfyUI it started) and end the loop's thread."""

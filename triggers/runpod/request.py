@@ -21,7 +21,8 @@ KNOWN_FIELDS = MANIFEST_FIELDS | DRAIN_FIELDS | {"manifest"}
 FORMS = (
     'an inline job {"workflow": ..., "payload": {...}}, '
     'a manifest {"manifest": "<name>.json"}, '
-    'or a drain {"drain": true, "max_jobs": N, "max_seconds": S}'
+    'a drain {"drain": true, "max_jobs": N, "max_seconds": S}, '
+    'or a worker-comfyui request {"workflow": {<API graph>}, "images": [...]}'
 )
 FALLBACK_ID = "runpod-job"
 # The id the SDK (1.12, rp_local.py) gives every `--test_input` job that brings none of its own.

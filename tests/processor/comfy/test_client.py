@@ -6,6 +6,7 @@ import asyncio
 import copy
 import io
 import json
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,22 @@ from processor.errors import (
     ComfyValidationError,
 )
 from processor.job.retry_table import policy_for
+from tests.fake_comfyui.state import PROTOCOLS
 from tests.paths import WORKFLOWS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(params=PROTOCOLS)
+def fake_protocol(request: pytest.FixtureRequest) -> str:
+    """Every test here that uses the fake runs against both ComfyUI versions it speaks."""
+    return str(request.param)
+
+
+def pid(name: str) -> str:
+    """A prompt id as today's ComfyUI accepts one (a canonical lowercase UUID), stable per name
+    so a test can look it up in the fake's stats."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, name))
 
 
 def load_graph(name: str) -> dict[str, Any]:
@@ -78,9 +92,9 @@ async def client(fake_comfyui: Any) -> AsyncIterator[ComfyClient]:
 
 async def test_txt2img_yields_png_and_progress(client: ComfyClient) -> None:
     seen: list[Progress] = []
-    result = await client.run(tiny_txt2img(), "run-t2i", timeout=30, on_progress=seen.append)
+    result = await client.run(tiny_txt2img(), pid("run-t2i"), timeout=30, on_progress=seen.append)
 
-    assert result.prompt_id == "run-t2i"
+    assert result.prompt_id == pid("run-t2i")
     assert [(f.node_id, f.kind, f.type) for f in result.files] == [("9", "images", "output")]
     assert result.files[0].filename.startswith("t2i")
     data = await client.fetch_output(result.files[0])
@@ -103,7 +117,7 @@ async def test_img2img_uses_the_uploaded_input(client: ComfyClient, fake_comfyui
     graph = load_graph("img2img")
     graph["1"]["inputs"]["image"] = value
     graph["3"]["inputs"]["denoise"] = 0.0  # the output is the input, passed through the VAE
-    result = await client.run(graph, "run-i2i", timeout=30)
+    result = await client.run(graph, pid("run-i2i"), timeout=30)
 
     [ref] = result.files
     picture = image_of(await client.fetch_output(ref)).convert("RGB")
@@ -139,7 +153,7 @@ async def test_scale_template_doubles_the_size(client: ComfyClient) -> None:
     value = await client.upload_input(png_bytes((20, 10), (0, 128, 0)), "small.png", "job-s")
     graph = load_graph("scale")
     graph["1"]["inputs"]["image"] = value
-    result = await client.run(graph, "run-scale", timeout=30)
+    result = await client.run(graph, pid("run-scale"), timeout=30)
     [ref] = result.files
     assert image_of(await client.fetch_output(ref)).size == (40, 20)
 
@@ -151,7 +165,7 @@ async def test_bad_checkpoint_is_a_readable_validation_error(
     graph = tiny_txt2img()
     graph["4"]["inputs"]["ckpt_name"] = "x.safetensors"
     with pytest.raises(ComfyValidationError) as caught:
-        await client.queue_prompt(graph, "run-bad-ckpt")
+        await client.queue_prompt(graph, pid("run-bad-ckpt"))
     error = caught.value
     assert error.lines == [
         "node 4 (CheckpointLoaderSimple) ckpt_name: 'x.safetensors' is not installed; "
@@ -161,14 +175,14 @@ async def test_bad_checkpoint_is_a_readable_validation_error(
     assert "x.safetensors" in str(error)
     assert error.details["node_errors"]["4"]["class_type"] == "CheckpointLoaderSimple"
     assert not policy_for(error).retry
-    assert "run-bad-ckpt" not in (await fake_stats(fake_comfyui.url)).get("executed", {})
+    assert pid("run-bad-ckpt") not in (await fake_stats(fake_comfyui.url)).get("executed", {})
 
 
 async def test_value_below_min_is_a_readable_validation_error(client: ComfyClient) -> None:
     graph = solid()
     graph["1"]["inputs"]["width"] = -5
     with pytest.raises(ComfyValidationError) as caught:
-        await client.run(graph, "run-below-min", timeout=10)
+        await client.run(graph, pid("run-below-min"), timeout=10)
     assert caught.value.lines == ["node 1 (EmptyImage) width: -5 is below the minimum 1"]
     assert str(caught.value).startswith("ComfyUI rejected the prompt: Prompt outputs failed")
 
@@ -181,8 +195,8 @@ RECORDED_400 = [
                       "NoSuchNode does not exist.", "details": "Node ID '#1'", "extra_info": {}},
             "node_errors": {},
         },
-        "ComfyUI rejected the prompt: Cannot execute because node NoSuchNode does not exist "
-        "(Node ID '#1')",
+        "ComfyUI rejected the prompt: node 1 is of type 'NoSuchNode', which this ComfyUI does "
+        "not have: install the custom node that provides it (docs/image.md), or fix the graph",
         [],
     ),
     (
@@ -249,7 +263,7 @@ async def test_runtime_error_names_node_and_exception(
 ) -> None:
     fake_comfyui.state.fail_at_node = "2"
     with pytest.raises(ComfyRuntimeError) as caught:
-        await client.run(solid(), "run-fail", timeout=30)
+        await client.run(solid(), pid("run-fail"), timeout=30)
     error = caught.value
     assert (error.node_id, error.node_type) == ("2", "ImageInvert")
     assert error.exception_type == "RuntimeError"
@@ -265,12 +279,12 @@ async def test_runtime_error_names_node_and_exception(
 async def test_timeout_interrupts_the_prompt(client: ComfyClient, fake_comfyui: Any) -> None:
     fake_comfyui.state.exec_delay = 20.0
     with pytest.raises(ComfyTimeout, match=r"timed out after 0\.5 s"):
-        await client.run(tiny_txt2img(seed=7), "run-slow", timeout=0.5)
+        await client.run(tiny_txt2img(seed=7), pid("run-slow"), timeout=0.5)
     stats = await fake_stats(fake_comfyui.url)
-    assert stats["interrupted"] == ["run-slow"]
+    assert stats["interrupted"] == [pid("run-slow")]
     # ComfyUI is free again: the next prompt runs normally.
     fake_comfyui.state.exec_delay = 0.0
-    result = await client.run(solid(), "run-after-timeout", timeout=30)
+    result = await client.run(solid(), pid("run-after-timeout"), timeout=30)
     assert len(result.files) == 1
 
 
@@ -278,15 +292,15 @@ async def test_timeout_while_still_queued_drops_it_from_the_queue(
     client: ComfyClient, fake_comfyui: Any
 ) -> None:
     fake_comfyui.state.exec_delay = 20.0
-    await client.queue_prompt(tiny_txt2img(seed=31), "run-busy")
-    await client.queue_prompt(solid(prefix="never"), "run-never")
-    with pytest.raises(ComfyTimeout, match=r"run-never timed out after 0\.3 s"):
-        await client.wait_for("run-never", timeout=0.3)
-    await client.interrupt("run-busy")
+    await client.queue_prompt(tiny_txt2img(seed=31), pid("run-busy"))
+    await client.queue_prompt(solid(prefix="never"), pid("run-never"))
+    with pytest.raises(ComfyTimeout, match=rf"{pid('run-never')} timed out after 0\.3 s"):
+        await client.wait_for(pid("run-never"), timeout=0.3)
+    await client.cancel(pid("run-busy"))
     with pytest.raises(ComfyInterrupted):
-        await client.wait_for("run-busy", timeout=30)
+        await client.wait_for(pid("run-busy"), timeout=30)
     stats = await fake_stats(fake_comfyui.url)
-    assert "run-never" not in stats["executed"]
+    assert pid("run-never") not in stats["executed"]
     assert stats["pending"] == 0
 
 
@@ -294,12 +308,12 @@ async def test_interrupt_by_someone_else_is_reported(
     client: ComfyClient, fake_comfyui: Any
 ) -> None:
     fake_comfyui.state.exec_delay = 20.0
-    await client.queue_prompt(tiny_txt2img(seed=8), "run-cancelled")
-    waiter = asyncio.ensure_future(client.wait_for("run-cancelled", timeout=30))
+    await client.queue_prompt(tiny_txt2img(seed=8), pid("run-cancelled"))
+    waiter = asyncio.ensure_future(client.wait_for(pid("run-cancelled"), timeout=30))
     await asyncio.sleep(0.3)
     async with ComfyClient(fake_comfyui.url) as other:
-        await other.interrupt("run-cancelled")
-    with pytest.raises(ComfyInterrupted, match="run-cancelled was interrupted"):
+        await other.cancel(pid("run-cancelled"))
+    with pytest.raises(ComfyInterrupted, match=f"{pid('run-cancelled')} was interrupted"):
         await waiter
 
 
@@ -308,7 +322,7 @@ async def test_websocket_drop_mid_run_still_completes(
 ) -> None:
     fake_comfyui.state.drop_ws_at_node = "3"
     fake_comfyui.state.exec_delay = 0.3
-    result = await client.run(tiny_txt2img(seed=11), "run-drop", timeout=30)
+    result = await client.run(tiny_txt2img(seed=11), pid("run-drop"), timeout=30)
     assert fake_comfyui.state.drop_ws_at_node is None  # the fake did drop the socket
     assert len(result.files) == 1
     assert (await client.fetch_output(result.files[0])).startswith(PNG_MAGIC)
@@ -319,7 +333,7 @@ async def test_prompt_finishing_while_disconnected_completes_from_history(
 ) -> None:
     # Dropped at the last node with no delay: the prompt ends before the socket is back.
     fake_comfyui.state.drop_ws_at_node = "3"
-    result = await client.run(solid(prefix="while-down"), "run-drop-end", timeout=30)
+    result = await client.run(solid(prefix="while-down"), pid("run-drop-end"), timeout=30)
     assert [f.filename.startswith("while-down") for f in result.files] == [True]
 
 
@@ -329,25 +343,27 @@ async def test_reused_prompt_id_is_not_settled_by_the_old_history_entry(
     fake_comfyui.state.fail_at_node = "2"
     fake_comfyui.state.fail_times = 1
     with pytest.raises(ComfyRuntimeError):
-        await client.run(solid(prefix="reuse"), "run-reuse", timeout=30)
+        await client.run(solid(prefix="reuse"), pid("run-reuse"), timeout=30)
     # Same id again (a retried job); the socket drops, so /history is consulted on reconnect
     # while it still holds the failed first attempt.
     fake_comfyui.state.drop_ws_at_node = "2"
     fake_comfyui.state.exec_delay = 0.3
-    result = await client.run(solid(prefix="reuse"), "run-reuse", timeout=30)
+    result = await client.run(solid(prefix="reuse"), pid("run-reuse"), timeout=30)
     assert result.files[0].filename.startswith("reuse")
 
 
 async def test_cached_resubmission_still_yields_outputs(client: ComfyClient) -> None:
-    first = await client.run(solid(prefix="cached"), "run-cache-1", timeout=30)
-    second = await client.run(solid(prefix="cached"), "run-cache-2", timeout=30)
+    first = await client.run(solid(prefix="cached"), pid("run-cache-1"), timeout=30)
+    second = await client.run(solid(prefix="cached"), pid("run-cache-2"), timeout=30)
     assert sorted(second.cached_nodes) == ["1", "2", "3"]
     assert second.files == first.files
     assert (await client.fetch_output(second.files[0])).startswith(PNG_MAGIC)
 
 
 async def test_batch_of_three_gives_three_files(client: ComfyClient) -> None:
-    result = await client.run(tiny_txt2img(batch_size=3, prefix="batch"), "run-batch", timeout=30)
+    result = await client.run(
+        tiny_txt2img(batch_size=3, prefix="batch"), pid("run-batch"), timeout=30
+    )
     assert len(result.files) == 3
     assert len({f.filename for f in result.files}) == 3
     for ref in result.files:
@@ -361,7 +377,7 @@ async def test_non_image_outputs(client: ComfyClient) -> None:
         "3": {"class_type": "FakeSaveAudio", "inputs": {"audio": ["2", 0],
                                                          "filename_prefix": "audio/tone"}},
     }  # fmt: skip
-    result = await client.run(graph, "run-audio", timeout=30)
+    result = await client.run(graph, pid("run-audio"), timeout=30)
     assert result.texts == {"1": ["hello from a node"]}
     [ref] = result.files
     assert (ref.node_id, ref.kind, ref.subfolder) == ("3", "audio", "audio")
@@ -372,11 +388,11 @@ async def test_non_image_outputs(client: ComfyClient) -> None:
 async def test_temp_outputs_only_when_asked(client: ComfyClient) -> None:
     graph = solid()
     graph["3"] = {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}
-    plain = await client.run(graph, "run-preview-1", timeout=30)
+    plain = await client.run(graph, pid("run-preview-1"), timeout=30)
     assert plain.files == []
     assert [f.type for f in plain.temp_files] == ["temp"]
     graph["1"]["inputs"]["color"] = 0x00FF00
-    with_temp = await client.run(graph, "run-preview-2", timeout=30, include_temp=True)
+    with_temp = await client.run(graph, pid("run-preview-2"), timeout=30, include_temp=True)
     assert [(f.kind, f.type) for f in with_temp.files] == [("images", "temp")]
     assert (await client.fetch_output(with_temp.files[0])).startswith(PNG_MAGIC)
 
@@ -387,20 +403,22 @@ async def test_two_prompts_queued_ahead_both_complete(
     fake_comfyui.state.exec_delay = 0.2
     first_graph = tiny_txt2img(seed=21, prefix="ahead-a")
     second_graph = tiny_txt2img(seed=22, prefix="ahead-b")
-    await client.queue_prompt(first_graph, "run-ahead-a")
-    await client.queue_prompt(second_graph, "run-ahead-b")
-    first = await client.wait_for("run-ahead-a", timeout=30)
+    await client.queue_prompt(first_graph, pid("run-ahead-a"))
+    await client.queue_prompt(second_graph, pid("run-ahead-b"))
+    first = await client.wait_for(pid("run-ahead-a"), timeout=30)
     fake_comfyui.state.exec_delay = 0.0
     second_progress: list[Progress] = []
-    second = await client.wait_for("run-ahead-b", timeout=30, on_progress=second_progress.append)
+    second = await client.wait_for(
+        pid("run-ahead-b"), timeout=30, on_progress=second_progress.append
+    )
     assert first.files[0].filename.startswith("ahead-a")
     assert second.files[0].filename.startswith("ahead-b")
     executed = (await fake_stats(fake_comfyui.url))["executed"]
-    assert executed.get("run-ahead-a") and executed.get("run-ahead-b")
+    assert executed.get(pid("run-ahead-a")) and executed.get(pid("run-ahead-b"))
 
 
 async def test_waiting_concurrently_on_several_prompts(client: ComfyClient) -> None:
-    graphs = {f"run-many-{i}": solid(prefix=f"many{i}", color=i) for i in range(4)}
+    graphs = {pid(f"run-many-{i}"): solid(prefix=f"many{i}", color=i) for i in range(4)}
     for prompt_id, graph in graphs.items():
         await client.queue_prompt(graph, prompt_id)
     results: list[RunResult] = await asyncio.gather(
@@ -414,14 +432,14 @@ async def test_wait_for_a_prompt_this_client_did_not_queue(
 ) -> None:
     async with ComfyClient(fake_comfyui.url) as other:
         await other.wait_ready(10)
-        await other.run(solid(prefix="other"), "run-other", timeout=30)
-    result = await client.wait_for("run-other", timeout=10)
+        await other.run(solid(prefix="other"), pid("run-other"), timeout=30)
+    result = await client.wait_for(pid("run-other"), timeout=10)
     assert result.files[0].filename.startswith("other")
 
 
 async def test_history_gap_is_retried(client: ComfyClient, fake_comfyui: Any) -> None:
     fake_comfyui.state.history_gap = 0.4
-    result = await client.run(copy.deepcopy(solid(prefix="gap")), "run-gap", timeout=30)
+    result = await client.run(copy.deepcopy(solid(prefix="gap")), pid("run-gap"), timeout=30)
     assert len(result.files) == 1
 
 
@@ -440,12 +458,12 @@ async def test_a_crash_is_blamed_on_the_running_prompt_not_the_waiting_one(
 ) -> None:
     fake_comfyui.state.exec_delay = 20.0
     started = asyncio.Event()
-    await client.queue_prompt(tiny_txt2img(seed=41), "run-suspect")
-    await client.queue_prompt(solid(prefix="bystander"), "run-bystander")
+    await client.queue_prompt(tiny_txt2img(seed=41), pid("run-suspect"))
+    await client.queue_prompt(solid(prefix="bystander"), pid("run-bystander"))
     suspect = asyncio.ensure_future(
-        client.wait_for("run-suspect", timeout=30, on_progress=lambda _: started.set())
+        client.wait_for(pid("run-suspect"), timeout=30, on_progress=lambda _: started.set())
     )
-    bystander = asyncio.ensure_future(client.wait_for("run-bystander", timeout=30))
+    bystander = asyncio.ensure_future(client.wait_for(pid("run-bystander"), timeout=30))
     await asyncio.wait_for(started.wait(), 10)
 
     client.fail_pending(ComfyUnavailable("died"), waiting=ComfyDiedWhileWaiting("waited"))
@@ -454,7 +472,7 @@ async def test_a_crash_is_blamed_on_the_running_prompt_not_the_waiting_one(
     assert not isinstance(ran.value, ComfyDiedWhileWaiting)
     with pytest.raises(ComfyDiedWhileWaiting, match="waited"):
         await bystander
-    await client.interrupt("run-suspect")
+    await client.cancel(pid("run-suspect"))
 
 
 async def test_a_crash_between_prompts_blames_every_prompt(
@@ -463,9 +481,9 @@ async def test_a_crash_between_prompts_blames_every_prompt(
     """Nobody is known to have been running: no prompt may go uncounted."""
     fake_comfyui.state.gc_pause = 5.0  # after each prompt the queue stalls for 5 s
     fake_comfyui.state.gc_interval = 0.0
-    await client.run(solid(prefix="before"), "run-before", timeout=30)
-    await client.queue_prompt(solid(prefix="next"), "run-next")  # waits out the stall
-    waiter = asyncio.ensure_future(client.wait_for("run-next", timeout=30))
+    await client.run(solid(prefix="before"), pid("run-before"), timeout=30)
+    await client.queue_prompt(solid(prefix="next"), pid("run-next"))  # waits out the stall
+    waiter = asyncio.ensure_future(client.wait_for(pid("run-next"), timeout=30))
     client.fail_pending(ComfyUnavailable("died"), waiting=ComfyDiedWhileWaiting("waited"))
     with pytest.raises(ComfyUnavailable) as caught:
         await waiter

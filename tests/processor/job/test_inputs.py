@@ -103,6 +103,16 @@ def test_a_header_with_no_pixels_is_refused() -> None:
     invalid(png_claiming(0, 16), "uploads/empty.png")
 
 
+def test_decode_reads_every_pixel_so_a_cut_body_is_refused() -> None:
+    """A header check passes an image whose pixel data was cut off; bytes straight from a
+    caller (a RunPod request's base64) are decoded in full, and the cut is found."""
+    cut = encoded("PNG", (64, 64))[:-40]
+    assert check_image(cut, "sent.png", max_pixels=LIMIT) == ("PNG", 64, 64)
+    with pytest.raises(InputInvalid, match=r"'sent\.png' is not a readable image"):
+        check_image(cut, "sent.png", max_pixels=LIMIT, decode=True)
+    assert check_image(encoded("WEBP"), "ok.webp", max_pixels=LIMIT, decode=True)[0] == "WEBP"
+
+
 # -- as a worker sees it --------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from processor.errors import ManifestError, Problem
+from processor.job.input_refs import key_problems
 from processor.job.manifest import (
     JobManifest,
     check_job_id,
@@ -21,7 +22,7 @@ from processor.job.status import ErrorInfo, JobState, JobStatus, OutputRecord
 from processor.job.status_book import StatusBook
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage
-from processor.workflows import WorkflowRegistry, builtin_workflows_dir
+from processor.workflows import Bind, WorkflowRegistry, builtin_workflows_dir
 from tests.paths import MANIFESTS
 
 DATA = MANIFESTS
@@ -448,6 +449,54 @@ def test_raw_graph_allowed_gets_prefixes(registry: WorkflowRegistry) -> None:
     # refused by default
     with pytest.raises(ManifestError, match="COMFYS3_ALLOW_RAW_WORKFLOWS"):
         load_jobs(data, manifest_key="x.json", registry=registry)
+
+
+def raw_with_files(files: dict[str, str]) -> bytes:
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "cat.png"}},
+        "2": {"class_type": "LoadImageMask", "inputs": {"image": "cat.png", "channel": "alpha"}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+    }
+    return json.dumps({"id": "r", "graph": graph, "graph_inputs": files}).encode()
+
+
+def test_a_raw_graphs_files_bind_to_every_input_that_names_them(
+    registry: WorkflowRegistry,
+) -> None:
+    data = raw_with_files({"cat.png": "uploads/cat.png"})
+    (job,) = load_jobs(data, manifest_key="r.json", registry=registry, allow_raw=True)
+    [staged] = job.inputs
+    assert (staged.field, staged.source, staged.where) == (
+        "cat.png",
+        "uploads/cat.png",
+        "graph_inputs",
+    )
+    assert staged.targets == (Bind("1", "image"), Bind("2", "image"))
+    run = job.filled_graph({"cat.png": "comfys3/r/cat.png"})
+    assert run["1"]["inputs"]["image"] == run["2"]["inputs"]["image"] == "comfys3/r/cat.png"
+    assert job.graph["1"]["inputs"]["image"] == "cat.png"  # the job's graph stays as sent
+
+
+def test_a_raw_graphs_files_are_checked_like_a_payloads(registry: WorkflowRegistry) -> None:
+    unused = raw_with_files({"cat.png": "uploads/cat.png", "dog.png": "uploads/dog.png"})
+    with pytest.raises(ManifestError) as caught:
+        load_jobs(unused, manifest_key="r.json", registry=registry, allow_raw=True)
+    assert [str(p) for p in caught.value.problems] == [
+        "graph_inputs.dog.png: no node of the graph has an input whose value is 'dog.png'; "
+        "name the file as the graph does (e.g. a LoadImage's 'image')"
+    ]
+    climbing = raw_with_files({"cat.png": "../cat.png"})
+    jobs = load_jobs(climbing, manifest_key="r.json", registry=registry, allow_raw=True)
+    [problem] = key_problems(jobs)
+    assert (
+        problem.path == "graph_inputs.cat.png" and "'../cat.png' cannot be read" in problem.message
+    )
+    with pytest.raises(ManifestError, match="'graph_inputs' goes with a raw 'graph'"):
+        load_jobs(
+            b'{"workflow": "solid", "graph_inputs": {"a.png": "a.png"}}',
+            manifest_key="s.json",
+            registry=registry,
+        )
 
 
 def test_defaults_of_the_manifest_model() -> None:

@@ -82,7 +82,8 @@ async def test_scrape_shows_counters_moving(http: aiohttp.ClientSession) -> None
     assert found[("comfys3_storage_errors_total", (("operation", "put"),))] == 1
     assert found[("comfys3_claims_taken_over_total", ())] == 1
     assert found[("comfys3_claims_lost_total", ())] == 0
-    assert found[("comfys3_lane_prompts", ())] == 1
+    assert found[("comfys3_lane_prompts", (("comfyui", "comfyui"),))] == 1  # one per ComfyUI
+    assert found[("comfys3_comfyui_prompts_total", (("comfyui", "comfyui"),))] == 1
     assert found[("comfys3_webhooks_total", (("result", "delivered"),))] == 1
     info = [k for k in found if k[0] == "comfys3_build_info"]
     assert len(info) == 1 and dict(info[0][1])["version"] == "0.1.0"

@@ -21,15 +21,13 @@ from pydantic import ValidationError
 from standardwebhooks import Webhook
 
 from processor.job.status import NotifyRecord
+from processor.ops.fetch_guard import address_refusal, host_allowed, parse_allowlist
 from processor.ops.webhooks import (
     Notifier,
     RetryPolicy,
     Signer,
     WebhookPolicy,
-    address_refusal,
     display_url,
-    host_allowed,
-    parse_allowlist,
 )
 from processor.settings import WorkerSettings, webhook_key
 

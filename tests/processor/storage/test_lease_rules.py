@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processor.errors import LeaseLost
-from processor.storage.claims import ClaimStore, ClaimWatch, Lease, Taken
+from processor.storage.claims import ClaimStore, ClaimWatch, Heartbeat, Lease, Taken
 from processor.storage.local import LocalStorage
 
 LEASE = 30.0
@@ -133,16 +133,17 @@ async def test_a_fresh_lease_writes_without_a_request_and_a_stale_one_renews(
     holder, watcher = stores(tmp_path, time, (0.0, 5.0), (0.0, 0.0))
     lease = await holder.acquire("job")
     assert isinstance(lease, Lease)
-    async with holder.heartbeat(lease) as beat:
-        time.now = 0.4 * LEASE  # fresh: renewed (created) less than half a lease ago
-        assert await beat.ensure() == lease
-        time.now = 0.6 * LEASE  # no longer fresh: the fence renews first
-        renewed = await beat.ensure()
-        assert renewed.etag != lease.etag and beat.renewals >= 1
-        # The holder freezes; a watcher sees the claim unchanged for a lease, and takes it.
-        assert isinstance(await watcher.acquire("job"), Taken)
-        time.now += LEASE + 1
-        assert isinstance(await watcher.acquire("job"), Lease)
-        with pytest.raises(LeaseLost):
-            await beat.ensure()  # woken, the holder learns it before it writes anything
-        assert beat.lost is not None
+    # The heartbeat as a job's writes use it, without its timer (which runs on real time).
+    beat = Heartbeat(lease, holder)
+    time.now = 0.4 * LEASE  # fresh: renewed (created) less than half a lease ago
+    assert await beat.ensure() == lease
+    time.now = 0.6 * LEASE  # no longer fresh: the fence renews first
+    renewed = await beat.ensure()
+    assert renewed.etag != lease.etag and beat.renewals == 1
+    # The holder freezes; a watcher sees the claim unchanged for a lease, and takes it.
+    assert isinstance(await watcher.acquire("job"), Taken)
+    time.now += LEASE + 1
+    assert isinstance(await watcher.acquire("job"), Lease)
+    with pytest.raises(LeaseLost):
+        await beat.ensure()  # woken, the holder learns it before it writes anything
+    assert beat.lost is not None

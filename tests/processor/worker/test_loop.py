@@ -203,13 +203,15 @@ async def test_output_converted_to_jpeg(tmp_path: Path, fake_comfyui: Any) -> No
 
 
 async def test_refused_graph_fails_without_retry(tmp_path: Path, fake_comfyui: Any) -> None:
+    """A checkpoint this worker's ComfyUI lacks: with COMFYS3_CAPABILITY_WAIT=0 no other worker
+    is waited for, and ComfyUI's own refusal names the file."""
     drop(
         tmp_path,
         "nockpt",
         {"workflow": "txt2img", "payload": {"ckpt_name": "missing.safetensors"}},
     )
 
-    counts = await drain(tmp_path, worker_settings(fake_comfyui))
+    counts = await drain(tmp_path, worker_settings(fake_comfyui, capability_wait=0))
 
     status = status_of(tmp_path, "nockpt")
     assert status.state is JobState.failed and status.error is not None
@@ -263,8 +265,10 @@ def test_counts_are_by_job_and_a_later_window_never_goes_negative() -> None:
     counts.add(outcome("b", Verdict.failed))
 
     assert counts.summary() == {
-        "manifests": 2, "succeeded": 1, "failed": 1, "retried": 0, "skipped": 0, "attempts": 3,
+        "manifests": 2, "succeeded": 1, "failed": 1, "retried": 0, "skipped": 0, "cancelled": 0,
+        "attempts": 3,
     }  # fmt: skip
     assert counts.since(mark).summary() == {
-        "manifests": 2, "succeeded": 1, "failed": 1, "retried": 0, "skipped": 0, "attempts": 2,
+        "manifests": 2, "succeeded": 1, "failed": 1, "retried": 0, "skipped": 0, "cancelled": 0,
+        "attempts": 2,
     }  # fmt: skip

@@ -227,7 +227,8 @@ def test_validate_unreadable_manifests(
     [
         ("/etc/hostname", "it starts with '/'"),
         ("../secret.png", "it has a '..' path segment"),
-        ("https://example.com/cat.png", "it looks like a URL"),
+        ("ftp://example.com/cat.png", "it looks like a URL"),  # https:// is fetched; ftp is not
+        ("s3://Not_A_Bucket/cat.png", "'Not_A_Bucket' is not a bucket name"),
     ],
 )
 def test_validate_refuses_input_files_the_worker_would_refuse(

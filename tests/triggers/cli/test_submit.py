@@ -146,7 +146,8 @@ def test_wait_exits_1_with_the_error_of_a_failed_job(
 ) -> None:
     jobs = tmp_path / "jobs"
     (jobs / "input").mkdir(parents=True)
-    worker, _ = start_local_worker(jobs, fake_comfyui)
+    # COMFYS3_CAPABILITY_WAIT=0: no other worker is waited for that might have the model.
+    worker, _ = start_local_worker(jobs, fake_comfyui, capability_wait="0")
     try:
         missing = write(
             tmp_path, "nomodel", {"workflow": "txt2img", "payload": {"ckpt_name": "x.ckpt"}}

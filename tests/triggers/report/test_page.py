@@ -154,6 +154,7 @@ def test_summary_counts_times_and_span_ignore_implausible_values() -> None:
     assert summary.by_state == {
         "succeeded": 3,
         "failed": 1,
+        "cancelled": 0,
         "running": 1,
         "queued": 0,
         "unreadable": 2,

@@ -29,6 +29,7 @@ from processor.settings import S3Settings, WorkerSettings
 from processor.storage.claims import ClaimStore
 from processor.storage.s3 import S3Storage
 from processor.worker.assembly import s3_layout
+from tests.paths import DATA
 from tests.processor.worker.test_loop import worker_settings as pipeline_worker_settings
 from tests.s3_servers import free_port
 from tests.workers import ROOT, get_json, keys, put_manifest, s3_client, s3_env, wait_until
@@ -497,25 +498,70 @@ def state_of(client: Any, settings: S3Settings, key: str) -> Any:
         return None
 
 
-async def test_a_job_runpod_stops_gives_its_claim_back(
+async def test_a_job_runpod_stops_is_cancelled_not_given_back(
     handler: RunpodHandler, moto_s3_settings: S3Settings, fake_comfyui: Any
 ) -> None:
-    fake_comfyui.state.exec_delay = 30
+    fake_comfyui.state.step_delay = 1.0  # 20 steps: 20 s
     client = s3_client(moto_s3_settings)
     task = asyncio.create_task(handler({"id": "rp-stop", "input": {"workflow": "txt2img"}}))
     status_key = "output/rp-stop/status.json"
-    running = lambda: state_of(client, moto_s3_settings, status_key) == "running"  # noqa: E731
-    await asyncio.to_thread(wait_until, running, 20, "the job to start")
+    running = lambda: fake_comfyui.stats()["running"]  # noqa: E731
+    await asyncio.to_thread(wait_until, running, 60, "the prompt to run")
 
     task.cancel()  # what the SDK does when RunPod stops (cancels or times out) a job
     with pytest.raises(asyncio.CancelledError):
         await task
 
-    claim_key = "input/_claims/rp-stop.json"
-    released = lambda: state_of(client, moto_s3_settings, claim_key) == "released"  # noqa: E731
-    await asyncio.to_thread(wait_until, released, 20, "the claim to be given back")
-    assert get_json(client, moto_s3_settings, claim_key)["last_error"] == "worker stopped"
-    assert keys(client, moto_s3_settings, "input/", delimiter="/") == ["input/rp-stop.json"]
+    cancelled = lambda: state_of(client, moto_s3_settings, status_key) == "cancelled"  # noqa: E731
+    await asyncio.to_thread(wait_until, cancelled, 60, "the job to be cancelled")
+    status = get_json(client, moto_s3_settings, status_key)
+    assert status["error"]["type"] == "cancelled"
+    assert status["error"]["details"]["requested_by"].startswith("RunPod (request rp-stop")
+    assert status["error"]["details"]["stage"] == "while it ran"
+    done = ["input/_done/rp-stop.json"]
+    settled = lambda: keys(client, moto_s3_settings, "input/_done/") == done  # noqa: E731
+    await asyncio.to_thread(wait_until, settled, 60, "the manifest to be retired")
+    assert keys(client, moto_s3_settings, "input/", delimiter="/") == []
+    gone = lambda: not keys(client, moto_s3_settings, "input/_cancel/")  # noqa: E731
+    await asyncio.to_thread(wait_until, gone, 60, "the cancel request to be removed")
+    assert keys(client, moto_s3_settings, "input/_claims/") == []
+    assert len(fake_comfyui.stats()["interrupted"]) == 1
+
+
+async def test_an_inline_job_of_every_output_kind_answers_with_each(
+    moto_s3_settings: S3Settings, fake_comfyui: Any, progress: Captured
+) -> None:
+    settings = worker_settings(fake_comfyui, workflows_dir=DATA / "media_workflows")
+    made = RunpodHandler(s3=moto_s3_settings, settings=settings, send_progress=progress)
+    try:
+        answer = await made(
+            {"id": "rp-media", "input": {"workflow": "media", "payload": {"caption": "hi"},
+                                         "priority": 4}}
+        )  # fmt: skip
+    finally:
+        made.close()
+
+    assert "error" not in answer, answer
+    assert answer["status"]["manifest_key"] == "input/!996.rp-media.json"
+    assert answer["texts"] == {"11": ["hi"]}
+    by_type = {(o["kind"], o["content_type"]) for o in answer["outputs"]}
+    assert {
+        ("images", "video/mp4"),
+        ("images", "video/webm"),
+        ("images", "image/webp"),
+        ("gifs", "image/gif"),
+        ("audio", "audio/flac"),
+        ("audio", "audio/mpeg"),
+        ("audio", "audio/ogg"),
+        ("3d", "model/gltf-binary"),
+        ("images", "image/png"),
+    } == by_type
+    client = s3_client(moto_s3_settings)
+    for output in answer["outputs"]:
+        data = fetch(output["url"])
+        assert hashlib.sha256(data).hexdigest() == output["sha256"]
+        stored = client.get_object(Bucket=moto_s3_settings.bucket_name, Key=output["key"])
+        assert stored["ContentType"] == output["content_type"]
 
 
 async def test_one_comfyui_connection_serves_every_job(
