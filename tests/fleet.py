@@ -22,12 +22,17 @@ adds up):
   stand-in ComfyUI counts executions by job id), finds the manifest **gone** (another worker
   finished it: the worker drops the claim), or finds the job already **skipped** (its status
   says this upload already ran). Wasted claims = taken + gone + skipped, so
-  attempts = executions + wasted for one-job manifests.
+  attempts = executions + wasted for one-job manifests. Each wasted claim is also counted by
+  where the worker found the key (the intake's candidate source: ``listing``, ``hint``,
+  ``due``, ``claims``, ``priority``), which says which part of the intake wastes them.
 - S3 requests: every HTTP request each worker's client sends (a botocore ``before-send``
   hook: retries included), by operation and by key area (``input/``, ``input/_claims/``, ...),
   and SeaweedFS's own Prometheus counters for the bucket by type (HEAD counts as GET,
   DeleteObjects as DELETE). The server's count over the run equals the workers' plus the
-  uploader's, which is counted the same way.
+  uploader's, which is counted the same way, but for requests a worker's background task sent
+  as the fleet stopped (a cancel-watch LIST cut off when its task was cancelled): counted
+  here, they may never have reached the server, so the server may count up to one fewer per
+  worker, never more.
 - SQS requests: the same hook on each worker's SQS client.
 - pickup: from the moment a manifest's PUT returned to the moment a worker won its claim
   (both this process's clock); tail: from the last PUT to the last final status; jobs/s:
@@ -41,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import json
 import os
 import re
@@ -50,7 +56,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +67,7 @@ from processor.settings import S3Settings, SqsSettings, WorkerSettings
 from processor.storage.claims import Lease, Taken
 from processor.storage.s3 import S3Storage
 from processor.worker.assembly import open_worker, s3_layout
+from processor.worker.intake import Candidate
 from processor.worker.loop import Worker
 from tests.instant_comfy import InstantComfy
 from tests.s3_servers import S3Server, WeedMini, free_port, s3_settings_for
@@ -185,6 +192,8 @@ class Ledger:
     claimed_at: dict[str, float] = field(default_factory=dict)  # first won claim per key
     final_at: dict[str, float] = field(default_factory=dict)
     gone_keys: set[str] = field(default_factory=set)
+    wasted_by_source: collections.Counter[str] = field(default_factory=collections.Counter)
+    wasted_at: list[float] = field(default_factory=list)  # when each wasted claim was decided
     done: asyncio.Event = field(default_factory=asyncio.Event)
     expected: int = 0  # manifests: the run is over once each has a final outcome
     expected_gone: set[str] = field(default_factory=set)  # ghost keys: and each was dropped
@@ -201,12 +210,14 @@ class Ledger:
         self.attempts += 1
         if isinstance(result, Taken):
             self.taken += 1
+            self._wasted_now()
             return
         self.won += 1
         self.claimed_at.setdefault(key, time.time())
 
     def dropped(self, key: str) -> None:
         self.gone += 1
+        self._wasted_now()
         self.gone_keys.add(key)
         self._check_done()
 
@@ -214,12 +225,28 @@ class Ledger:
         key = outcome.status.manifest_key or ""
         if outcome.verdict is Verdict.skipped or outcome.leftover:
             self.skipped += 1
+            self._wasted_now()
         elif outcome.verdict is Verdict.retry:
             self.retried += 1
         elif outcome.verdict in (Verdict.succeeded, Verdict.failed):
             self.finals += 1
             self.final_at.setdefault(key, time.time())
         self._check_done()
+
+    def _wasted_now(self) -> None:
+        self.wasted_by_source[_source.get()] += 1
+        self.wasted_at.append(time.time())
+
+    def wasted_by_tenth(self) -> list[int]:
+        """Wasted claims in each tenth of the run (first PUT to last final status): whether
+        they come as the work arrives, all along, or at the end, when few manifests are left
+        for many workers."""
+        end = max(self.final_at.values(), default=self.first_upload)
+        span = max(end - self.first_upload, 1e-9)
+        tenths = [0] * 10
+        for at in self.wasted_at:
+            tenths[min(9, max(0, int(10 * (at - self.first_upload) / span)))] += 1
+        return tenths
 
     def _check_done(self) -> None:
         if len(self.final_at) >= self.expected and self.expected_gone <= self.gone_keys:
@@ -230,10 +257,20 @@ class Ledger:
         return self.taken + self.gone + self.skipped
 
 
+# Where the claim attempt in progress found its key: set in each attempt's own task, so the
+# claim, the drop and the jobs of that attempt (tasks it starts copy it) read their own.
+_source: contextvars.ContextVar[str] = contextvars.ContextVar("source", default="request")
+
+
 def tap(worker: Worker, ledger: Ledger) -> None:
     """Count what ``worker`` does with its claims and jobs (wrapping, not changing, it)."""
     acquire, drop_claim, run = worker.claims.acquire, worker.retirer.drop_claim, worker.runner.run
+    attempt = worker._attempt
     layout = worker.layout
+
+    async def sourced_attempt(candidate: Candidate, slot: Any) -> Any:
+        _source.set(candidate.source)
+        return await attempt(candidate, slot)
 
     async def counted_acquire(name: str) -> Lease | Taken:
         result = await acquire(name)
@@ -249,6 +286,7 @@ def tap(worker: Worker, ledger: Ledger) -> None:
         ledger.outcome(outcome)
         return outcome
 
+    worker._attempt = sourced_attempt  # type: ignore[method-assign]
     worker.claims.acquire = counted_acquire  # type: ignore[method-assign]
     worker.retirer.drop_claim = counted_drop  # type: ignore[method-assign]
     worker.runner.run = counted_run  # type: ignore[method-assign]
@@ -382,6 +420,8 @@ class FleetReport:
                 "gone": ledger.gone,
                 "skipped": ledger.skipped,
             },
+            "wasted_by_source": dict(sorted(ledger.wasted_by_source.items())),
+            "wasted_by_tenth": ledger.wasted_by_tenth(),
             "executions": sum(self.executions.values()),
             "s3_requests_per_job": round(s3_total / jobs, 2),
             "s3_per_job_by_type": _per_job(s3.by_server_type(), jobs),
@@ -410,6 +450,14 @@ class FleetReport:
         """The workers' and the uploader's S3 requests over the run, by SeaweedFS's types."""
         return self.worker_requests.by_server_type() + self.uploader_requests.by_server_type()
 
+    def requests_match_server(self) -> bool:
+        """Each type as SeaweedFS counted it, or up to one fewer per worker (see the module's
+        docstring: a request cut off at the stop is counted here and maybe not there)."""
+        counted, server = self.counted_requests(), self.server_requests
+        return set(server) <= set(counted) and all(
+            0 <= counted[kind] - server[kind] <= self.plan.workers for kind in counted
+        )
+
     def checks(self) -> dict[str, bool]:
         """What must hold for the figures to mean anything."""
         ledger = self.ledger
@@ -422,7 +470,7 @@ class FleetReport:
             "attempts_add_up": ledger.attempts == sum(self.executions.values()) + ledger.wasted,
             "won_add_up": ledger.won
             == sum(self.executions.values()) + ledger.gone + ledger.skipped,
-            "requests_match_server": self.server_requests == self.counted_requests(),
+            "requests_match_server": self.requests_match_server(),
             "intake_empty": self.bucket.get("intake", -1) == 0,
             "claims_empty": self.bucket.get("claims", -1) == 0,
             "all_retired": self.bucket.get("done", -1) == len(uploaded),
@@ -472,6 +520,7 @@ class FleetRun:
         self.uploader_requests = RequestTally(self.layout.input_dir, self.layout.output_dir)
         self.sqs_requests = RequestTally(self.layout.input_dir, self.layout.output_dir)
         self.comfys: list[InstantComfy] = []
+        self.idle: list[asyncio.Event] = []  # set once each worker first waited for work
         self.sqs: SqsSettings | None = None
 
     async def run(self) -> FleetReport:
@@ -505,7 +554,11 @@ class FleetRun:
 
             if not plan.preload:  # the fleet waits, idle, for the work to come
                 serving = await serve()
-                await asyncio.sleep(0.5)  # every worker past its first (empty) sweep
+                # Every worker past its first (empty) sweep and waiting: a sweep still under
+                # way when the manifests come would walk the whole upload as a poller does.
+                await asyncio.wait_for(
+                    asyncio.gather(*(event.wait() for event in self.idle)), plan.timeout
+                )
                 self.worker_requests.mark()
                 self.sqs_requests.mark()
             cpu, weed_cpu = time.process_time(), weed_cpu_seconds(self.weed)
@@ -572,11 +625,24 @@ class FleetRun:
         """The coroutine that serves ``worker`` as ``comfys3 run`` does, with what it needs
         (an SQS listener) open around it."""
         settings = worker.settings
+        idle = asyncio.Event()
+        self.idle.append(idle)
+
+        def waiting(wait: Callable[[bool], Awaitable[None]]) -> Callable[[bool], Awaitable[None]]:
+            """``wait``, noting the worker's first wait for work (its first sweep is over)."""
+
+            async def wait_for_work(found_work: bool) -> None:
+                if not found_work:
+                    idle.set()
+                await wait(found_work)
+
+            return wait_for_work
+
         if self.sqs is None:
             interval = AdaptiveInterval(
                 settings.triggers.poll_min_interval, settings.triggers.poll_max_interval, stop
             )
-            yield worker.run(wait_for_work=interval.wait, stop=stop)
+            yield worker.run(wait_for_work=waiting(interval.wait), stop=stop)
             return
         events = SqsEvents(
             sqs=self.sqs,
@@ -591,7 +657,7 @@ class FleetRun:
         async with events:
             self.sqs_requests.attach(events._client, "sqs")
             yield worker.run(
-                wait_for_work=events.wait_for_work, stop=stop, may_list=events.listing_due
+                wait_for_work=waiting(events.wait_for_work), stop=stop, may_list=events.listing_due
             )
 
     async def _sample_rss(self, peak: list[float], stop: asyncio.Event) -> None:

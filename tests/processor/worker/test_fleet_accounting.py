@@ -32,6 +32,8 @@ def assert_adds_up(report: FleetReport) -> dict[str, object]:
     ledger = report.ledger
     assert figures["finished"] == report.plan.manifests == sum(report.executions.values())
     assert figures["wasted_claims"] == sum(figures["wasted_by_kind"].values())
+    assert figures["wasted_claims"] == sum(figures["wasted_by_source"].values())
+    assert figures["wasted_claims"] == sum(figures["wasted_by_tenth"].values())
     assert figures["wasted_pct"] == round(100 * ledger.wasted / ledger.attempts, 1)
     # Per-job figures are the run's requests over its manifests, by type and in all.
     per_type = figures["s3_per_job_by_type"]
@@ -82,6 +84,7 @@ async def test_claims_on_held_and_missing_manifests_are_counted_as_wasted(
     ghosts = {run.layout.manifest_key(f"ghost{n:05d}") for n in range(4)}
     assert ghosts <= report.ledger.gone_keys
     assert figures["wasted_by_kind"]["gone"] >= 4
+    assert figures["wasted_by_source"].get("hint", 0) >= 4  # the ghosts came as events
     assert figures["wasted_by_kind"]["taken"] >= 1  # the held claim, before its lease ran out
     assert report.executions["job0000000"] == 1  # then taken over, and run once
     assert figures["sqs_per_job_by_operation"]["DeleteMessage"] >= 1
