@@ -20,7 +20,7 @@ from processor.comfy.gpus import gpus_of
 from processor.comfy.process import ComfyEngine
 from processor.comfy.waiting import WaitListener
 from processor.errors import SettingsError, StorageUnreachable
-from processor.job.runner import ProgressHook, runner_for
+from processor.job.runner import Cleanup, Comfy, ProgressHook, runner_for
 from processor.models.cache import ModelCache
 from processor.models.paths_config import cache_dir
 from processor.ops.fetch_guard import Fetcher, fetch_policy
@@ -185,6 +185,7 @@ async def open_worker(
     shared: bool = True,
     wait_for_storage: bool = False,
     stop: asyncio.Event | None = None,
+    comfy: Comfy | None = None,
 ) -> AsyncIterator[Worker]:
     """A ready worker, the same for every trigger (``run``, ``exec``, RunPod): templates
     loaded, storage open and able to referee claims, ComfyUI answering and warmed up, and
@@ -195,7 +196,9 @@ async def open_worker(
     trigger that serves /metrics passes its own. ``inputs``: where input files are read, when
     not from ``storage`` (``exec`` reads them from the current folder). ``shared``: other
     workers may use this storage, so it must referee claims; ``exec``'s output folder is its
-    own. ``on_wait`` shows a person what the worker waits for (ComfyUI starting).
+    own. ``on_wait`` shows a person what the worker waits for (ComfyUI starting). ``comfy``: a
+    ready client to use instead of attaching to or starting ComfyUI (bench/fleet.py runs
+    hundreds of workers on in-process stand-ins); its owner opens and closes it.
 
     ``wait_for_storage`` (a worker that serves until stopped): shared storage that does not
     answer yet is waited for, without a bound, as long as the failure may pass
@@ -207,11 +210,15 @@ async def open_worker(
     holder = worker_name(settings)
     ops = ops or build_ops(settings)
     fetcher = Fetcher(fetch_policy(settings))  # input and model URLs, through the one guard
-    # One ComfyUI, or one per GPU (--gpus): each started, supervised and fed apart.
-    gpus = gpus_of(settings)
-    engines = [ComfyEngine(settings, on_wait=on_wait, gpu=gpu) for gpu in gpus] or [
-        ComfyEngine(settings, on_wait=on_wait)
-    ]
+    # One ComfyUI, or one per GPU (--gpus): each started, supervised and fed apart. None
+    # when a ready client is given.
+    gpus = gpus_of(settings) if comfy is None else []
+    engines = (
+        []
+        if comfy is not None
+        else [ComfyEngine(settings, on_wait=on_wait, gpu=gpu) for gpu in gpus]
+        or [ComfyEngine(settings, on_wait=on_wait)]
+    )
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(fetcher)
         await stack.enter_async_context(storage)
@@ -231,16 +238,21 @@ async def open_worker(
         stack.push_async_callback(ops.aclose, min(5.0, settings.triggers.shutdown_grace))
         for engine in engines:
             stack.push_async_callback(engine.aclose)
-        clients = await _start_all(engines)
-        for engine, client in zip(engines, clients, strict=True):
-            _watch(engine, client, ops)
+        if comfy is None:
+            clients = await _start_all(engines)
+            for engine, client in zip(engines, clients, strict=True):
+                _watch(engine, client, ops)
+            comfies = [
+                _Attached(client, engine.name, engine.url, engine.cleanup)
+                for engine, client in zip(engines, clients, strict=True)
+            ]
+        else:
+            ops.health.set_comfy_check(lambda: comfy.connected)
+            comfies = [_Attached(comfy, "comfyui", "(given)", None)]
         models = model_cache(settings, fetcher)
         # Warm every ComfyUI at once: each loads the model for its own GPU.
         warmed = await asyncio.gather(
-            *(
-                warm_up(client, registry, settings, cleanup=engine.cleanup)
-                for engine, client in zip(engines, clients, strict=True)
-            )
+            *(warm_up(one.client, registry, settings, cleanup=one.cleanup) for one in comfies)
         )
         for warm in warmed:
             if warm.ran:
@@ -251,35 +263,32 @@ async def open_worker(
             storage,
             layout.input_dir,
             layout.output_dir,
-            ", ".join(f"{engine.url} ({engine.name})" for engine in engines)
-            if gpus
-            else engines[0].url,
+            ", ".join(f"{one.url} ({one.name})" for one in comfies) if gpus else comfies[0].url,
             ", ".join(registry.names()),
-            extra={"worker": holder, "comfyui": engines[0].url},
+            extra={"worker": holder, "comfyui": comfies[0].url},
         )
         runners = [
             runner_for(
                 settings,
                 storage=storage,
                 inputs=inputs,
-                comfy=client,
+                comfy=one.client,
                 layout=layout,
                 worker_id=holder,
-                cleanup=engine.cleanup,
+                cleanup=one.cleanup,
                 on_progress=on_progress,
                 announce=ops.notify,
                 fetcher=fetcher,
                 models=models,
             )
-            for engine, client in zip(engines, clients, strict=True)
+            for one in comfies
         ]
         yield Worker(
             storage=storage,
             runner=runners[0],
-            runner_name=engines[0].name,
+            runner_name=comfies[0].name,
             more_runners=[
-                (engine.name, runner)
-                for engine, runner in zip(engines[1:], runners[1:], strict=True)
+                (one.name, runner) for one, runner in zip(comfies[1:], runners[1:], strict=True)
             ],
             registry=registry,
             layout=layout,
@@ -328,6 +337,16 @@ async def _storage_answers(
             failures,
             time.monotonic() - started,
         )
+
+
+@dataclass(frozen=True)
+class _Attached:
+    """One ComfyUI a lane runs on: its client, and what the log and the runner need of it."""
+
+    client: Comfy
+    name: str
+    url: str
+    cleanup: Cleanup | None
 
 
 async def _start_all(engines: list[ComfyEngine]) -> list[ComfyClient]:

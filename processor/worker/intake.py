@@ -129,6 +129,7 @@ class Intake:
         self._space: KeySpace | None = None
         self._ceiling: int | None = None
         self._leave_page = False  # another worker shares this page: go elsewhere
+        self._met_others_at = float("-inf")  # when a key was last found taken by another
         self._from_listing_offered: set[str] = set()  # offered from a page, outcome to come
         self._settled: OrderedDict[str, float] = OrderedDict()  # key -> when it ended here
         # The sweep in progress: where it began, and whether it has wrapped round.
@@ -266,6 +267,8 @@ class Intake:
         taking. A key this worker ran to its end (``settled``) is not offered again by a page
         listed before that.
         """
+        if outcome is HintOutcome.taken:
+            self._met_others_at = self._clock()
         from_head = key in self._head_offered
         self._head_offered.discard(key)
         if (
@@ -372,10 +375,13 @@ class Intake:
             if self._page_listed_at > float("-inf") and self._advance():
                 return None  # a sweep is complete
             await self._list(self._cursor)
-            if not self._spread_done:
-                self._spread_done = True
+            # Spread once the intake first holds more than a page, not at the first listing:
+            # a fleet that starts idle would otherwise never spread, and every worker would
+            # claim from the first page of the backlog when it comes.
+            if not self._spread_done and self._page_truncated:
                 plain = sorted(item.key for item in self._page if priority_of(item.key) == 0)
-                if self._page_truncated and len(plain) >= 2:
+                if len(plain) >= 2:
+                    self._spread_done = True
                     self._space = KeySpace.guess(plain)
                     await self._list_from_random_point()
 
@@ -444,13 +450,18 @@ class Intake:
     async def _list(self, start_after: str | None) -> None:
         self._resize_page()
         self._page_sent_at = self._clock()
-        page = await self.storage.list_page(
+        listing = self.storage.list_page(
             self.layout.input_dir, start_after=start_after, limit=self._page_size
         )
+        held: set[str] = set()
+        if self._clock() - self._met_others_at < self.lease_seconds:
+            page, held = await asyncio.gather(listing, self._held_from(start_after))
+        else:
+            page = await listing
         self.lists += 1
         if start_after is None:  # this page is the head: its prioritised ones go first
             self._head_sent_at = self._page_sent_at
-            self._take_head(page.items)
+            self._take_head([item for item in page.items if item.key not in held])
         items = list(page.items)
         self.seen_pending = sum(1 for item in items if self.layout.is_manifest(item.key))
         self._page_start = start_after
@@ -467,7 +478,30 @@ class Intake:
             items = [item for item in items if not (priority_of(item.key) > 0)]
         self._rng.shuffle(items)
         items.sort(key=_claim_order)  # stable: plain names stay shuffled
-        self._page = items
+        self._page = [item for item in items if item.key not in held]
+
+    async def _held_from(self, start_after: str | None) -> set[str]:
+        """Manifests from ``start_after`` on that other workers hold: the claims of the same
+        names, one page of the claims prefix (it holds only work in flight), read while this
+        worker meets others. A page of the intake lists the manifests in flight as well as
+        those waiting; where the fleet keeps up, most of it is in flight, and trying each of
+        those is a claim wasted (bench/fleet.py). A claim written within the share of a lease
+        the claims scan waits for counts as held (also one just given back for a retry: its
+        holder retries it, or, if it does not, the scan or a later page offers it); an older
+        one is left to be tried."""
+        claims = self.layout.claims_prefix
+        start = None
+        if start_after is not None:
+            start = f"{claims}/{start_after.removeprefix(self.layout.input_dir + '/')}"
+        page = await self.storage.list_page(claims, start_after=start, limit=self._page_size)
+        self.lists += 1
+        fresh = STALE_SHARE * self.lease_seconds + STORE_CLOCK_MARGIN
+        held = set()
+        for item in page.items:
+            age = age_by_store(self.storage, item.last_modified)
+            if age is None or age < fresh:
+                held.add(self.layout.manifest_key(self.layout.manifest_name(item.key)))
+        return held
 
     def _resize_page(self) -> None:
         """Big enough to last ``page_max_age`` at the recent claim rate, no bigger: a smaller

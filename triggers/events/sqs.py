@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import time
@@ -34,7 +35,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 import aiohttp
-from aiobotocore.session import get_session
+from aiobotocore.session import AioSession, get_session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -106,6 +107,14 @@ class _KeyWait:
     decided: bool = False
 
 
+@functools.cache
+def _session() -> AioSession:
+    """One botocore session per process: a session's service models and endpoint data cost
+    ~8 MB and a tenth of a second to load, once per session, not per client (bench/fleet.py:
+    50 listeners in one process held 400 MB more than 50 pollers)."""
+    return get_session()
+
+
 @contextlib.asynccontextmanager
 async def open_sqs_client(
     sqs: SqsSettings, s3: S3Settings, read_timeout: float = 60.0
@@ -123,7 +132,7 @@ async def open_sqs_client(
     async with contextlib.AsyncExitStack() as stack:
         try:
             client = await stack.enter_async_context(
-                get_session().create_client(
+                _session().create_client(
                     "sqs",
                     endpoint_url=sqs.resolved_endpoint(),
                     region_name=region,

@@ -9,7 +9,9 @@ that brought it under 2% (on a folder, with an injected clock; no timing).
 
 from __future__ import annotations
 
+import os
 import random
+import time
 from pathlib import Path
 
 from processor.storage.base import Page
@@ -215,3 +217,102 @@ async def test_a_drain_that_keeps_meeting_other_workers_still_ends_having_seen_a
             intake.held(candidate.key, recheck_in=10**10)
             await intake.report(candidate.key, HintOutcome.taken)
     assert offered == set(keys)
+
+
+async def test_a_fleet_that_started_idle_spreads_when_the_backlog_comes(tmp_path: Path) -> None:
+    """Workers start before the work (the usual case): their first sweeps find one short page
+    or nothing. When a backlog of many pages lands, each must still start at a random point,
+    not all of them at the first page (bench/fleet.py: 82% of 50 polling workers' claims were
+    wasted on each other's keys)."""
+    (tmp_path / "input").mkdir()
+    intakes = [intake_for(LocalStorage(tmp_path), seed) for seed in range(6)]
+    for intake in intakes:
+        assert await intake.next(never) is None  # an empty intake: a sweep of nothing
+    keys = drop(tmp_path, 1000, width=4)
+
+    starts = []
+    for intake in intakes:
+        candidate = await intake.next(never)
+        assert candidate is not None
+        starts.append(keys.index(candidate.key) if candidate.key in keys else -1)
+    assert sum(1 for index in starts if index >= 100) >= 4, starts  # past the first page
+    assert len(set(starts)) == len(starts)
+
+
+# -- what other workers hold -----------------------------------------------------------------
+
+
+def hold(root: Path, keys: list[str], age: float = 0.0) -> None:
+    """Claims on ``keys`` by another worker, written ``age`` seconds ago."""
+    folder = root / "input" / "_claims"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.time() - age
+    for key in keys:
+        path = folder / key.removeprefix("input/")
+        path.write_text('{"holder": "elsewhere", "state": "held"}')
+        os.utime(path, (stamp, stamp))
+
+
+class AllPages(LocalStorage):
+    """A folder that remembers every listing's prefix."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.prefixes: list[str] = []
+
+    async def list_page(
+        self, prefix: str, *, start_after: str | None = None, limit: int = 1000
+    ) -> Page:
+        self.prefixes.append(prefix)
+        return await super().list_page(prefix, start_after=start_after, limit=limit)
+
+
+async def test_a_worker_that_meets_others_skips_what_they_hold(tmp_path: Path) -> None:
+    """Where a fleet keeps up, the intake lists mostly manifests in flight; trying them one by
+    one is a wasted claim each (bench/fleet.py: 41% of 50 workers' claims). Once a worker has
+    found a key taken, its pages leave out keys whose claims are fresh; stale ones stay in."""
+    keys = drop(tmp_path, 120, width=4)
+    held, stale = keys[:80], keys[80:90]
+    hold(tmp_path, held)
+    hold(tmp_path, stale, age=30.0)  # two thirds of the 30 s lease and more: maybe dead
+    storage = AllPages(tmp_path)
+    intake = intake_for(storage, seed=2)
+    first = await intake.next(never)
+    assert first is not None
+    assert "input/_claims" not in storage.prefixes[1:]  # alone so far: no claims read
+
+    await intake.report(first.key, HintOutcome.taken)  # another worker is here
+    offered = [first.key]
+    while (candidate := await intake.next(lambda key: key in offered)) is not None:
+        offered.append(candidate.key)
+        assert len(offered) <= len(keys)
+    free = set(keys) - set(held) - {first.key}
+    assert set(offered[1:]) == free  # the free and the stale keys, each once
+    assert len(offered[1:]) == len(free)
+
+
+async def test_a_worker_that_met_nobody_for_a_lease_stops_reading_claims(tmp_path: Path) -> None:
+    drop(tmp_path, 300, width=4)
+    storage = AllPages(tmp_path)
+    clock = Clock()
+    intake = Intake(
+        storage,
+        LAYOUT,
+        lease_seconds=30.0,
+        claims_scan_interval=10**6,  # the scan for stale claims is not what this is about
+        rng=random.Random(4),
+        clock=clock,
+    )
+    first = await intake.next(never)
+    assert first is not None
+    await intake.report(first.key, HintOutcome.taken)  # the page is read again, and claims
+    listed = len(storage.prefixes)
+    await intake.next(never)
+    assert "input/_claims" in storage.prefixes[listed:]
+
+    clock.now += 31.0  # a lease (30 s) without meeting anyone
+    clock.now += 3.0  # the page is stale too: the next pick lists again
+    listed = len(storage.prefixes)
+    await intake.next(never)
+    assert "input" in storage.prefixes[listed:]
+    assert "input/_claims" not in storage.prefixes[listed:]

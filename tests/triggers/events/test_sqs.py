@@ -17,7 +17,7 @@ from processor.storage.layout import Layout
 from tests.event_shapes import s3_notification
 from tests.s3_servers import S3Server, s3_settings_for
 from tests.sqs_queues import EventQueue, notifying_queue
-from triggers.events.sqs import KeyOutcome, QueueError, SqsEvents
+from triggers.events.sqs import KeyOutcome, QueueError, SqsEvents, open_sqs_client
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -272,3 +272,15 @@ async def test_an_unreachable_endpoint_fails_at_start(moto_server: S3Server) -> 
     with pytest.raises(QueueError, match=r"127\.0\.0\.1:9"):
         async with events:
             pass
+
+
+async def test_listeners_in_one_process_load_the_service_model_once(
+    moto_server: S3Server,
+) -> None:
+    """A botocore session loads SQS's model and the endpoint data (~8 MB, a tenth of a second)
+    for itself: clients of one process share one session, so a second client loads nothing."""
+    s3 = s3_settings_for(moto_server)
+    sqs = SqsSettings(queue_url=f"{moto_server.endpoint_url}/1/q", endpoint_url=s3.endpoint_url)
+    async with open_sqs_client(sqs, s3) as one, open_sqs_client(sqs, s3) as two:
+        assert one is not two
+        assert one._loader is two._loader
