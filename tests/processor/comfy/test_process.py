@@ -23,11 +23,25 @@ from tests.processor.comfy.test_client import load_graph, png_bytes, solid
 FAKE_DIR = FAKE_COMFYUI
 
 
-def free_port() -> int:
+def free_port(span: int = 4) -> int:
+    """A free port whose next ``span - 1`` are free too: with --gpus each ComfyUI listens on
+    the port plus its place, and a neighbour taken by another test fails its start."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if port + span < 65536 and all(_bindable(port + n) for n in range(span)):
+            return port
+    raise AssertionError(f"no {span} free ports in a row")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def local_settings(tmp_path: Path, **extra: Any) -> WorkerSettings:

@@ -145,6 +145,8 @@ async def test_released_leaves_the_message_to_come_back(queue: EventQueue) -> No
 async def test_unparseable_and_foreign_messages_are_deleted_after_one_warning(
     queue: EventQueue, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # WARNING from the events logger, whatever an earlier test in this process configured.
+    caplog.set_level(logging.WARNING, logger="comfys3.events")
     stop = asyncio.Event()
     recorder = Recorder()
     async with listener(queue, recorder, stop):
