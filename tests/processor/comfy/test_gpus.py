@@ -22,7 +22,7 @@ from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage
 from processor.worker.assembly import open_worker
 from tests.paths import FAKE_COMFYUI
-from tests.s3_servers import free_port
+from tests.processor.comfy.test_process import free_port  # with free neighbours: port + n
 
 LAYOUT = Layout("input", "output")
 
