@@ -39,6 +39,7 @@ from processor.job.manifest import (
 from processor.job.runner import JobOutcome, Verdict
 from processor.job.status import JobState, JobStatus, OutputRecord, ProgressInfo
 from processor.job.status_book import FINAL, STATUS_CONCURRENCY, JobRecord, StatusBook
+from processor.job.submission import all_ended, put_new_manifest
 from processor.ops.parts import Ops, build_ops
 from processor.ops.server import OpsServer
 from processor.ops.version import package_version
@@ -184,6 +185,7 @@ __all__ = [
     "WorkflowLoadError",
     "WorkflowPayload",
     "WorkflowRegistry",
+    "all_ended",
     "build_ops",
     "builtin_workflows_dir",
     "cancel_request",
@@ -213,6 +215,7 @@ __all__ = [
     "parse_graph",
     "plan_template",
     "priority_name",
+    "put_new_manifest",
     "random_seed",
     "render_graph",
     "render_module",

@@ -21,14 +21,15 @@ from processor import (
     JsonLimitError,
     Layout,
     ManifestError,
-    PreconditionFailed,
     Problem,
     StatusBook,
     Storage,
     WorkflowRegistry,
+    all_ended,
     check_job_id,
     load_json,
     missing_inputs,
+    put_new_manifest,
 )
 from triggers.api.models import ApiError, Submitted, SubmittedJob
 from triggers.cli.submit import already_succeeded, check_manifest
@@ -143,9 +144,8 @@ async def submit(storage: Storage, layout: Layout, checked: list[Checked]) -> Su
     warnings: list[str] = []
     for item in checked:
         key = layout.manifest_key(item.name)
-        try:
-            await storage.put(key, item.data, content_type="application/json", if_none_match=True)
-        except PreconditionFailed:
+        ended = all_ended(before[job.id] for job in item.jobs)
+        if not await put_new_manifest(storage, key, item.data, retiring=ended):
             refused.append(key)
             continue
         for job in item.jobs:

@@ -25,14 +25,15 @@ from processor import (
     Layout,
     LocalStorage,
     ManifestError,
-    PreconditionFailed,
     StatusBook,
     Storage,
     WorkflowRegistry,
+    all_ended,
     key_problems,
     load_jobs,
     load_worker_settings,
     missing_inputs,
+    put_new_manifest,
     split_priority,
     storage_from_env,
 )
@@ -175,11 +176,8 @@ async def _submit(
         waiting: list[str] = []
         for submission in submissions:
             key = layout.submit_key(submission.name, submission.priority)
-            try:
-                await storage.put(
-                    key, submission.data, content_type="application/json", if_none_match=True
-                )
-            except PreconditionFailed:
+            ended = all_ended(before[job.id] for job in submission.jobs)
+            if not await put_new_manifest(storage, key, submission.data, retiring=ended):
                 print(
                     f"{submission.path}: {key} is already waiting to run; "
                     "not replaced (rename the file to submit it again)",

@@ -23,15 +23,16 @@ from processor import (
     JobStatus,
     ManifestError,
     ObjectNotFound,
-    PreconditionFailed,
     S3Settings,
     SettingsError,
+    StatusBook,
     Storage,
     StorageError,
     Worker,
     WorkerSettings,
     WorkflowLoadError,
     WorkflowRegistry,
+    all_ended,
     cancel_request,
     check_job_id,
     default_job_id,
@@ -39,6 +40,7 @@ from processor import (
     load_jobs,
     open_storage,
     open_worker,
+    put_new_manifest,
     s3_layout,
 )
 from triggers.runpod import worker_comfyui
@@ -197,11 +199,11 @@ class RunpodHandler:
 
     async def _put_manifest(self, storage: Storage, key: str, data: bytes, job_id: str) -> None:
         """Write an inline manifest, never over one that waits (its caller would get this
-        request's answer, and this caller that one's)."""
-        try:
-            await storage.put(key, data, content_type="application/json", if_none_match=True)
-        except PreconditionFailed:
-            raise _already_waiting(key, job_id) from None
+        request's answer, and this caller that one's); the one a finished run of this id
+        leaves for its worker to move out is waited for a moment."""
+        ended = all_ended([await StatusBook(storage, self.layout).read(job_id)])
+        if not await put_new_manifest(storage, key, data, retiring=ended):
+            raise _already_waiting(key, job_id)
 
     async def _run_inline(
         self, worker: Worker, job: dict[str, Any], request: InlineJob, key: str, data: bytes

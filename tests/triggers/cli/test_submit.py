@@ -81,6 +81,56 @@ def test_a_manifest_still_waiting_is_not_replaced(
     assert "input/job.json is already waiting to run; not replaced" in capsys.readouterr().err
 
 
+def _ended_before(jobs: Path, job_id: str, state: str) -> None:
+    """The job ran before: its manifest still in the intake, its status final (or not)."""
+    layout = local_layout()
+    manifest = jobs / layout.submit_key(job_id, 0)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"workflow": "solid"}))
+    status = jobs / layout.status_key(job_id)
+    status.parent.mkdir(parents=True, exist_ok=True)
+    status.write_text(json.dumps({"version": 1, "id": job_id, "state": state}))
+
+
+def test_a_resubmit_waits_for_the_finished_runs_manifest_to_be_moved_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The worker writes the final status first and moves the manifest out just after (its
+    # deletes are gathered a quarter second): a resubmit in between is not "already waiting".
+    jobs = tmp_path / "jobs"
+    _ended_before(jobs, "again", "succeeded")
+    path = write(tmp_path / "new", "again", {"workflow": "solid", "payload": {"color": 9}})
+    lingering = jobs / local_layout().submit_key("again", 0)
+
+    async def submit_while_retiring() -> int:
+        def move_out_later() -> None:
+            lingering.unlink()
+
+        asyncio.get_running_loop().call_later(0.6, move_out_later)
+        return await asyncio.to_thread(main, ["submit", "--local", str(jobs), str(path)])
+
+    assert asyncio.run(submit_while_retiring()) == 0
+    assert lingering.read_bytes() == path.read_bytes()
+    assert "already succeeded, so a worker will not run it again" in capsys.readouterr().err
+
+
+def test_a_manifest_of_a_job_still_open_is_refused_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jobs = tmp_path / "jobs"
+    _ended_before(jobs, "busy", "running")
+    path = write(tmp_path / "new", "busy", {"workflow": "solid"})
+    slept: list[float] = []
+
+    async def no_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr("processor.job.submission.asyncio.sleep", no_sleep)
+    assert main(["submit", "--local", str(jobs), str(path)]) == 1
+    assert slept == []
+    assert "input/busy.json is already waiting to run; not replaced" in capsys.readouterr().err
+
+
 def test_one_invalid_manifest_stops_the_whole_submission(
     moto_env: S3Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
