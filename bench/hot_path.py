@@ -26,6 +26,8 @@ Figures per row (per job unless said):
 - jobs/s: prompts over ComfyUI's own span, first `execution_start` to last `execution_success`
   (/history timestamps); e2e: from the first `execution_start` to the client having finished
   (the worker process exited, the peer's last answer built).
+- x alone: jobs/s over the `ComfyUI alone` row's. lane busy: the exec times' sum over ComfyUI's
+  span, the share of the time a prompt was executing (the lane's utilisation).
 - exec ms p50/p95: each prompt's `execution_success - execution_start`, from /history.
 - worker CPU ms/job: user+sys of the client process (`os.wait4` rusage, so all of its threads);
   `steady` counts only what it spent after it POSTed its first prompt (start-up left out).
@@ -154,6 +156,8 @@ class Row:
             out["note"] = self.note
         if self.spans:
             out["jobs_per_s"] = round(len(self.history) / sum(self.spans), 2)
+            # The lane's utilisation: the share of ComfyUI's span in which a prompt executed.
+            out["lane_busy"] = round(sum(execs) / 1000 / sum(self.spans), 3)
         if self.e2es and sum(self.e2es) > 0:
             out["jobs_per_s_e2e"] = round(self.ok / sum(self.e2es), 2)
         if execs:
@@ -633,11 +637,17 @@ def table(figures: list[dict[str, Any]], titles: dict[str, str]) -> str:
     lines = []
     for name in dict.fromkeys(f["workload"] for f in figures):
         lines += [f"\n### {name}: {titles[name]}\n",
-                  "| client | jobs/s | jobs/s e2e | exec ms p50 (p95) | worker CPU ms/job "
+                  "| client | jobs/s | x alone | lane busy | jobs/s e2e | exec ms p50 (p95) "
+                  "| worker CPU ms/job "
                   "(steady) | ComfyUI CPU ms/prompt | S3 req/job | ComfyUI req/job | ws msg/job "
                   "| bytes/job S3 up/down | bytes/job ComfyUI up/down | ok |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         detail = []
+        alone = next(
+            (f.get("jobs_per_s") for f in figures
+             if f["workload"] == name and f["client"].startswith("ComfyUI alone")),
+            None,
+        )  # fmt: skip
         for f in (f for f in figures if f["workload"] == name):
             cpu = f.get("worker_cpu_ms_per_job")
             cpu_text = (
@@ -646,8 +656,11 @@ def table(figures: list[dict[str, Any]], titles: dict[str, str]) -> str:
             s3b, cb = f.get("s3_bytes_per_job"), f.get("comfyui_bytes_per_job")
             s3_bytes = f"{s3b['up']}/{s3b['down']}" if s3b else "-"
             comfy_bytes = f"{cb['up']}/{cb['down']}" if cb else "-"
+            rate = f.get("jobs_per_s")
+            ratio = f"{rate / alone:.2f}" if rate and alone else "-"
             lines.append(
-                f"| {f['client']} | {f.get('jobs_per_s', '-')} | {f.get('jobs_per_s_e2e', '-')} "
+                f"| {f['client']} | {f.get('jobs_per_s', '-')} | {ratio} "
+                f"| {f.get('lane_busy', '-')} | {f.get('jobs_per_s_e2e', '-')} "
                 f"| {f.get('exec_ms_p50', '-')} ({f.get('exec_ms_p95', '-')}) | {cpu_text or '-'} "
                 f"| {f.get('comfyui_cpu_ms_per_prompt', '-')} "
                 f"| {f.get('s3_requests_per_job', '-')} "
