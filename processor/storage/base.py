@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol, Self, TypedDict, TypeVar, Unpack
+from typing import Protocol, Self, TypedDict, TypeVar, Unpack, runtime_checkable
 
 from processor.errors import InvalidKey, StorageError
 
@@ -140,6 +140,14 @@ class Storage(ObjectStore, Protocol):
     async def __aenter__(self) -> Self: ...
 
     async def __aexit__(self, *exc_info: object) -> None: ...
+
+
+@runtime_checkable
+class SingleTry(Protocol):
+    """A storage that can give a copy of itself whose requests are tried once: the start-up
+    wait on S3 makes its own tries, one log line each (see :mod:`processor.storage.reachable`)."""
+
+    def single_try(self) -> Storage: ...
 
 
 def _key_problem(key: str, *, lenient: bool = False) -> str | None:

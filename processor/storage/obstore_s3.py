@@ -205,6 +205,13 @@ class ObstoreStorage(ClosedOnExit):
         listings (the only requests here that show headers); None before any listing."""
         return self._listing.clock_offset()
 
+    def single_try(self) -> S3Storage:
+        """The bucket on aiobotocore with its retries off, for the start-up wait on S3 (see
+        :meth:`S3Storage.single_try`): object_store retries inside a call with back-off of its
+        own, so a probe through it would be several tries behind one log line. The probe's
+        answers date this storage's clock, so a skewed clock is told at start as on botocore."""
+        return self._listing.single_try()
+
     def in_bucket(self, bucket: str) -> ObstoreStorage:
         """The same endpoint and credentials, another bucket (an ``s3://bucket/key`` input);
         closing it closes nothing of this storage's."""

@@ -19,7 +19,7 @@ from processor.comfy.client import ComfyClient
 from processor.comfy.gpus import gpus_of
 from processor.comfy.process import ComfyEngine
 from processor.comfy.waiting import WaitListener
-from processor.errors import SettingsError, StorageUnreachable
+from processor.errors import SettingsError, StorageError, StorageUnreachable
 from processor.job.runner import Cleanup, Comfy, ProgressHook, runner_for
 from processor.models.cache import ModelCache
 from processor.models.paths_config import cache_dir
@@ -28,14 +28,13 @@ from processor.ops.metrics import CLOCK_WARN_SECONDS, describe_clock_offset
 from processor.ops.parts import Ops, build_ops
 from processor.ops.volume import worker_name
 from processor.settings import S3_ENV_PREFIX, S3Settings, WorkerSettings, load_s3_settings
-from processor.storage.base import Storage
+from processor.storage.base import SingleTry, Storage
 from processor.storage.claims_check import check_conditional_writes
 from processor.storage.embedded import DATA_DIR, EmbeddedS3, EmbeddedS3Storage, Say
 from processor.storage.embedded import INSTALL_HINT as EMBEDDED_INSTALL_HINT
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage
 from processor.storage.reachable import describe_wait, until_reachable
-from processor.storage.s3 import S3Storage
 from processor.storage.s3_clients import s3_storage
 from processor.worker.loop import Worker
 from processor.worker.warm_start import warm_up
@@ -230,6 +229,11 @@ async def open_worker(
             await check_conditional_writes(storage, layout.claims_prefix, holder)
         ops.storage_ok()
         ops.health.set_clock_offset(storage.clock_offset)
+        if shared and storage.clock_offset() is None:
+            # The check wrote through a client that shows no Date header (obstore): one
+            # listing gives the store's clock, so a skewed clock is told now, not never.
+            with contextlib.suppress(StorageError):
+                await storage.list_page(layout.input_dir, limit=1)
         offset = storage.clock_offset()
         if offset is not None and abs(offset) >= CLOCK_WARN_SECONDS:
             log.warning("clock: %s", describe_clock_offset(offset))
@@ -319,7 +323,7 @@ async def _storage_answers(
         probe = storage
         # The embedded store is opened once, by its owner: a second client of it would look
         # like another worker serving it.
-        if isinstance(storage, S3Storage) and not isinstance(storage, EmbeddedS3Storage):
+        if isinstance(storage, SingleTry) and not isinstance(storage, EmbeddedS3Storage):
             probe = await stack.enter_async_context(storage.single_try())
 
         async def attempt() -> None:

@@ -12,9 +12,12 @@ import pytest
 
 from processor.errors import StoppedWhileStarting, StorageError, StorageUnreachable
 from processor.storage.local import LocalStorage
+from processor.storage.obstore_s3 import ObstoreStorage
 from processor.storage.reachable import Backoff, describe_wait, until_reachable
+from processor.storage.s3 import S3Storage
 from processor.worker.assembly import local_layout, open_worker
 from tests.processor.worker.test_loop import worker_settings
+from tests.s3_servers import s3_settings_for
 
 
 def outage(reason: str = "connection refused") -> StorageUnreachable:
@@ -164,3 +167,30 @@ async def test_a_worker_waits_for_storage_then_runs_jobs(
     assert len(waits) == 2, waits
     assert waits[0].startswith("S3 at http://s3.example:9000 not reachable (connection refused)")
     assert any("answers after 2 failed tries" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_worker_on_obstore_probes_with_single_tries_and_knows_the_clock_at_start(
+    seaweedfs: Any, fake_comfyui: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """object_store retries inside a call with back-off of its own and shows no Date header:
+    the start-up wait probes through the backend's aiobotocore side with one try a probe, and
+    the store's clock is known before the worker says whether this machine's is off."""
+    storage = ObstoreStorage(s3_settings_for(seaweedfs, client="obstore"))
+    probes: list[S3Storage] = []
+    single_try = storage.single_try
+
+    def spied() -> S3Storage:
+        probe = single_try()
+        probes.append(probe)
+        return probe
+
+    monkeypatch.setattr(storage, "single_try", spied)
+    async with open_worker(
+        storage=storage,
+        layout=local_layout(),
+        settings=worker_settings(fake_comfyui),
+        wait_for_storage=True,
+    ):
+        assert storage.clock_offset() is not None
+    assert len(probes) == 1
+    assert probes[0]._config.retries == {"mode": "standard", "total_max_attempts": 1}
