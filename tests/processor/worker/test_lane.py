@@ -299,9 +299,11 @@ async def test_several_workers_hold_no_more_claims_than_their_lanes_and_share_th
         # Slow prompts keep the lane at two (preparing takes milliseconds next to 0.4 s; a
         # machine slow enough to take 130 ms would make it three, hence the sampled lane).
         assert Counter(sample[0] for sample in samples).most_common(1)[0][0] == 2, holder
-        # ComfyUI runs one prompt at a time, so at most one of a worker's jobs is being
-        # retired at any moment: never more claims than the lane and that one.
-        assert max(sample[3] for sample in samples) <= lane + 1, holder
+        # Claims beyond the deepest lane are finished jobs being retired, and nothing else.
+        # How many are retired at once is timing: deletes are gathered a quarter second
+        # (processor/storage/retirement.py), so on a busy machine a second 0.4 s prompt can
+        # end inside one retirement (CI saw 4 claims: a lane of 2 and 2 retiring).
+        assert all(held <= lane + done for _, _, _, held, done in samples), holder
         assert max(sample[2] for sample in samples) <= lane, holder
         assert max(sample[3] for sample in samples) >= 1, holder  # it got work
     assert all(c.succeeded >= 1 for c in counts), [c.summary() for c in counts]
