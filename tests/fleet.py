@@ -175,6 +175,23 @@ def server_counts(metrics_url: str, bucket: str) -> collections.Counter[str]:
     return counts
 
 
+def settled_server_counts(
+    metrics_url: str, bucket: str, *, pause: float = 0.3, bound: float = 15.0
+) -> collections.Counter[str]:
+    """The counters once two reads ``pause`` apart agree (within ``bound`` seconds): SeaweedFS
+    counts a request after answering it, so on a busy machine the last answers a client got
+    can be missing from a read made at once."""
+    deadline = time.monotonic() + bound
+    last = server_counts(metrics_url, bucket)
+    while time.monotonic() < deadline:
+        time.sleep(pause)
+        now = server_counts(metrics_url, bucket)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 @dataclass
 class Ledger:
     """What became of every claim attempt and every manifest, across the fleet."""
@@ -579,7 +596,7 @@ class FleetRun:
             cpu = time.process_time() - cpu
         weed_cpu = weed_cpu_seconds(self.weed) - weed_cpu
         # Every client is closed: nothing is in flight, the server's count is final.
-        after = await asyncio.to_thread(server_counts, metrics, bucket)
+        after = await asyncio.to_thread(settled_server_counts, metrics, bucket)
         executions: collections.Counter[str] = collections.Counter()
         for comfy in self.comfys:
             executions.update(comfy.executions)

@@ -223,15 +223,17 @@ async def open_worker(
         await stack.enter_async_context(storage)
         if inputs is not None:
             await stack.enter_async_context(inputs)
+        checked = shared and (wait_for_storage or settings.lane.check_conditional_writes)
         if shared and wait_for_storage:
             await _storage_answers(storage, layout, settings, holder, ops, stop)
-        elif shared and settings.lane.check_conditional_writes:
+        elif checked:
             await check_conditional_writes(storage, layout.claims_prefix, holder)
         ops.storage_ok()
         ops.health.set_clock_offset(storage.clock_offset)
-        if shared and storage.clock_offset() is None:
+        if checked and storage.clock_offset() is None:
             # The check wrote through a client that shows no Date header (obstore): one
             # listing gives the store's clock, so a skewed clock is told now, not never.
+            # (A worker told to check nothing at start makes no request here either.)
             with contextlib.suppress(StorageError):
                 await storage.list_page(layout.input_dir, limit=1)
         offset = storage.clock_offset()

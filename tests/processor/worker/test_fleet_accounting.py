@@ -28,7 +28,11 @@ def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WeedMini, S
 
 def assert_adds_up(report: FleetReport) -> dict[str, object]:
     figures = report.figures()
-    assert figures["checks"] == {name: True for name in figures["checks"]}, figures
+    assert figures["checks"] == {name: True for name in figures["checks"]}, (
+        figures["checks"],
+        figures["server_vs_counted"],
+        figures,
+    )
     ledger = report.ledger
     assert figures["finished"] == report.plan.manifests == sum(report.executions.values())
     assert figures["wasted_claims"] == sum(figures["wasted_by_kind"].values())
