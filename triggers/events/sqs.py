@@ -56,6 +56,10 @@ MAX_BATCH = 10  # SQS's largest receive and batch
 # Fallback listings put off in a row while the queue holds a backlog; the next one runs anyway,
 # so a lost event's manifest waits at most this many intervals more under a backlog that lasts.
 MAX_PUT_OFF = 4
+# Messages waiting at start that make a backlog the first sweep gives way to: more than one
+# receive's worth. S3's test event, or a few strays, do not: the sweep then finds at once the
+# manifests older than the queue.
+BACKLOG_AT_START = MAX_BATCH
 _TRANSPORT_ERRORS = (BotoCoreError, aiohttp.ClientError, OSError, asyncio.TimeoutError)
 _MISSING_QUEUE = {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"}
 _REFUSED = {
@@ -249,7 +253,7 @@ class SqsEvents:
             except (ClientError, *_TRANSPORT_ERRORS) as error:
                 raise explain_queue_error(error, self.queue_url, "check") from None
             waiting = _waiting(answer)
-            if waiting:  # a fleet scaled up on the queue's depth: the events name the work
+            if waiting >= BACKLOG_AT_START:  # a fleet scaled up on the queue's depth
                 self._listing_owed = False
                 self._put_off = 1
                 log.info(

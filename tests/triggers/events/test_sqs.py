@@ -18,6 +18,7 @@ from tests.event_shapes import s3_notification
 from tests.s3_servers import S3Server, s3_settings_for
 from tests.sqs_queues import EventQueue, notifying_queue, sqs_client
 from triggers.events.sqs import (
+    BACKLOG_AT_START,
     MAX_PUT_OFF,
     KeyOutcome,
     QueueError,
@@ -279,9 +280,10 @@ async def test_a_backlog_in_the_queue_puts_off_the_full_listing(queue: EventQueu
     is then a wasted claim). A listener started on a backlog (a fleet scaled up on the
     queue's depth) skips its first sweep; a due fallback waits while the backlog lasts."""
     await purged(queue)  # S3's test event
-    for name in ("a", "b", "c"):
+    names = [f"n{n:02d}" for n in range(BACKLOG_AT_START)]
+    for name in names:
         await asyncio.to_thread(queue.put, f"input/{name}.json")
-    await settled_queue(queue, (3, 0))
+    await settled_queue(queue, (len(names), 0))
     stop = asyncio.Event()
     recorder = Recorder()  # never decides: the listener holds one, two stay visible
     async with listener(queue, recorder, stop, max_in_flight=1, fallback_interval=1.0) as events:
@@ -303,9 +305,10 @@ async def test_a_backlog_that_lasts_puts_the_listing_off_only_so_many_times(
     """A fleet that never catches up still sweeps now and then, for manifests whose events
     were lost: after MAX_PUT_OFF intervals put off in a row (the start counts as one)."""
     await purged(queue)
-    for name in ("a", "b", "c"):
+    names = [f"n{n:02d}" for n in range(BACKLOG_AT_START)]
+    for name in names:
         await asyncio.to_thread(queue.put, f"input/{name}.json")
-    await settled_queue(queue, (3, 0))
+    await settled_queue(queue, (len(names), 0))
     stop = asyncio.Event()
     recorder = Recorder()  # holds one message, never decides: two stay visible throughout
     async with listener(queue, recorder, stop, max_in_flight=1, fallback_interval=0.5) as events:
@@ -326,6 +329,20 @@ async def test_an_empty_queue_at_start_owes_the_first_sweep(queue: EventQueue) -
     async with listener(queue, Recorder(), stop) as events:
         assert events.listing_due()  # manifests older than the queue are found at once
         assert not events.listing_due()
+
+
+async def test_a_few_messages_at_start_are_no_backlog_and_the_first_sweep_runs(
+    queue: EventQueue,
+) -> None:
+    """S3's test event (sent when notifications are set up) or a few strays are not a fleet
+    scaled up on a backlog: the manifests older than the queue are still found at once."""
+    await purged(queue)
+    for name in ("a", "b", "c"):
+        await asyncio.to_thread(queue.put, f"input/{name}.json")
+    await settled_queue(queue, (3, 0))
+    stop = asyncio.Event()
+    async with listener(queue, Recorder(), stop) as events:
+        assert events.listing_due()
 
 
 async def test_fallback_intervals_vary_so_workers_started_together_drift_apart(
