@@ -16,8 +16,15 @@ from processor.settings import S3Settings, SqsSettings
 from processor.storage.layout import Layout
 from tests.event_shapes import s3_notification
 from tests.s3_servers import S3Server, s3_settings_for
-from tests.sqs_queues import EventQueue, notifying_queue
-from triggers.events.sqs import KeyOutcome, QueueError, SqsEvents, open_sqs_client
+from tests.sqs_queues import EventQueue, notifying_queue, sqs_client
+from triggers.events.sqs import (
+    BACKLOG_AT_START,
+    MAX_PUT_OFF,
+    KeyOutcome,
+    QueueError,
+    SqsEvents,
+    open_sqs_client,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -251,6 +258,101 @@ async def test_wait_for_work_wakes_on_a_key_and_on_the_fallback_listing(
         before = events.requests
         await asyncio.sleep(1.0)
         assert events.requests - before <= 2
+
+
+async def purged(queue: EventQueue) -> None:
+    """Receive and delete every visible message (moto allows one PurgeQueue a minute)."""
+
+    def drain() -> None:
+        client = sqs_client(queue.server)
+        while messages := client.receive_message(
+            QueueUrl=queue.url, MaxNumberOfMessages=10, WaitTimeSeconds=0
+        ).get("Messages"):
+            for message in messages:
+                client.delete_message(QueueUrl=queue.url, ReceiptHandle=message["ReceiptHandle"])
+
+    await asyncio.to_thread(drain)
+
+
+async def test_a_backlog_in_the_queue_puts_off_the_full_listing(queue: EventQueue) -> None:
+    """While messages wait that nobody received, the events name the work: a full listing
+    would only claim, in key order, manifests whose events are still coming (each such event
+    is then a wasted claim). A listener started on a backlog (a fleet scaled up on the
+    queue's depth) skips its first sweep; a due fallback waits while the backlog lasts."""
+    await purged(queue)  # S3's test event
+    names = [f"n{n:02d}" for n in range(BACKLOG_AT_START)]
+    for name in names:
+        await asyncio.to_thread(queue.put, f"input/{name}.json")
+    await settled_queue(queue, (len(names), 0))
+    stop = asyncio.Event()
+    recorder = Recorder()  # never decides: the listener holds one, two stay visible
+    async with listener(queue, recorder, stop, max_in_flight=1, fallback_interval=1.0) as events:
+        assert not events.listing_due()
+        await recorder.wait_for(1)
+        await events.wait_for_work(False)
+        assert events.last_wake == "hint"
+        await events.wait_for_work(False)
+        assert events.last_wake == "backlog" and not events.listing_due()
+
+        await purged(queue)
+        await events.wait_for_work(False)
+        assert events.last_wake == "fallback" and events.listing_due()
+
+
+async def test_a_backlog_that_lasts_puts_the_listing_off_only_so_many_times(
+    queue: EventQueue,
+) -> None:
+    """A fleet that never catches up still sweeps now and then, for manifests whose events
+    were lost: after MAX_PUT_OFF intervals put off in a row (the start counts as one)."""
+    await purged(queue)
+    names = [f"n{n:02d}" for n in range(BACKLOG_AT_START)]
+    for name in names:
+        await asyncio.to_thread(queue.put, f"input/{name}.json")
+    await settled_queue(queue, (len(names), 0))
+    stop = asyncio.Event()
+    recorder = Recorder()  # holds one message, never decides: two stay visible throughout
+    async with listener(queue, recorder, stop, max_in_flight=1, fallback_interval=0.5) as events:
+        await recorder.wait_for(1)
+        wakes = []
+        while len(wakes) < 2 * MAX_PUT_OFF + 1:
+            await events.wait_for_work(False)
+            if events.last_wake != "hint":
+                wakes.append(events.last_wake)
+                assert events.listing_due() is (events.last_wake == "fallback")
+    first = ["backlog"] * (MAX_PUT_OFF - 1) + ["fallback"]
+    assert wakes == first + ["backlog"] * MAX_PUT_OFF + ["fallback"]
+
+
+async def test_an_empty_queue_at_start_owes_the_first_sweep(queue: EventQueue) -> None:
+    await purged(queue)
+    stop = asyncio.Event()
+    async with listener(queue, Recorder(), stop) as events:
+        assert events.listing_due()  # manifests older than the queue are found at once
+        assert not events.listing_due()
+
+
+async def test_a_few_messages_at_start_are_no_backlog_and_the_first_sweep_runs(
+    queue: EventQueue,
+) -> None:
+    """S3's test event (sent when notifications are set up) or a few strays are not a fleet
+    scaled up on a backlog: the manifests older than the queue are still found at once."""
+    await purged(queue)
+    for name in ("a", "b", "c"):
+        await asyncio.to_thread(queue.put, f"input/{name}.json")
+    await settled_queue(queue, (3, 0))
+    stop = asyncio.Event()
+    async with listener(queue, Recorder(), stop) as events:
+        assert events.listing_due()
+
+
+async def test_fallback_intervals_vary_so_workers_started_together_drift_apart(
+    queue: EventQueue,
+) -> None:
+    stop = asyncio.Event()
+    async with listener(queue, Recorder(), stop, fallback_interval=100.0) as events:
+        intervals = [events._interval() for _ in range(50)]
+    assert all(90.0 <= interval <= 110.0 for interval in intervals)
+    assert len(set(intervals)) > 40
 
 
 async def test_a_missing_queue_fails_at_start_with_a_readable_error(
