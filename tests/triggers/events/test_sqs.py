@@ -278,23 +278,30 @@ async def test_a_backlog_in_the_queue_puts_off_the_full_listing(queue: EventQueu
     """While messages wait that nobody received, the events name the work: a full listing
     would only claim, in key order, manifests whose events are still coming (each such event
     is then a wasted claim). A listener started on a backlog (a fleet scaled up on the
-    queue's depth) skips its first sweep; a due fallback waits while the backlog lasts."""
+    queue's depth) skips its first sweep; a due fallback waits while the backlog lasts,
+    and while a message is held undecided (in flight: an event being handled)."""
     await purged(queue)  # S3's test event
     names = [f"n{n:02d}" for n in range(BACKLOG_AT_START)]
     for name in names:
         await asyncio.to_thread(queue.put, f"input/{name}.json")
     await settled_queue(queue, (len(names), 0))
     stop = asyncio.Event()
-    recorder = Recorder()  # never decides: the listener holds one, two stay visible
+    recorder = Recorder()  # decides only when told: the listener holds one, the rest wait
     async with listener(queue, recorder, stop, max_in_flight=1, fallback_interval=1.0) as events:
         assert not events.listing_due()
-        await recorder.wait_for(1)
+        (held,) = await recorder.wait_for(1)
         await events.wait_for_work(False)
         assert events.last_wake == "hint"
         await events.wait_for_work(False)
         assert events.last_wake == "backlog" and not events.listing_due()
 
-        await purged(queue)
+        await purged(queue)  # nothing visible: the held message is an event still flowing
+        await settled_queue(queue, (0, 1))
+        await events.wait_for_work(False)
+        assert events.last_wake == "backlog" and not events.listing_due()
+
+        await recorder.acks[held](KeyOutcome.settled)
+        await settled_queue(queue, (0, 0))
         await events.wait_for_work(False)
         assert events.last_wake == "fallback" and events.listing_due()
 
