@@ -61,6 +61,7 @@ MAX_REMEMBERED = 10_000  # due keys and pending hints kept in memory; beyond, th
 # A claim seen unchanged for this share of a lease missed a renewal (holders renew every third).
 STALE_SHARE = 2 / 3
 HEAD_PAGE = 100  # keys read from the head for prioritised manifests
+CONTESTED_FOR = 10.0  # seconds after a key was found taken that a worker claims sparingly
 
 
 def priority_of(key: str) -> int:
@@ -190,6 +191,16 @@ class Intake:
     def forget(self, key: str) -> None:
         self._due_at.pop(key, None)
         self._retries.discard(key)
+
+    def contested(self) -> bool:
+        """Whether another worker took a key this one tried, within :data:`CONTESTED_FOR`
+        seconds. A worker fills its lane with several claims at once, all from one page;
+        where others list the same keys (the end of a backlog, or a fleet keeping up with
+        arrivals, where every idle worker sees each new manifest), many workers each firing
+        a lane's worth of claims at the same few keys waste most of them, and one that wins
+        several holds them from idle workers (bench/fleet.py). While contested, the worker
+        loop claims one key at a time and holds no more than one claim ahead per lane."""
+        return self._clock() - self._met_others_at < CONTESTED_FOR
 
     def retry_due(self) -> float | None:
         """When the earliest of this worker's own retries is due (monotonic), if any. Keys

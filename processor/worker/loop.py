@@ -282,6 +282,14 @@ class Worker:
                     break
                 try:
                     listing = sweeping = sweeping or may_list is None or may_list()
+                    if listing and not self.intake.hinted.is_set() and self.intake.contested():
+                        # Other workers take the keys this one lists (see Intake.contested):
+                        # no claims ahead beyond one per lane, and one claim at a time.
+                        if len(self._inflight) > len(self.lanes.all):
+                            slot.release()
+                            await self._until_one_finishes(stop)
+                            continue
+                        await self._claim_decided(stop)
                     candidate = await self.intake.next(self._busy, listing=listing)
                 except StorageError as error:
                     slot.release()

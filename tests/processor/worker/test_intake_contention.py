@@ -9,15 +9,21 @@ that brought it under 2% (on a folder, with an injected clock; no timing).
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import random
 import time
 from pathlib import Path
 
+from processor.settings import WorkerSettings
 from processor.storage.base import Page
+from processor.storage.claims import Lease, Taken
 from processor.storage.layout import Layout
 from processor.storage.local import LocalStorage
+from processor.worker.assembly import open_worker
 from processor.worker.intake import MAX_DRAWS, HintOutcome, Intake, KeySpace
+from tests.instant_comfy import InstantComfy
 
 LAYOUT = Layout("input", "output")
 
@@ -316,3 +322,54 @@ async def test_a_worker_that_met_nobody_for_a_lease_stops_reading_claims(tmp_pat
     await intake.next(never)
     assert "input" in storage.prefixes[listed:]
     assert "input/_claims" not in storage.prefixes[listed:]
+
+
+# -- a worker loop that meets others --------------------------------------------------------
+
+
+async def peaks(root: Path, *, contested: bool) -> tuple[int, int]:
+    """Run a worker over eight manifests (each prompt 50 ms); the most claim attempts it had
+    in flight at once, and the most manifests (claiming, queued or running). ``contested``:
+    it has just found a key taken by another worker (its intake's clock is frozen there, so
+    the contest lasts the whole run)."""
+    folder = root / "input"
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(8):
+        (folder / f"job{n}.json").write_text(json.dumps({"workflow": "solid"}))
+    settings = WorkerSettings(comfyui_url="http://127.0.0.1:9", worker_id="one")
+    async with open_worker(
+        storage=LocalStorage(root), layout=LAYOUT, settings=settings, comfy=InstantComfy(0.05)
+    ) as worker:
+        worker.intake._clock = Clock()
+        if contested:
+            await worker.intake.report("input/elsewhere.json", HintOutcome.taken)
+        acquire = worker.claims.acquire
+        claiming, peak_claims, peak_manifests = 0, 0, 0
+
+        async def slow_acquire(name: str) -> Lease | Taken:
+            nonlocal claiming, peak_claims, peak_manifests
+            claiming += 1
+            peak_claims = max(peak_claims, claiming)
+            peak_manifests = max(peak_manifests, len(worker._inflight))
+            try:
+                await asyncio.sleep(0.05)  # a claim's round trip: others could start meanwhile
+                return await acquire(name)
+            finally:
+                claiming -= 1
+
+        worker.claims.acquire = slow_acquire  # type: ignore[method-assign]
+        counts = await worker.run()
+    assert counts.succeeded == 8
+    return peak_claims, peak_manifests
+
+
+async def test_a_worker_that_meets_others_claims_one_at_a_time_and_one_ahead(
+    tmp_path: Path,
+) -> None:
+    """Where others take the keys this worker lists (bench/fleet.py: the end of a backlog,
+    most wasted claims of a fleet), it waits for each claim's answer before the next, and
+    holds one manifest ahead of its ComfyUI at most, instead of firing a lane's worth of
+    claims at keys others are taking too."""
+    claims, _ = await peaks(tmp_path / "alone", contested=False)
+    assert claims >= 2  # alone, it claims ahead at once
+    assert await peaks(tmp_path / "contested", contested=True) == (1, 2)
