@@ -39,7 +39,7 @@ from processor.job.manifest import (
 from processor.job.runner import JobOutcome, Verdict
 from processor.job.status import JobState, JobStatus, OutputRecord, ProgressInfo
 from processor.job.status_book import FINAL, STATUS_CONCURRENCY, JobRecord, StatusBook
-from processor.job.submission import all_ended, put_new_manifest
+from processor.job.submission import put_new_manifest
 from processor.ops.parts import Ops, build_ops
 from processor.ops.server import OpsServer
 from processor.ops.version import package_version
@@ -185,7 +185,6 @@ __all__ = [
     "WorkflowLoadError",
     "WorkflowPayload",
     "WorkflowRegistry",
-    "all_ended",
     "build_ops",
     "builtin_workflows_dir",
     "cancel_request",

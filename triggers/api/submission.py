@@ -25,7 +25,6 @@ from processor import (
     StatusBook,
     Storage,
     WorkflowRegistry,
-    all_ended,
     check_job_id,
     load_json,
     missing_inputs,
@@ -138,14 +137,15 @@ async def submit(storage: Storage, layout: Layout, checked: list[Checked]) -> Su
             {"problems": missing},
         )
     job_ids = [job.id for item in checked for job in item.jobs]
-    before = dict(zip(job_ids, await StatusBook(storage, layout).read_many(job_ids), strict=True))
+    book = StatusBook(storage, layout)
+    before = dict(zip(job_ids, await book.read_many(job_ids), strict=True))
     submitted: list[SubmittedJob] = []
     refused: list[str] = []
     warnings: list[str] = []
     for item in checked:
         key = layout.manifest_key(item.name)
-        ended = all_ended(before[job.id] for job in item.jobs)
-        if not await put_new_manifest(storage, key, item.data, retiring=ended):
+        ids = [job.id for job in item.jobs]
+        if not await put_new_manifest(storage, book, key, item.data, ids):
             refused.append(key)
             continue
         for job in item.jobs:

@@ -28,7 +28,6 @@ from processor import (
     StatusBook,
     Storage,
     WorkflowRegistry,
-    all_ended,
     key_problems,
     load_jobs,
     load_worker_settings,
@@ -171,13 +170,14 @@ async def _submit(
         jobs = [job.id for s in submissions for job in s.jobs]
         # What each job's status said before: a job run before keeps its old final status
         # until a worker claims it again, and that old one must not end the wait.
-        found = await StatusBook(storage, layout).read_many(jobs)
+        book = StatusBook(storage, layout)
+        found = await book.read_many(jobs)
         before = dict(zip(jobs, found, strict=True))
         waiting: list[str] = []
         for submission in submissions:
             key = layout.submit_key(submission.name, submission.priority)
-            ended = all_ended(before[job.id] for job in submission.jobs)
-            if not await put_new_manifest(storage, key, submission.data, retiring=ended):
+            ids = [job.id for job in submission.jobs]
+            if not await put_new_manifest(storage, book, key, submission.data, ids):
                 print(
                     f"{submission.path}: {key} is already waiting to run; "
                     "not replaced (rename the file to submit it again)",
@@ -186,8 +186,7 @@ async def _submit(
                 refused += 1
                 continue
             waiting.append(key)
-            ids = ", ".join(job.id for job in submission.jobs)
-            print(f"submitted {submission.path} -> {key} (job {ids})")
+            print(f"submitted {submission.path} -> {key} (job {', '.join(ids)})")
             for job in submission.jobs:
                 previous = before[job.id]
                 if not job.rerun and previous and previous.state is JobState.succeeded:

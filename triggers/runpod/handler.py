@@ -32,7 +32,6 @@ from processor import (
     WorkerSettings,
     WorkflowLoadError,
     WorkflowRegistry,
-    all_ended,
     cancel_request,
     check_job_id,
     default_job_id,
@@ -201,11 +200,8 @@ class RunpodHandler:
         """Write an inline manifest, never over one that waits (its caller would get this
         request's answer, and this caller that one's); the one a finished run of this id
         leaves for its worker to move out is waited for a moment."""
-        if await put_new_manifest(storage, key, data, retiring=False):
-            return
-        # Only now is the status read: the common request costs no request more.
-        ended = all_ended([await StatusBook(storage, self.layout).read(job_id)])
-        if not ended or not await put_new_manifest(storage, key, data, retiring=True):
+        book = StatusBook(storage, self.layout)
+        if not await put_new_manifest(storage, book, key, data, [job_id]):
             raise _already_waiting(key, job_id)
 
     async def _run_inline(
