@@ -19,9 +19,7 @@ operation, and object_store's long text cut to the S3 error code and message.
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import random
 import re
 import time
 from collections.abc import Sequence
@@ -60,7 +58,14 @@ from processor.storage.base import (
     require_open,
     validate_key,
 )
-from processor.storage.s3 import CONFLICT_BACKOFF, CONFLICT_RETRIES, LIST_PAGE, S3Storage
+from processor.storage.s3 import (
+    AUTH_CODES,
+    CONFLICT_RETRIES,
+    LIST_PAGE,
+    S3Storage,
+    conflict_settles,
+    refused,
+)
 
 if TYPE_CHECKING:
     from obstore import PutMode
@@ -74,13 +79,6 @@ _OBSTORE_ERRORS = (BaseError, OSError, ValueError)  # obstore raises builtins fo
 _NOT_FOUND = (NotFoundError, FileNotFoundError)
 _PRECONDITION = (PreconditionError, AlreadyExistsError, NotModifiedError)
 _REFUSED = (PermissionDeniedError, UnauthenticatedError, PermissionError)
-_AUTH_CODES = {
-    "AccessDenied",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "InvalidToken",
-    "ExpiredToken",
-}
 _STATUS = re.compile(r"status code: (\d{3})")
 _CODE = re.compile(r"<Code>([^<]*)</Code>")
 _MESSAGE = re.compile(r"<Message>([^<]*)</Message>")
@@ -246,11 +244,8 @@ class ObstoreStorage(ClosedOnExit):
             return ObjectNotFound(f"S3 {operation}: no object at {where}")
         if isinstance(error, _PRECONDITION) or status == 412:
             return PreconditionFailed(f"S3 {operation} of {where}: precondition failed ({detail})")
-        if isinstance(error, _REFUSED) or code in _AUTH_CODES or status == 403:
-            return StorageError(
-                f"S3 {operation} of {where} was refused ({detail}); check "
-                "COMFYS3_S3_ACCESS_KEY, COMFYS3_S3_SECRET_KEY and the bucket's permissions"
-            )
+        if isinstance(error, _REFUSED) or code in AUTH_CODES or status == 403:
+            return refused(operation, where, detail)
         outage = _outage(error, status, code)
         if outage is not None:
             return StorageUnreachable(
@@ -329,10 +324,7 @@ class ObstoreStorage(ClosedOnExit):
             except _OBSTORE_ERRORS as error:
                 status, code = _status(error), _code(error)
                 if put.conditional and status == 409:
-                    # AWS: a concurrent conditional write is in flight; others use 409 for
-                    # "exists". Retrying tells them apart: the first kind settles quickly.
-                    if attempt < CONFLICT_RETRIES and code == "ConditionalRequestConflict":
-                        await asyncio.sleep(random.uniform(0, CONFLICT_BACKOFF * 2**attempt))
+                    if await conflict_settles(attempt, code):
                         continue
                     raise PreconditionFailed(
                         f"S3 put of {self._where(key)}: precondition failed ({code or status})"

@@ -93,13 +93,35 @@ def _user_agent() -> str:
 
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _PRECONDITION_CODES = {"PreconditionFailed", "412"}
-_AUTH_CODES = {
+# S3 error codes that say the credentials or the bucket's permissions are wrong (both clients).
+AUTH_CODES = {
     "AccessDenied",
     "InvalidAccessKeyId",
     "SignatureDoesNotMatch",
     "InvalidToken",
     "ExpiredToken",
 }
+
+
+def refused(operation: str, where: str, detail: str) -> StorageError:
+    """A request S3 refused for its credentials or permissions, saying what to check."""
+    return StorageError(
+        f"S3 {operation} of {where} was refused ({detail}); check "
+        "COMFYS3_S3_ACCESS_KEY, COMFYS3_S3_SECRET_KEY and the bucket's permissions"
+    )
+
+
+async def conflict_settles(attempt: int, code: str) -> bool:
+    """After a conditional put answered 409: whether to try it again (after a short pause).
+    AWS answers 409 ConditionalRequestConflict while a concurrent conditional write is in
+    flight, which settles quickly; other servers use 409 for "exists". False: the
+    precondition failed."""
+    if attempt < CONFLICT_RETRIES and code == "ConditionalRequestConflict":
+        await asyncio.sleep(random.uniform(0, CONFLICT_BACKOFF * 2**attempt))
+        return True
+    return False
+
+
 _TRANSPORT_ERRORS = (BotoCoreError, aiohttp.ClientError, OSError, asyncio.TimeoutError)
 # Failures on the way to S3 that may pass: botocore's own transient exceptions (connection
 # refused or reset, DNS, timeouts), and the same from aiohttp or the socket before botocore
@@ -331,11 +353,8 @@ class S3Storage(ClosedOnExit):
             return ObjectNotFound(f"S3 {operation}: no object at {where}")
         if code in _PRECONDITION_CODES or status == 412:
             return PreconditionFailed(f"S3 {operation} of {where}: precondition failed ({detail})")
-        if code in _AUTH_CODES or status == 403:
-            return StorageError(
-                f"S3 {operation} of {where} was refused ({detail}); check "
-                "COMFYS3_S3_ACCESS_KEY, COMFYS3_S3_SECRET_KEY and the bucket's permissions"
-            )
+        if code in AUTH_CODES or status == 403:
+            return refused(operation, where, detail)
         message = f"S3 {operation} of {where} failed: {detail}"
         return self._unreachable(message, reason) if reason else StorageError(message)
 
@@ -431,10 +450,7 @@ class S3Storage(ClosedOnExit):
             except ClientError as error:
                 code, status = _error_code(error)
                 if conditional and status == 409:
-                    # AWS: a concurrent conditional write is in flight; others use 409 for
-                    # "exists". Retrying tells them apart: the first kind settles quickly.
-                    if attempt < CONFLICT_RETRIES and code == "ConditionalRequestConflict":
-                        await asyncio.sleep(random.uniform(0, CONFLICT_BACKOFF * 2**attempt))
+                    if await conflict_settles(attempt, code):
                         continue
                     raise PreconditionFailed(
                         f"S3 put of {self._where(key)}: precondition failed ({code or status})"

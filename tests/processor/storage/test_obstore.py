@@ -25,7 +25,6 @@ from processor.errors import (
     StorageUnreachable,
 )
 from processor.settings import S3Settings
-from processor.storage import obstore_s3
 from processor.storage import s3 as storage_s3
 from processor.storage.obstore_s3 import ObstoreStorage, _store_endpoint
 from processor.storage.s3 import S3Storage
@@ -89,8 +88,7 @@ async def scripted_s3(script: list[tuple[int, str]]) -> AsyncIterator[ScriptedS3
 async def test_a_busy_conditional_write_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     """AWS answers 409 ConditionalRequestConflict while another conditional write is in
     flight: retried, as on aiobotocore; object_store gives the status only in its text."""
-    monkeypatch.setattr(storage_s3, "CONFLICT_BACKOFF", 0.001)
-    monkeypatch.setattr(obstore_s3, "CONFLICT_BACKOFF", 0.001)
+    monkeypatch.setattr(storage_s3, "CONFLICT_BACKOFF", 0.001)  # the one rule both clients use
     busy = (409, "ConditionalRequestConflict")
     async with scripted_s3([busy, busy]) as server:
         async with ObstoreStorage(settings_for(server.url)) as storage:
@@ -102,8 +100,8 @@ async def test_a_busy_conditional_write_is_retried(monkeypatch: pytest.MonkeyPat
 async def test_a_conflict_that_persists_or_means_exists_loses(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(obstore_s3, "CONFLICT_BACKOFF", 0.001)
-    attempts = obstore_s3.CONFLICT_RETRIES + 1
+    monkeypatch.setattr(storage_s3, "CONFLICT_BACKOFF", 0.001)
+    attempts = storage_s3.CONFLICT_RETRIES + 1
     async with scripted_s3([(409, "ConditionalRequestConflict")] * attempts) as server:
         async with ObstoreStorage(settings_for(server.url)) as storage:
             with pytest.raises(PreconditionFailed, match=r"r/claim\.json"):
