@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from processor.errors import Problem, StorageError
+from processor.errors import InputInvalid, Problem, StorageError
 from processor.job.manifest import Job
 from processor.ops.fetch_guard import FetchPolicy, fetch_policy
 from processor.settings import FetchSettings
@@ -95,16 +95,16 @@ def input_files(jobs: Iterable[Job]) -> list[InputFile]:
     ]
 
 
-def key_refusal(text: str) -> str | None:
-    """Why an input-file value can never be read (``/etc/passwd``, ``../x``, a malformed
-    ``s3://``), in the one sentence ``validate``, ``submit``, ``exec`` and the worker all give;
-    None when it names a key, an object or a URL (which the fetch guard judges)."""
+def readable_source(text: str) -> InputSource:
+    """Where an input-file value points: a key, an object or a URL (which the fetch guard
+    judges), or :class:`InputInvalid` when it can never be read (``/etc/passwd``, ``../x``, a
+    malformed ``s3://``), in the one sentence ``validate``, ``submit``, ``exec`` and the
+    worker all give."""
     try:
-        input_source(text)
+        return input_source(text)
     except StorageError as error:
         reason = str(error).removeprefix(f"invalid storage key {text!r}: ")
-        return f"input file {text!r} cannot be read: {reason} ({RULE})"
-    return None
+        raise InputInvalid(f"input file {text!r} cannot be read: {reason} ({RULE})") from None
 
 
 def key_problems(jobs: Iterable[Job], policy: FetchPolicy | None = None) -> list[Problem]:
@@ -113,9 +113,12 @@ def key_problems(jobs: Iterable[Job], policy: FetchPolicy | None = None) -> list
     the worker's fetch guard (default: the one COMFYS3_FETCH_* describes here)."""
     problems: dict[tuple[str, str], Problem] = {}
     for item in input_files(jobs):
-        message = key_refusal(item.key)
-        if message is None:
-            source = input_source(item.key)
+        message = None
+        try:
+            source = readable_source(item.key)
+        except InputInvalid as error:
+            message = str(error)
+        else:
             if source.kind == "url":
                 policy = policy or fetch_policy(FetchSettings())
                 refusal = policy.refusal(source.url)

@@ -40,7 +40,7 @@ from processor.errors import (
     StorageError,
 )
 from processor.job.cancel import CancelSignal
-from processor.job.input_refs import InputSource, input_source, key_refusal
+from processor.job.input_refs import InputSource, readable_source
 from processor.job.inputs import check_image
 from processor.job.manifest import Job
 from processor.job.outputs import prepare_output
@@ -498,10 +498,10 @@ class JobRunner:
 
     async def _stage_inputs(self, job: Job, subfolder: str) -> dict[str, str]:
         async def stage_one(field_name: str, text: str) -> tuple[str, str]:
-            refusal = key_refusal(text)
-            if refusal is not None:  # never readable: invalid, as validate says, not missing
-                raise InputInvalid(f"input '{field_name}': {refusal}")
-            source = input_source(text)
+            try:  # never readable: invalid, as validate says, not missing
+                source = readable_source(text)
+            except InputInvalid as error:
+                raise InputInvalid(f"input '{field_name}': {error}") from None
             data = await self._read_input(field_name, text, source)
             try:  # decoded in full, off the event loop: Pillow lets go of the GIL meanwhile
                 await asyncio.to_thread(
