@@ -9,12 +9,31 @@ escapes them (``\\udcff``) before any handler sees the record.
 from __future__ import annotations
 
 import logging
+import os
+from collections import deque
+from pathlib import Path
 from typing import Any
+
+TAIL_BYTES = 64 * 1024  # what is read of a log for its last lines, however long it grew
 
 
 def printable(text: str) -> str:
     """``text`` with anything UTF-8 cannot encode written as a backslash escape."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def log_tail(path: Path, lines: int) -> str:
+    """The last ``lines`` of a child process's log (ComfyUI, the embedded S3), for an error
+    that says why it did not start; only its end is read, and bytes that are not UTF-8 are
+    replaced. Empty when it cannot be read."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - TAIL_BYTES))
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(deque(text.splitlines(), maxlen=lines))
 
 
 def _printable_arg(value: Any) -> Any:

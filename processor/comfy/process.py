@@ -18,7 +18,6 @@ import signal
 import socket
 import tempfile
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from processor.comfy.client import ComfyClient, RunResult
 from processor.comfy.gpus import Gpu
 from processor.comfy.waiting import LogNotices, Waiting, WaitListener, reporting
 from processor.errors import ComfyDiedWhileWaiting, ComfyUnavailable, SettingsError
+from processor.logsafe import log_tail
 from processor.models import paths_config
 from processor.ops import volume
 from processor.settings import WorkerSettings
@@ -163,15 +163,7 @@ class ComfyProcess:
         self._listeners.append(listener)
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            with self.log_path.open("rb") as handle:
-                handle.seek(0, os.SEEK_END)
-                size = handle.tell()
-                handle.seek(max(0, size - 64 * 1024))
-                text = handle.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-        return "\n".join(deque(text.splitlines(), maxlen=lines))
+        return log_tail(self.log_path, lines)
 
     async def start(self, on_wait: WaitListener | None = None) -> None:
         """Start ComfyUI and return once it answers; raises ComfyUnavailable with its log tail.

@@ -45,6 +45,7 @@ import aiohttp
 from pydantic import SecretStr
 
 from processor.errors import StorageError
+from processor.logsafe import log_tail
 from processor.settings import S3Settings
 from processor.storage.s3 import S3Storage
 
@@ -356,7 +357,7 @@ class Server:
                 if self.process.poll() is not None:
                     raise StorageError(
                         f"the embedded S3 (SeaweedFS) exited ({self.process.returncode}) while "
-                        f"starting; last lines of {self.home.log}:\n{_tail(self.home.log)}"
+                        f"starting; last lines of {self.home.log}:\n{log_tail(self.home.log, 20)}"
                     )
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                     async with session.get(
@@ -367,7 +368,7 @@ class Server:
                     raise StorageError(
                         f"the embedded S3 at {self.endpoint} did not answer within "
                         f"{START_TIMEOUT:g} s; last lines of {self.home.log}:\n"
-                        f"{_tail(self.home.log)}"
+                        f"{log_tail(self.home.log, 20)}"
                     )
                 await asyncio.sleep(0.1)
 
@@ -385,13 +386,6 @@ class Server:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from processor.logsafe import printable, printable_logger
+from processor.logsafe import log_tail, printable, printable_logger
 
 
 def test_a_lone_surrogate_is_escaped_in_a_utf8_log_file(
@@ -36,3 +36,11 @@ def test_a_lone_surrogate_is_escaped_in_a_utf8_log_file(
 
 def test_printable_leaves_valid_text_alone() -> None:
     assert printable("job é 🐈") == "job é 🐈"
+
+
+def test_a_logs_tail_is_its_last_lines_however_long_it_grew(tmp_path: Path) -> None:
+    log = tmp_path / "child.log"
+    body = b"".join(b"line %d\n" % n for n in range(100_000))  # far beyond what is read
+    log.write_bytes(body + b"bad \xff byte\nlast\n")
+    assert log_tail(log, 3) == "line 99999\nbad \ufffd byte\nlast"
+    assert log_tail(tmp_path / "absent.log", 3) == ""
